@@ -1,0 +1,204 @@
+"""MeZO step time and memory on a GPU: the reference step vs zotune's, for RoBERTa-large.
+
+(a) reference: princeton-nlp/MeZO's step as written in medium_models/src/trainer.py:
+    Hugging Face RobertaForMaskedLM in float32, the batch padded to 128 tokens, and four
+    Python loops over every parameter, each reseeding with torch.manual_seed and drawing
+    torch.normal per tensor (perturb +1, perturb -2, perturb +1, update), with
+    `param.data = param.data + ...` copies. Measured with TF32 off (the reference's
+    default) and on.
+(b) zotune: packed batch, no autograd, LM head at the masks only, one Philox sweep kernel
+    per perturbation over a flat float32 buffer, restore fused with the update.
+(c) an inference-only forward of the same batch through zotune's engine: the memory
+    MeZO should stay within.
+
+RoBERTa-large config with random weights (no download); real SST-2 k=16 and k=512
+batches (seed 42 splits) tokenized with the real RoBERTa tokenizer and LM-BFF's template.
+
+    python benchmarks/step_time.py            # prints a table; --steps N to time more steps
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from zotune.engine.runner import ModelRunner  # noqa: E402
+from zotune.model.loading import to_zotune_state  # noqa: E402
+from zotune.model.roberta import MaskedLM  # noqa: E402
+from zotune.model.loading import config_from_hf  # noqa: E402
+from zotune.optim.flat import FlatParameters  # noqa: E402
+from zotune.optim.mezo import direction_seed, mezo_step  # noqa: E402
+from zotune.tasks.data import default_data_dir, load_split  # noqa: E402
+from zotune.tasks.tasks import TASKS  # noqa: E402
+from zotune.tasks.templates import PromptTemplate  # noqa: E402
+
+EPS, LR = 1e-3, 1e-6
+
+
+def encoded_batches(k: int, batch_size: int, count: int):
+    from transformers import PreTrainedTokenizerFast
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(REPO / "tokenizers/roberta/tokenizer.json"),
+                                        bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        mask_token="<mask>", unk_token="<unk>")
+    task = TASKS["sst2"]
+    prompt = PromptTemplate(tokenizer, task.template, task.label_words, task.max_length)
+    examples = load_split(task, default_data_dir(), k, 42, "train")
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(count):
+        index = torch.randperm(len(examples), generator=generator)[:batch_size].tolist()
+        batches.append(([prompt.encode(examples[i].sentences) for i in index],
+                        torch.tensor([examples[i].label for i in index])))
+    return prompt, batches
+
+
+def median_ms(fn, steps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+# ---- (a) the reference step ------------------------------------------------------------
+
+def padded(batch, pad_id: int, length: int = 128):
+    sequences, labels = batch
+    ids = torch.full((len(sequences), length), pad_id)
+    attention = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s)
+        attention[i, :len(s)] = 1
+    return ids.cuda(), attention.cuda(), labels.cuda()
+
+
+def reference_step_fn(model, batch, mask_id, label_word_ids):
+    ids, attention, labels = batch
+    mask_rows = (ids == mask_id).nonzero()[:, 1]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss():
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attention).logits
+            return F.cross_entropy(logits[torch.arange(len(ids)), mask_rows][:, label_word_ids], labels)
+
+    def perturb(seed, scale):
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data + scale * z * EPS
+
+    state = {"step": 0}
+
+    def step():
+        seed = state["step"]
+        state["step"] += 1
+        perturb(seed, 1)
+        loss1 = loss()
+        perturb(seed, -2)
+        loss2 = loss()
+        projected_grad = ((loss1 - loss2) / (2 * EPS)).item()
+        perturb(seed, 1)
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data - LR * (projected_grad * z)
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    device_name = torch.cuda.get_device_name()
+    hf_config = json.loads((REPO / "tokenizers/roberta/config.json").read_text())
+    settings = {"k=16": (16, 32), "k=512": (512, 64)}
+    rows = []
+    for setting, (k, batch_size) in settings.items():
+        prompt, batches = encoded_batches(k, batch_size, 8)
+        label_word_ids = torch.tensor(prompt.label_word_ids, device="cuda")
+        tokens = statistics.mean(sum(len(s) for s in b[0]) for b in batches)
+
+        # (a) reference, HF model, fp32, TF32 off then on.
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            hf = RobertaForMaskedLM(RobertaConfig(**hf_config)).eval()
+        state_cpu = {n: t.detach().cpu() for n, t in hf.state_dict().items()}
+        reference = {}
+        for tf32 in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+            step = reference_step_fn(hf, padded(batches[0], 1), prompt.mask_id, label_word_ids)
+            torch.cuda.reset_peak_memory_stats()
+            reference[tf32] = (median_ms(step, max(3, args.steps // 4)), torch.cuda.max_memory_allocated())
+        del hf, step
+        torch.cuda.empty_cache()
+
+        # (b) zotune step and (c) zotune inference forward, same weights, same batches.
+        cfg, arch = config_from_hf(hf_config)
+        with torch.device("meta"):
+            model = MaskedLM(cfg)
+        model.load_state_dict(to_zotune_state(state_cpu, cfg, arch, "random roberta-large"), assign=True)
+        del state_cpu
+        runner = ModelRunner(model.eval(), prompt.label_word_ids, prompt.mask_id, torch.device("cuda"))
+        packed = [(runner.pack(s), labels.cuda()) for s, labels in batches]
+
+        def forward():
+            with torch.inference_mode():
+                runner.loss(*packed[0])
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        forward_ms = median_ms(forward, args.steps)
+        forward_peak = torch.cuda.max_memory_allocated()
+
+        flat = FlatParameters(list(model.named_parameters()), lambda n, p: False)
+        torch.cuda.empty_cache()
+        counter = {"step": 0}
+
+        def zotune_step():
+            i = counter["step"]
+            counter["step"] += 1
+            batch, labels = packed[i % len(packed)]
+            with torch.inference_mode():
+                mezo_step(flat, lambda: runner.loss(batch, labels), [direction_seed(0, i, 0)], EPS, LR, 0.0)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        zotune_ms = median_ms(zotune_step, args.steps)
+        zotune_peak = torch.cuda.max_memory_allocated()
+        rows.append((setting, batch_size, tokens, reference, zotune_ms, zotune_peak, forward_ms, forward_peak))
+        del model, runner, flat, packed
+        torch.cuda.empty_cache()
+
+    print(f"\nMeZO step, RoBERTa-large (random weights), SST-2 seed-42 batches, on {device_name}")
+    print("| setting | batch | tokens (packed) | (a) reference ms | (a) +TF32 ms | (b) zotune ms | speed-up vs (a) "
+          "| vs (a)+TF32 | (b) peak GiB | (c) forward ms | (c) peak GiB | memory (b)/(c) | (a) peak GiB "
+          "| 100k steps (a) h | 100k steps (b) h |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    gib = 1 << 30
+    for setting, batch_size, tokens, ref, ms, peak, fwd_ms, fwd_peak in rows:
+        print(f"| {setting} | {batch_size} | {tokens:.0f} | {ref[False][0]:.1f} | {ref[True][0]:.1f} | {ms:.2f} "
+              f"| {ref[False][0] / ms:.1f}x | {ref[True][0] / ms:.1f}x | {peak / gib:.2f} | {fwd_ms:.2f} "
+              f"| {fwd_peak / gib:.2f} | {peak / fwd_peak:.2f} | {ref[False][1] / gib:.2f} "
+              f"| {ref[False][0] * 1e5 / 3.6e6:.2f} | {ms * 1e5 / 3.6e6:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The command line: parse arguments, build a config, call one library function.
+
+A mistake the user can fix (UserError) prints one line and exits with code 2.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from zotune.config import TrainConfig
+from zotune.errors import UserError
+
+# `zotune train` with no arguments: a short demonstration on 2 CPU cores with the
+# project's own pretrained model and the SST-2 k=16 split of seed 42.
+DEMO = dict(task="sst2", k=16, seed=42, trainable="lora", steps=300, lr=3e-3, eps=1e-2,
+            batch_size=32, eval_steps=50, device="cpu", output_dir="runs/demo", overwrite=True)
+
+
+def _train_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="fine-tune with MeZO (or Adam) and report dev/test accuracy",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="JSON file of TrainConfig fields; flags given here override it")
+    p.add_argument("--model", help="checkpoint directory or Hub id (default: models/zotune-roberta-small)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    p.add_argument("--task", help="sst2, sst5, trec, mnli, snli or rte")
+    p.add_argument("--k", type=int, help="examples per label in the k-shot split (16 or 512 shipped)")
+    p.add_argument("--seed", type=int, help="data split seed (13, 21, 42, 87, 100) and run seed")
+    p.add_argument("--data-dir", help="folder holding <TASK>/k-shot-1k-test/<k>-<seed>/ (default: data/)")
+    p.add_argument("--output-dir", help="run directory (default: runs/<task>-k<k>-<seed>-<optimizer>-<trainable>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--optimizer", choices=["mezo", "adam"])
+    p.add_argument("--trainable", help="full, bias, lora, prefix or top:K")
+    p.add_argument("--layers", help="comma-separated layer indices for bias/lora/prefix, e.g. 20,21,22,23")
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--lora-alpha", type=float)
+    p.add_argument("--num-prefix", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--eps", type=float, help="MeZO perturbation scale")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--decay-all", action="store_true", help="also decay biases and LayerNorm weights")
+    p.add_argument("--schedule", choices=["constant", "linear"])
+    p.add_argument("--n-spsa", type=int, help="perturbation directions per step, averaged")
+    p.add_argument("--eval-steps", type=int)
+    p.add_argument("--log-steps", type=int)
+    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--template", help="LM-BFF template, e.g. '*cls**sent_0*_It_was*mask*.*sep+*'")
+    p.add_argument("--label-words", help="'terrible,great' (in label order) or a JSON object label -> word")
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="recompute the frozen layers below the trainable ones (results do not change)")
+    p.add_argument("--cache-budget", help="memory for cached hidden states, e.g. 512M or 2G (default 1G)")
+    p.add_argument("--cache-spill", action="store_true", help="on a GPU, evict cache entries to host memory")
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _eval_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="score a file (or a k-shot test split) with a model: zero-shot or fine-tuned")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: models/zotune-roberta-small)")
+    p.add_argument("--tokenizer")
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--data", help="a file in the task's format; default: the k-shot test split")
+    p.add_argument("--data-dir")
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--template")
+    p.add_argument("--label-words")
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--predictions", help="write one JSON line per example here")
+    p.add_argument("--output", help="write {accuracy, n} here")
+    return p
+
+
+def _train_config(args: argparse.Namespace, given: list[str]) -> TrainConfig:
+    values = dict(DEMO) if not given else {}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    if "config" in vars(args):
+        try:
+            values.update(json.loads(Path(args.config).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read --config {args.config}: {exc}; give a JSON object of config fields") from None
+    if "layers" in options:
+        try:
+            options["layers"] = tuple(int(i) for i in options["layers"].split(","))
+        except ValueError:
+            raise UserError(f"--layers {options['layers']!r} is not a comma-separated list of integers") from None
+    values.update(options)
+    return TrainConfig.from_dict(values)
+
+
+def _run_train(args, given) -> None:
+    from zotune.train import train
+    summary = train(_train_config(args, given))
+    print(json.dumps(summary, indent=2))
+
+
+def _run_eval(args) -> None:
+    from zotune.config import DEFAULT_MODEL
+    from zotune.evaluate import accuracy, build, encode, predict, write_predictions
+    from zotune.tasks.data import default_data_dir, load_file, load_split
+    prompted = build(args.model or str(DEFAULT_MODEL), args.task, tokenizer=args.tokenizer,
+                     template=args.template, label_words=args.label_words, max_length=args.max_length,
+                     device=args.device)
+    if args.data:
+        examples = load_file(prompted.task, Path(args.data))
+    else:
+        data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+        examples = load_split(prompted.task, data_dir, args.k, args.seed, args.split)
+    logits = predict(prompted.runner, encode(prompted.prompt, examples), args.batch_size)
+    result = {"accuracy": accuracy(logits, examples), "n": len(examples)}
+    if args.predictions:
+        write_predictions(Path(args.predictions), logits, examples)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="zotune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _eval_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            _run_train(args, argv[1:])
+        elif args.command == "eval":
+            _run_eval(args)
+    except UserError as exc:
+        print(f"zotune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zotune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

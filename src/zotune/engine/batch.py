@@ -1,0 +1,58 @@
+"""The packed batch: every sequence flattened into one token tensor, no padding.
+
+Shape notation: T = tokens in the batch, B = sequences, M = <mask> positions (one per
+sequence for prompt classification, so M = B).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    input_ids: torch.Tensor   # [T] int64, sequences back to back
+    positions: torch.Tensor   # [T] int64, position-embedding index of each token
+    cu_seqlens: torch.Tensor  # [B+1] int32, sequence b is tokens cu_seqlens[b]:cu_seqlens[b+1]
+    mask_index: torch.Tensor  # [M] int64, index into T of each sequence's <mask> token
+    seq_lens: tuple[int, ...]  # host copy of the lengths: attention kernels need max_seqlen without a device sync
+    sequences: tuple[tuple[int, ...], ...]  # host copy of the tokens: the trunk cache's keys
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.seq_lens)
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.seq_lens)
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return PackedBatch(move(self.input_ids), move(self.positions), move(self.cu_seqlens),
+                           move(self.mask_index), self.seq_lens, self.sequences)
+
+
+def pack(sequences: list[list[int]], mask_token_id: int | None, position_offset: int) -> PackedBatch:
+    """Flatten token sequences into a PackedBatch on the CPU (the runner moves it once).
+
+    Each sequence must hold exactly one `mask_token_id` (None: no mask positions, for
+    runs that need hidden states only). `position_offset` is where
+    positions start: RoBERTa numbers tokens from padding_idx + 1 (= 2), BERT from 0.
+    """
+    if not sequences:
+        raise ValueError("pack() needs at least one sequence")
+    seq_lens = tuple(len(s) for s in sequences)
+    input_ids = torch.tensor([t for s in sequences for t in s], dtype=torch.int64)
+    lens = torch.tensor(seq_lens, dtype=torch.int64)
+    starts = torch.cumsum(lens, 0) - lens                               # [B]
+    positions = torch.arange(len(input_ids)) - torch.repeat_interleave(starts, lens) + position_offset
+    cu_seqlens = torch.zeros(len(sequences) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(lens, 0)
+    if mask_token_id is None:
+        mask_index = torch.empty(0, dtype=torch.int64)                  # [0]
+    else:
+        mask_index = torch.nonzero(input_ids == mask_token_id).flatten()  # [M]
+        seq_of_mask = torch.searchsorted(cu_seqlens[1:].long(), mask_index, right=True)
+        if not torch.equal(seq_of_mask, torch.arange(len(sequences))):
+            raise ValueError("every packed sequence must contain exactly one <mask> token")
+    return PackedBatch(input_ids, positions, cu_seqlens, mask_index, seq_lens, tuple(map(tuple, sequences)))

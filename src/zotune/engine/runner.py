@@ -1,0 +1,104 @@
+"""The model runner: owns device, batching, the trunk cache and the counters; the model
+owns the maths.
+
+It turns encoded prompts (token-id lists with one <mask> each) into packed batches,
+runs the model, and returns label-word logits or the loss. Every figure it reports
+(forward passes, tokens computed, padding avoided, cache statistics) is counted here,
+around the real work.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from zotune.engine.batch import PackedBatch, pack
+from zotune.engine.cache import CacheStats, TrunkCache
+from zotune.errors import UserError
+from zotune.model.roberta import MaskedLM
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for a GPU but torch sees none; use --device cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"unknown --device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def lowest_perturbed_layer(trainable_names: list[str], num_layers: int) -> int | None:
+    """Index of the lowest layer holding a trainable tensor (num_layers if only the head
+    trains); None if the embeddings train, since then no layer's input is fixed."""
+    if any(name.startswith("embeddings.") for name in trainable_names):
+        return None
+    return min((int(n.split(".")[1]) for n in trainable_names if n.startswith("layers.")), default=num_layers)
+
+
+@dataclass
+class RunnerStats:
+    forward_passes: int = 0
+    tokens_computed: int = 0
+    # Tokens a padded batch would add to reach its longest sequence: the least padding
+    # any padded implementation computes (LM-BFF/MeZO pad further, to max_length).
+    padding_tokens_avoided: int = 0
+
+
+class ModelRunner:
+    def __init__(self, model: MaskedLM, label_word_ids: list[int], mask_token_id: int, device: torch.device):
+        self.model = model.to(device)
+        self.device = device
+        self.label_word_ids = torch.tensor(label_word_ids, device=device)     # [C]
+        self.mask_token_id = mask_token_id
+        self.stats = RunnerStats()
+        self.cache: TrunkCache | None = None
+        self.cache_status = "off: no cache was requested"
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on float32 master weights
+
+    def enable_cache(self, trainable_names: list[str], budget_bytes: int, spill_to_host: bool = False) -> None:
+        """Cache the hidden states below the lowest perturbed layer, where one exists."""
+        cfg = self.model.config
+        start = lowest_perturbed_layer(trainable_names, cfg.num_layers)
+        if start is None:
+            self.cache_status = ("off: the embeddings are perturbed, so every layer's input differs between the "
+                                 "+eps and -eps passes and nothing below a perturbed tensor exists to reuse")
+            return
+        frozen = [p for n, p in self.model.named_parameters()
+                  if n.startswith("embeddings.") or (n.startswith("layers.") and int(n.split(".")[1]) < start)]
+        hidden, ffn = cfg.hidden_size, cfg.intermediate_size
+
+        def trunk_flops(length: int) -> int:
+            # Per layer: q, k, v, output and two feed-forward matmuls, plus q·kᵀ and attention·v.
+            return start * (2 * length * (4 * hidden * hidden + 2 * hidden * ffn) + 4 * length * length * hidden)
+
+        self.cache = TrunkCache(start, hidden, cfg.position_offset, budget_bytes, self.device,
+                                self.model.embeddings.word.weight.dtype, frozen, trunk_flops, spill_to_host)
+        self.cache_status = f"on: layers 0..{start - 1} and the embeddings are frozen; their output is reused"
+
+    def pack(self, sequences: list[list[int]]) -> PackedBatch:
+        return pack(sequences, self.mask_token_id, self.model.config.position_offset).to(self.device)
+
+    def logits(self, batch: PackedBatch) -> torch.Tensor:
+        """Label-word logits [B, C]; autograd follows torch's mode (off in MeZO, on for Adam)."""
+        self._count(batch)
+        model = self.model
+        if self.cache is None or model.training:  # dropout makes the trunk random: nothing to reuse
+            return model(batch, self.label_word_ids)
+        start = self.cache.start_layer
+        hidden = self.cache.hidden_states(batch, lambda sub: model.trunk(sub, start))
+        return model(batch, self.label_word_ids, hidden=hidden, start_layer=start)
+
+    def loss(self, batch: PackedBatch, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the label words, LM-BFF's prompt-based objective."""
+        return F.cross_entropy(self.logits(batch), labels)
+
+    def cache_stats(self) -> dict:
+        report = (self.cache.stats if self.cache is not None else CacheStats()).report()
+        return {**report, "status": self.cache_status}
+
+    def _count(self, batch: PackedBatch) -> None:
+        self.stats.forward_passes += 1
+        self.stats.tokens_computed += batch.num_tokens
+        self.stats.padding_tokens_avoided += len(batch.seq_lens) * batch.max_seqlen - batch.num_tokens

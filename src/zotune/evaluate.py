@@ -1,0 +1,82 @@
+"""Scoring: turn a model and a prompt into label-word logits, predictions and accuracy.
+
+Used by `zotune eval` (zero-shot or any checkpoint) and by training's dev/test evaluation.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zotune.engine.runner import ModelRunner, resolve_device
+from zotune.errors import UserError
+from zotune.model.loading import load_model, resolve_model_dir
+from zotune.tasks.data import Example
+from zotune.tasks.tasks import TASKS, Task
+from zotune.tasks.templates import PromptTemplate, parse_label_words
+
+
+@dataclass
+class Prompted:
+    """A task bound to a tokenizer and a model runner."""
+    task: Task
+    prompt: PromptTemplate
+    runner: ModelRunner
+
+
+def load_tokenizer(model_dir: Path, tokenizer: str | None):
+    from transformers import AutoTokenizer
+    source = tokenizer or model_dir
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # missing files raise OSError, ValueError or TypeError depending on the version
+        raise UserError(f"cannot load a tokenizer from {source} ({type(exc).__name__}); "
+                        f"pass --tokenizer DIR (e.g. tokenizers/roberta)") from None
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise UserError(f"unknown --task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def build(model: str, task_name: str, *, tokenizer: str | None = None, template: str | None = None,
+          label_words: str | None = None, max_length: int | None = None, device: str = "auto") -> Prompted:
+    task = get_task(task_name)
+    model_dir = resolve_model_dir(model)
+    tok = load_tokenizer(model_dir, tokenizer)
+    words = parse_label_words(label_words, list(task.label_words)) if label_words else task.label_words
+    prompt = PromptTemplate(tok, template or task.template, words, max_length or task.max_length)
+    runner = ModelRunner(load_model(model_dir), prompt.label_word_ids, prompt.mask_id, resolve_device(device))
+    return Prompted(task, prompt, runner)
+
+
+def encode(prompt: PromptTemplate, examples: list[Example]) -> list[list[int]]:
+    return [prompt.encode(e.sentences) for e in examples]
+
+
+@torch.inference_mode()
+def predict(runner: ModelRunner, sequences: list[list[int]], batch_size: int) -> torch.Tensor:
+    """Label-word logits [N, C] for N encoded examples, in order, batch_size sequences per pass."""
+    chunks = [runner.logits(runner.pack(sequences[i:i + batch_size]))
+              for i in range(0, len(sequences), batch_size)]
+    return torch.cat(chunks).float().cpu()
+
+
+def accuracy(logits: torch.Tensor, examples: list[Example]) -> float | None:
+    labels = [e.label for e in examples]
+    if not labels or any(label is None for label in labels):
+        return None
+    return int((logits.argmax(-1) == torch.tensor(labels)).sum()) / len(labels)
+
+
+def write_predictions(path: Path, logits: torch.Tensor, examples: list[Example]) -> None:
+    """One JSON line per example, in file order: label (null if unlabelled), pred, logits."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for example, row in zip(examples, logits.tolist()):
+            f.write(json.dumps({"label": example.label, "pred": int(max(range(len(row)), key=row.__getitem__)),
+                                "logits": row}) + "\n")
+    tmp.replace(path)  # never leave a half-written file under the final name

@@ -1,0 +1,187 @@
+"""RoBERTa / XLM-RoBERTa (and BERT) encoder with its masked-LM head, on packed tokens.
+
+One file, read top to bottom: config, embeddings, attention, layer, head, model.
+The model owns the maths; batching, device and dtype belong to the runner
+(engine/runner.py). There is no padding anywhere: tokens of all sequences are
+concatenated and attention is block-diagonal (engine/attention.py).
+
+Shape notation: T = packed tokens, B = sequences, M = <mask> positions, E = hidden size,
+N = heads, D = head dim (E = N * D), F = feed-forward size, V = vocabulary, C = label words,
+P = prefix length, R = LoRA rank.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zotune.engine.attention import varlen_attention
+from zotune.engine.batch import PackedBatch
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,  # exact erf GELU, what RoBERTa and BERT were trained with
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_positions: int
+    type_vocab_size: int = 1
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "gelu"
+    head_act: str = "gelu"    # RoBERTa's LM head hard-codes exact GELU; BERT's uses hidden_act
+    position_offset: int = 2  # RoBERTa numbers positions from padding_idx + 1 = 2; BERT from 0
+    tie_word_embeddings: bool = True
+    hidden_dropout: float = 0.1     # used only by the backprop baseline (model.train())
+    attention_dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        for act in (self.hidden_act, self.head_act):
+            if act not in _ACTIVATIONS:
+                raise ValueError(f"unsupported activation {act!r}; known: {sorted(_ACTIVATIONS)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class LoRA(nn.Module):
+    """Low-rank update x -> (alpha / R) * x Aᵀ Bᵀ, initialised as LoRA does: A random, B zero,
+    so the model starts exactly where the checkpoint is (Hu et al. 2021)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        # nn.Linear's default init, as in the LoRA reference code; an explicit generator keeps runs reproducible.
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5), generator=generator)
+        self.scaling = alpha / rank
+
+    def forward(self, x):
+        return (x @ self.A.t()) @ self.B.t() * self.scaling
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = cfg.hidden_dropout
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        # Single-segment inputs: every token has token type 0, as in LM-BFF prompts.
+        x = self.word(batch.input_ids) + self.position(batch.positions) + self.token_type.weight[0]  # [T, E]
+        return F.dropout(self.norm(x), self.dropout, self.training)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # query, key, value stacked
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout, self.attention_dropout = cfg.hidden_dropout, cfg.attention_dropout
+        # Parameter-efficient additions, attached by optim/subsets.py; None means absent.
+        self.lora_q: LoRA | None = None
+        self.lora_v: LoRA | None = None
+        self.prefix_k: nn.Parameter | None = None  # [P, E] key/value rows every sequence attends to
+        self.prefix_v: nn.Parameter | None = None
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)                          # 3 x [T, E]
+        if self.lora_q is not None:
+            q = q + self.lora_q(x)
+            v = v + self.lora_v(x)
+        split = lambda t: t.view(t.shape[0], self.num_heads, self.head_dim)  # noqa: E731  [., N, D]
+        prefix_k = prefix_v = None
+        if self.prefix_k is not None:
+            prefix_k, prefix_v = split(self.prefix_k), split(self.prefix_v)  # [P, N, D]
+        attended = varlen_attention(split(q), split(k), split(v), batch, prefix_k, prefix_v,
+                                    self.attention_dropout if self.training else 0.0)  # [T, N, D]
+        attended = self.out(attended.flatten(1))                         # [T, E]
+        return self.norm(x + F.dropout(attended, self.dropout, self.training))
+
+
+class Layer(nn.Module):
+    """Post-LayerNorm transformer block, as in BERT/RoBERTa."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+        self.dropout = cfg.hidden_dropout
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        x = self.attention(x, batch)                                     # [T, E]
+        h = self.ffn_out(self.act(self.ffn_in(x)))                       # [T, F] -> [T, E]
+        return self.ffn_norm(x + F.dropout(h, self.dropout, self.training))
+
+
+class MLMHead(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.act = _ACTIVATIONS[cfg.head_act]
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        # An untied decoder has its own matrix; a tied one reads the word embeddings.
+        self.decoder = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor,
+                label_word_ids: torch.Tensor | None) -> torch.Tensor:
+        h = self.norm(self.act(self.dense(x)))                          # [M, E]
+        decoder = word_embeddings if self.decoder is None else self.decoder  # [V, E]
+        bias = self.bias
+        if label_word_ids is not None:
+            # Classification needs C rows of the V-row decoder: skip the rest of the vocabulary.
+            decoder, bias = decoder[label_word_ids], bias[label_word_ids]     # [C, E], [C]
+        return h @ decoder.t() + bias                                   # [M, C] or [M, V]
+
+
+class MaskedLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        self.head = MLMHead(cfg)
+
+    def forward(self, batch: PackedBatch, label_word_ids: torch.Tensor | None = None,
+                hidden: torch.Tensor | None = None, start_layer: int = 0) -> torch.Tensor:
+        """Logits at each sequence's <mask>: [M, C] for the given label words, else [M, V].
+        `hidden` [T, E], if given, is the input of layer `start_layer` (from the trunk cache)."""
+        x = self.embeddings(batch) if hidden is None else hidden           # [T, E]
+        for layer in self.layers[start_layer:]:
+            x = layer(x, batch)
+        return self.logits_at_masks(x, batch, label_word_ids)
+
+    def trunk(self, batch: PackedBatch, end_layer: int) -> torch.Tensor:
+        """Hidden states entering layer `end_layer`: [T, E]."""
+        x = self.embeddings(batch)
+        for layer in self.layers[:end_layer]:
+            x = layer(x, batch)
+        return x
+
+    def logits_at_masks(self, x: torch.Tensor, batch: PackedBatch,
+                        label_word_ids: torch.Tensor | None) -> torch.Tensor:
+        # The head runs on the M mask rows only, never on all T tokens.
+        return self.head(x[batch.mask_index], self.embeddings.word.weight, label_word_ids)

@@ -1,0 +1,77 @@
+"""FlatParameters: the trainable tensors as views of one contiguous float32 buffer.
+
+A MeZO sweep touches every trainable element with the same per-element formula, so with one
+buffer it is one pass over memory (one kernel launch on a GPU) instead of one per tensor.
+Each parameter keeps its `torch.nn.Parameter` object, now a view of the buffer (`p.data` is
+rebound), so the model and autograd-based baselines see no difference.
+
+Layout: decayed tensors first, then the no-decay ones, each group in the order given, so
+weight decay applies to buffer[:n_decay]. The z of an element is indexed by its position in
+this buffer (`optim/rng.py`), so this order is part of the RNG contract: the same parameter
+list and no-decay rule always give the same layout, and a seeded run replays exactly.
+"""
+
+from collections.abc import Callable, Mapping, Set
+from itertools import accumulate
+
+import torch
+
+
+class FlatParameters:
+    def __init__(
+        self,
+        named_params: list[tuple[str, torch.nn.Parameter]],
+        no_decay: Callable[[str, torch.nn.Parameter], bool] | Set[str],
+    ):
+        if not named_params:
+            raise ValueError("FlatParameters needs at least one parameter")
+        if callable(no_decay):
+            exempt = [no_decay(name, p) for name, p in named_params]
+        else:
+            unknown = set(no_decay) - {name for name, _ in named_params}
+            if unknown:  # a typo would silently decay a tensor the caller meant to exempt
+                raise ValueError(f"no_decay names not among the parameters: {sorted(unknown)}")
+            exempt = [name in no_decay for name, _ in named_params]
+        seen = set()
+        for name, p in named_params:
+            if p.dtype != torch.float32:
+                raise ValueError(f"parameter {name!r} is {p.dtype}; FlatParameters holds float32 only")
+            if id(p) in seen:  # a second copy would leave the first region detached from the model
+                raise ValueError(f"parameter {name!r} is listed twice (tied weights are one Parameter)")
+            seen.add(id(p))
+        devices = {p.device for _, p in named_params}
+        if len(devices) != 1:
+            raise ValueError(f"parameters are on several devices: {sorted(map(str, devices))}")
+
+        decay = [named for named, ex in zip(named_params, exempt) if not ex]
+        ordered = decay + [named for named, ex in zip(named_params, exempt) if ex]
+        self.names = [name for name, _ in ordered]
+        self.shapes = [p.shape for _, p in ordered]
+        sizes = [p.numel() for _, p in ordered]
+        self.offsets = list(accumulate(sizes, initial=0))[:-1]
+        self.numel = sum(sizes)
+        self.n_decay = sum(p.numel() for _, p in decay)
+
+        self.buffer = torch.empty(self.numel, dtype=torch.float32, device=devices.pop())
+        for (_, p), view in zip(ordered, self._views()):
+            view.copy_(p.detach())
+            p.data = view  # the model's Parameter now reads and writes the buffer
+
+    def _views(self) -> list[torch.Tensor]:
+        return [self.buffer[o : o + s.numel()].view(s) for o, s in zip(self.offsets, self.shapes)]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the named tensors, safe to keep while training goes on."""
+        return {name: view.clone() for name, view in zip(self.names, self._views())}
+
+    def load_(self, tensors: Mapping[str, torch.Tensor]):
+        """Copy named tensors into the buffer; names and shapes must match exactly."""
+        missing = set(self.names) - set(tensors)
+        unexpected = set(tensors) - set(self.names)
+        if missing or unexpected:
+            raise ValueError(f"load_: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        for name, view in zip(self.names, self._views()):
+            if tensors[name].shape != view.shape:
+                raise ValueError(f"load_: {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(view.shape)}")
+        for name, view in zip(self.names, self._views()):
+            view.copy_(tensors[name])

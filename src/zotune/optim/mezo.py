@@ -1,0 +1,47 @@
+"""The MeZO step (Malladi et al. 2023, Algorithm 1), with n-SPSA.
+
+For each of n directions z_j (regenerated from seed_j, never stored):
+    θ + εz_j      -> L+
+    θ − εz_j      -> L−            g_j = (L+ − L−) / 2ε
+The last restore is fused with the update, θ ← θ + εz_n − lr·(Σ g_j z_j / n + wd·θ),
+so one direction costs 3 sweeps over the parameters, not 4.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from zotune.optim.flat import FlatParameters
+from zotune.optim.sweep import perturb, restore_and_update
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: torch.Tensor               # mean of L+ and L− over the directions (0-dim, on the device)
+    projected_grads: torch.Tensor    # [n] g_j, kept on the device: no host sync inside a step
+
+
+def direction_seed(run_seed: int, step: int, direction: int) -> int:
+    """A 63-bit seed per (run, step, direction): a pure function, so a resumed or replayed
+    run regenerates every z without any saved generator state."""
+    state = np.random.SeedSequence([run_seed, step, direction]).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))  # 63 bits, so it also fits a signed int64 tensor
+
+
+def mezo_step(flat: FlatParameters, loss_fn: Callable[[], torch.Tensor], seeds: list[int],
+              eps: float, lr: float, weight_decay: float) -> StepResult:
+    losses, grads = [], []
+    for j, seed in enumerate(seeds):
+        perturb(flat, seed, eps)                       # θ + εz
+        loss_plus = loss_fn()
+        perturb(flat, seed, -eps, times=2)             # θ − εz, as two rounded steps (see sweep.py)
+        loss_minus = loss_fn()
+        grads.append((loss_plus - loss_minus) / (2 * eps))
+        losses += [loss_plus, loss_minus]
+        if j < len(seeds) - 1:
+            perturb(flat, seed, eps)                   # back to θ; the update waits for all n directions
+    n = len(seeds)
+    restore_and_update(flat, seeds[-1], eps, [(seed, g / n) for seed, g in zip(seeds, grads)], lr, weight_decay)
+    return StepResult(torch.stack(losses).mean(), torch.stack(grads))

@@ -1,0 +1,110 @@
+"""Trainable subsets: which tensors MeZO perturbs (and Adam updates); the rest stay frozen.
+
+Spec strings, decided once at build time:
+  full        every parameter (the MeZO paper's main setting)
+  bias        bias terms only (BitFit, Ben Zaken et al. 2022)
+  lora        rank-R updates on query and value (Hu et al. 2021), A random and B zero
+  prefix      P key/value rows per layer (Li & Liang 2021), initialised from the real
+              activations of random tokens, as MeZO's medium_models/src/prefix.py does
+  top:K       the top K layers and the MLM head (its tied decoder is the input embedding,
+              so it stays frozen)
+`layers` restricts bias/lora/prefix to some layers (e.g. the upper ones).
+"""
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zotune.engine.batch import pack
+from zotune.errors import UserError
+from zotune.model.roberta import LoRA, MaskedLM
+
+SUBSETS = ("full", "bias", "lora", "prefix", "top:K")
+
+
+@dataclass(frozen=True)
+class SubsetOptions:
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    num_prefix: int = 5
+    layers: tuple[int, ...] | None = None  # None: every layer
+    seed: int = 0                           # for LoRA's A and the prefix's random tokens
+
+
+def no_weight_decay(name: str) -> bool:
+    """Biases and LayerNorm weights take no weight decay (the usual HF/MeZO grouping)."""
+    module = name.rsplit(".", 1)[0]
+    return name.endswith("bias") or module.endswith("norm")  # norm, ffn_norm: every LayerNorm is named *norm
+
+
+def select_trainable(model: MaskedLM, spec: str, options: SubsetOptions = SubsetOptions()
+                     ) -> list[tuple[str, nn.Parameter]]:
+    """Attach whatever the subset adds (LoRA, prefixes), freeze everything else, and return
+    the trainable (name, parameter) pairs in model order."""
+    num_layers = model.config.num_layers
+    layers = tuple(range(num_layers)) if options.layers is None else options.layers
+    if any(i < 0 or i >= num_layers for i in layers):
+        raise UserError(f"--layers {list(layers)} is outside this model's layers 0..{num_layers - 1}")
+    in_layers = lambda name: int(name.split(".")[1]) in layers  # noqa: E731  name = layers.{i}....
+    generator = torch.Generator().manual_seed(options.seed)
+
+    if spec == "full":
+        keep = lambda name: True  # noqa: E731
+    elif spec == "bias":
+        # With --layers, the embeddings' biases (below every layer) stay frozen too; the head's are kept.
+        keep = lambda name: name.endswith("bias") and (  # noqa: E731
+            in_layers(name) if name.startswith("layers.") else options.layers is None or name.startswith("head."))
+    elif spec == "lora":
+        _attach_lora(model, layers, options, generator)
+        keep = lambda name: ".lora_" in name  # noqa: E731
+    elif spec == "prefix":
+        _attach_prefix(model, layers, options.num_prefix, generator)
+        keep = lambda name: ".prefix_" in name  # noqa: E731
+    elif match := re.fullmatch(r"top:(\d+)", spec):
+        k = int(match.group(1))
+        if not 1 <= k <= num_layers:
+            raise UserError(f"--trainable top:{k} needs 1 <= K <= {num_layers} (this model's layer count)")
+        keep = lambda name: name.startswith("head.") or (  # noqa: E731
+            name.startswith("layers.") and int(name.split(".")[1]) >= num_layers - k)
+    else:
+        raise UserError(f"unknown --trainable {spec!r}; choose one of {', '.join(SUBSETS)} (e.g. top:4)")
+
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(keep(name))
+        if param.requires_grad:
+            trainable.append((name, param))
+    if not trainable:
+        raise UserError(f"--trainable {spec} selects no parameter in layers {list(layers)}")
+    return trainable
+
+
+def _attach_lora(model: MaskedLM, layers, options: SubsetOptions, generator: torch.Generator) -> None:
+    hidden = model.config.hidden_size
+    device, dtype = model.embeddings.word.weight.device, model.embeddings.word.weight.dtype
+    for i in layers:
+        attention = model.layers[i].attention
+        for slot in ("lora_q", "lora_v"):
+            lora = LoRA(hidden, hidden, options.lora_rank, options.lora_alpha, generator)
+            setattr(attention, slot, lora.to(device=device, dtype=dtype))
+
+
+@torch.no_grad()
+def _attach_prefix(model: MaskedLM, layers, num_prefix: int, generator: torch.Generator) -> None:
+    # Run P random tokens through the model and keep each layer's key/value rows:
+    # prefixes that start as real activations train better than random vectors (MeZO, App. E).
+    cfg = model.config
+    device = model.embeddings.word.weight.device
+    tokens = torch.randint(0, cfg.vocab_size, (num_prefix,), generator=generator).tolist()
+    batch = pack([tokens], None, cfg.position_offset).to(device)
+    x = model.embeddings(batch)                                         # [P, E]
+    key_values = []
+    for layer in model.layers:  # the plain model's activations: attach nothing until the end
+        _, k, v = layer.attention.qkv(x).chunk(3, dim=-1)               # [P, E] each
+        key_values.append((k.clone(), v.clone()))
+        x = layer(x, batch)
+    for i in layers:
+        attention = model.layers[i].attention
+        attention.prefix_k, attention.prefix_v = (nn.Parameter(t) for t in key_values[i])

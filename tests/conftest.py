@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints written to disk, as a user's would be."""
+
+import pytest
+import torch
+from transformers import RobertaConfig, RobertaForMaskedLM
+
+ROBERTA_TOKENIZER_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "tokenizers" / "roberta"
+
+
+def save_tiny_roberta(path, *, vocab_size=60, hidden=32, layers=2, heads=4, tie=True, seed=0,
+                      architecture_cls=RobertaForMaskedLM, config_cls=RobertaConfig, **extra):
+    torch.manual_seed(seed)
+    config = config_cls(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=2 * hidden,
+                        tie_word_embeddings=tie, **{"max_position_embeddings": 140, **extra})
+    model = architecture_cls(config).eval()
+    with torch.no_grad():  # random, non-trivial values everywhere (HF initialises biases to zero)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture
+def tiny_roberta_dir(tmp_path):
+    save_tiny_roberta(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm_dir(tmp_path_factory):
+    """A tiny random RoBERTa with the real RoBERTa vocabulary and tokenizer: a stand-in for a
+    user's checkpoint directory that every CLI and training test can run end to end."""
+    from transformers import AutoTokenizer
+    path = tmp_path_factory.mktemp("models") / "tiny-roberta"
+    save_tiny_roberta(path, vocab_size=50265, hidden=32, layers=2, heads=4, max_position_embeddings=514)
+    AutoTokenizer.from_pretrained(ROBERTA_TOKENIZER_DIR).save_pretrained(path)
+    return path

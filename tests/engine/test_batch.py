@@ -1,0 +1,24 @@
+import pytest
+import torch
+
+from zotune.engine.batch import pack
+
+
+def test_pack_offsets_positions_and_masks():
+    batch = pack([[0, 9, 5, 2], [0, 5, 2], [0, 7, 8, 9, 5, 2]], mask_token_id=5, position_offset=2)
+    assert batch.input_ids.tolist() == [0, 9, 5, 2, 0, 5, 2, 0, 7, 8, 9, 5, 2]
+    assert batch.cu_seqlens.tolist() == [0, 4, 7, 13]
+    assert batch.positions.tolist() == [2, 3, 4, 5, 2, 3, 4, 2, 3, 4, 5, 6, 7]   # padding_idx + 1 + i
+    assert batch.mask_index.tolist() == [2, 5, 11]
+    assert batch.seq_lens == (4, 3, 6) and batch.max_seqlen == 6 and batch.num_tokens == 13
+
+
+@pytest.mark.parametrize("sequences", [[[0, 5, 5, 2]], [[0, 2], [0, 5, 2]]])
+def test_pack_needs_exactly_one_mask_per_sequence(sequences):
+    with pytest.raises(ValueError, match="exactly one <mask>"):
+        pack(sequences, mask_token_id=5, position_offset=2)
+
+
+def test_pack_without_masks():
+    batch = pack([[3, 4], [6]], mask_token_id=None, position_offset=0)
+    assert batch.mask_index.numel() == 0 and batch.positions.tolist() == [0, 1, 0]

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from zotune.optim.flat import FlatParameters
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
+
+
+def _no_decay(name, p):
+    return p.ndim == 1  # biases and LayerNorm
+
+
+def test_layout_puts_decayed_tensors_first():
+    model = _model()
+    flat = FlatParameters(list(model.named_parameters()), _no_decay)
+    assert flat.names == ["0.weight", "2.weight", "0.bias", "1.weight", "1.bias", "2.bias"]
+    assert flat.n_decay == 4 * 3 + 3 * 2
+    assert flat.numel == sum(p.numel() for p in model.parameters()) == flat.buffer.numel()
+    assert flat.offsets == [0, 12, 18, 21, 24, 27]
+
+
+def test_set_of_names_equals_predicate():
+    model = _model()
+    names = {"0.bias", "1.weight", "1.bias", "2.bias"}
+    by_set = FlatParameters(list(_model().named_parameters()), names)
+    by_fn = FlatParameters(list(model.named_parameters()), _no_decay)
+    assert by_set.names == by_fn.names and torch.equal(by_set.buffer, by_fn.buffer)
+
+
+def test_parameters_alias_the_buffer_and_keep_values():
+    model = _model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    params = list(model.parameters())
+    flat = FlatParameters(list(model.named_parameters()), _no_decay)
+    assert list(model.parameters()) == params  # same Parameter objects
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) and p.requires_grad
+        offset = flat.offsets[flat.names.index(name)]
+        assert p.data_ptr() == flat.buffer[offset:].data_ptr()
+    flat.buffer.add_(1.0)
+    assert torch.equal(model[0].weight, before["0.weight"] + 1)
+    with torch.no_grad():
+        model[2].bias.zero_()
+    assert torch.equal(flat.buffer[27:29], torch.zeros(2))
+
+
+def test_autograd_still_works():
+    model = _model()
+    FlatParameters(list(model.named_parameters()), _no_decay)
+    model(torch.randn(5, 4)).square().sum().backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+
+
+def test_state_dict_copies_and_load_roundtrip():
+    flat = FlatParameters(list(_model().named_parameters()), _no_decay)
+    saved = flat.state_dict()
+    assert saved["0.weight"].shape == (3, 4)
+    saved["0.weight"].zero_()  # a copy: the buffer is untouched
+    assert flat.buffer[:12].abs().sum() > 0
+    original = flat.state_dict()
+    flat.buffer.normal_()
+    flat.load_(original)
+    assert all(torch.equal(t, original[n]) for n, t in flat.state_dict().items())
+
+
+def test_load_rejects_mismatches():
+    flat = FlatParameters(list(_model().named_parameters()), _no_decay)
+    tensors = flat.state_dict()
+    with pytest.raises(ValueError, match="missing"):
+        flat.load_({k: v for k, v in tensors.items() if k != "1.bias"})
+    with pytest.raises(ValueError, match="shape"):
+        flat.load_({**tensors, "0.weight": torch.zeros(4, 3)})
+
+
+def test_rejects_bad_parameter_lists():
+    model = _model()
+    named = list(model.named_parameters())
+    with pytest.raises(ValueError, match="not among"):
+        FlatParameters(named, {"0.bais"})
+    with pytest.raises(ValueError, match="twice"):
+        FlatParameters(named + named[:1], set())
+    with pytest.raises(ValueError, match="float32"):
+        FlatParameters([("w", torch.nn.Parameter(torch.zeros(2, dtype=torch.float64)))], set())

@@ -1,0 +1,59 @@
+"""The command line: eval outputs, and one-line errors with exit code 2 for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from zotune.cli import main
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "zotune", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_eval_writes_predictions_in_file_order(tmp_path, tiny_mlm_dir):
+    data = tmp_path / "mine.tsv"
+    data.write_text("sentence\tlabel\na gorgeous , witty film \t1\nboring and flat \t0\nno label here \t1\n")
+    out, preds = tmp_path / "out.json", tmp_path / "preds.jsonl"
+    assert main(["eval", "--model", str(tiny_mlm_dir), "--task", "sst2", "--data", str(data), "--device", "cpu",
+                 "--predictions", str(preds), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r["label"] for r in rows] == [1, 0, 1]
+    assert all(len(r["logits"]) == 2 and r["pred"] == max(range(2), key=r["logits"].__getitem__) for r in rows)
+    result = json.loads(out.read_text())
+    assert result["n"] == 3 and result["accuracy"] == sum(r["pred"] == r["label"] for r in rows) / 3
+
+
+def test_eval_of_an_unlabelled_file_has_null_labels(tmp_path, tiny_mlm_dir):
+    data = tmp_path / "unlabelled.tsv"
+    data.write_text("sentence\none\ntwo\n")
+    preds = tmp_path / "p.jsonl"
+    assert main(["eval", "--model", str(tiny_mlm_dir), "--data", str(data), "--device", "cpu",
+                 "--predictions", str(preds)]) == 0
+    assert [json.loads(line)["label"] for line in preds.read_text().splitlines()] == [None, None]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--batch-size", "0"], "--batch-size 0 must be at least 1"),
+    (["train", "--lr", "-1"], "--lr -1.0 is negative"),
+    (["train", "--eps", "-0.1"], "--eps -0.1 must be positive"),
+    (["train", "--task", "nope"], "unknown --task"),
+    (["train", "--trainable", "top:x"], "unknown --trainable"),
+    (["train", "--model", "/nonexistent/dir"], "does not exist"),
+    (["eval", "--data", "/nonexistent/file.tsv"], "no file /nonexistent/file.tsv"),
+    (["train", "--template", "*cls**sent_0*_It_was.*sep+*"], "mask"),
+    (["train", "--label-words", "terrible,very good"], "single token"),
+])
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_mlm_dir, args, message):
+    if "--model" not in args:
+        args = [*args, "--model", str(tiny_mlm_dir)]
+    if args[0] == "train":
+        args = [*args, "--output-dir", str(tmp_path / "run"), "--device", "cpu", "--steps", "1"]
+    result = _cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zotune: error:") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()

@@ -1,0 +1,107 @@
+"""End-to-end training runs on a tiny random RoBERTa with the real vocabulary and SST-2 data."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zotune.config import TrainConfig
+from zotune.errors import UserError
+from zotune.model.loading import load_model
+from zotune.train import batch_indices, train
+
+SUMMARY_FIELDS = {"steps", "forward_passes", "tokens_computed", "padding_tokens_avoided", "wall_time_s",
+                  "steps_per_s", "peak_memory_bytes", "dev_accuracy", "test_accuracy", "cache"}
+
+
+def _run(tmp_path, model_dir, name, **overrides):
+    options = dict(model=str(model_dir), steps=6, eval_steps=3, log_steps=1, quiet=True, device="cpu",
+                   output_dir=str(tmp_path / name), trainable="top:1", lr=1e-3, eps=1e-2, batch_size=16)
+    options.update(overrides)
+    return train(TrainConfig(**options)), tmp_path / name
+
+
+def test_mezo_run_writes_metrics_summary_and_best_weights(tmp_path, tiny_mlm_dir):
+    summary, run = _run(tmp_path, tiny_mlm_dir, "run")
+    assert SUMMARY_FIELDS <= summary.keys()
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    assert all({"loss", "projected_grad", "lr"} <= r.keys() for r in lines)
+    assert [r["step"] for r in lines if "dev_accuracy" in r] == [3, 6]
+    assert 0 <= summary["dev_accuracy"] <= 1 and 0 <= summary["test_accuracy"] <= 1
+    # 6 steps x 2 passes + 2 dev evaluations (32 examples, one pass each) + final dev + test (872 / 64 = 14)
+    assert summary["forward_passes"] == 12 + 2 + 1 + 14
+    assert summary["padding_tokens_avoided"] > 0 and summary["tokens_computed"] > 0
+    assert summary["peak_memory_bytes"] > 0 and summary["steps_per_s"] > 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+    assert set(load_file(run / "best.safetensors")) == {n for n, _ in _trainable_names(tiny_mlm_dir, "top:1")}
+
+
+def _trainable_names(model_dir, spec):
+    from zotune.optim.subsets import select_trainable
+    return select_trainable(load_model(model_dir), spec)
+
+
+def test_same_seed_same_trajectory_bit_for_bit(tmp_path, tiny_mlm_dir):
+    _, a = _run(tmp_path, tiny_mlm_dir, "a", trainable="lora")
+    _, b = _run(tmp_path, tiny_mlm_dir, "b", trainable="lora")
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+    wa, wb = load_file(a / "best.safetensors"), load_file(b / "best.safetensors")
+    assert all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+@pytest.mark.parametrize("trainable", ["lora", "bias", "prefix", "top:1"])
+def test_frozen_parameters_are_never_touched(tmp_path, tiny_mlm_dir, trainable):
+    from zotune.evaluate import build
+    from zotune.optim.flat import FlatParameters
+    from zotune.optim.mezo import mezo_step
+    from zotune.optim.subsets import no_weight_decay, select_trainable
+
+    prompted = build(str(tiny_mlm_dir), "sst2", device="cpu")
+    model = prompted.runner.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    chosen = select_trainable(model, trainable)
+    flat = FlatParameters(chosen, lambda n, p: no_weight_decay(n))
+    batch = prompted.runner.pack([prompted.prompt.encode(("a fine film ",)), prompted.prompt.encode(("dull ",))])
+    labels = torch.tensor([1, 0])
+    with torch.inference_mode():
+        for step in range(3):
+            mezo_step(flat, lambda: prompted.runner.loss(batch, labels), [step], 1e-2, 1e-2, 0.1)
+    names = {n for n, _ in chosen}
+    for n, p in model.named_parameters():
+        if n not in names and n in before:
+            assert torch.equal(p, before[n]), n
+    assert any(not torch.equal(p, before[n]) for n, p in chosen if n in before) or trainable in ("lora", "prefix")
+
+
+def test_adam_baseline_trains_with_backprop(tmp_path, tiny_mlm_dir):
+    summary, run = _run(tmp_path, tiny_mlm_dir, "adam", optimizer="adam", lr=1e-3, trainable="full")
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["projected_grad"] is None for r in lines)
+    base = load_model(tiny_mlm_dir).state_dict()
+    best = load_file(run / "best.safetensors")
+    assert any(not torch.equal(best[n], base[n]) for n in best if n in base)
+
+
+def test_batches_are_epoch_permutations_sorted_within_a_batch():
+    seen = [batch_indices(10, 4, 0, step) for step in range(3)]  # one epoch: 4 + 4 + 2
+    assert sorted(i for b in seen for i in b) == list(range(10))
+    assert all(b == sorted(b) for b in seen) and [len(b) for b in seen] == [4, 4, 2]
+    assert batch_indices(10, 4, 0, 3) != seen[0] or batch_indices(10, 4, 0, 4) != seen[1]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("batch_size", 0, "--batch-size 0 must be at least 1"),
+    ("lr", -1.0, "--lr -1.0 is negative"),
+    ("eps", -1e-3, "--eps -0.001 must be positive"),
+    ("optimizer", "sgd", "unknown --optimizer"),
+])
+def test_bad_config_values_are_user_errors(field, value, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        TrainConfig(**{field: value})
+
+
+def test_k_larger_than_the_data_allows(tmp_path, tiny_mlm_dir):
+    with pytest.raises(UserError, match="no file"):
+        _run(tmp_path, tiny_mlm_dir, "k", k=1000)
