@@ -27,7 +27,10 @@ class PackedBatch:
         return max(self.seq_lens)
 
     def to(self, device: torch.device | str) -> "PackedBatch":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        device = torch.device(device)
+        # From pinned memory the copy is truly asynchronous: the host does not wait for the GPU.
+        move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" \
+            else (lambda t: t.to(device))  # noqa: E731
         return PackedBatch(move(self.input_ids), move(self.positions), move(self.cu_seqlens),
                            move(self.mask_index), self.seq_lens, self.sequences)
 

@@ -108,10 +108,11 @@ def check_seed(seed: int):
 
 
 # Counters per pass. Ops on [2, BLOCK] tensors (32768 elements, ATen's grain size) run on the
-# calling thread: with more threads each of the ~150 ops per block is a parallel region, and on
-# a busy machine one descheduled thread stalls them all (20 ms per 1M elements became 50 ms to
-# seconds on two loaded cores). The temporaries (256 KiB) also stay in cache and are recycled by
-# malloc; whole-slice temporaries went back to the OS and page-faulted in again on every op.
+# calling thread, all but the sqrt (MKL VML, grain 2048): with more threads each of the ~150 ops
+# per block would be a parallel region, and on a busy machine one descheduled thread stalls them
+# all (20 ms per 1M elements became 50 ms to seconds on two loaded cores). The temporaries
+# (256 KiB) also stay in cache and are recycled by malloc; whole-slice temporaries went back to
+# the OS and page-faulted in again on every op, which cost as much as the arithmetic.
 BLOCK = 1 << 14
 
 

@@ -117,7 +117,7 @@ def _restore_and_update_triton(buf, n_decay, restore_seed, eps, seeds, coefs, de
     # A pageable host-to-device copy with non_blocking=True is staged and returns at once: no sync.
     seeds = torch.tensor(seeds, dtype=torch.int64).to(buf.device, non_blocking=True)
     _restore_and_update_kernel[(triton.cdiv(n, BLOCK),)](
-        buf, n, n_decay, restore_seed, eps, decay, seeds, coefs, len(seeds), BLOCK=BLOCK, enable_fp_fusion=False
+        buf, n, n_decay, restore_seed, eps, decay, seeds, coefs, N_UPDATES=len(seeds), BLOCK=BLOCK, enable_fp_fusion=False
     )
 
 
@@ -197,7 +197,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n_decay", "restore_seed"])
     def _restore_and_update_kernel(
-        buf_ptr, n, n_decay, restore_seed, eps, decay, seeds_ptr, coefs_ptr, n_updates, BLOCK: tl.constexpr
+        buf_ptr, n, n_decay, restore_seed, eps, decay, seeds_ptr, coefs_ptr, N_UPDATES: tl.constexpr, BLOCK: tl.constexpr
     ):
         start = tl.program_id(0).to(tl.int64) * BLOCK
         offs = start + tl.arange(0, BLOCK)
@@ -205,7 +205,7 @@ if triton is not None:
         z = _normal_block(restore_seed, start, BLOCK)
         x = x + z * eps
         x = tl.where(offs < n_decay, x * decay, x)
-        for j in range(n_updates):
+        for j in tl.static_range(N_UPDATES):  # n-SPSA's n: a handful, unrolled
             seed = tl.load(seeds_ptr + j)
             if seed != restore_seed:
                 z = _normal_block(seed, start, BLOCK)
