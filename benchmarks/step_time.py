@@ -18,61 +18,29 @@ batches (seed 42 splits) tokenized with the real RoBERTa tokenizer and LM-BFF's 
 """
 
 import argparse
-import json
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from common import median_ms, random_roberta_large, sst2_prompt, sst2_train
 
-from zotune.engine.runner import ModelRunner  # noqa: E402
-from zotune.model.loading import to_zotune_state  # noqa: E402
-from zotune.model.roberta import MaskedLM  # noqa: E402
-from zotune.model.loading import config_from_hf  # noqa: E402
-from zotune.optim.flat import FlatParameters  # noqa: E402
-from zotune.optim.mezo import direction_seed, mezo_step  # noqa: E402
-from zotune.tasks.data import default_data_dir, load_split  # noqa: E402
-from zotune.tasks.tasks import TASKS  # noqa: E402
-from zotune.tasks.templates import PromptTemplate  # noqa: E402
+from zotune.engine.runner import ModelRunner
+from zotune.model.loading import config_from_hf, to_hf_state
+from zotune.optim.flat import FlatParameters
+from zotune.optim.mezo import direction_seed, mezo_step
 
 EPS, LR = 1e-3, 1e-6
 
 
-def encoded_batches(k: int, batch_size: int, count: int):
-    from transformers import PreTrainedTokenizerFast
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(REPO / "tokenizers/roberta/tokenizer.json"),
-                                        bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        mask_token="<mask>", unk_token="<unk>")
-    task = TASKS["sst2"]
-    prompt = PromptTemplate(tokenizer, task.template, task.label_words, task.max_length)
-    examples = load_split(task, default_data_dir(), k, 42, "train")
+def batches(sequences, labels, batch_size: int, count: int):
+    """`count` batches of `batch_size` random examples (all of them when there are fewer)."""
     generator = torch.Generator().manual_seed(0)
-    batches = []
+    out = []
     for _ in range(count):
-        index = torch.randperm(len(examples), generator=generator)[:batch_size].tolist()
-        batches.append(([prompt.encode(examples[i].sentences) for i in index],
-                        torch.tensor([examples[i].label for i in index])))
-    return prompt, batches
-
-
-def median_ms(fn, steps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        index = sorted(torch.randperm(len(sequences), generator=generator)[:batch_size].tolist())
+        out.append(([sequences[i] for i in index], labels[index]))
+    return out
 
 
 # ---- (a) the reference step ------------------------------------------------------------
@@ -128,38 +96,21 @@ def main():
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     from transformers import RobertaConfig, RobertaForMaskedLM
 
+    from common import ROBERTA_LARGE
     device_name = torch.cuda.get_device_name()
-    hf_config = json.loads((REPO / "tokenizers/roberta/config.json").read_text())
-    settings = {"k=16": (16, 32), "k=512": (512, 64)}
+    prompt = sst2_prompt()
+    label_word_ids = torch.tensor(prompt.label_word_ids, device="cuda")
+    cfg, arch = config_from_hf(ROBERTA_LARGE)
     rows = []
-    for setting, (k, batch_size) in settings.items():
-        prompt, batches = encoded_batches(k, batch_size, 8)
-        label_word_ids = torch.tensor(prompt.label_word_ids, device="cuda")
-        tokens = statistics.mean(sum(len(s) for s in b[0]) for b in batches)
+    for k, batch_size in ((16, 32), (512, 64)):
+        sample = batches(*sst2_train(prompt, k), batch_size, 8)
+        tokens = statistics.mean(sum(len(s) for s in b[0]) for b in sample)
 
-        # (a) reference, HF model, fp32, TF32 off then on.
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            hf = RobertaForMaskedLM(RobertaConfig(**hf_config)).eval()
-        state_cpu = {n: t.detach().cpu() for n, t in hf.state_dict().items()}
-        reference = {}
-        for tf32 in (False, True):
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            torch.backends.cudnn.allow_tf32 = tf32
-            step = reference_step_fn(hf, padded(batches[0], 1), prompt.mask_id, label_word_ids)
-            torch.cuda.reset_peak_memory_stats()
-            reference[tf32] = (median_ms(step, max(3, args.steps // 4)), torch.cuda.max_memory_allocated())
-        del hf, step
-        torch.cuda.empty_cache()
-
-        # (b) zotune step and (c) zotune inference forward, same weights, same batches.
-        cfg, arch = config_from_hf(hf_config)
-        with torch.device("meta"):
-            model = MaskedLM(cfg)
-        model.load_state_dict(to_zotune_state(state_cpu, cfg, arch, "random roberta-large"), assign=True)
-        del state_cpu
-        runner = ModelRunner(model.eval(), prompt.label_word_ids, prompt.mask_id, torch.device("cuda"))
-        packed = [(runner.pack(s), labels.cuda()) for s, labels in batches]
+        # (b) and (c): zotune's engine on a random RoBERTa-large.
+        model = random_roberta_large()
+        hf_state = {n: t.cpu() for n, t in to_hf_state(model.state_dict(), cfg, arch).items()}
+        runner = ModelRunner(model, prompt.label_word_ids, prompt.mask_id, torch.device("cuda"))
+        packed = [(runner.pack(s), labels.cuda()) for s, labels in sample]
 
         def forward():
             with torch.inference_mode():
@@ -183,9 +134,24 @@ def main():
         torch.cuda.reset_peak_memory_stats()
         zotune_ms = median_ms(zotune_step, args.steps)
         zotune_peak = torch.cuda.max_memory_allocated()
-        rows.append((setting, batch_size, tokens, reference, zotune_ms, zotune_peak, forward_ms, forward_peak))
         del model, runner, flat, packed
         torch.cuda.empty_cache()
+
+        # (a) the reference on the same weights, float32, TF32 off (its default) and on.
+        with torch.device("cuda"):
+            hf = RobertaForMaskedLM(RobertaConfig(**ROBERTA_LARGE)).eval()
+        hf.load_state_dict(hf_state, strict=False)  # the tied decoder and buffers come from the module
+        reference = {}
+        for tf32 in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            step = reference_step_fn(hf, padded(sample[0], 1), prompt.mask_id, label_word_ids)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            reference[tf32] = (median_ms(step, max(3, args.steps // 4)), torch.cuda.max_memory_allocated())
+        torch.backends.cuda.matmul.allow_tf32 = True
+        del hf, step
+        torch.cuda.empty_cache()
+        rows.append((f"k={k}", batch_size, tokens, reference, zotune_ms, zotune_peak, forward_ms, forward_peak))
 
     print(f"\nMeZO step, RoBERTa-large (random weights), SST-2 seed-42 batches, on {device_name}")
     print("| setting | batch | tokens (packed) | (a) reference ms | (a) +TF32 ms | (b) zotune ms | speed-up vs (a) "

@@ -86,3 +86,12 @@ def test_missing_directory(tmp_path):
     from zotune.model.loading import resolve_model_dir
     with pytest.raises(UserError, match="does not exist"):
         resolve_model_dir(tmp_path / "nope")
+
+
+def test_hf_names_round_trip(tiny_roberta_dir):
+    from zotune.model.loading import config_from_hf, read_checkpoint, to_hf_state
+    hf_config, tensors = read_checkpoint(tiny_roberta_dir)
+    cfg, arch = config_from_hf(hf_config)
+    back = to_hf_state(load_model(tiny_roberta_dir).state_dict(), cfg, arch)
+    assert back.keys() <= tensors.keys()
+    assert all(torch.equal(back[n], tensors[n]) for n in back)

@@ -90,7 +90,8 @@ def test_mean_of_g_z_estimates_the_gradient(problem):
 
 
 def test_perturb_restore_cycles_do_not_drift():
-    flat = _random_flat(1 << 14, 1 << 13, std=0.05)
+    # Measured: 2e-7 here, against 1.9e-6 when the -2 eps z move is a single add.
+    flat = _random_flat(4096, 2048, std=0.05)
     theta0 = flat.buffer.clone()
     for seed in range(1000):
         sweep.perturb(flat, seed, EPS)

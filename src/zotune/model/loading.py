@@ -191,6 +191,14 @@ def to_zotune_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig, architec
     return state
 
 
+def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig, architecture: str) -> dict[str, torch.Tensor]:
+    """The name map backwards: a zotune state dict -> HF tensor names (qkv split into three)."""
+    out = {}
+    for hf, zt, index in weight_map(cfg, architecture):
+        out[hf] = state[zt] if index is None else state[zt].chunk(3)[index]
+    return {name: t.contiguous() for name, t in out.items()}
+
+
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> MaskedLM:
     hf_config, tensors = read_checkpoint(model_dir)

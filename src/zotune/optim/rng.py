@@ -45,8 +45,8 @@ W0, W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments (golden ratio, sqrt(3) - 
 ROUNDS = 10
 MASK32 = 0xFFFFFFFF
 
-# The integer trick that yields m in [sqrt(2)/2, sqrt(2)): shifting the bits of u by
-# 1.0 - sqrt(2)/2 moves the exponent boundary from m = 1 to m = sqrt(2)/2.
+# u = 2**e * m with m in [sqrt(2)/2, sqrt(2)), from the bits alone (musl's logf): adding
+# LOG_SHIFT to the bits of u carries into the exponent exactly when u's mantissa is >= sqrt(2).
 SQRT_HALF_BITS = 0x3F3504F3  # float32 bits of sqrt(2)/2
 LOG_SHIFT = 0x3F800000 - SQRT_HALF_BITS
 TWO_PI = 2.0 * math.pi

@@ -1,0 +1,61 @@
+"""What the GPU benchmarks share: real SST-2 batches, a RoBERTa-large-sized zotune model with
+random weights (no download), and event-based timing."""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from zotune.model.loading import config_from_hf  # noqa: E402
+from zotune.tasks.data import default_data_dir, load_split  # noqa: E402
+from zotune.tasks.tasks import TASKS  # noqa: E402
+from zotune.tasks.templates import PromptTemplate  # noqa: E402
+
+ROBERTA_LARGE = json.loads((REPO / "tokenizers/roberta/config.json").read_text())
+
+
+def sst2_prompt() -> PromptTemplate:
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenizers/roberta")
+    task = TASKS["sst2"]
+    return PromptTemplate(tokenizer, task.template, task.label_words, task.max_length)
+
+
+def sst2_train(prompt: PromptTemplate, k: int, seed: int = 42) -> tuple[list[list[int]], torch.Tensor]:
+    """The real SST-2 k-shot training split, encoded with LM-BFF's template."""
+    examples = load_split(TASKS["sst2"], default_data_dir(), k, seed, "train")
+    return [prompt.encode(e.sentences) for e in examples], torch.tensor([e.label for e in examples])
+
+
+def random_roberta_large(device="cuda"):
+    """zotune's MaskedLM with RoBERTa-large's config and BERT-style N(0, 0.02) weights."""
+    from zotune.model.roberta import MaskedLM
+    cfg, _ = config_from_hf(ROBERTA_LARGE)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MaskedLM(cfg)
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.02)
+    return model.eval()
+
+
+def median_ms(fn, steps: int, warmup: int = 3) -> float:
+    """Median wall time of fn() on the GPU, from CUDA events around each call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)

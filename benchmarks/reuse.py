@@ -1,0 +1,87 @@
+"""Trunk-cache speed-up on a GPU: MeZO step time with and without exact computation reuse.
+
+RoBERTa-large config with random weights, real SST-2 k=16 (batch 32 = the whole training
+set) and k=512 (batch 64, an epoch of 16 batches) seed-42 batches. For each trainable subset
+the cache holds the hidden states entering its lowest perturbed layer; the ideal speed-up
+counts layers only (24 run without the cache, K with it), so it ignores the head, the
+sweeps and the gather. Timings are medians of CUDA-event-timed steps after a warm-up epoch;
+the hit rate is counted by the cache over the timed steps alone.
+
+    python benchmarks/reuse.py
+"""
+
+import argparse
+
+import torch
+
+from common import median_ms, random_roberta_large, sst2_prompt, sst2_train
+
+from zotune.engine.runner import ModelRunner
+from zotune.optim.flat import FlatParameters
+from zotune.optim.mezo import direction_seed, mezo_step
+from zotune.optim.subsets import SubsetOptions, no_weight_decay, select_trainable
+
+SUBSETS = [("top:1", "top:1", None), ("top:4", "top:4", None), ("top:12", "top:12", None),
+           ("lora, layers 20-23", "lora", (20, 21, 22, 23))]
+
+
+def epoch_batches(sequences, labels, batch_size):
+    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(0)).tolist()
+    return [([sequences[i] for i in sorted(order[s:s + batch_size])], labels[sorted(order[s:s + batch_size])])
+            for s in range(0, len(order), batch_size)]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=32)
+    args = parser.parse_args()
+    prompt = sst2_prompt()
+    rows = []
+    for k, batch_size in ((16, 32), (512, 64)):
+        train_batches = epoch_batches(*sst2_train(prompt, k), batch_size)
+        for label, spec, layers in SUBSETS:
+            model = random_roberta_large()
+            trainable = select_trainable(model, spec, SubsetOptions(layers=layers))
+            model.cuda()
+            flat = FlatParameters(trainable, lambda n, p: no_weight_decay(n))
+            start = min(int(n.split(".")[1]) for n, _ in trainable if n.startswith("layers."))
+            ideal = model.config.num_layers / (model.config.num_layers - start)
+            times, stats = {}, None
+            for cached in (False, True):
+                runner = ModelRunner(model, prompt.label_word_ids, prompt.mask_id, torch.device("cuda"))
+                if cached:
+                    runner.enable_cache([n for n, _ in trainable], 4 << 30)
+                packed = [(runner.pack(s), y.cuda()) for s, y in train_batches]
+                counter = {"step": 0}
+
+                def step():
+                    i = counter["step"]
+                    counter["step"] += 1
+                    batch, y = packed[i % len(packed)]
+                    with torch.inference_mode():
+                        mezo_step(flat, lambda: runner.loss(batch, y), [direction_seed(0, i, 0)], 1e-3, 1e-6, 0.0)
+                for _ in range(len(packed)):  # warm-up epoch: fills the cache
+                    step()
+                before = dict(runner.cache_stats())
+                times[cached] = median_ms(step, args.steps, warmup=0)
+                after = runner.cache_stats()
+                if cached:
+                    lookups = after["lookups"] - before["lookups"]
+                    stats = ((after["hits"] - before["hits"]) / lookups, after["bytes_held"])
+            speedup = times[False] / times[True]
+            rows.append((f"k={k}", batch_size, label, times[False], times[True], speedup, ideal,
+                         speedup / ideal, *stats))
+            del model, flat, runner, packed
+            torch.cuda.empty_cache()
+
+    print(f"\nTrunk cache, RoBERTa-large (random weights), SST-2 seed-42, on {torch.cuda.get_device_name()}")
+    print("| setting | batch | trainable | no cache ms | cache ms | speed-up | ideal (layers) | of ideal "
+          "| hit rate (timed steps) | cache held MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for setting, bs, label, off, on, speedup, ideal, fraction, hit_rate, held in rows:
+        print(f"| {setting} | {bs} | {label} | {off:.2f} | {on:.2f} | {speedup:.1f}x | {ideal:.1f}x "
+              f"| {fraction:.2f} | {hit_rate:.1%} | {held / (1 << 20):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
