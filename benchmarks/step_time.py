@@ -106,36 +106,38 @@ def main():
         sample = batches(*sst2_train(prompt, k), batch_size, 8)
         tokens = statistics.mean(sum(len(s) for s in b[0]) for b in sample)
 
-        # (b) and (c): zotune's engine on a random RoBERTa-large.
-        model = random_roberta_large()
-        hf_state = {n: t.cpu() for n, t in to_hf_state(model.state_dict(), cfg, arch).items()}
-        runner = ModelRunner(model, prompt.label_word_ids, prompt.mask_id, torch.device("cuda"))
-        packed = [(runner.pack(s), labels.cuda()) for s, labels in sample]
+        # (b) and (c): zotune's engine on a random RoBERTa-large, in each GPU precision.
+        zotune = {}
+        for precision in ("tf32", "bf16"):
+            model = random_roberta_large()
+            hf_state = {n: t.cpu() for n, t in to_hf_state(model.state_dict(), cfg, arch).items()}
+            runner = ModelRunner(model, prompt.label_word_ids, prompt.mask_id, torch.device("cuda"), precision)
+            packed = [(runner.pack(s), labels.cuda()) for s, labels in sample]
 
-        def forward():
-            with torch.inference_mode():
-                runner.loss(*packed[0])
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        forward_ms = median_ms(forward, args.steps)
-        forward_peak = torch.cuda.max_memory_allocated()
+            def forward():
+                with torch.inference_mode():
+                    runner.loss(*packed[0])
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            forward_ms = median_ms(forward, args.steps)
+            forward_peak = torch.cuda.max_memory_allocated()
 
-        flat = FlatParameters(list(model.named_parameters()), lambda n, p: False)
-        torch.cuda.empty_cache()
-        counter = {"step": 0}
+            flat = FlatParameters(list(model.named_parameters()), lambda n, p: False)
+            torch.cuda.empty_cache()
+            counter = {"step": 0}
 
-        def zotune_step():
-            i = counter["step"]
-            counter["step"] += 1
-            batch, labels = packed[i % len(packed)]
-            with torch.inference_mode():
-                mezo_step(flat, lambda: runner.loss(batch, labels), [direction_seed(0, i, 0)], EPS, LR, 0.0)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        zotune_ms = median_ms(zotune_step, args.steps)
-        zotune_peak = torch.cuda.max_memory_allocated()
-        del model, runner, flat, packed
-        torch.cuda.empty_cache()
+            def zotune_step():
+                i = counter["step"]
+                counter["step"] += 1
+                batch, labels = packed[i % len(packed)]
+                with torch.inference_mode():
+                    mezo_step(flat, lambda: runner.loss(batch, labels), [direction_seed(0, i, 0)], EPS, LR, 0.0)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            step_ms = median_ms(zotune_step, args.steps)
+            zotune[precision] = (step_ms, torch.cuda.max_memory_allocated(), forward_ms, forward_peak)
+            del model, runner, flat, packed
+            torch.cuda.empty_cache()
 
         # (a) the reference on the same weights, float32, TF32 off (its default) and on.
         with torch.device("cuda"):
@@ -151,17 +153,18 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
         del hf, step
         torch.cuda.empty_cache()
-        rows.append((f"k={k}", batch_size, tokens, reference, zotune_ms, zotune_peak, forward_ms, forward_peak))
+        for precision, (ms, peak, fwd_ms, fwd_peak) in zotune.items():
+            rows.append((f"k={k}", batch_size, tokens, reference, precision, ms, peak, fwd_ms, fwd_peak))
 
     print(f"\nMeZO step, RoBERTa-large (random weights), SST-2 seed-42 batches, on {device_name}")
-    print("| setting | batch | tokens (packed) | (a) reference ms | (a) +TF32 ms | (b) zotune ms | speed-up vs (a) "
-          "| vs (a)+TF32 | (b) peak GiB | (c) forward ms | (c) peak GiB | memory (b)/(c) | (a) peak GiB "
-          "| 100k steps (a) h | 100k steps (b) h |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| setting | batch | tokens (packed) | (a) reference ms | (a) +TF32 ms | (b) zotune precision | (b) ms "
+          "| speed-up vs (a) | vs (a)+TF32 | (b) peak GiB | (c) forward ms | (c) peak GiB | memory (b)/(c) "
+          "| (a) peak GiB | 100k steps (a) h | 100k steps (b) h |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     gib = 1 << 30
-    for setting, batch_size, tokens, ref, ms, peak, fwd_ms, fwd_peak in rows:
-        print(f"| {setting} | {batch_size} | {tokens:.0f} | {ref[False][0]:.1f} | {ref[True][0]:.1f} | {ms:.2f} "
-              f"| {ref[False][0] / ms:.1f}x | {ref[True][0] / ms:.1f}x | {peak / gib:.2f} | {fwd_ms:.2f} "
+    for setting, batch_size, tokens, ref, precision, ms, peak, fwd_ms, fwd_peak in rows:
+        print(f"| {setting} | {batch_size} | {tokens:.0f} | {ref[False][0]:.1f} | {ref[True][0]:.1f} | {precision} "
+              f"| {ms:.2f} | {ref[False][0] / ms:.1f}x | {ref[True][0] / ms:.1f}x | {peak / gib:.2f} | {fwd_ms:.2f} "
               f"| {fwd_peak / gib:.2f} | {peak / fwd_peak:.2f} | {ref[False][1] / gib:.2f} "
               f"| {ref[False][0] * 1e5 / 3.6e6:.2f} | {ms * 1e5 / 3.6e6:.2f} |")
 

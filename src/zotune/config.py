@@ -54,6 +54,7 @@ class TrainConfig:
     cache_budget: str = "1G"            # bytes of hidden states the cache may hold (K, M, G suffixes)
     cache_spill: bool = False           # on a GPU, evict to host memory instead of dropping
     device: str = "auto"
+    precision: str = "tf32"             # on CUDA: tf32 matmuls on float32 weights, or bf16 autocast
     quiet: bool = False
     overwrite: bool = False
 

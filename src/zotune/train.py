@@ -58,7 +58,8 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
 def train(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
     prompted = build(cfg.model, cfg.task, tokenizer=cfg.tokenizer, template=cfg.template,
-                     label_words=cfg.label_words, max_length=cfg.max_length, device=cfg.device)
+                     label_words=cfg.label_words, max_length=cfg.max_length, device=cfg.device,
+                     precision=cfg.precision)
     runner, device = prompted.runner, prompted.runner.device
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     splits = {s: load_split(prompted.task, data_dir, cfg.k, cfg.seed, s) for s in ("train", "dev", "test")}

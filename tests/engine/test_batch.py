@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from zotune.engine.batch import pack
 

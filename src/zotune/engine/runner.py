@@ -45,10 +45,23 @@ class RunnerStats:
     padding_tokens_avoided: int = 0
 
 
+PRECISIONS = ("tf32", "bf16")
+
+
 class ModelRunner:
-    def __init__(self, model: MaskedLM, label_word_ids: list[int], mask_token_id: int, device: torch.device):
+    """`precision` applies on CUDA (the CPU computes in float32): "tf32" runs matmuls on the
+    float32 weights in TF32; "bf16" autocasts them to bfloat16 per matmul. Either way the
+    weights stay float32, so MeZO's tiny updates are not rounded away."""
+
+    def __init__(self, model: MaskedLM, label_word_ids: list[int], mask_token_id: int, device: torch.device,
+                 precision: str = "tf32"):
+        if precision not in PRECISIONS:
+            raise UserError(f"unknown --precision {precision!r}; use {' or '.join(PRECISIONS)}")
         self.model = model.to(device)
         self.device = device
+        # No autocast weight cache: it would hold a bf16 copy of every weight for the whole pass.
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False,
+                                       enabled=device.type == "cuda" and precision == "bf16")
         self.label_word_ids = torch.tensor(label_word_ids, device=device)     # [C]
         self.mask_token_id = mask_token_id
         self.stats = RunnerStats()
@@ -84,11 +97,12 @@ class ModelRunner:
         """Label-word logits [B, C]; autograd follows torch's mode (off in MeZO, on for Adam)."""
         self._count(batch)
         model = self.model
-        if self.cache is None or model.training:  # dropout makes the trunk random: nothing to reuse
-            return model(batch, self.label_word_ids)
-        start = self.cache.start_layer
-        hidden = self.cache.hidden_states(batch, lambda sub: model.trunk(sub, start))
-        return model(batch, self.label_word_ids, hidden=hidden, start_layer=start)
+        with self.autocast:
+            if self.cache is None or model.training:  # dropout makes the trunk random: nothing to reuse
+                return model(batch, self.label_word_ids).float()
+            start = self.cache.start_layer
+            hidden = self.cache.hidden_states(batch, lambda sub: model.trunk(sub, start))
+            return model(batch, self.label_word_ids, hidden=hidden, start_layer=start).float()
 
     def loss(self, batch: PackedBatch, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over the label words, LM-BFF's prompt-based objective."""
