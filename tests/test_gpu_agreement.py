@@ -39,3 +39,20 @@ def test_300_steps_gpu_vs_cpu(tmp_path, tiny_mlm_dir):
     first = difference[0].item()
     assert first < 5e-3 * losses["cpu"][0].item(), f"forward error {first} is beyond TF32/bf16 precision"
     assert difference.max().item() <= 5 * first + 1e-3, difference.max().item()
+
+
+def test_10000_perturb_restore_cycles_keep_the_master_weights():
+    # float32 master weights with the Triton sweeps: +eps z, then -eps z twice (each add
+    # rounded), then the fused restore with lr = 0. Exact except at binade crossings.
+    from zotune.optim.flat import FlatParameters
+    from zotune.optim.sweep import perturb, restore_and_update
+    torch.manual_seed(0)
+    weights = torch.nn.Parameter(torch.randn(1 << 20, device="cuda") * 0.05)
+    start = weights.detach().clone()
+    flat = FlatParameters([("w", weights)], set())
+    for seed in range(10_000):
+        perturb(flat, seed, 1e-3)
+        perturb(flat, seed, -1e-3, times=2)
+        restore_and_update(flat, seed, 1e-3, [(seed, 0.0)], 0.0, 0.0)
+    drift = ((flat.buffer - start).norm() / start.norm()).item()
+    assert drift < 1e-6, drift
