@@ -108,10 +108,11 @@ def main():
 
         # (b) and (c): zotune's engine on a random RoBERTa-large, in each GPU precision.
         zotune = {}
-        for precision in ("tf32", "bf16"):
+        for precision, graphs in (("tf32", False), ("tf32", True), ("bf16", True)):
             model = random_roberta_large()
             hf_state = {n: t.cpu() for n, t in to_hf_state(model.state_dict(), cfg, arch).items()}
-            runner = ModelRunner(model, prompt.label_word_ids, prompt.mask_id, torch.device("cuda"), precision)
+            runner = ModelRunner(model, prompt.label_word_ids, prompt.mask_id, torch.device("cuda"), precision,
+                                 cuda_graphs=graphs)
             packed = [(runner.pack(s), labels.cuda()) for s, labels in sample]
 
             def forward():
@@ -135,7 +136,7 @@ def main():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             step_ms = median_ms(zotune_step, args.steps)
-            zotune[precision] = (step_ms, torch.cuda.max_memory_allocated(), forward_ms, forward_peak)
+            zotune[f"{precision}{', CUDA graphs' if graphs else ', eager'}"] = (step_ms, torch.cuda.max_memory_allocated(), forward_ms, forward_peak)
             del model, runner, flat, packed
             torch.cuda.empty_cache()
 
@@ -157,7 +158,7 @@ def main():
             rows.append((f"k={k}", batch_size, tokens, reference, precision, ms, peak, fwd_ms, fwd_peak))
 
     print(f"\nMeZO step, RoBERTa-large (random weights), SST-2 seed-42 batches, on {device_name}")
-    print("| setting | batch | tokens (packed) | (a) reference ms | (a) +TF32 ms | (b) zotune precision | (b) ms "
+    print("| setting | batch | tokens (packed) | (a) reference ms | (a) +TF32 ms | (b) zotune mode | (b) ms "
           "| speed-up vs (a) | vs (a)+TF32 | (b) peak GiB | (c) forward ms | (c) peak GiB | memory (b)/(c) "
           "| (a) peak GiB | 100k steps (a) h | 100k steps (b) h |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -56,3 +56,17 @@ def test_10000_perturb_restore_cycles_keep_the_master_weights():
         restore_and_update(flat, seed, 1e-3, [(seed, 0.0)], 0.0, 0.0)
     drift = ((flat.buffer - start).norm() / start.norm()).item()
     assert drift < 1e-6, drift
+
+
+def test_cuda_graph_replays_match_eager_forward(tiny_mlm_dir):
+    from zotune.evaluate import build
+    eager = build(str(tiny_mlm_dir), "sst2", device="cuda", cuda_graphs=False)
+    graphed = build(str(tiny_mlm_dir), "sst2", device="cuda")
+    texts = [("a gorgeous , witty film ",), ("boring ",), ("it is neither good nor bad , just long ",)]
+    with torch.inference_mode():
+        for n in (1, 2, 3, 2):  # new shapes capture, repeated shapes replay
+            sequences = [eager.prompt.encode(t) for t in texts[:n]]
+            want = eager.runner.logits(eager.runner.pack(sequences))
+            got = graphed.runner.logits(graphed.runner.pack(sequences))
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)  # TF32 kernels may differ by shape
+    assert graphed.runner.graphs.captures == 3

@@ -55,6 +55,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--cache-spill", action="store_true", help="on a GPU, evict cache entries to host memory")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--precision", choices=["tf32", "bf16"], help="GPU matmul precision (weights stay float32)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="launch the forward kernel by kernel instead of replaying captured CUDA graphs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -55,6 +55,7 @@ class TrainConfig:
     cache_spill: bool = False           # on a GPU, evict to host memory instead of dropping
     device: str = "auto"
     precision: str = "tf32"             # on CUDA: tf32 matmuls on float32 weights, or bf16 autocast
+    cuda_graphs: bool = True            # on CUDA: replay captured forward passes (no launch overhead)
     quiet: bool = False
     overwrite: bool = False
 

@@ -43,14 +43,14 @@ def get_task(name: str) -> Task:
 
 def build(model: str, task_name: str, *, tokenizer: str | None = None, template: str | None = None,
           label_words: str | None = None, max_length: int | None = None, device: str = "auto",
-          precision: str = "tf32") -> Prompted:
+          precision: str = "tf32", cuda_graphs: bool = True) -> Prompted:
     task = get_task(task_name)
     model_dir = resolve_model_dir(model)
     tok = load_tokenizer(model_dir, tokenizer)
     words = parse_label_words(label_words, list(task.label_words)) if label_words else task.label_words
     prompt = PromptTemplate(tok, template or task.template, words, max_length or task.max_length)
     runner = ModelRunner(load_model(model_dir), prompt.label_word_ids, prompt.mask_id, resolve_device(device),
-                         precision)
+                         precision, cuda_graphs, tok.pad_token_id)
     return Prompted(task, prompt, runner)
 
 

@@ -59,7 +59,7 @@ def train(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
     prompted = build(cfg.model, cfg.task, tokenizer=cfg.tokenizer, template=cfg.template,
                      label_words=cfg.label_words, max_length=cfg.max_length, device=cfg.device,
-                     precision=cfg.precision)
+                     precision=cfg.precision, cuda_graphs=cfg.cuda_graphs)
     runner, device = prompted.runner, prompted.runner.device
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     splits = {s: load_split(prompted.task, data_dir, cfg.k, cfg.seed, s) for s in ("train", "dev", "test")}
@@ -136,7 +136,7 @@ def train(cfg: TrainConfig) -> dict:
         "trainable_parameters": sum(p.numel() for _, p in trainable),
         "steps": cfg.steps, "best_step": best["step"],
         "forward_passes": stats.forward_passes, "tokens_computed": stats.tokens_computed,
-        "padding_tokens_avoided": stats.padding_tokens_avoided,
+        "padding_tokens_avoided": stats.padding_tokens_avoided, "graph_filler_tokens": stats.graph_filler_tokens,
         "wall_time_s": time.perf_counter() - started, "train_time_s": train_time,
         "steps_per_s": cfg.steps / train_time if train_time > 0 else 0.0,
         "peak_memory_bytes": peak_memory_bytes(device), "device": _device_name(device),

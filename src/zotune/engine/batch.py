@@ -15,16 +15,14 @@ class PackedBatch:
     positions: torch.Tensor   # [T] int64, position-embedding index of each token
     cu_seqlens: torch.Tensor  # [B+1] int32, sequence b is tokens cu_seqlens[b]:cu_seqlens[b+1]
     mask_index: torch.Tensor  # [M] int64, index into T of each sequence's <mask> token
-    seq_lens: tuple[int, ...]  # host copy of the lengths: attention kernels need max_seqlen without a device sync
+    seq_lens: tuple[int, ...]  # host copy of the lengths, so nothing needs a device sync
     sequences: tuple[tuple[int, ...], ...]  # host copy of the tokens: the trunk cache's keys
+    max_seqlen: int            # an upper bound on seq_lens for the attention kernel (a CUDA graph
+                               # fixes it at capture; pack() gives the exact maximum)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.seq_lens)
-
-    @property
-    def max_seqlen(self) -> int:
-        return max(self.seq_lens)
 
     def to(self, device: torch.device | str) -> "PackedBatch":
         device = torch.device(device)
@@ -32,7 +30,7 @@ class PackedBatch:
         move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" \
             else (lambda t: t.to(device))  # noqa: E731
         return PackedBatch(move(self.input_ids), move(self.positions), move(self.cu_seqlens),
-                           move(self.mask_index), self.seq_lens, self.sequences)
+                           move(self.mask_index), self.seq_lens, self.sequences, self.max_seqlen)
 
 
 def pack(sequences: list[list[int]], mask_token_id: int | None, position_offset: int) -> PackedBatch:
@@ -58,4 +56,5 @@ def pack(sequences: list[list[int]], mask_token_id: int | None, position_offset:
         seq_of_mask = torch.searchsorted(cu_seqlens[1:].long(), mask_index, right=True)
         if not torch.equal(seq_of_mask, torch.arange(len(sequences))):
             raise ValueError("every packed sequence must contain exactly one <mask> token")
-    return PackedBatch(input_ids, positions, cu_seqlens, mask_index, seq_lens, tuple(map(tuple, sequences)))
+    return PackedBatch(input_ids, positions, cu_seqlens, mask_index, seq_lens, tuple(map(tuple, sequences)),
+                       max(seq_lens))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from zotune.engine.batch import PackedBatch, pack
 from zotune.engine.cache import CacheStats, TrunkCache
+from zotune.engine.graphs import GraphedForward
 from zotune.errors import UserError
 from zotune.model.roberta import MaskedLM
 
@@ -43,6 +44,7 @@ class RunnerStats:
     # Tokens a padded batch would add to reach its longest sequence: the least padding
     # any padded implementation computes (LM-BFF/MeZO pad further, to max_length).
     padding_tokens_avoided: int = 0
+    graph_filler_tokens: int = 0  # computed only to round a batch up to a CUDA-graph bucket
 
 
 PRECISIONS = ("tf32", "bf16")
@@ -54,7 +56,7 @@ class ModelRunner:
     weights stay float32, so MeZO's tiny updates are not rounded away."""
 
     def __init__(self, model: MaskedLM, label_word_ids: list[int], mask_token_id: int, device: torch.device,
-                 precision: str = "tf32"):
+                 precision: str = "tf32", cuda_graphs: bool = True, pad_token_id: int = 1):
         if precision not in PRECISIONS:
             raise UserError(f"unknown --precision {precision!r}; use {' or '.join(PRECISIONS)}")
         self.model = model.to(device)
@@ -69,6 +71,8 @@ class ModelRunner:
         self.cache_status = "off: no cache was requested"
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on float32 master weights
+        self.graphs = GraphedForward(self.model, self.label_word_ids, pad_token_id, self.autocast) \
+            if device.type == "cuda" and cuda_graphs else None
 
     def enable_cache(self, trainable_names: list[str], budget_bytes: int, spill_to_host: bool = False) -> None:
         """Cache the hidden states below the lowest perturbed layer, where one exists."""
@@ -97,11 +101,19 @@ class ModelRunner:
         """Label-word logits [B, C]; autograd follows torch's mode (off in MeZO, on for Adam)."""
         self._count(batch)
         model = self.model
-        with self.autocast:
-            if self.cache is None or model.training:  # dropout makes the trunk random: nothing to reuse
-                return model(batch, self.label_word_ids).float()
+        # Dropout makes the trunk random (nothing to reuse) and autograd needs eager execution.
+        inference = not model.training and not torch.is_grad_enabled()
+        hidden, start = None, 0
+        if self.cache is not None and inference:
             start = self.cache.start_layer
-            hidden = self.cache.hidden_states(batch, lambda sub: model.trunk(sub, start))
+            with self.autocast:
+                hidden = self.cache.hidden_states(batch, lambda sub: model.trunk(sub, start))
+        if self.graphs is not None and inference:
+            filler = self.graphs.padded_tokens(batch.num_tokens) - batch.num_tokens
+            self.stats.graph_filler_tokens += filler
+            self.stats.tokens_computed += filler
+            return self.graphs(batch, hidden, start).clone()  # the graph's buffer is reused by its next replay
+        with self.autocast:
             return model(batch, self.label_word_ids, hidden=hidden, start_layer=start).float()
 
     def loss(self, batch: PackedBatch, labels: torch.Tensor) -> torch.Tensor:
@@ -115,4 +127,4 @@ class ModelRunner:
     def _count(self, batch: PackedBatch) -> None:
         self.stats.forward_passes += 1
         self.stats.tokens_computed += batch.num_tokens
-        self.stats.padding_tokens_avoided += len(batch.seq_lens) * batch.max_seqlen - batch.num_tokens
+        self.stats.padding_tokens_avoided += len(batch.seq_lens) * max(batch.seq_lens) - batch.num_tokens
