@@ -62,6 +62,8 @@ class TrunkCache:
         self.host: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self.version = self._frozen_version()
         self.stats = CacheStats()
+        self._moves = 0      # stores + evictions + clears: a gather index made before one may be stale
+        self._memo = None    # (batch key, self._moves when made, gather index) of the last batch
 
     def _frozen_version(self) -> tuple:
         # _version counts in-place writes; data_ptr changes when a tensor is rebound.
@@ -78,7 +80,8 @@ class TrunkCache:
         keys = batch.sequences
         self.stats.lookups += len(keys)
         missing = [b for b, key in enumerate(keys) if key not in self.entries and key not in self.host]
-        hit = [b for b in range(len(keys)) if b not in set(missing)]
+        missing_set = set(missing)
+        hit = [b for b in range(len(keys)) if b not in missing_set]
         self.stats.hits += len(hit)
         for b in hit:
             self.stats.tokens_reused += len(keys[b])
@@ -89,22 +92,36 @@ class TrunkCache:
             self.entries.move_to_end(keys[b])
 
         out = torch.empty(batch.num_tokens, self.hidden_size, device=self.device, dtype=self.dtype)  # [T, E]
-        starts = [0, *accumulate(batch.seq_lens)]
-        rows_of = lambda seqs: torch.tensor(  # noqa: E731  rows of `out` holding these sequences
-            [starts[b] + i for b in seqs for i in range(batch.seq_lens[b])], device=self.device)
         if missing:
             sub = pack([list(keys[b]) for b in missing], None, self.position_offset).to(self.device)
             computed = trunk(sub)                                                   # [T_missing, E]
-            out[rows_of(missing)] = computed
+            out[self._rows(batch, missing)] = computed
             for key, rows in zip(sub.sequences, computed.split(sub.seq_lens)):
                 self._store(key, rows)
-        # Hits (and misses stored just now are not re-read: `computed` already filled them).
+        # Hits are gathered from the pool in one index_select (misses stored just now are not
+        # re-read: `computed` already filled them).
         stored = [b for b in hit if keys[b] in self.entries]
         if stored:
-            out[rows_of(stored)] = self.pool.view(-1, self.hidden_size)[self._pool_rows([keys[b] for b in stored])]
+            rows, pool_rows = self._gather_index(batch, stored)
+            out[rows] = self.pool.view(-1, self.hidden_size)[pool_rows]
         self.stats.bytes_held = (self.used_blocks() * self.block_bytes
                                  + sum(t.numel() * t.element_size() for t in self.host.values()))
         return out
+
+    def _rows(self, batch: PackedBatch, seqs: list[int]) -> torch.Tensor:
+        """Rows of the packed batch holding sequences `seqs`."""
+        starts = [0, *accumulate(batch.seq_lens)]
+        return torch.tensor([starts[b] + i for b in seqs for i in range(batch.seq_lens[b])], device=self.device)
+
+    def _gather_index(self, batch: PackedBatch, seqs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch rows, pool rows) of the hits. MeZO looks the same batch up twice per step (and
+        at k=16 at every step), so the index is kept on the device per batch; it is rebuilt
+        whenever an entry may have moved (a store or an eviction since it was made)."""
+        memo_key = (batch.sequences, tuple(seqs))
+        if self._memo is None or self._memo[0] != memo_key or self._memo[1] != self._moves:
+            index = (self._rows(batch, seqs), self._pool_rows([batch.sequences[b] for b in seqs]))
+            self._memo = (memo_key, self._moves, index)
+        return self._memo[2]
 
     def _pool_rows(self, keys) -> torch.Tensor:
         rows = []
@@ -125,6 +142,7 @@ class TrunkCache:
                 self._grow(need)
             else:
                 self._evict_lru(exclude=key)
+        self._moves += 1
         blocks = [self.free.pop() for _ in range(need)]
         index = self._block_rows(blocks, len(key))
         self.pool.view(-1, self.hidden_size)[index] = rows
@@ -144,12 +162,14 @@ class TrunkCache:
     def _evict_lru(self, exclude) -> None:
         key, blocks = next((k, v) for k, v in self.entries.items() if k != exclude)
         del self.entries[key]
+        self._moves += 1
         if self.spill_to_host:
             self.host[key] = self.pool.view(-1, self.hidden_size)[self._block_rows(blocks, len(key))].cpu()
         self.free += blocks
         self.stats.evictions += 1
 
     def clear(self) -> None:
+        self._moves += 1
         self.free += [b for blocks in self.entries.values() for b in blocks]
         self.entries.clear()
         self.host.clear()

@@ -37,14 +37,24 @@ class GraphedForward:
         self.model, self.label_word_ids, self.autocast = model, label_word_ids, autocast
         self.pad_token_id = pad_token_id
         self.graphs: dict[tuple, _Graph] = {}
+        self.weights = self._weight_addresses()
         self.pool = torch.cuda.graph_pool_handle()  # all graphs share one memory pool
         self.captures = 0
+
+    def _weight_addresses(self) -> tuple[int, ...]:
+        return tuple(p.data_ptr() for p in self.model.parameters())
 
     @staticmethod
     def padded_tokens(num_tokens: int) -> int:
         return (num_tokens // BUCKET + 1) * BUCKET
 
     def __call__(self, batch: PackedBatch, hidden: torch.Tensor | None = None, start_layer: int = 0) -> torch.Tensor:
+        # A graph reads the weights at the addresses they had at capture. If any tensor was
+        # rebound since (FlatParameters, LoRA attached, .to()), every graph is stale.
+        weights = self._weight_addresses()
+        if weights != self.weights:
+            self.graphs.clear()
+            self.weights = weights
         num_tokens, num_seqs = batch.num_tokens, len(batch.seq_lens)
         padded = self.padded_tokens(num_tokens)
         filler = padded - num_tokens
