@@ -54,6 +54,7 @@ class GraphedForward:
         weights = self._weight_addresses()
         if weights != self.weights:
             self.graphs.clear()
+            self.pool = torch.cuda.graph_pool_handle()  # a fresh pool: the old one dies with its graphs
             self.weights = weights
         num_tokens, num_seqs = batch.num_tokens, len(batch.seq_lens)
         padded = self.padded_tokens(num_tokens)
