@@ -114,8 +114,7 @@ def _perturb_triton(buf: torch.Tensor, seed: int, scale: float, times: int):
 
 def _restore_and_update_triton(buf, n_decay, restore_seed, eps, seeds, coefs, decay):
     n = buf.numel()
-    # From pinned memory the copy is asynchronous; from pageable memory CUDA may first wait for the stream.
-    seeds = torch.tensor(seeds, dtype=torch.int64).pin_memory().to(buf.device, non_blocking=True)
+    seeds = torch.tensor(seeds, dtype=torch.int64).to(buf.device, non_blocking=True)
     _restore_and_update_kernel[(triton.cdiv(n, BLOCK),)](
         buf, n, n_decay, restore_seed, eps, decay, seeds, coefs, N_UPDATES=len(seeds), BLOCK=BLOCK, enable_fp_fusion=False
     )

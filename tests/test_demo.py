@@ -1,0 +1,18 @@
+"""`zotune train` with no arguments: the shipped model, SST-2 k=16, above zero-shot on dev and test."""
+
+import json
+
+from zotune.cli import main
+
+
+def test_demo_beats_zero_shot(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the demo writes runs/demo under the working directory
+    assert main(["train"]) == 0
+    summary = json.loads((tmp_path / "runs" / "demo" / "summary.json").read_text())
+    zero_shot = {}
+    for split in ("dev", "test"):
+        assert main(["eval", "--split", split, "--device", "cpu", "--output", str(tmp_path / f"{split}.json")]) == 0
+        zero_shot[split] = json.loads((tmp_path / f"{split}.json").read_text())["accuracy"]
+    assert summary["dev_accuracy"] > zero_shot["dev"]
+    assert summary["test_accuracy"] > zero_shot["test"]
+    assert summary["wall_time_s"] < 180
