@@ -25,7 +25,7 @@ SEEDS = (13, 21, 42, 87, 100)
 # name -> TrainConfig overrides (steps, lr, eps, batch size as used for every k)
 METHODS = {
     "MeZO (full)": dict(optimizer="mezo", trainable="full", lr=1e-5, eps=1e-3, steps=2000, eval_steps=250),
-    "MeZO (LoRA)": dict(optimizer="mezo", trainable="lora", lr=1e-2, eps=1e-2, steps=2000, eval_steps=250),
+    "MeZO (LoRA)": dict(optimizer="mezo", trainable="lora", lr=2e-2, eps=1e-2, steps=2000, eval_steps=250),
     "Adam (full)": dict(optimizer="adam", trainable="full", lr=1e-4, steps=1000, eval_steps=100, batch_size=8),
 }
 
@@ -35,6 +35,7 @@ def main():
     parser.add_argument("--model", default="models/zotune-roberta-small")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--ks", default="16,512")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
     parser.add_argument("--output", default="runs/fewshot_table.json")
     parser.add_argument("--runs-dir", default="runs/fewshot")
     args = parser.parse_args()
@@ -48,6 +49,8 @@ def main():
             acc = accuracy(predict(zero.runner, encode(zero.prompt, test), 64), test)
             results.setdefault("zero-shot", {}).setdefault(k, []).append(acc)
             for name, overrides in METHODS.items():
+                if name not in args.methods.split(","):
+                    continue
                 options = dict(model=args.model, task="sst2", k=k, seed=seed, device=args.device, quiet=True,
                                overwrite=True, batch_size=32 if k == 16 else 64,
                                output_dir=f"{args.runs_dir}/{name.split()[0]}-{overrides['trainable']}-{k}-{seed}")
