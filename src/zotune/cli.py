@@ -14,7 +14,7 @@ from zotune.errors import UserError
 # `zotune train` with no arguments: a short demonstration on 2 CPU cores with the
 # project's own pretrained model (models/zotune-roberta-small) and SST-2 k=16, seed 42.
 # LoRA keeps each sweep tiny on a CPU; lr and eps were chosen on this split's dev set.
-DEMO = dict(task="sst2", k=16, seed=42, trainable="lora", steps=300, lr=2e-2, eps=1e-2,
+DEMO = dict(task="sst2", k=16, seed=42, trainable="lora", steps=300, lr=1e-2, eps=1e-2,
             batch_size=32, eval_steps=50, device="cpu", output_dir="runs/demo", overwrite=True)
 
 
@@ -59,6 +59,18 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="launch the forward kernel by kernel instead of replaying captured CUDA graphs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--log-every", type=int, help="fsync RUN/trajectory.jsonl every N steps (default 100)")
+    p.add_argument("--snapshot-every", type=int, help="snapshot the trainable tensors every N steps (default 1000)")
+    p.add_argument("--max-bad-steps", type=int, help="abort after N NaN/Inf-loss steps in a row (default 10)")
+    p.add_argument("--resume", metavar="RUN", help="continue the MeZO run in RUN (its config.json); no other flags")
+    return p
+
+
+def _replay_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("replay", help="rebuild a MeZO run's trainable tensors from the base model and its trajectory log")
+    p.add_argument("run", help="run directory holding trajectory.jsonl")
+    p.add_argument("--output", required=True, help="directory for trainable.safetensors")
+    p.add_argument("--model", help="the base checkpoint, if it moved (its sha256 must match the log's)")
     return p
 
 
@@ -82,6 +94,59 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _export_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", help="write a run's fine-tuned model as a Hugging Face checkpoint or PEFT adapter")
+    p.add_argument("run", help="run directory (a zotune train --output-dir)")
+    p.add_argument("--output", required=True, help="new directory to write")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="LoRA runs: fold the update into the weights and write a full checkpoint, not an adapter")
+    return p
+
+
+def _predict_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("predict", help="print label-word probabilities for sentences")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: models/zotune-roberta-small)")
+    p.add_argument("--tokenizer")
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--text", action="append", required=True,
+                   help="a sentence (repeat for more); for two-sentence tasks separate them with a tab")
+    p.add_argument("--template")
+    p.add_argument("--label-words")
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def _plot_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("plot", help="draw a run's loss, projected gradient and dev accuracy (PNG)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--output", help="PNG file (default: RUN/run.png)")
+    return p
+
+
+def _sweep_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("sweep", help="a grid of runs (seeds x lrs x subsets), one table with mean (std) per cell",
+                       epilog="Any other flag is passed to every `zotune train` run, e.g. --task sst2 --k 16 --steps 1000.")
+    p.add_argument("--output-dir", required=True, help="one folder per run inside, plus results.md and results.json")
+    p.add_argument("--seeds", default="13,21,42,87,100", help="data seeds (default: LM-BFF's five)")
+    p.add_argument("--lrs", required=True, help="comma-separated learning rates, e.g. 1e-6,1e-7")
+    p.add_argument("--trainable", default="full", help="comma-separated subsets, e.g. full,lora,top:4")
+    p.add_argument("--devices", default="auto", help="auto (every GPU, else the CPU), cpu, or GPU indices 0,1")
+    return p
+
+
+def _run_sweep(args, train_args: list[str]) -> None:
+    from zotune.grid import local_devices, run_grid
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        lrs = [float(lr) for lr in args.lrs.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds!r} / --lrs {args.lrs!r}: give comma-separated numbers") from None
+    result = run_grid(Path(args.output_dir), seeds, lrs, args.trainable.split(","), train_args,
+                      local_devices(args.devices))
+    print(result["table"])
+
+
 def _train_config(args: argparse.Namespace, given: list[str]) -> TrainConfig:
     values = dict(DEMO) if not given else {}
     options = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
@@ -101,8 +166,26 @@ def _train_config(args: argparse.Namespace, given: list[str]) -> TrainConfig:
 
 def _run_train(args, given) -> None:
     from zotune.train import train
-    summary = train(_train_config(args, given))
+    if "resume" in vars(args):
+        # The run's own config.json is the whole configuration: a flag could only diverge from it.
+        extra = sorted(set(vars(args)) - {"command", "resume"})
+        if extra:
+            raise UserError(f"--resume takes the config from {args.resume}/config.json; drop --"
+                            f"{', --'.join(e.replace('_', '-') for e in extra)}")
+        path = Path(args.resume) / "config.json"
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read {path}: {exc}; --resume needs a run directory written by zotune train") from None
+        summary = train(TrainConfig.from_dict({**values, "output_dir": args.resume}), resume=True)
+    else:
+        summary = train(_train_config(args, given))
     print(json.dumps(summary, indent=2))
+
+
+def _run_replay(args) -> None:
+    from zotune.trajectory import replay_run
+    print(json.dumps(replay_run(Path(args.run), Path(args.output), args.model), indent=2))
 
 
 def _run_eval(args) -> None:
@@ -127,18 +210,62 @@ def _run_eval(args) -> None:
     print(json.dumps(result))
 
 
+def _run_export(args) -> None:
+    from zotune.export import export
+    kind = export(args.run, args.output, merge_lora=args.merge_lora)
+    print(f"wrote a {'PEFT LoRA adapter' if kind == 'peft' else 'Hugging Face checkpoint'} to {args.output}")
+
+
+def _run_predict(args) -> None:
+    import torch
+    from zotune.config import DEFAULT_MODEL
+    from zotune.evaluate import build, predict
+    prompted = build(args.model or str(DEFAULT_MODEL), args.task, tokenizer=args.tokenizer,
+                     template=args.template, label_words=args.label_words, max_length=args.max_length,
+                     device=args.device)
+    sentences = [tuple(text.split("\t")) for text in args.text]
+    probs = torch.softmax(predict(prompted.runner, [prompted.prompt.encode(s) for s in sentences], 64), -1)  # [N, C]
+    words = prompted.prompt.tokenizer.convert_ids_to_tokens(prompted.prompt.label_word_ids)
+    words = [prompted.prompt.tokenizer.convert_tokens_to_string([w]).strip() for w in words]
+    for row in probs.tolist():
+        scores = "  ".join(f"{w} {p:.2f}" for w, p in zip(words, row))
+        print(f"{scores}  -> {words[max(range(len(row)), key=row.__getitem__)]}")
+
+
+def _run_plot(args) -> None:
+    from zotune.plot import plot_run
+    print(f"wrote {plot_run(args.run, args.output)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="zotune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _eval_parser(sub)
-    args = parser.parse_args(argv)
+    _replay_parser(sub)
+    _export_parser(sub)
+    _predict_parser(sub)
+    _plot_parser(sub)
+    _sweep_parser(sub)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "sweep":  # only a sweep forwards flags (to its runs)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "train":
             _run_train(args, argv[1:])
         elif args.command == "eval":
             _run_eval(args)
+        elif args.command == "replay":
+            _run_replay(args)
+        elif args.command == "export":
+            _run_export(args)
+        elif args.command == "predict":
+            _run_predict(args)
+        elif args.command == "plot":
+            _run_plot(args)
+        elif args.command == "sweep":
+            _run_sweep(args, extra)
     except UserError as exc:
         print(f"zotune: error: {exc}", file=sys.stderr)
         return 2

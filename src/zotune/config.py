@@ -46,6 +46,9 @@ class TrainConfig:
     n_spsa: int = 1                     # directions per step, averaged
     eval_steps: int | None = None
     log_steps: int = 10
+    log_every: int = 100                # fsync RUN/trajectory.jsonl at least this often (steps)
+    snapshot_every: int = 1000          # atomic RUN/snapshot.safetensors of the trainable tensors, for --resume
+    max_bad_steps: int = 10             # abort after this many NaN/Inf-loss steps in a row
     eval_batch_size: int = 64
     template: str | None = None         # LM-BFF syntax, e.g. *cls**sent_0*_It_was*mask*.*sep+*
     label_words: str | None = None      # "terrible,great" or a JSON mapping label -> word
@@ -75,6 +78,9 @@ class TrainConfig:
             (self.n_spsa >= 1, f"--n-spsa {self.n_spsa} must be at least 1"),
             (self.eval_steps >= 1, f"--eval-steps {self.eval_steps} must be at least 1"),
             (self.log_steps >= 1, f"--log-steps {self.log_steps} must be at least 1"),
+            (self.log_every >= 1, f"--log-every {self.log_every} must be at least 1"),
+            (self.snapshot_every >= 1, f"--snapshot-every {self.snapshot_every} must be at least 1"),
+            (self.max_bad_steps >= 1, f"--max-bad-steps {self.max_bad_steps} must be at least 1"),
             (self.k >= 1, f"--k {self.k} must be at least 1"),
             (self.schedule in ("constant", "linear"), f"unknown --schedule {self.schedule!r}; use constant or linear"),
         ]

@@ -7,6 +7,7 @@ a clock around the work, memory from the CUDA allocator or the OS.
 """
 
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from zotune import trajectory
 from zotune.config import TrainConfig
 from zotune.errors import UserError
 from zotune.evaluate import accuracy, build, encode, predict
@@ -47,25 +49,51 @@ def peak_memory_bytes(device: torch.device) -> int:
 def _prepare_run_dir(cfg: TrainConfig) -> Path:
     run_dir = Path(cfg.output_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
-        raise UserError(f"output directory {run_dir} already holds a run; pass --overwrite or another --output-dir")
+        raise UserError(f"output directory {run_dir} already holds a run; pass --overwrite, another --output-dir, "
+                        f"or --resume {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "summary.json", "best.safetensors"):
+    for stale in ("metrics.jsonl", "summary.json", "best.safetensors", "final.safetensors",
+                  trajectory.LOG_NAME, trajectory.SNAPSHOT_NAME):
         (run_dir / stale).unlink(missing_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return run_dir
 
 
-def train(cfg: TrainConfig) -> dict:
+def _load_split(task, data_dir: Path, k: int, seed: int, split: str):
+    """load_split, with the k-shot folders that do exist named when --k/--seed has none."""
+    root = data_dir / task.data_dir / "k-shot-1k-test"
+    if root.is_dir() and not (root / f"{k}-{seed}").is_dir():
+        have = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise UserError(f"no file for --k {k} --seed {seed}: {root} has no folder {k}-{seed}; "
+                        f"k-seed folders there: {', '.join(have) or 'none'}")
+    return load_split(task, data_dir, k, seed, split)
+
+
+def _save_atomic(tensors: dict, path: Path):
+    save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """A fresh run into cfg.output_dir, or (resume=True) the continuation of the MeZO run
+    there: its weights are rebuilt from the snapshot and the trajectory log, and the loop goes
+    on from the last logged step, so the run ends bit-identical to an uninterrupted one."""
     started = time.perf_counter()
+    if resume and cfg.optimizer != "mezo":
+        raise UserError("--resume continues MeZO runs only (an Adam run keeps no trajectory log); start it again")
     prompted = build(cfg.model, cfg.task, tokenizer=cfg.tokenizer, template=cfg.template,
                      label_words=cfg.label_words, max_length=cfg.max_length, device=cfg.device,
                      precision=cfg.precision, cuda_graphs=cfg.cuda_graphs)
     runner, device = prompted.runner, prompted.runner.device
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
-    splits = {s: load_split(prompted.task, data_dir, cfg.k, cfg.seed, s) for s in ("train", "dev", "test")}
+    splits = {s: _load_split(prompted.task, data_dir, cfg.k, cfg.seed, s) for s in ("train", "dev", "test")}
     sequences = {s: encode(prompted.prompt, examples) for s, examples in splits.items()}
     train_labels = torch.tensor([e.label for e in splits["train"]], device=device)
-    run_dir = _prepare_run_dir(cfg)
+    if resume:
+        run_dir = Path(cfg.output_dir)
+        logged_header, records = trajectory.read_log(run_dir)  # fails before anything is written
+    else:
+        run_dir = _prepare_run_dir(cfg)
 
     trainable = select_trainable(runner.model, cfg.trainable, SubsetOptions(
         cfg.lora_rank, cfg.lora_alpha, cfg.num_prefix, cfg.layers, cfg.seed))
@@ -73,55 +101,116 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.cache:
         runner.enable_cache([name for name, _ in trainable], cfg.cache_budget_bytes, cfg.cache_spill)
     decay_exempt = (lambda name, p: False) if cfg.decay_all else (lambda name, p: no_weight_decay(name))
+    log = None
     if cfg.optimizer == "mezo":
         flat = FlatParameters(trainable, decay_exempt)
         step_fn = _mezo_stepper(cfg, runner, flat)
+        header = trajectory.make_header(cfg.to_dict(), trajectory.model_sha256(cfg.model), flat)
+        if resume:
+            trajectory.check_header(logged_header, header, run_dir)
+            records = records[:cfg.steps]
+            with torch.inference_mode():
+                trajectory.restore(flat, run_dir, records, cfg.eps, cfg.weight_decay)
+            trajectory.rewrite_log(run_dir, logged_header, records)  # drops a torn last line
+            log = trajectory.TrajectoryWriter(run_dir / trajectory.LOG_NAME)
+            for record in records:
+                log.count(record)
+        else:
+            log = trajectory.TrajectoryWriter(run_dir / trajectory.LOG_NAME, header)
     else:
         step_fn = _adam_stepper(cfg, runner, trainable, decay_exempt)
 
     best = {"dev_accuracy": -1.0, "step": None}
+    first_step, kept = 0, []
+    if resume:
+        first_step = len(records)
+        if first_step == cfg.steps and (run_dir / "summary.json").is_file():
+            log.file.close()
+            return json.loads((run_dir / "summary.json").read_text())  # a finished run: nothing to do
+        kept = _kept_metrics(run_dir, first_step, best)
 
     def evaluate_dev(step: int) -> float:
         dev_acc = accuracy(predict(runner, sequences["dev"], cfg.eval_batch_size), splits["dev"])
         if dev_acc > best["dev_accuracy"]:  # strictly better, as MeZO's trainer keeps the earliest best
             best.update(dev_accuracy=dev_acc, step=step)
-            save_file({n: p.detach().cpu().contiguous() for n, p in trainable}, run_dir / "best.safetensors.tmp")
-            (run_dir / "best.safetensors.tmp").replace(run_dir / "best.safetensors")
+            _save_atomic(dict(trainable), run_dir / "best.safetensors")
         return dev_acc
 
+    # Metrics average over the steps since the last logged line. A resumed run rebuilds that
+    # window's sums from the log, adding the same float32 values in the same order.
+    loss_sum, grad_sum, logged_from = None, None, (kept[-1]["step"] if kept else 0)
+    for record in records[logged_from:first_step] if resume else []:
+        loss = trajectory.from_hex([record["loss"]])[0].to(device)
+        grad = trajectory.from_hex(record["grads"]).to(device).mean()
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+        grad_sum = grad if grad_sum is None else grad_sum + grad
+
     train_time = 0.0
-    loss_sum, grad_sum, logged_from = None, None, 0
-    progress = tqdm(total=cfg.steps, disable=cfg.quiet, desc=f"{cfg.optimizer} {cfg.task}", unit="step")
-    with open(run_dir / "metrics.jsonl", "w") as metrics:
-        for step in range(cfg.steps):
+    progress = tqdm(total=cfg.steps, initial=first_step, disable=cfg.quiet, desc=f"{cfg.optimizer} {cfg.task}",
+                    unit="step")
+    metrics = open(run_dir / "metrics.jsonl", "w")
+    metrics.write("".join(json.dumps(r) + "\n" for r in kept))  # no gap, no duplicate after a resume
+
+    def log_point(done: int, lr: float):
+        """Write the metrics line of step `done` (and evaluate on dev at eval steps)."""
+        nonlocal loss_sum, grad_sum, logged_from
+        if log is not None:
+            log.write()  # the log leads: best.safetensors and metrics never get ahead of it
+        record = {"step": done, "loss": loss_sum.item() / (done - logged_from),
+                  "projected_grad": grad_sum.item() / (done - logged_from) if grad_sum is not None else None,
+                  "lr": lr}
+        loss_sum, grad_sum, logged_from = None, None, done
+        if done % cfg.eval_steps == 0 or done == cfg.steps:
+            record["dev_accuracy"] = evaluate_dev(done)
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        postfix = {"loss": f"{record['loss']:.4f}", "dev": f"{best['dev_accuracy']:.3f}"}
+        if runner.cache is not None:
+            postfix["cache_hits"] = f"{runner.cache.stats.report()['hit_rate']:.1%}"
+        progress.set_postfix(postfix)
+        if log is not None and log.bad_streak >= cfg.max_bad_steps:
+            raise UserError(f"{log.bad_streak} bad steps in a row (NaN or Inf loss) up to step {done}; "
+                            f"progress is kept in {run_dir} (best.safetensors, trajectory.jsonl); "
+                            f"lower --lr or --eps, or raise --max-bad-steps")
+
+    def is_log_point(done: int) -> bool:
+        return done % cfg.log_steps == 0 or done % cfg.eval_steps == 0 or done == cfg.steps
+
+    try:
+        if first_step > logged_from and is_log_point(first_step):  # killed between the log and its metrics line
+            log_point(first_step, records[first_step - 1]["lr"])
+        for step in range(first_step, cfg.steps):
             t0 = time.perf_counter()
             index = batch_indices(len(sequences["train"]), cfg.batch_size, cfg.seed, step)
             batch = runner.pack([sequences["train"][i] for i in index])
             lr = SCHEDULES[cfg.schedule](step, cfg.lr, cfg.steps)
-            loss, grad = step_fn(step, batch, train_labels[index], lr)
+            loss, grad, logged = step_fn(step, batch, train_labels[index], lr)
+            done = step + 1
+            if log is not None:
+                seeds, projected_grads = logged
+                log.add(done, seeds, lr, projected_grads, loss)
             loss_sum = loss if loss_sum is None else loss_sum + loss   # stays on the device until logged
             if grad is not None:
                 grad_sum = grad if grad_sum is None else grad_sum + grad
             train_time += time.perf_counter() - t0
-            done = step + 1
-            is_eval = done % cfg.eval_steps == 0 or done == cfg.steps
-            if done % cfg.log_steps == 0 or is_eval:
-                record = {"step": done, "loss": loss_sum.item() / (done - logged_from),
-                          "projected_grad": grad_sum.item() / (done - logged_from) if grad_sum is not None else None,
-                          "lr": lr}
-                loss_sum, grad_sum, logged_from = None, None, done
-                if is_eval:
-                    record["dev_accuracy"] = evaluate_dev(done)
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                postfix = {"loss": f"{record['loss']:.4f}", "dev": f"{best['dev_accuracy']:.3f}"}
-                if runner.cache is not None:
-                    postfix["cache_hits"] = f"{runner.cache.stats.report()['hit_rate']:.1%}"
-                progress.set_postfix(postfix)
+            if is_log_point(done):
+                log_point(done, lr)
+            if log is not None and done % cfg.log_every == 0:
+                log.sync()
+                os.fsync(metrics.fileno())
+            if log is not None and done % cfg.snapshot_every == 0 and done < cfg.steps:
+                log.write()  # a snapshot never gets ahead of the log
+                trajectory.write_snapshot(run_dir, flat, done)
             progress.update(1)
-    progress.close()
+    finally:  # every exit path, Ctrl-C and errors included: what was computed reaches the disk
+        metrics.close()
+        if log is not None:
+            log.close()
+        progress.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if log is not None:
+        _save_atomic(flat.state_dict(), run_dir / "final.safetensors")  # what `zotune replay` rebuilds
 
     if best["step"] is not None:  # test with the best-dev weights
         state = load_file(run_dir / "best.safetensors")
@@ -131,14 +220,16 @@ def train(cfg: TrainConfig) -> dict:
     dev_acc = accuracy(predict(runner, sequences["dev"], cfg.eval_batch_size), splits["dev"])
     test_acc = accuracy(predict(runner, sequences["test"], cfg.eval_batch_size), splits["test"])
     stats = runner.stats
+    run_steps = cfg.steps - first_step
     summary = {
         "task": cfg.task, "k": cfg.k, "seed": cfg.seed, "optimizer": cfg.optimizer, "trainable": cfg.trainable,
         "trainable_parameters": sum(p.numel() for _, p in trainable),
-        "steps": cfg.steps, "best_step": best["step"],
+        "steps": cfg.steps, "best_step": best["step"], "resumed_from_step": first_step if resume else None,
+        "bad_steps": log.bad_total if log is not None else 0,
         "forward_passes": stats.forward_passes, "tokens_computed": stats.tokens_computed,
         "padding_tokens_avoided": stats.padding_tokens_avoided, "graph_filler_tokens": stats.graph_filler_tokens,
         "wall_time_s": time.perf_counter() - started, "train_time_s": train_time,
-        "steps_per_s": cfg.steps / train_time if train_time > 0 else 0.0,
+        "steps_per_s": run_steps / train_time if train_time > 0 else 0.0,
         "peak_memory_bytes": peak_memory_bytes(device), "device": _device_name(device),
         "dev_accuracy": dev_acc, "test_accuracy": test_acc,
         "cache": runner.cache_stats(),
@@ -146,6 +237,18 @@ def train(cfg: TrainConfig) -> dict:
     (run_dir / "summary.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir / "summary.json.tmp").replace(run_dir / "summary.json")
     return summary
+
+
+def _kept_metrics(run_dir: Path, last_step: int, best: dict) -> list[dict]:
+    """metrics.jsonl lines up to the resumed step (a torn last line dropped), and the best dev
+    evaluation among them, so best-dev selection goes on as if the run had never stopped."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.is_file() else []
+    kept = [r for r in map(json.loads, lines) if r["step"] <= last_step]
+    for r in kept:
+        if r.get("dev_accuracy") is not None and r["dev_accuracy"] > best["dev_accuracy"]:
+            best.update(dev_accuracy=r["dev_accuracy"], step=r["step"])
+    return kept
 
 
 def _device_name(device: torch.device) -> str:
@@ -157,7 +260,7 @@ def _mezo_stepper(cfg, runner, flat):
     def step_fn(step, batch, labels, lr):
         seeds = [direction_seed(cfg.seed, step, j) for j in range(cfg.n_spsa)]
         result = mezo_step(flat, lambda: runner.loss(batch, labels), seeds, cfg.eps, lr, cfg.weight_decay)
-        return result.loss, result.projected_grads.mean()
+        return result.loss, result.projected_grads.mean(), (seeds, result.projected_grads)  # the last for the log
     return step_fn
 
 
@@ -178,5 +281,5 @@ def _adam_stepper(cfg, runner, trainable, decay_exempt):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.eval()
-        return loss.detach(), None
+        return loss.detach(), None, None
     return step_fn

@@ -5,6 +5,12 @@ For each of n directions z_j (regenerated from seed_j, never stored):
     θ − εz_j      -> L−            g_j = (L+ − L−) / 2ε
 The last restore is fused with the update, θ ← θ + εz_n − lr·(Σ g_j z_j / n + wd·θ),
 so one direction costs 3 sweeps over the parameters, not 4.
+
+A step whose loss is NaN or Inf (any L+ or L−) is skipped: the sweeps still run, but every
+update coefficient is zero, so the last sweep only restores θ (issue 7). The choice is made
+on the device with torch.where, so a step still never waits for the host. `replay_step`
+repeats a logged step's sweeps without the forward passes: perturb/restore is not exactly the
+identity in float32, so an exact replay must round exactly as the original step did.
 """
 
 from collections.abc import Callable
@@ -21,6 +27,7 @@ from zotune.optim.sweep import perturb, restore_and_update
 class StepResult:
     loss: torch.Tensor               # mean of L+ and L− over the directions (0-dim, on the device)
     projected_grads: torch.Tensor    # [n] g_j, kept on the device: no host sync inside a step
+    finite: torch.Tensor             # 0-dim bool: False when the step was skipped (non-finite loss)
 
 
 def direction_seed(run_seed: int, step: int, direction: int) -> int:
@@ -42,6 +49,32 @@ def mezo_step(flat: FlatParameters, loss_fn: Callable[[], torch.Tensor], seeds: 
         losses += [loss_plus, loss_minus]
         if j < len(seeds) - 1:
             perturb(flat, seed, eps)                   # back to θ; the update waits for all n directions
+    grads = torch.stack(grads)
+    finite = update(flat, seeds, grads, eps, lr, weight_decay)
+    return StepResult(torch.stack(losses).mean(), grads, finite)
+
+
+def replay_step(flat: FlatParameters, seeds: list[int], grads: torch.Tensor, eps: float, lr: float,
+                weight_decay: float) -> None:
+    """mezo_step's sweeps with logged g_j ([n] float32) in place of the forward passes."""
+    for j, seed in enumerate(seeds):
+        perturb(flat, seed, eps)
+        perturb(flat, seed, -eps, times=2)
+        if j < len(seeds) - 1:
+            perturb(flat, seed, eps)
+    update(flat, seeds, grads.to(flat.buffer.device), eps, lr, weight_decay)
+
+
+def update(flat: FlatParameters, seeds: list[int], grads: torch.Tensor, eps: float, lr: float,
+           weight_decay: float) -> torch.Tensor:
+    """The last restore fused with the update θ -= lr (Σ g_j z_j / n + wd θ). A non-finite g_j
+    makes every coefficient zero, so the step only restores θ; returns that flag (0-dim bool)."""
+    finite = torch.isfinite(grads).all()
+    safe = torch.where(finite, grads, torch.zeros_like(grads))
+    if weight_decay and not finite.item():
+        # Decay is a host-side factor in the sweep, so skipping it needs the flag on the host:
+        # the one sync, paid only by runs with weight decay, and only reading a 0-dim flag.
+        lr = 0.0
     n = len(seeds)
-    restore_and_update(flat, seeds[-1], eps, [(seed, g / n) for seed, g in zip(seeds, grads)], lr, weight_decay)
-    return StepResult(torch.stack(losses).mean(), torch.stack(grads))
+    restore_and_update(flat, seeds[-1], eps, [(seed, safe[j] / n) for j, seed in enumerate(seeds)], lr, weight_decay)
+    return finite

@@ -1,0 +1,237 @@
+"""The trajectory log: a MeZO run as base weights plus a few bytes per step (issue 7).
+
+A MeZO trajectory is fully determined by the base model and, per step, the direction seeds,
+the projected gradients g_j and the learning rate: z is regenerated from the seed
+(`optim/rng.py`), and the update is `optim/mezo.py`'s sweeps. So `RUN/trajectory.jsonl`
+holds everything needed to rebuild the fine-tuned tensors without data or forward passes
+(`replay`), and to continue a killed run (`train --resume`, with `RUN/snapshot.safetensors`
+to skip most of the replay).
+
+Format (JSON lines, append-only, version 1):
+  line 1  {"format": "zotune-trajectory", "version": 1, "config": TrainConfig.to_dict(),
+           "model_sha256": ..., "layout": [[name, shape, decay], ...], "numel": N, "n_decay": D}
+  then    {"step": s, "seeds": [...], "grads": ["3c23d70a", ...], "lr": 0.01, "loss": "3f317218",
+           "skipped": false}   one per optimizer step, s = 1, 2, ... (the update count after it)
+grads and loss are float32 bit patterns in hex, so they round-trip exactly (a decimal float
+would need care); lr is the Python float the step used (JSON floats round-trip exactly).
+A last line without its newline is a write cut short by a kill and is ignored.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from zotune.errors import UserError
+from zotune.model.loading import _weight_files, resolve_model_dir
+from zotune.optim.flat import FlatParameters
+from zotune.optim.mezo import replay_step
+
+FORMAT, VERSION = "zotune-trajectory", 1
+LOG_NAME, SNAPSHOT_NAME = "trajectory.jsonl", "snapshot.safetensors"
+
+
+def model_sha256(model: str) -> str:
+    """sha256 over the checkpoint's weight files (names and bytes), read in 1 MiB blocks:
+    ~0.1 s for the shipped 30 MB model, a few seconds for roberta-large."""
+    digest = hashlib.sha256()
+    for file in _weight_files(resolve_model_dir(model)):
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def make_header(config: dict, model_hash: str, flat: FlatParameters) -> dict:
+    decay = [offset < flat.n_decay for offset in flat.offsets]
+    layout = [[name, list(shape), d] for name, shape, d in zip(flat.names, flat.shapes, decay)]
+    return {"format": FORMAT, "version": VERSION, "config": config, "model_sha256": model_hash,
+            "layout": layout, "numel": flat.numel, "n_decay": flat.n_decay}
+
+
+def to_hex(values: torch.Tensor) -> list[str]:
+    bits = values.detach().to("cpu", torch.float32).reshape(-1).numpy().view(np.uint32)
+    return [f"{int(b):08x}" for b in bits]
+
+
+def from_hex(words: list[str]) -> torch.Tensor:
+    return torch.from_numpy(np.array([int(w, 16) for w in words], dtype=np.uint32).view(np.float32))
+
+
+class TrajectoryWriter:
+    """Appends step records. Steps hand in device tensors; they are copied to the host in one
+    transfer at `write()` (called at the training loop's log points), so a step never syncs."""
+
+    def __init__(self, path: Path, header: dict | None = None):
+        if header is not None:  # a fresh log
+            path.write_text(json.dumps(header) + "\n")
+        self.file = open(path, "a")
+        self.pending = []  # (step, seeds, lr, grads [n] on the device, loss 0-dim on the device)
+        self.bad_streak = 0
+        self.bad_total = 0
+
+    def add(self, step: int, seeds: list[int], lr: float, grads: torch.Tensor, loss: torch.Tensor):
+        self.pending.append((step, seeds, lr, grads, loss))
+
+    def count(self, record: dict):
+        """Bad-step bookkeeping, also used to recount a resumed run's records."""
+        self.bad_streak = self.bad_streak + 1 if record["skipped"] else 0
+        self.bad_total += record["skipped"]
+
+    def write(self):
+        """Write the pending records and hand them to the OS (a SIGKILL then loses nothing)."""
+        if not self.pending:
+            return
+        values = torch.cat([torch.cat([g.reshape(-1).float(), loss.reshape(1).float()])
+                            for _, _, _, g, loss in self.pending]).cpu()  # the one transfer
+        at = 0
+        for step, seeds, lr, _, _ in self.pending:
+            grads, loss = values[at:at + len(seeds)], values[at + len(seeds)]
+            at += len(seeds) + 1
+            record = {"step": step, "seeds": seeds, "grads": to_hex(grads), "lr": lr, "loss": to_hex(loss)[0],
+                      "skipped": not bool(torch.isfinite(grads).all())}
+            self.count(record)
+            self.file.write(json.dumps(record) + "\n")
+        self.pending = []
+        self.file.flush()
+
+    def sync(self):
+        """write() and fsync: the records survive a power loss too."""
+        self.write()
+        os.fsync(self.file.fileno())
+
+    def close(self):
+        try:
+            self.sync()
+        finally:
+            self.file.close()
+
+
+def read_log(run_dir: Path) -> tuple[dict, list[dict]]:
+    """(header, complete step records 1..r). A torn last line is dropped."""
+    path = Path(run_dir) / LOG_NAME
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no {LOG_NAME}; give the directory of a MeZO run started by this version")
+    text = path.read_text()
+    lines = text.split("\n")
+    complete = lines[:-1]  # the text after the last newline is empty or a torn write
+    try:
+        header = json.loads(complete[0])
+    except (IndexError, json.JSONDecodeError):
+        raise UserError(f"{path} has no readable header; the run cannot be resumed or replayed") from None
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise UserError(f"{path} is not a {FORMAT} version {VERSION} log; replay it with the zotune that wrote it")
+    records = []
+    for number, line in enumerate(complete[1:], start=2):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path} line {number} is corrupted; the log cannot be trusted past step "
+                            f"{len(records)}") from None
+        if record["step"] != len(records) + 1:
+            raise UserError(f"{path} line {number} holds step {record['step']}, expected {len(records) + 1}")
+        records.append(record)
+    return header, records
+
+
+def rewrite_log(run_dir: Path, header: dict, records: list[dict]):
+    """Replace the log by header + records, atomically (temp file + rename)."""
+    tmp = Path(run_dir) / (LOG_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in [header, *records]))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(Path(run_dir) / LOG_NAME)
+
+
+def check_header(header: dict, expected: dict, run_dir: Path):
+    """A resume must continue the same run: same config (where the run lives aside), same base
+    weights, same trainable layout. Each difference is a one-line UserError."""
+    skip = {"output_dir", "overwrite", "quiet"}
+    logged = {k: v for k, v in header["config"].items() if k not in skip}
+    now = {k: v for k, v in expected["config"].items() if k not in skip}
+    if logged != now:
+        changed = sorted(k for k in logged.keys() | now.keys() if logged.get(k) != now.get(k))
+        raise UserError(f"{run_dir}/config.json differs from the trajectory log in {', '.join(changed)}; "
+                        f"restore the run's config or start a new run")
+    if header["model_sha256"] != expected["model_sha256"]:
+        raise UserError(f"base model {header['config']['model']} has changed since the run started (sha256 "
+                        f"{expected['model_sha256'][:12]} != logged {header['model_sha256'][:12]}); "
+                        f"restore the original checkpoint")
+    if header["layout"] != expected["layout"]:
+        raise UserError(f"the trainable tensors differ from the logged layout in {run_dir}; "
+                        f"this zotune selects a different subset, use the version that wrote the run")
+
+
+def write_snapshot(run_dir: Path, flat: FlatParameters, step: int):
+    """The trainable tensors after `step`, written atomically (temp file + rename)."""
+    tmp = Path(run_dir) / (SNAPSHOT_NAME + ".tmp")
+    save_file({n: t.cpu() for n, t in flat.state_dict().items()}, tmp, metadata={"step": str(step)})
+    tmp.replace(Path(run_dir) / SNAPSHOT_NAME)
+
+
+def read_snapshot(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]] | None:
+    path = Path(run_dir) / SNAPSHOT_NAME
+    if not path.is_file():
+        return None
+    with safe_open(path, "pt") as f:
+        return int(f.metadata()["step"]), {name: f.get_tensor(name) for name in f.keys()}
+
+
+def replay(flat: FlatParameters, records: list[dict], eps: float, weight_decay: float):
+    """Apply logged steps to `flat` (which must hold the weights before the first of them)."""
+    for record in records:
+        replay_step(flat, record["seeds"], from_hex(record["grads"]), eps, record["lr"], weight_decay)
+
+
+def restore(flat: FlatParameters, run_dir: Path, records: list[dict], eps: float, weight_decay: float):
+    """Bring `flat` (holding the initial trainable tensors) to the state after the last record:
+    load the latest snapshot not past the log, then replay the records after it."""
+    start = 0
+    snapshot = read_snapshot(run_dir)
+    if snapshot is not None and snapshot[0] <= len(records):  # a snapshot past the log is ignored
+        start = snapshot[0]
+        flat.load_({n: t.to(flat.buffer.device) for n, t in snapshot[1].items()})
+    replay(flat, records[start:], eps, weight_decay)
+
+
+def replay_run(run_dir: Path, output_dir: Path, model: str | None = None) -> dict:
+    """`zotune replay`: the fine-tuned trainable tensors from the base model and the log alone
+    (no data, no forward passes), on the CPU, written to output_dir/trainable.safetensors."""
+    from zotune.config import TrainConfig
+    from zotune.model.loading import load_model
+    from zotune.optim.subsets import SubsetOptions, no_weight_decay, select_trainable
+
+    run_dir = Path(run_dir)
+    header, records = read_log(run_dir)
+    cfg = TrainConfig.from_dict({**header["config"], "model": model or header["config"]["model"]})
+    model_hash = model_sha256(cfg.model)
+    if model_hash != header["model_sha256"]:
+        raise UserError(f"base model {cfg.model} is not the run's (sha256 {model_hash[:12]} != logged "
+                        f"{header['model_sha256'][:12]}); pass --model with the original checkpoint")
+    net = load_model(resolve_model_dir(cfg.model))
+    # The same subset as the run: LoRA's A and the prefix initialisation come from cfg.seed.
+    trainable = select_trainable(net, cfg.trainable, SubsetOptions(
+        cfg.lora_rank, cfg.lora_alpha, cfg.num_prefix, cfg.layers, cfg.seed))
+    decay_exempt = (lambda name, p: False) if cfg.decay_all else (lambda name, p: no_weight_decay(name))
+    flat = FlatParameters(trainable, decay_exempt)
+    if make_header(header["config"], model_hash, flat)["layout"] != header["layout"]:
+        raise UserError(f"the trainable tensors differ from the layout logged in {run_dir}; "
+                        f"replay with the zotune version that wrote the run")
+    with torch.inference_mode():
+        replay(flat, records, cfg.eps, cfg.weight_decay)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    out = output_dir / "trainable.safetensors"
+    tmp = output_dir / "trainable.safetensors.tmp"
+    save_file(flat.state_dict(), tmp, metadata={"step": str(len(records))})
+    tmp.replace(out)
+    return {"written": str(out), "tensors": len(flat.names), "parameters": flat.numel, "steps": len(records),
+            "skipped_steps": sum(r["skipped"] for r in records), "trainable": cfg.trainable,
+            "base_model": cfg.model}

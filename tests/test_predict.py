@@ -1,0 +1,54 @@
+"""zotune predict: label-word probabilities for sentences given on the command line."""
+
+import re
+
+import pytest
+import torch
+
+from zotune.cli import main
+from zotune.evaluate import build, encode, predict
+from zotune.tasks.data import Example
+
+LINE = re.compile(r"^terrible (\d\.\d\d)  great (\d\.\d\d)  -> (terrible|great)$")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's per-sequence attention calls take microseconds: intra-op threads only add
+    OpenMP spin-waits, which made these tests ~6x slower on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_predict_prints_one_line_of_probabilities_per_sentence(tiny_mlm_dir, capsys):
+    texts = ["a gorgeous , witty film", "boring and flat", "it is what it is"]
+    args = ["predict", "--model", str(tiny_mlm_dir), "--task", "sst2", "--device", "cpu"]
+    assert main(args + [a for t in texts for a in ("--text", t)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    prompted = build(str(tiny_mlm_dir), "sst2", device="cpu")
+    want = torch.softmax(predict(prompted.runner, encode(prompted.prompt, [Example((t,), None) for t in texts]), 8), -1)
+    for line, row in zip(lines, want.tolist()):
+        match = LINE.match(line)
+        assert match, line
+        terrible, great, word = float(match[1]), float(match[2]), match[3]
+        assert terrible == pytest.approx(row[0], abs=0.006) and great == pytest.approx(row[1], abs=0.006)
+        assert word == ("great" if row[1] > row[0] else "terrible")
+
+
+def test_predict_with_custom_label_words_and_template(tiny_mlm_dir, capsys):
+    assert main(["predict", "--model", str(tiny_mlm_dir), "--device", "cpu", "--text", "fine",
+                 "--template", "*cls**sent_0*_Overall*mask*.*sep+*", "--label-words", "bad,good"]) == 0
+    assert re.match(r"^bad \d\.\d\d  good \d\.\d\d  -> (bad|good)$", capsys.readouterr().out.strip())
+
+
+def test_predict_two_sentence_task_and_errors(tiny_mlm_dir, capsys):
+    assert main(["predict", "--model", str(tiny_mlm_dir), "--task", "rte", "--device", "cpu",
+                 "--text", "A man is sleeping.\tSomeone rests."]) == 0
+    assert re.match(r"^No \d\.\d\d  Yes \d\.\d\d  -> (No|Yes)$", capsys.readouterr().out.strip())
+    assert main(["predict", "--model", str(tiny_mlm_dir), "--task", "rte", "--device", "cpu",
+                 "--text", "only a premise"]) == 2
+    err = capsys.readouterr().err
+    assert "2 sentences" in err and err.count("\n") == 1

@@ -1,0 +1,109 @@
+"""`zotune train --resume`: a run killed with SIGKILL at a random step and resumed ends
+bit-identical to an uninterrupted one (issue 7)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from zotune.trajectory import LOG_NAME
+
+
+def _train_args(model_dir, run, steps=60):
+    return ["train", "--model", str(model_dir), "--device", "cpu", "--trainable", "lora", "--steps", str(steps),
+            "--eval-steps", "20", "--log-steps", "5", "--snapshot-every", "15", "--log-every", "10",
+            "--lr", "1e-2", "--eps", "1e-2", "--batch-size", "8", "--quiet", "--output-dir", str(run)]
+
+
+def _zotune(*args):
+    # One thread each: the same arithmetic in every process, and two runs side by side on a small CI box.
+    return subprocess.Popen([sys.executable, "-m", "zotune", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _logged_steps(run) -> int:
+    try:
+        return (run / LOG_NAME).read_text().count("\n") - 1
+    except FileNotFoundError:
+        return 0
+
+
+def _same(a, b):
+    a, b = load_file(a), load_file(b)
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_mlm_dir):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    reference = _zotune(*_train_args(tiny_mlm_dir, whole))
+    victim = _zotune(*_train_args(tiny_mlm_dir, killed))
+    kill_after = random.Random().randint(8, 50)
+    deadline = time.monotonic() + 300
+    while _logged_steps(killed) < kill_after and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (killed / "summary.json").exists()
+
+    resumed = _zotune("train", "--resume", str(killed))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert json.loads(out)["resumed_from_step"] >= kill_after, kill_after
+    assert reference.wait(timeout=300) == 0
+    for name in ("final.safetensors", "best.safetensors"):
+        assert _same(whole / name, killed / name), (name, kill_after)
+    assert (whole / "metrics.jsonl").read_text() == (killed / "metrics.jsonl").read_text(), kill_after
+    records = [(run / LOG_NAME).read_text().splitlines()[1:] for run in (whole, killed)]  # headers name their dirs
+    assert records[0] == records[1], kill_after
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (whole, killed)]
+    assert summaries[0]["best_step"] == summaries[1]["best_step"]
+    assert summaries[0]["test_accuracy"] == summaries[1]["test_accuracy"]
+
+
+def test_resuming_a_finished_run_is_a_no_op(tmp_path, tiny_mlm_dir):
+    run = tmp_path / "run"
+    assert _zotune(*_train_args(tiny_mlm_dir, run, steps=10)).wait(timeout=300) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    again = _zotune("train", "--resume", str(run))
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert json.loads(out) == json.loads(before["summary.json"])
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def _one_line_error(process, message):
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zotune: error:") and message in lines[0], err
+
+
+def test_a_resume_that_differs_from_the_log_is_a_user_error(tmp_path, tiny_mlm_dir):
+    import shutil
+    from tests.conftest import save_tiny_roberta
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_mlm_dir, model)
+    run = tmp_path / "run"
+    assert _zotune(*_train_args(model, run, steps=10)).wait(timeout=300) == 0
+    (run / "summary.json").unlink()  # as if killed before the end
+
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "lr": 0.5}))
+    _one_line_error(_zotune("train", "--resume", str(run)), "differs from the trajectory log in lr")
+    (run / "config.json").write_text(json.dumps(config))
+
+    save_tiny_roberta(tmp_path / "other", vocab_size=50265, hidden=32, layers=2, heads=4,
+                      max_position_embeddings=514, seed=1)
+    shutil.copy(tmp_path / "other" / "model.safetensors", model / "model.safetensors")
+    _one_line_error(_zotune("train", "--resume", str(run)), "has changed since the run started")
+    _one_line_error(_zotune("train", "--resume", str(run), "--lr", "1"), "drop --lr")
+    _one_line_error(_zotune("train", "--resume", str(tmp_path / "nothing")), "cannot read")
+    assert not (run / "summary.json").exists()

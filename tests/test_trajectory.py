@@ -1,0 +1,123 @@
+"""The trajectory log, `zotune replay`, and numerical faults (issue 7)."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zotune import trajectory
+from zotune.cli import main
+from zotune.config import TrainConfig
+from zotune.engine.runner import ModelRunner
+from zotune.errors import UserError
+from zotune.optim.flat import FlatParameters
+from zotune.optim.mezo import mezo_step
+from zotune.train import train
+
+
+def _run(tmp_path, model_dir, name, **overrides):
+    options = dict(model=str(model_dir), steps=12, eval_steps=4, log_steps=2, quiet=True, device="cpu",
+                   output_dir=str(tmp_path / name), trainable="lora", lr=1e-2, eps=1e-2, batch_size=16)
+    options.update(overrides)
+    return train(TrainConfig(**options)), tmp_path / name
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_float32_hex_round_trips_every_value():
+    values = torch.tensor([0.0, -0.0, 1e-45, -3.4e38, math.inf, -math.inf, 0.1, 1 / 3], dtype=torch.float32)
+    back = trajectory.from_hex(trajectory.to_hex(values))
+    assert torch.equal(back.view(torch.int32), values.view(torch.int32))
+    nan = trajectory.from_hex(trajectory.to_hex(torch.tensor([math.nan])))
+    assert torch.isnan(nan).all()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"trainable": "top:1", "n_spsa": 2, "weight_decay": 0.1,
+                                            "schedule": "linear"}])
+def test_replay_rebuilds_the_final_weights_bit_for_bit(tmp_path, tiny_mlm_dir, capsys, overrides):
+    summary, run = _run(tmp_path, tiny_mlm_dir, "run", **overrides)
+    header, records = trajectory.read_log(run)
+    assert header["model_sha256"] == trajectory.model_sha256(str(tiny_mlm_dir))
+    assert header["config"] == TrainConfig(**header["config"]).to_dict()
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert all(len(r["seeds"]) == len(r["grads"]) == header["config"]["n_spsa"] for r in records)
+    assert main(["replay", str(run), "--output", str(tmp_path / "out")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["written"] == str(tmp_path / "out" / "trainable.safetensors") and report["steps"] == 12
+    final = load_file(run / "final.safetensors")
+    assert _same(final, load_file(tmp_path / "out" / "trainable.safetensors"))
+    assert not _same(final, load_file(run / "best.safetensors")) or summary["best_step"] == 12
+
+
+def test_a_torn_last_line_is_ignored(tmp_path, tiny_mlm_dir):
+    _, run = _run(tmp_path, tiny_mlm_dir, "run", steps=3, eval_steps=3)
+    path = run / trajectory.LOG_NAME
+    path.write_text(path.read_text() + '{"step": 4, "seeds": [1')
+    assert [r["step"] for r in trajectory.read_log(run)[1]] == [1, 2, 3]
+
+
+def test_replay_refuses_a_different_base_model(tmp_path, tiny_mlm_dir):
+    from tests.conftest import save_tiny_roberta
+    _, run = _run(tmp_path, tiny_mlm_dir, "run", steps=2, eval_steps=2)
+    other = tmp_path / "other"
+    save_tiny_roberta(other, vocab_size=50265, hidden=32, layers=2, heads=4, max_position_embeddings=514, seed=1)
+    with pytest.raises(UserError, match="is not the run's"):
+        trajectory.replay_run(run, tmp_path / "out", model=str(other))
+
+
+def _nan_loss_at(monkeypatch, bad_calls):
+    """Make ModelRunner.loss return NaN on the given calls (2 per MeZO step: L+ then L-)."""
+    real, calls = ModelRunner.loss, [0]
+
+    def loss(self, batch, labels):
+        calls[0] += 1
+        value = real(self, batch, labels)
+        return value * math.nan if bad_calls(calls[0] - 1) else value
+    monkeypatch.setattr(ModelRunner, "loss", loss)
+
+
+def test_nan_steps_are_skipped_counted_logged_and_replayed(tmp_path, tiny_mlm_dir, monkeypatch):
+    # Step 3's L- and step 6's L+ are NaN (calls 2 * step + 0/1, steps 0-based).
+    _nan_loss_at(monkeypatch, lambda call: call in (2 * 2 + 1, 2 * 5))
+    summary, run = _run(tmp_path, tiny_mlm_dir, "run")
+    assert summary["bad_steps"] == 2
+    _, records = trajectory.read_log(run)
+    assert [r["step"] for r in records if r["skipped"]] == [3, 6]
+    trajectory.replay_run(run, tmp_path / "out")
+    assert _same(load_file(run / "final.safetensors"), load_file(tmp_path / "out" / "trainable.safetensors"))
+
+
+def test_too_many_bad_steps_in_a_row_abort_keeping_progress(tmp_path, tiny_mlm_dir, monkeypatch):
+    _nan_loss_at(monkeypatch, lambda call: call >= 2 * 5)  # every step from step 6 on
+    with pytest.raises(UserError, match="3 bad steps in a row"):
+        _run(tmp_path, tiny_mlm_dir, "run", max_bad_steps=3, steps=40)
+    run = tmp_path / "run"
+    assert not (run / "summary.json").exists() and (run / "best.safetensors").exists()
+    _, records = trajectory.read_log(run)
+    assert len(records) == 8 and [r["skipped"] for r in records] == [False] * 5 + [True] * 3
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_skipped_step_only_restores(bad, weight_decay):
+    """A non-finite loss runs the same sweeps as an lr=0 step: the update is exactly zero."""
+    torch.manual_seed(0)
+    params = [("w", torch.nn.Parameter(torch.randn(1000))), ("b", torch.nn.Parameter(torch.randn(10)))]
+    a = FlatParameters([(n, torch.nn.Parameter(p.detach().clone())) for n, p in params], {"b"})
+    b = FlatParameters([(n, torch.nn.Parameter(p.detach().clone())) for n, p in params], {"b"})
+    losses = iter([torch.tensor(1.0), torch.tensor(bad)])
+    result = mezo_step(a, lambda: next(losses), [7], 1e-2, 0.5, weight_decay)
+    assert not result.finite
+    mezo_step(b, lambda: torch.tensor(1.0), [7], 1e-2, 0.0, 0.0)
+    assert torch.equal(a.buffer, b.buffer)
+
+
+def test_k_larger_than_the_data_names_the_folders_that_exist(tmp_path, tiny_mlm_dir):
+    with pytest.raises(UserError, match=r"--k 1000 --seed 42.*k-seed folders there: 16-100, 16-13"):
+        _run(tmp_path, tiny_mlm_dir, "k", k=1000)
+    assert not (tmp_path / "k").exists()
