@@ -105,3 +105,14 @@ def test_bad_config_values_are_user_errors(field, value, message):
 def test_k_larger_than_the_data_allows(tmp_path, tiny_mlm_dir):
     with pytest.raises(UserError, match="no file"):
         _run(tmp_path, tiny_mlm_dir, "k", k=1000)
+
+
+def test_tensorboard_logs_the_metrics(tmp_path, tiny_mlm_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, run = _run(tmp_path, tiny_mlm_dir, "tb", tensorboard=True)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in lines]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in lines])
+    assert [e.step for e in events.Scalars("dev_accuracy")] == [3, 6]

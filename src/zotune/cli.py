@@ -59,6 +59,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="launch the forward kernel by kernel instead of replaying captured CUDA graphs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", action="store_true", help="also log metrics for TensorBoard (RUN/tensorboard)")
     p.add_argument("--log-every", type=int, help="fsync RUN/trajectory.jsonl every N steps (default 100)")
     p.add_argument("--snapshot-every", type=int, help="snapshot the trainable tensors every N steps (default 1000)")
     p.add_argument("--max-bad-steps", type=int, help="abort after N NaN/Inf-loss steps in a row (default 10)")

@@ -60,6 +60,7 @@ class TrainConfig:
     precision: str = "tf32"             # on CUDA: tf32 matmuls on float32 weights, or bf16 autocast
     cuda_graphs: bool = True            # on CUDA: replay captured forward passes (no launch overhead)
     quiet: bool = False
+    tensorboard: bool = False           # also log the metrics for TensorBoard under RUN/tensorboard
     overwrite: bool = False
 
     def __post_init__(self):

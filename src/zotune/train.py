@@ -150,6 +150,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                     unit="step")
     metrics = open(run_dir / "metrics.jsonl", "w")
     metrics.write("".join(json.dumps(r) + "\n" for r in kept))  # no gap, no duplicate after a resume
+    board = None
+    if cfg.tensorboard:  # the same records as metrics.jsonl, for TensorBoard (RUN/tensorboard)
+        from torch.utils.tensorboard import SummaryWriter
+        board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=first_step + 1 if resume else None)
 
     def log_point(done: int, lr: float):
         """Write the metrics line of step `done` (and evaluate on dev at eval steps)."""
@@ -164,6 +168,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             record["dev_accuracy"] = evaluate_dev(done)
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
+        if board is not None:
+            for name, value in record.items():
+                if name != "step" and value is not None:
+                    board.add_scalar(name, value, done)
         postfix = {"loss": f"{record['loss']:.4f}", "dev": f"{best['dev_accuracy']:.3f}"}
         if runner.cache is not None:
             postfix["cache_hits"] = f"{runner.cache.stats.report()['hit_rate']:.1%}"
@@ -204,6 +212,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             progress.update(1)
     finally:  # every exit path, Ctrl-C and errors included: what was computed reaches the disk
         metrics.close()
+        if board is not None:
+            board.close()
         if log is not None:
             log.close()
         progress.close()
