@@ -107,3 +107,24 @@ def test_a_resume_that_differs_from_the_log_is_a_user_error(tmp_path, tiny_mlm_d
     _one_line_error(_zotune("train", "--resume", str(run), "--lr", "1"), "drop --lr")
     _one_line_error(_zotune("train", "--resume", str(tmp_path / "nothing")), "cannot read")
     assert not (run / "summary.json").exists()
+
+
+def test_ctrl_c_keeps_every_step_and_resumes(tmp_path, tiny_mlm_dir):
+    # --log-every larger than the run: only the exit path's flush can put the steps on disk.
+    run = tmp_path / "run"
+    args = _train_args(tiny_mlm_dir, run, steps=400)
+    args[args.index("--log-every") + 1] = "1000"
+    victim = _zotune(*args)
+    deadline = time.monotonic() + 300
+    while not (run / "metrics.jsonl").exists() or (run / "metrics.jsonl").read_text().count("\n") < 3:
+        assert victim.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGINT)
+    _, err = victim.communicate(timeout=60)
+    assert victim.returncode == 130 and err.strip().splitlines() == ["zotune: interrupted"], err
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert _logged_steps(run) >= metrics[-1]["step"] >= 15  # the log holds at least every metrics step
+    resumed = _zotune("train", "--resume", str(run))
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert json.loads(out)["steps"] == 400
