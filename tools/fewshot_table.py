@@ -25,7 +25,7 @@ SEEDS = (13, 21, 42, 87, 100)
 # name -> TrainConfig overrides (steps, lr, eps, batch size as used for every k)
 METHODS = {
     "MeZO (full)": dict(optimizer="mezo", trainable="full", lr=1e-5, eps=1e-3, steps=2000, eval_steps=250),
-    "MeZO (LoRA)": dict(optimizer="mezo", trainable="lora", lr=2e-2, eps=1e-2, steps=2000, eval_steps=250),
+    "MeZO (LoRA)": dict(optimizer="mezo", trainable="lora", lr=1e-2, eps=1e-2, steps=2000, eval_steps=250),
     "Adam (full)": dict(optimizer="adam", trainable="full", lr=1e-4, steps=1000, eval_steps=100, batch_size=8),
 }
 
