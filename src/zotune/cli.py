@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from zotune.config import TrainConfig
+from zotune.config import TrainConfig, read_run_config
 from zotune.errors import UserError
 
 # `zotune train` with no arguments: a short demonstration on 2 CPU cores with the
@@ -173,12 +173,9 @@ def _run_train(args, given) -> None:
         if extra:
             raise UserError(f"--resume takes the config from {args.resume}/config.json; drop --"
                             f"{', --'.join(e.replace('_', '-') for e in extra)}")
-        path = Path(args.resume) / "config.json"
-        try:
-            values = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"cannot read {path}: {exc}; --resume needs a run directory written by zotune train") from None
-        summary = train(TrainConfig.from_dict({**values, "output_dir": args.resume}), resume=True)
+        cfg = read_run_config(args.resume)
+        cfg.output_dir = args.resume
+        summary = train(cfg, resume=True)
     else:
         summary = train(_train_config(args, given))
     print(json.dumps(summary, indent=2))

@@ -4,6 +4,7 @@
 so a run with no overrides reproduces the paper's setting.
 """
 
+import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -123,3 +124,15 @@ def parse_bytes(text: str) -> int:
     if value < 0:
         raise UserError(f"--cache-budget {text!r} is negative")
     return int(value)
+
+
+def read_run_config(run_dir: str | Path) -> TrainConfig:
+    """The TrainConfig a run directory was started with (its config.json)."""
+    path = Path(run_dir) / "config.json"
+    if not Path(run_dir).is_dir():
+        raise UserError(f"cannot read run directory {run_dir}: it does not exist; "
+                        "pass the --output-dir of a zotune train run")
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}; pass the --output-dir of a zotune train run") from None

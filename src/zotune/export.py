@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from zotune.config import TrainConfig
+from zotune.config import TrainConfig, read_run_config
 from zotune.errors import UserError
 from zotune.model.loading import config_from_hf, load_model, resolve_model_dir, to_hf_state, weight_map
 from zotune.model.roberta import MaskedLM
@@ -39,18 +39,6 @@ class Rebuilt:
     hf_config: dict                 # the base checkpoint's config.json
     architecture: str               # e.g. RobertaForMaskedLM
     model: MaskedLM                 # base + subset + best.safetensors, eval mode, float32, CPU
-
-
-def read_run_config(run_dir: Path) -> TrainConfig:
-    path = Path(run_dir) / "config.json"
-    if not Path(run_dir).is_dir():
-        raise UserError(f"run directory {run_dir} does not exist; pass the --output-dir of a zotune train run")
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no config.json; pass the --output-dir of a zotune train run")
-    try:
-        return TrainConfig.from_dict(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}; the run directory is damaged") from None
 
 
 def rebuild(run_dir: str | Path) -> Rebuilt:
