@@ -36,6 +36,7 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--ks", default="16,512")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
+    parser.add_argument("--mezo-steps", type=int, help="override the MeZO step count (e.g. a short CPU run)")
     parser.add_argument("--output", default="runs/fewshot_table.json")
     parser.add_argument("--runs-dir", default="runs/fewshot")
     args = parser.parse_args()
@@ -55,6 +56,8 @@ def main():
                                overwrite=True, batch_size=32 if k == 16 else 64,
                                output_dir=f"{args.runs_dir}/{name.split()[0]}-{overrides['trainable']}-{k}-{seed}")
                 options.update(overrides)
+                if args.mezo_steps and overrides["optimizer"] == "mezo":
+                    options.update(steps=args.mezo_steps, eval_steps=max(1, args.mezo_steps // 6))
                 summary = train(TrainConfig(**options))
                 results.setdefault(name, {}).setdefault(k, []).append(summary["test_accuracy"])
                 print(f"{name} k={k} seed={seed}: test {summary['test_accuracy']:.3f} dev {summary['dev_accuracy']:.3f} "
@@ -66,6 +69,8 @@ def main():
              "|---|" + "---|" * len(ks) + "---|"]
     for name, by_k in results.items():
         o = METHODS.get(name)
+        if o is not None and args.mezo_steps and o["optimizer"] == "mezo":
+            o = {**o, "steps": args.mezo_steps}
         settings = "" if o is None else (f"{o['steps']} steps, lr {o['lr']}" + (f", eps {o['eps']}" if "eps" in o else "")
                                          + f", batch {o.get('batch_size', '32 (k=16) / 64 (k=512)')}")
         lines.append(f"| {name} | " + " | ".join(cell(by_k[k]) for k in ks) + f" | {settings} |")
