@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import zotune
 from zotune.config import TrainConfig, read_run_config
 from zotune.errors import UserError
 
@@ -237,7 +238,7 @@ def _run_plot(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="zotune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="zotune", description=zotune.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _eval_parser(sub)
