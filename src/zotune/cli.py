@@ -45,6 +45,11 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--decay-all", action="store_true", help="also decay biases and LayerNorm weights")
     p.add_argument("--schedule", choices=["constant", "linear"])
     p.add_argument("--n-spsa", type=int, help="perturbation directions per step, averaged")
+    p.add_argument("--directions-per-rank", type=int,
+                   help="under torchrun: each rank measures this many directions of its own (multi-direction "
+                        "SPSA) instead of splitting the batch (data parallel)")
+    p.add_argument("--sync-check", type=int, help="under torchrun: compare weight checksums every N steps (100)")
+    p.add_argument("--dist-timeout", type=float, help="under torchrun: seconds to wait for a dead rank (120)")
     p.add_argument("--eval-steps", type=int)
     p.add_argument("--log-steps", type=int)
     p.add_argument("--eval-batch-size", type=int)

@@ -45,6 +45,11 @@ class TrainConfig:
     decay_all: bool = False             # also decay biases and LayerNorm weights (MeZO excludes them)
     schedule: str | None = None         # constant | linear
     n_spsa: int = 1                     # directions per step, averaged
+    # Under torchrun: None = data parallel (the batch is split across ranks); d = each rank
+    # measures d directions of its own on the whole batch (N ranks: N*d-direction SPSA).
+    directions_per_rank: int | None = None
+    sync_check: int = 100               # compare a weight checksum across ranks every N steps
+    dist_timeout: float = 120.0         # seconds a collective waits for a dead rank before failing
     eval_steps: int | None = None
     log_steps: int = 10
     log_every: int = 100                # fsync RUN/trajectory.jsonl at least this often (steps)
@@ -78,6 +83,10 @@ class TrainConfig:
             (self.eps > 0, f"--eps {self.eps} must be positive (MeZO perturbs by eps * z)"),
             (self.weight_decay >= 0, f"--weight-decay {self.weight_decay} is negative"),
             (self.n_spsa >= 1, f"--n-spsa {self.n_spsa} must be at least 1"),
+            (self.directions_per_rank is None or self.directions_per_rank >= 1,
+             f"--directions-per-rank {self.directions_per_rank} must be at least 1"),
+            (self.sync_check >= 1, f"--sync-check {self.sync_check} must be at least 1"),
+            (self.dist_timeout > 0, f"--dist-timeout {self.dist_timeout} must be positive"),
             (self.eval_steps >= 1, f"--eval-steps {self.eval_steps} must be at least 1"),
             (self.log_steps >= 1, f"--log-steps {self.log_steps} must be at least 1"),
             (self.log_every >= 1, f"--log-every {self.log_every} must be at least 1"),

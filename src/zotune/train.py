@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from zotune import trajectory
 from zotune.config import TrainConfig
+from zotune.distributed import init_from_env
 from zotune.errors import UserError
 from zotune.evaluate import accuracy, build, encode, predict
 from zotune.optim.flat import FlatParameters
@@ -85,6 +86,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                      label_words=cfg.label_words, max_length=cfg.max_length, device=cfg.device,
                      precision=cfg.precision, cuda_graphs=cfg.cuda_graphs)
     runner, device = prompted.runner, prompted.runner.device
+    group = init_from_env(device, cfg.dist_timeout)  # None unless launched by torchrun
+    is_main = group is None or group.is_main        # rank 0 alone writes the run directory
+    if group is not None and cfg.optimizer != "mezo":
+        raise UserError("torchrun scale-out runs MeZO only; run --optimizer adam as a single process")
+    if group is not None and cfg.directions_per_rank is None and cfg.batch_size < group.world:
+        raise UserError(f"--batch-size {cfg.batch_size} is smaller than the {group.world} ranks sharing it")
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     splits = {s: _load_split(prompted.task, data_dir, cfg.k, cfg.seed, s) for s in ("train", "dev", "test")}
     sequences = {s: encode(prompted.prompt, examples) for s, examples in splits.items()}
@@ -93,7 +100,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         run_dir = Path(cfg.output_dir)
         logged_header, records = trajectory.read_log(run_dir)  # fails before anything is written
     else:
-        run_dir = _prepare_run_dir(cfg)
+        run_dir = _prepare_run_dir(cfg) if is_main else Path(cfg.output_dir)
 
     trainable = select_trainable(runner.model, cfg.trainable, SubsetOptions(
         cfg.lora_rank, cfg.lora_alpha, cfg.num_prefix, cfg.layers, cfg.seed))
@@ -104,19 +111,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     log = None
     if cfg.optimizer == "mezo":
         flat = FlatParameters(trainable, decay_exempt)
-        step_fn = _mezo_stepper(cfg, runner, flat)
+        step_fn = _mezo_stepper(cfg, runner, flat, group)
         header = trajectory.make_header(cfg.to_dict(), trajectory.model_sha256(cfg.model), flat)
         if resume:
             trajectory.check_header(logged_header, header, run_dir)
             records = records[:cfg.steps]
             with torch.inference_mode():
                 trajectory.restore(flat, run_dir, records, cfg.eps, cfg.weight_decay)
-            trajectory.rewrite_log(run_dir, logged_header, records)  # drops a torn last line
-            log = trajectory.TrajectoryWriter(run_dir / trajectory.LOG_NAME)
+            if is_main:
+                trajectory.rewrite_log(run_dir, logged_header, records)  # drops a torn last line
+            log = trajectory.TrajectoryWriter(run_dir / trajectory.LOG_NAME if is_main else None)
             for record in records:
                 log.count(record)
         else:
-            log = trajectory.TrajectoryWriter(run_dir / trajectory.LOG_NAME, header)
+            log = trajectory.TrajectoryWriter(run_dir / trajectory.LOG_NAME if is_main else None, header)
     else:
         step_fn = _adam_stepper(cfg, runner, trainable, decay_exempt)
 
@@ -129,11 +137,21 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             return json.loads((run_dir / "summary.json").read_text())  # a finished run: nothing to do
         kept = _kept_metrics(run_dir, first_step, best)
 
+    def evaluate(split: str) -> float:
+        """Accuracy on a split; with several ranks each scores its shard and they add up counts."""
+        if group is None:
+            return accuracy(predict(runner, sequences[split], cfg.eval_batch_size), splits[split])
+        examples, mine = group.shard(splits[split]), group.shard(sequences[split])
+        correct = accuracy(predict(runner, mine, cfg.eval_batch_size), examples) * len(examples) if mine else 0.0
+        counts = group.all_reduce_sum(torch.tensor([round(correct), len(examples)], dtype=torch.float64))
+        return counts[0].item() / counts[1].item()
+
     def evaluate_dev(step: int) -> float:
-        dev_acc = accuracy(predict(runner, sequences["dev"], cfg.eval_batch_size), splits["dev"])
+        dev_acc = evaluate("dev")
         if dev_acc > best["dev_accuracy"]:  # strictly better, as MeZO's trainer keeps the earliest best
             best.update(dev_accuracy=dev_acc, step=step)
-            _save_atomic(dict(trainable), run_dir / "best.safetensors")
+            if is_main:
+                _save_atomic(dict(trainable), run_dir / "best.safetensors")
         return dev_acc
 
     # Metrics average over the steps since the last logged line. A resumed run rebuilds that
@@ -146,12 +164,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         grad_sum = grad if grad_sum is None else grad_sum + grad
 
     train_time = 0.0
-    progress = tqdm(total=cfg.steps, initial=first_step, disable=cfg.quiet, desc=f"{cfg.optimizer} {cfg.task}",
+    progress = tqdm(total=cfg.steps, initial=first_step, disable=cfg.quiet or not is_main, desc=f"{cfg.optimizer} {cfg.task}",
                     unit="step")
-    metrics = open(run_dir / "metrics.jsonl", "w")
+    metrics = open(run_dir / "metrics.jsonl" if is_main else os.devnull, "w")
     metrics.write("".join(json.dumps(r) + "\n" for r in kept))  # no gap, no duplicate after a resume
     board = None
-    if cfg.tensorboard:  # the same records as metrics.jsonl, for TensorBoard (RUN/tensorboard)
+    if cfg.tensorboard and is_main:  # the same records as metrics.jsonl, for TensorBoard (RUN/tensorboard)
         from torch.utils.tensorboard import SummaryWriter
         board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=first_step + 1 if resume else None)
 
@@ -190,7 +208,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         for step in range(first_step, cfg.steps):
             t0 = time.perf_counter()
             index = batch_indices(len(sequences["train"]), cfg.batch_size, cfg.seed, step)
-            batch = runner.pack([sequences["train"][i] for i in index])
+            batch = [sequences["train"][i] for i in index]
             lr = SCHEDULES[cfg.schedule](step, cfg.lr, cfg.steps)
             loss, grad, logged = step_fn(step, batch, train_labels[index], lr)
             done = step + 1
@@ -203,10 +221,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             train_time += time.perf_counter() - t0
             if is_log_point(done):
                 log_point(done, lr)
-            if log is not None and done % cfg.log_every == 0:
+            if is_main and log is not None and done % cfg.log_every == 0:
                 log.sync()
                 os.fsync(metrics.fileno())
-            if log is not None and done % cfg.snapshot_every == 0 and done < cfg.steps:
+            if group is not None and done % cfg.sync_check == 0:
+                group.check_in_sync(flat.buffer, done)
+            if is_main and log is not None and done % cfg.snapshot_every == 0 and done < cfg.steps:
                 log.write()  # a snapshot never gets ahead of the log
                 trajectory.write_snapshot(run_dir, flat, done)
             progress.update(1)
@@ -219,16 +239,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         progress.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    if log is not None:
+    if log is not None and is_main:
         _save_atomic(flat.state_dict(), run_dir / "final.safetensors")  # what `zotune replay` rebuilds
+    if group is not None:
+        group.barrier()  # rank 0's best.safetensors is complete before any rank reads it
 
     if best["step"] is not None:  # test with the best-dev weights
         state = load_file(run_dir / "best.safetensors")
         with torch.no_grad():
             for name, param in trainable:
                 param.copy_(state[name])
-    dev_acc = accuracy(predict(runner, sequences["dev"], cfg.eval_batch_size), splits["dev"])
-    test_acc = accuracy(predict(runner, sequences["test"], cfg.eval_batch_size), splits["test"])
+    dev_acc, test_acc = evaluate("dev"), evaluate("test")
     stats = runner.stats
     run_steps = cfg.steps - first_step
     summary = {
@@ -244,8 +265,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         "dev_accuracy": dev_acc, "test_accuracy": test_acc,
         "cache": runner.cache_stats(),
     }
-    (run_dir / "summary.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
-    (run_dir / "summary.json.tmp").replace(run_dir / "summary.json")
+    if group is not None:
+        summary["ranks"] = group.world
+    if is_main:
+        (run_dir / "summary.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
+        (run_dir / "summary.json.tmp").replace(run_dir / "summary.json")
     return summary
 
 
@@ -265,11 +289,27 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def _mezo_stepper(cfg, runner, flat):
+def _mezo_stepper(cfg, runner, flat, group):
+    """Single process: n-SPSA over cfg.n_spsa directions. Data parallel (torchrun): each rank
+    takes its shard of the batch and the losses are summed. Multi-direction
+    (--directions-per-rank d): rank r measures directions r*d .. r*d+d-1 on the whole batch."""
+    n = cfg.n_spsa if group is None or cfg.directions_per_rank is None else group.world * cfg.directions_per_rank
+    measures = combine = None
+    if group is not None:
+        combine = group.all_reduce_sum
+        if cfg.directions_per_rank is not None:
+            measures = lambda j: j // cfg.directions_per_rank == group.rank  # noqa: E731
+
     @torch.inference_mode()
-    def step_fn(step, batch, labels, lr):
-        seeds = [direction_seed(cfg.seed, step, j) for j in range(cfg.n_spsa)]
-        result = mezo_step(flat, lambda: runner.loss(batch, labels), seeds, cfg.eps, lr, cfg.weight_decay)
+    def step_fn(step, sequences, labels, lr):
+        seeds = [direction_seed(cfg.seed, step, j) for j in range(n)]
+        share = 1.0
+        if group is not None and cfg.directions_per_rank is None:  # data parallel: my shard
+            share = len(group.shard(sequences)) / len(sequences)
+            sequences, labels = group.shard(sequences), labels[group.rank::group.world]
+        batch = runner.pack(sequences)
+        result = mezo_step(flat, lambda: runner.loss(batch, labels) * share, seeds, cfg.eps, lr,
+                           cfg.weight_decay, measures, combine)
         return result.loss, result.projected_grads.mean(), (seeds, result.projected_grads)  # the last for the log
     return step_fn
 
@@ -282,11 +322,11 @@ def _adam_stepper(cfg, runner, trainable, decay_exempt):
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
     model = runner.model
 
-    def step_fn(step, batch, labels, lr):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    def step_fn(step, sequences, labels, lr):
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
         model.train()  # dropout on, as in standard fine-tuning
-        loss = runner.loss(batch, labels)
+        loss = runner.loss(runner.pack(sequences), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

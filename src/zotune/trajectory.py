@@ -68,10 +68,11 @@ class TrajectoryWriter:
     """Appends step records. Steps hand in device tensors; they are copied to the host in one
     transfer at `write()` (called at the training loop's log points), so a step never syncs."""
 
-    def __init__(self, path: Path, header: dict | None = None):
-        if header is not None:  # a fresh log
+    def __init__(self, path: Path | None, header: dict | None = None):
+        """path None: keep the bad-step bookkeeping but write nothing (ranks other than 0)."""
+        if header is not None and path is not None:  # a fresh log
             path.write_text(json.dumps(header) + "\n")
-        self.file = open(path, "a")
+        self.file = open(path if path is not None else os.devnull, "a")
         self.pending = []  # (step, seeds, lr, grads [n] on the device, loss 0-dim on the device)
         self.bad_streak = 0
         self.bad_total = 0
@@ -104,7 +105,8 @@ class TrajectoryWriter:
     def sync(self):
         """write() and fsync: the records survive a power loss too."""
         self.write()
-        os.fsync(self.file.fileno())
+        if self.file.name != os.devnull:
+            os.fsync(self.file.fileno())
 
     def close(self):
         try:

@@ -38,20 +38,28 @@ def direction_seed(run_seed: int, step: int, direction: int) -> int:
 
 
 def mezo_step(flat: FlatParameters, loss_fn: Callable[[], torch.Tensor], seeds: list[int],
-              eps: float, lr: float, weight_decay: float) -> StepResult:
-    losses, grads = [], []
+              eps: float, lr: float, weight_decay: float,
+              measures: Callable[[int], bool] | None = None,
+              combine: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepResult:
+    """One step over the directions `seeds`. For scale-out (zotune/distributed.py):
+    `measures(j)` says whether this process runs direction j's forward passes (its sweeps run
+    regardless, so every replica rounds alike), and `combine` turns this process's [2n] losses
+    (L+, L− per direction; zero where not measured) into the global ones."""
+    losses = []
     for j, seed in enumerate(seeds):
+        mine = measures is None or measures(j)
         perturb(flat, seed, eps)                       # θ + εz
-        loss_plus = loss_fn()
+        losses.append(loss_fn() if mine else flat.buffer.new_zeros(()))
         perturb(flat, seed, -eps, times=2)             # θ − εz, as two rounded steps (see sweep.py)
-        loss_minus = loss_fn()
-        grads.append((loss_plus - loss_minus) / (2 * eps))
-        losses += [loss_plus, loss_minus]
+        losses.append(loss_fn() if mine else flat.buffer.new_zeros(()))
         if j < len(seeds) - 1:
             perturb(flat, seed, eps)                   # back to θ; the update waits for all n directions
-    grads = torch.stack(grads)
+    losses = torch.stack(losses)                                        # [2n]
+    if combine is not None:
+        losses = combine(losses)
+    grads = (losses[0::2] - losses[1::2]) / (2 * eps)                  # [n]
     finite = update(flat, seeds, grads, eps, lr, weight_decay)
-    return StepResult(torch.stack(losses).mean(), grads, finite)
+    return StepResult(losses.mean(), grads, finite)
 
 
 def replay_step(flat: FlatParameters, seeds: list[int], grads: torch.Tensor, eps: float, lr: float,

@@ -1,0 +1,91 @@
+"""Scale-out on the CPU with gloo, 2 processes started as torchrun would start them."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(model_dir, run, steps=12, *extra):
+    return ["train", "--model", str(model_dir), "--device", "cpu", "--trainable", "lora", "--steps", str(steps),
+            "--eval-steps", "6", "--log-steps", "1", "--lr", "1e-2", "--eps", "1e-2", "--batch-size", "16",
+            "--sync-check", "2", "--quiet", "--output-dir", str(run), *extra]
+
+
+def _launch(args, world=1):
+    """Processes with the environment torchrun gives its workers (one thread each)."""
+    port, procs = _free_port(), []
+    for rank in range(world):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if world > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-m", "zotune", *args], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env))
+    return procs
+
+
+def _finish(procs):
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+
+
+def _losses(run):
+    return torch.tensor([json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()],
+                        dtype=torch.float64)
+
+
+def test_data_parallel_matches_one_process(tmp_path, tiny_mlm_dir):
+    # Bound: the two ranks run half batches (other matrix heights, so other BLAS blockings)
+    # and the global mean is a sum of two rank means: float32 reduction-order differences,
+    # ~1e-7 relative on a loss. The projected gradient divides loss differences by 2*eps
+    # (2e-2), so losses may drift apart to 1e-5 relative and weights to 1e-5 absolute.
+    _finish(_launch(_args(tiny_mlm_dir, tmp_path / "one")))
+    _finish(_launch(_args(tiny_mlm_dir, tmp_path / "two"), world=2))
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 12
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=0)
+    a, b = load_file(tmp_path / "one" / "final.safetensors"), load_file(tmp_path / "two" / "final.safetensors")
+    assert all((a[n] - b[n]).abs().max() <= 1e-5 for n in a)
+    assert any(not torch.equal(a[n], torch.zeros_like(a[n])) for n in a if n.endswith(".B"))  # it trained
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["ranks"] == 2 and not (tmp_path / "two" / "metrics.jsonl.rank1").exists()
+
+
+def test_multi_direction_equals_n_spsa(tmp_path, tiny_mlm_dir):
+    # Rank r measures direction r on the whole batch; every rank runs every direction's sweeps,
+    # so the replicas round exactly as one process running 2-direction SPSA does.
+    _finish(_launch(_args(tiny_mlm_dir, tmp_path / "nspsa", 12, "--n-spsa", "2")))
+    _finish(_launch(_args(tiny_mlm_dir, tmp_path / "md", 12, "--directions-per-rank", "1"), world=2))
+    torch.testing.assert_close(_losses(tmp_path / "md"), _losses(tmp_path / "nspsa"), rtol=1e-6, atol=0)
+    a, b = load_file(tmp_path / "nspsa" / "final.safetensors"), load_file(tmp_path / "md" / "final.safetensors")
+    assert all((a[n] - b[n]).abs().max() <= 1e-6 for n in a)
+
+
+def test_a_dead_rank_stops_the_others_with_a_clear_error(tmp_path, tiny_mlm_dir):
+    procs = _launch(_args(tiny_mlm_dir, tmp_path / "run", 100000, "--dist-timeout", "20"), world=2)
+    deadline = time.monotonic() + 300
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    while not metrics.exists() or metrics.read_text().count("\n") < 2:
+        assert procs[0].poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    _, err = procs[0].communicate(timeout=120)
+    assert time.monotonic() - killed_at < 60
+    assert procs[0].returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "another rank probably died" in lines[0], err
