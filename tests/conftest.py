@@ -36,3 +36,13 @@ def tiny_mlm_dir(tmp_path_factory):
     save_tiny_roberta(path, vocab_size=50265, hidden=32, layers=2, heads=4, max_position_embeddings=514)
     AutoTokenizer.from_pretrained(ROBERTA_TOKENIZER_DIR).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model's per-sequence attention calls take microseconds: intra-op threads only add
+    OpenMP spin-waits, which made these tests ~6x slower on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,18 +17,10 @@ from zotune.tasks.tasks import TASKS
 from zotune.tasks.templates import PromptTemplate
 from zotune.train import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SENTENCES = ["a gorgeous , witty , seductive movie .", "boring and flat ", "the plot is thin but the acting sings",
              "an utterly dreadful waste of two hours"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's per-sequence attention calls take microseconds: intra-op threads only add
-    OpenMP spin-waits, which made these tests ~6x slower on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,14 @@
 import json
 
 import pytest
-import torch
 
 from zotune.cli import main
 from zotune.errors import UserError
 from zotune.plot import ema, plot_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's per-sequence attention calls take microseconds: intra-op threads only add
-    OpenMP spin-waits, which made these tests ~6x slower on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _fake_run(path, *, adam=False, steps=60):

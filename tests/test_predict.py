@@ -9,17 +9,9 @@ from zotune.cli import main
 from zotune.evaluate import build, encode, predict
 from zotune.tasks.data import Example
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LINE = re.compile(r"^terrible (\d\.\d\d)  great (\d\.\d\d)  -> (terrible|great)$")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's per-sequence attention calls take microseconds: intra-op threads only add
-    OpenMP spin-waits, which made these tests ~6x slower on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_predict_prints_one_line_of_probabilities_per_sentence(tiny_mlm_dir, capsys):
