@@ -60,16 +60,6 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
-def _load_split(task, data_dir: Path, k: int, seed: int, split: str):
-    """load_split, with the k-shot folders that do exist named when --k/--seed has none."""
-    root = data_dir / task.data_dir / "k-shot-1k-test"
-    if root.is_dir() and not (root / f"{k}-{seed}").is_dir():
-        have = sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise UserError(f"no file for --k {k} --seed {seed}: {root} has no folder {k}-{seed}; "
-                        f"k-seed folders there: {', '.join(have) or 'none'}")
-    return load_split(task, data_dir, k, seed, split)
-
-
 def _save_atomic(tensors: dict, path: Path):
     save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
@@ -93,7 +83,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if group is not None and cfg.directions_per_rank is None and cfg.batch_size < group.world:
         raise UserError(f"--batch-size {cfg.batch_size} is smaller than the {group.world} ranks sharing it")
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
-    splits = {s: _load_split(prompted.task, data_dir, cfg.k, cfg.seed, s) for s in ("train", "dev", "test")}
+    splits = {s: load_split(prompted.task, data_dir, cfg.k, cfg.seed, s) for s in ("train", "dev", "test")}
     sequences = {s: encode(prompted.prompt, examples) for s, examples in splits.items()}
     train_labels = torch.tensor([e.label for e in splits["train"]], device=device)
     if resume:

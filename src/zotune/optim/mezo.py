@@ -45,15 +45,8 @@ def mezo_step(flat: FlatParameters, loss_fn: Callable[[], torch.Tensor], seeds: 
     `measures(j)` says whether this process runs direction j's forward passes (its sweeps run
     regardless, so every replica rounds alike), and `combine` turns this process's [2n] losses
     (L+, L− per direction; zero where not measured) into the global ones."""
-    losses = []
-    for j, seed in enumerate(seeds):
-        mine = measures is None or measures(j)
-        perturb(flat, seed, eps)                       # θ + εz
-        losses.append(loss_fn() if mine else flat.buffer.new_zeros(()))
-        perturb(flat, seed, -eps, times=2)             # θ − εz, as two rounded steps (see sweep.py)
-        losses.append(loss_fn() if mine else flat.buffer.new_zeros(()))
-        if j < len(seeds) - 1:
-            perturb(flat, seed, eps)                   # back to θ; the update waits for all n directions
+    zero = flat.buffer.new_zeros(())
+    losses = _sweep_directions(flat, seeds, eps, lambda j: loss_fn() if measures is None or measures(j) else zero)
     losses = torch.stack(losses)                                        # [2n]
     if combine is not None:
         losses = combine(losses)
@@ -65,12 +58,25 @@ def mezo_step(flat: FlatParameters, loss_fn: Callable[[], torch.Tensor], seeds: 
 def replay_step(flat: FlatParameters, seeds: list[int], grads: torch.Tensor, eps: float, lr: float,
                 weight_decay: float) -> None:
     """mezo_step's sweeps with logged g_j ([n] float32) in place of the forward passes."""
+    _sweep_directions(flat, seeds, eps, lambda j: None)
+    update(flat, seeds, grads.to(flat.buffer.device), eps, lr, weight_decay)
+
+
+def _sweep_directions(flat: FlatParameters, seeds: list[int], eps: float,
+                      measure: Callable[[int], torch.Tensor | None]) -> list:
+    """The perturbation sweeps of a step, in the order that fixes its rounding: per direction
+    θ + εz, then θ − εz (two rounded adds, see sweep.py), then back to θ except after the last
+    direction, whose restore the update fuses. measure(j) runs at θ ± εz; returns its results
+    [L+_0, L−_0, L+_1, ...]."""
+    results = []
     for j, seed in enumerate(seeds):
         perturb(flat, seed, eps)
+        results.append(measure(j))
         perturb(flat, seed, -eps, times=2)
+        results.append(measure(j))
         if j < len(seeds) - 1:
-            perturb(flat, seed, eps)
-    update(flat, seeds, grads.to(flat.buffer.device), eps, lr, weight_decay)
+            perturb(flat, seed, eps)  # the update waits for all n directions
+    return results
 
 
 def update(flat: FlatParameters, seeds: list[int], grads: torch.Tensor, eps: float, lr: float,

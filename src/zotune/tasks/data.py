@@ -120,6 +120,10 @@ def load_split(task: Task, data_dir: Path | str, k: int, seed: int, split: str) 
     """One split (train, dev, test) of the LM-BFF folder <data_dir>/<Task>/k-shot-1k-test/<k>-<seed>/."""
     if split not in task.splits:
         raise UserError(f"unknown split {split!r}; choose one of {', '.join(task.splits)}")
-    folder = Path(data_dir) / task.data_dir / "k-shot-1k-test" / f"{k}-{seed}"
-    path = folder / f"{task.splits[split]}.{task.file_format}"
-    return load_file(task, path, hint=f"check --data-dir ({data_dir}), --k ({k}) and --seed ({seed})")
+    root = Path(data_dir) / task.data_dir / "k-shot-1k-test"
+    folder = root / f"{k}-{seed}"
+    hint = f"check --data-dir ({data_dir}), --k ({k}) and --seed ({seed})"
+    if root.is_dir() and not folder.is_dir():  # name the k-seed folders that do exist
+        have = sorted(p.name for p in root.iterdir() if p.is_dir())
+        hint += f"; --k {k} --seed {seed} has no folder there; k-seed folders there: {', '.join(have) or 'none'}"
+    return load_file(task, folder / f"{task.splits[split]}.{task.file_format}", hint=hint)
