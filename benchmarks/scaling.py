@@ -71,10 +71,11 @@ def main() -> None:
     for gpus in (1, 2, 4):
         if gpus > torch.cuda.device_count():
             break
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(gpus),
-                              __file__, "--worker", "--steps", str(args.steps)],
-                             capture_output=True, text=True, check=True).stdout
-        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(gpus),
+                              __file__, "--worker", "--steps", str(args.steps)], capture_output=True, text=True)
+        if run.returncode != 0:
+            sys.exit(f"{gpus}-GPU run failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+        results.append(json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:]))
     base = results[0]["steps_per_s"]
     print(f"\nData-parallel MeZO, RoBERTa-large (random weights), SST-2 k=512, {PER_GPU} examples per GPU, "
           f"on {results[0]['device']}")

@@ -1,10 +1,16 @@
 """Shared fixtures: tiny random Hugging Face checkpoints written to disk, as a user's would be."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import RobertaConfig, RobertaForMaskedLM
 
-ROBERTA_TOKENIZER_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "tokenizers" / "roberta"
+ROBERTA_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "tokenizers" / "roberta"
 
 
 def save_tiny_roberta(path, *, vocab_size=60, hidden=32, layers=2, heads=4, tie=True, seed=0,
@@ -46,3 +52,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def run_under_triton_interpreter(test_file: str, timeout: float) -> None:
+    """Run a test module's __main__ with TRITON_INTERPRET=1: its Triton kernels then run on the
+    CPU (numpy float32). A subprocess, because the variable must be set before any kernel is
+    defined."""
+    root = str(Path(__file__).resolve().parents[1])  # so the module can import tests.conftest
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    subprocess.run([sys.executable, test_file], env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path},
+                   check=True, timeout=timeout)

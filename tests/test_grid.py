@@ -9,7 +9,7 @@ def test_sweep_runs_the_grid_and_picks_lr_by_dev(tmp_path, tiny_mlm_dir, capsys)
     out = tmp_path / "sweep"
     args = ["sweep", "--seeds", "13,42", "--lrs", "1e-3,1e-2", "--trainable", "top:1", "--devices", "cpu",
             "--output-dir", str(out), "--model", str(tiny_mlm_dir), "--steps", "2", "--eval-steps", "1",
-            "--batch-size", "16", "--eps", "1e-2"]
+            "--batch-size", "16", "--eps", "1e-2", "--runs-per-device", "2"]
     assert main(args) == 0
     result = json.loads((out / "results.json").read_text())
     assert len(result["cells"]) == 2 and all(len(c["dev"]) == 2 for c in result["cells"])

@@ -60,6 +60,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    help="recompute the frozen layers below the trainable ones (results do not change)")
     p.add_argument("--cache-budget", help="memory for cached hidden states, e.g. 512M or 2G (default 1G)")
     p.add_argument("--cache-spill", action="store_true", help="on a GPU, evict cache entries to host memory")
+    p.add_argument("--pair", action="store_true",
+                   help="lora/prefix: run each direction's +eps and -eps passes as one batch (frozen weights read once)")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--precision", choices=["tf32", "bf16"], help="GPU matmul precision (weights stay float32)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -139,6 +141,8 @@ def _sweep_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lrs", required=True, help="comma-separated learning rates, e.g. 1e-6,1e-7")
     p.add_argument("--trainable", default="full", help="comma-separated subsets, e.g. full,lora,top:4")
     p.add_argument("--devices", default="auto", help="auto (every GPU, else the CPU), cpu, or GPU indices 0,1")
+    p.add_argument("--runs-per-device", type=int, default=1,
+                   help="runs sharing each device at a time (default 1; more keeps a GPU busy with a small model)")
     return p
 
 
@@ -150,7 +154,7 @@ def _run_sweep(args, train_args: list[str]) -> None:
     except ValueError:
         raise UserError(f"--seeds {args.seeds!r} / --lrs {args.lrs!r}: give comma-separated numbers") from None
     result = run_grid(Path(args.output_dir), seeds, lrs, args.trainable.split(","), train_args,
-                      local_devices(args.devices))
+                      local_devices(args.devices), runs_per_device=args.runs_per_device)
     print(result["table"])
 
 

@@ -1,6 +1,7 @@
 """`zotune sweep`: the paper's protocol as one command. A grid of data seeds x learning rates
 x trainable subsets, each cell a normal `zotune train` run in its own process, one run per GPU
-at a time (or one after another on the CPU). Results: one table with mean and std over seeds
+at a time (or one after another on the CPU); `runs_per_device` > 1 shares each device between
+that many runs, which keeps a GPU busy when the model is small and a run is host-bound. Results: one table with mean and std over seeds
 per (subset, lr), the best lr of each subset chosen by mean dev accuracy (never by test), as
 Markdown and JSON. Finished runs (a summary.json exists) are not run again, so an interrupted
 sweep continues where it stopped.
@@ -15,7 +16,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Queue
+from queue import Empty, Queue
 
 from zotune.errors import UserError
 
@@ -32,11 +33,13 @@ class Cell:
 
 
 def run_grid(output_dir: Path, seeds: list[int], lrs: list[float], subsets: list[str], train_args: list[str],
-             devices: list[str], quiet: bool = False) -> dict:
+             devices: list[str], quiet: bool = False, runs_per_device: int = 1) -> dict:
     """Run every cell (skipping finished ones) on `devices` ("cpu" or CUDA indices), then
     write and return the results table."""
     if not seeds or not lrs or not subsets:
         raise UserError("--seeds, --lrs and --trainable each need at least one value")
+    if runs_per_device < 1:
+        raise UserError(f"--runs-per-device {runs_per_device} must be at least 1")
     output_dir.mkdir(parents=True, exist_ok=True)
     cells = [Cell(t, lr, s) for t, lr, s in itertools.product(subsets, lrs, seeds)]
     todo: Queue = Queue()
@@ -44,13 +47,20 @@ def run_grid(output_dir: Path, seeds: list[int], lrs: list[float], subsets: list
         if not (output_dir / cell.name / "summary.json").exists():
             todo.put(cell)
     failures: list[str] = []
+    workers = len(devices) * runs_per_device
+    # Each run would start a CPU thread per core; several runs at once then oversubscribe the
+    # cores many times over (a run on a shared GPU is host-bound and slows to a crawl).
+    threads_per_run = str(max(1, (os.cpu_count() or 1) // workers))
 
     def worker(device: str):
-        while not todo.empty():
-            cell = todo.get()
-            env = dict(os.environ)
+        while True:
+            try:
+                cell = todo.get_nowait()  # not empty() then get(): another worker may take the last cell between
+            except Empty:
+                return
+            env = {"OMP_NUM_THREADS": threads_per_run, **os.environ}  # the user's setting wins
             if device != "cpu":
-                env["CUDA_VISIBLE_DEVICES"] = device  # one run per GPU
+                env["CUDA_VISIBLE_DEVICES"] = device  # the run sees its GPU only
             command = [sys.executable, "-m", "zotune", "train", *train_args, "--trainable", cell.trainable,
                        "--lr", str(cell.lr), "--seed", str(cell.seed), "--output-dir", str(output_dir / cell.name),
                        "--overwrite", "--quiet", "--device", "cpu" if device == "cpu" else "cuda"]
@@ -62,10 +72,10 @@ def run_grid(output_dir: Path, seeds: list[int], lrs: list[float], subsets: list
             elif not quiet:
                 print(f"done {cell.name} on {device}", flush=True)
 
-    threads = [threading.Thread(target=worker, args=(d,)) for d in devices]
-    for thread in threads:
+    pool = [threading.Thread(target=worker, args=(d,)) for d in devices for _ in range(runs_per_device)]
+    for thread in pool:
         thread.start()
-    for thread in threads:
+    for thread in pool:
         thread.join()
     if failures:
         raise UserError(f"{len(failures)} run(s) failed: {'; '.join(failures[:3])}")

@@ -25,7 +25,7 @@ from zotune.evaluate import accuracy, build, encode, predict
 from zotune.optim.flat import FlatParameters
 from zotune.optim.mezo import direction_seed, mezo_step
 from zotune.optim.schedule import SCHEDULES
-from zotune.optim.subsets import SubsetOptions, no_weight_decay, select_trainable
+from zotune.optim.subsets import SubsetOptions, attach_pair_weights, no_weight_decay, select_trainable
 from zotune.tasks.data import default_data_dir, load_split
 
 
@@ -101,7 +101,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     log = None
     if cfg.optimizer == "mezo":
         flat = FlatParameters(trainable, decay_exempt)
-        step_fn = _mezo_stepper(cfg, runner, flat, group)
+        paired = cfg.pair and attach_pair_weights(runner.model, flat)
+        if paired:
+            runner.enable_pairs([name for name, _ in trainable])
+        step_fn = _mezo_stepper(cfg, runner, flat, group, paired)
         header = trajectory.make_header(cfg.to_dict(), trajectory.model_sha256(cfg.model), flat)
         if resume:
             trajectory.check_header(logged_header, header, run_dir)
@@ -279,10 +282,11 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def _mezo_stepper(cfg, runner, flat, group):
+def _mezo_stepper(cfg, runner, flat, group, paired: bool):
     """Single process: n-SPSA over cfg.n_spsa directions. Data parallel (torchrun): each rank
     takes its shard of the batch and the losses are summed. Multi-direction
-    (--directions-per-rank d): rank r measures directions r*d .. r*d+d-1 on the whole batch."""
+    (--directions-per-rank d): rank r measures directions r*d .. r*d+d-1 on the whole batch.
+    `paired`: each direction's ± passes are one forward (runner.pair_loss)."""
     n = cfg.n_spsa if group is None or cfg.directions_per_rank is None else group.world * cfg.directions_per_rank
     measures = combine = None
     if group is not None:
@@ -298,8 +302,9 @@ def _mezo_stepper(cfg, runner, flat, group):
             share = len(group.shard(sequences)) / len(sequences)
             sequences, labels = group.shard(sequences), labels[group.rank::group.world]
         batch = runner.pack(sequences)
-        result = mezo_step(flat, lambda: runner.loss(batch, labels) * share, seeds, cfg.eps, lr,
-                           cfg.weight_decay, measures, combine)
+        loss = runner.pair_loss if paired else runner.loss
+        result = mezo_step(flat, lambda: loss(batch, labels) * share, seeds, cfg.eps, lr,
+                           cfg.weight_decay, measures, combine, paired)
         return result.loss, result.projected_grads.mean(), (seeds, result.projected_grads)  # the last for the log
     return step_fn
 

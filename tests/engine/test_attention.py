@@ -48,3 +48,43 @@ def test_flash_varlen_matches_reference_on_gpu(num_prefix):
     want = _dense_reference(q.cpu(), k.cpu(), v.cpu(), seq_lens,
                             None if prefix_k is None else prefix_k.cpu(), None if prefix_v is None else prefix_v.cpu())
     assert (got.cpu().double() - want).norm() / want.norm() < 1e-2  # FlashAttention computes in bf16
+
+
+def _paired_case(device="cpu", head_dim=8):
+    torch.manual_seed(1)
+    half = pack([[5] + [1] * (n - 1) for n in (2, 9, 4)], 5, 2)
+    batch = half.paired().to(device)
+    n = batch.pair_tokens
+    q, k, v = (torch.randn(2 * n, 4, head_dim, device=device) for _ in range(3))
+    prefix_k, prefix_v = (torch.randn(2, 3, 4, head_dim, device=device) for _ in range(2))  # [plus, minus]
+    # What each half must equal: the half alone, attending to its own prefix.
+    want = torch.cat([varlen_attention(q[:n].cpu(), k[:n].cpu(), v[:n].cpu(), half,
+                                       prefix_k[0].cpu(), prefix_v[0].cpu()),
+                      varlen_attention(q[n:].cpu(), k[n:].cpu(), v[n:].cpu(), half,
+                                       prefix_k[1].cpu(), prefix_v[1].cpu())])
+    return q, k, v, batch, prefix_k, prefix_v, want
+
+
+def test_a_pair_attends_to_the_prefix_of_its_half():
+    q, k, v, batch, prefix_k, prefix_v, want = _paired_case()
+    assert torch.equal(varlen_attention(q, k, v, batch, prefix_k, prefix_v), want)
+
+
+def test_prefix_interleave_of_a_pair():
+    # The rows the FlashAttention path builds: every sequence's prefix (its half's) before its tokens.
+    from zotune.engine.attention import _prepend_prefix
+    q, k, v, batch, prefix_k, prefix_v, _ = _paired_case()
+    k_full, _, cu_k = _prepend_prefix(k, v, prefix_k, prefix_v, batch)
+    pieces = []
+    for b, rows in enumerate(k.split(batch.seq_lens)):
+        pieces += [prefix_k[0 if b < batch.pair_seqs else 1], rows]
+    assert torch.equal(k_full, torch.cat(pieces))
+    assert cu_k.tolist() == [c + 3 * i for i, c in enumerate(batch.cu_seqlens.tolist())]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flash_varlen_pair_matches_reference_on_gpu():
+    q, k, v, batch, prefix_k, prefix_v, want = _paired_case("cuda", head_dim=64)
+    got = varlen_attention(q, k, v, batch, prefix_k, prefix_v).cpu()
+    assert (got - want).norm() / want.norm() < 1e-2  # FlashAttention computes in bf16

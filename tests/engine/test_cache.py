@@ -10,7 +10,9 @@ from zotune.config import TrainConfig
 from zotune.evaluate import build
 from zotune.train import train
 
-SUBSETS = [("top:1", None), ("lora", (1,)), ("prefix", (1,)), ("bias", (1,))]
+# (subset, layers, ± passes as one batch)
+SUBSETS = [("top:1", None, False), ("lora", (1,), False), ("prefix", (1,), False), ("bias", (1,), False),
+           ("lora", (1,), True), ("prefix", (1,), True)]
 
 
 def _train(tmp_path, model_dir, name, **overrides):
@@ -22,13 +24,14 @@ def _train(tmp_path, model_dir, name, **overrides):
     return summary, (run / "metrics.jsonl").read_text(), load_file(run / "best.safetensors")
 
 
-@pytest.mark.parametrize("trainable,layers", SUBSETS)
-def test_cache_on_and_off_are_bit_identical_when_the_batch_repeats(tmp_path, tiny_mlm_dir, trainable, layers):
+@pytest.mark.parametrize("trainable,layers,pair", SUBSETS)
+def test_cache_on_and_off_are_bit_identical_when_the_batch_repeats(tmp_path, tiny_mlm_dir, trainable, layers, pair):
     # k=16 SST-2 has 32 training examples and the batch is 32: every step sees the same packed
-    # batch, so the cached hidden states are the very numbers recomputation would produce.
-    on, metrics_on, weights_on = _train(tmp_path, tiny_mlm_dir, "on", trainable=trainable, layers=layers)
+    # batch, so the cached hidden states are the very numbers recomputation would produce. A
+    # pair runs its trunk once on the batch (not the batch twice) with or without the cache.
+    on, metrics_on, weights_on = _train(tmp_path, tiny_mlm_dir, "on", trainable=trainable, layers=layers, pair=pair)
     off, metrics_off, weights_off = _train(tmp_path, tiny_mlm_dir, "off", trainable=trainable, layers=layers,
-                                           cache=False)
+                                           pair=pair, cache=False)
     assert metrics_on == metrics_off
     assert all(torch.equal(weights_on[n], weights_off[n]) for n in weights_on)
     assert on["test_accuracy"] == off["test_accuracy"]

@@ -6,16 +6,12 @@ kernels in Triton's interpreter (numpy float32 on the CPU) in a subprocess, beca
 TRITON_INTERPRET must be set before the kernels are defined.
 """
 
-import importlib.util
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from zotune.optim import rng, sweep
 from zotune.optim.flat import FlatParameters
+from tests.conftest import needs_triton, run_under_triton_interpreter
 
 EPS = 1e-3
 # (buffer size, decayed prefix): not multiples of the kernel's BLOCK, prefix inside a block.
@@ -50,10 +46,9 @@ def check_triton_matches_torch(device: torch.device):
                 assert torch.equal(e, g), f"sweep {i}, n={n}, seeds {restore_seed} {update_seeds}: {(e != g).sum()} differ"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 def test_triton_kernels_match_torch_interpreted():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    subprocess.run([sys.executable, __file__], env=env, check=True, timeout=600)
+    run_under_triton_interpreter(__file__, timeout=600)
 
 
 @pytest.mark.gpu

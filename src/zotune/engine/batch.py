@@ -4,7 +4,7 @@ Shape notation: T = tokens in the batch, B = sequences, M = <mask> positions (on
 sequence for prompt classification, so M = B).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -19,6 +19,10 @@ class PackedBatch:
     sequences: tuple[tuple[int, ...], ...]  # host copy of the tokens: the trunk cache's keys
     max_seqlen: int            # an upper bound on seq_lens for the attention kernel (a CUDA graph
                                # fixes it at capture; pack() gives the exact maximum)
+    # A MeZO pair (see paired()): the first pair_seqs sequences, pair_tokens tokens, run at
+    # theta + eps z and the rest at theta - eps z. Both 0 in an ordinary batch.
+    pair_seqs: int = 0
+    pair_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -29,8 +33,18 @@ class PackedBatch:
         # From pinned memory the copy is truly asynchronous: the host does not wait for the GPU.
         move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" \
             else (lambda t: t.to(device))  # noqa: E731
-        return PackedBatch(move(self.input_ids), move(self.positions), move(self.cu_seqlens),
-                           move(self.mask_index), self.seq_lens, self.sequences, self.max_seqlen)
+        return replace(self, input_ids=move(self.input_ids), positions=move(self.positions),
+                       cu_seqlens=move(self.cu_seqlens), mask_index=move(self.mask_index))
+
+    def paired(self) -> "PackedBatch":
+        """The batch twice over, as one batch: MeZO's +eps z and -eps z passes over the same
+        sequences run together, so every frozen weight is read once for both (a few small
+        device-side concatenations, no host work)."""
+        n = self.num_tokens
+        return PackedBatch(
+            torch.cat([self.input_ids, self.input_ids]), torch.cat([self.positions, self.positions]),
+            torch.cat([self.cu_seqlens, self.cu_seqlens[1:] + n]), torch.cat([self.mask_index, self.mask_index + n]),
+            self.seq_lens * 2, self.sequences * 2, self.max_seqlen, pair_seqs=len(self.seq_lens), pair_tokens=n)
 
 
 def pack(sequences: list[list[int]], mask_token_id: int | None, position_offset: int) -> PackedBatch:

@@ -69,6 +69,7 @@ class ModelRunner:
         self.stats = RunnerStats()
         self.cache: TrunkCache | None = None
         self.cache_status = "off: no cache was requested"
+        self.pair_start = 0  # layers below this run once for both halves of a MeZO pair (enable_pairs)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on float32 master weights
         self.graphs = GraphedForward(self.model, self.label_word_ids, pad_token_id, self.autocast) \
@@ -94,31 +95,52 @@ class ModelRunner:
                                 self.model.embeddings.word.weight.dtype, frozen, trunk_flops, spill_to_host)
         self.cache_status = f"on: layers 0..{start - 1} and the embeddings are frozen; their output is reused"
 
+    def enable_pairs(self, trainable_names: list[str]) -> None:
+        """pair_loss may be used (the model has its pair weights, optim/subsets.py
+        attach_pair_weights); the layers below the lowest perturbed one then run once per pair."""
+        self.pair_start = lowest_perturbed_layer(trainable_names, self.model.config.num_layers) or 0
+
     def pack(self, sequences: list[list[int]]) -> PackedBatch:
         return pack(sequences, self.mask_token_id, self.model.config.position_offset).to(self.device)
 
-    def logits(self, batch: PackedBatch) -> torch.Tensor:
-        """Label-word logits [B, C]; autograd follows torch's mode (off in MeZO, on for Adam)."""
-        self._count(batch)
+    def logits(self, batch: PackedBatch, pair: bool = False) -> torch.Tensor:
+        """Label-word logits [B, C]; autograd follows torch's mode (off in MeZO, on for Adam).
+        With `pair`, [2B, C]: the batch at θ + εz, then at θ − εz, from one forward (see pair_loss)."""
         model = self.model
         # Dropout makes the trunk random (nothing to reuse) and autograd needs eager execution.
         inference = not model.training and not torch.is_grad_enabled()
+        run = batch.paired() if pair else batch
+        self._count(run)
         hidden, start = None, 0
         if self.cache is not None and inference:
             start = self.cache.start_layer
             with self.autocast:
                 hidden = self.cache.hidden_states(batch, lambda sub: model.trunk(sub, start))
+        elif pair and self.pair_start:
+            start = self.pair_start
+            with self.autocast:
+                hidden = model.trunk(batch, start)
+        if pair and hidden is not None:
+            hidden = torch.cat([hidden, hidden])  # the trunk is the same for both halves: run once
         if self.graphs is not None and inference:
-            filler = self.graphs.padded_tokens(batch.num_tokens) - batch.num_tokens
+            filler = self.graphs.padded_tokens(run.num_tokens) - run.num_tokens
             self.stats.graph_filler_tokens += filler
             self.stats.tokens_computed += filler
-            return self.graphs(batch, hidden, start).clone()  # the graph's buffer is reused by its next replay
+            return self.graphs(run, hidden, start).clone()  # the graph's buffer is reused by its next replay
         with self.autocast:
-            return model(batch, self.label_word_ids, hidden=hidden, start_layer=start).float()
+            return model(run, self.label_word_ids, hidden=hidden, start_layer=start).float()
 
     def loss(self, batch: PackedBatch, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over the label words, LM-BFF's prompt-based objective."""
         return F.cross_entropy(self.logits(batch), labels)
+
+    def pair_loss(self, batch: PackedBatch, labels: torch.Tensor) -> torch.Tensor:
+        """[L+, L−]: the loss at θ + εz (FlatParameters.plus) and at θ − εz (the model's own
+        tensors) from one forward over the batch twice, so the frozen weights are read once for
+        both. Needs enable_pairs."""
+        logits = self.logits(batch, pair=True)                          # [2B, C]
+        n = len(batch.seq_lens)
+        return torch.stack([F.cross_entropy(logits[:n], labels), F.cross_entropy(logits[n:], labels)])
 
     def cache_stats(self) -> dict:
         report = (self.cache.stats if self.cache is not None else CacheStats()).report()

@@ -19,6 +19,7 @@ from torch import nn
 
 from zotune.engine.attention import varlen_attention
 from zotune.engine.batch import PackedBatch
+from zotune.engine.norm import add_layer_norm
 
 _ACTIVATIONS = {
     "gelu": F.gelu,  # exact erf GELU, what RoBERTa and BERT were trained with
@@ -69,9 +70,16 @@ class LoRA(nn.Module):
         # nn.Linear's default init, as in the LoRA reference code; an explicit generator keeps runs reproducible.
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5), generator=generator)
         self.scaling = alpha / rank
+        # A and B at theta + eps z while MeZO runs a pair (PackedBatch.paired): views into
+        # FlatParameters' second buffer, filled by optim/subsets.py attach_pair_weights.
+        self.plus: dict[str, torch.Tensor] = {}
 
-    def forward(self, x):
-        return (x @ self.A.t()) @ self.B.t() * self.scaling
+    def forward(self, x, pair_tokens: int = 0):
+        if not pair_tokens:
+            return (x @ self.A.t()) @ self.B.t() * self.scaling
+        plus = (x[:pair_tokens] @ self.plus["A"].t()) @ self.plus["B"].t()   # the pair's +eps z half
+        minus = (x[pair_tokens:] @ self.A.t()) @ self.B.t()
+        return torch.cat([plus, minus]) * self.scaling
 
 
 class Embeddings(nn.Module):
@@ -102,20 +110,24 @@ class Attention(nn.Module):
         self.lora_v: LoRA | None = None
         self.prefix_k: nn.Parameter | None = None  # [P, E] key/value rows every sequence attends to
         self.prefix_v: nn.Parameter | None = None
+        self.plus: dict[str, torch.Tensor] = {}    # prefix_k/v at theta + eps z, as LoRA.plus
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)                          # 3 x [T, E]
         if self.lora_q is not None:
-            q = q + self.lora_q(x)
-            v = v + self.lora_v(x)
+            q = q + self.lora_q(x, batch.pair_tokens)
+            v = v + self.lora_v(x, batch.pair_tokens)
         split = lambda t: t.view(t.shape[0], self.num_heads, self.head_dim)  # noqa: E731  [., N, D]
         prefix_k = prefix_v = None
         if self.prefix_k is not None:
             prefix_k, prefix_v = split(self.prefix_k), split(self.prefix_v)  # [P, N, D]
+            if batch.pair_seqs:  # the pair's first half attends to the +eps z prefix
+                prefix_k = torch.stack([split(self.plus["prefix_k"]), prefix_k])  # [2, P, N, D]
+                prefix_v = torch.stack([split(self.plus["prefix_v"]), prefix_v])
         attended = varlen_attention(split(q), split(k), split(v), batch, prefix_k, prefix_v,
                                     self.attention_dropout if self.training else 0.0)  # [T, N, D]
         attended = self.out(attended.flatten(1))                         # [T, E]
-        return self.norm(x + F.dropout(attended, self.dropout, self.training))
+        return add_layer_norm(x, F.dropout(attended, self.dropout, self.training), self.norm)
 
 
 class Layer(nn.Module):
@@ -133,7 +145,7 @@ class Layer(nn.Module):
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         x = self.attention(x, batch)                                     # [T, E]
         h = self.ffn_out(self.act(self.ffn_in(x)))                       # [T, F] -> [T, E]
-        return self.ffn_norm(x + F.dropout(h, self.dropout, self.training))
+        return add_layer_norm(x, F.dropout(h, self.dropout, self.training), self.ffn_norm)
 
 
 class MLMHead(nn.Module):

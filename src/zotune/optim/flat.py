@@ -53,12 +53,22 @@ class FlatParameters:
         self.n_decay = sum(p.numel() for _, p in decay)
 
         self.buffer = torch.empty(self.numel, dtype=torch.float32, device=devices.pop())
+        self.plus: torch.Tensor | None = None  # theta + eps z beside theta - eps z, for a MeZO pair
         for (_, p), view in zip(ordered, self._views()):
             view.copy_(p.detach())
             p.data = view  # the model's Parameter now reads and writes the buffer
 
-    def _views(self) -> list[torch.Tensor]:
-        return [self.buffer[o : o + s.numel()].view(s) for o, s in zip(self.offsets, self.shapes)]
+    def _views(self, buffer: torch.Tensor | None = None) -> list[torch.Tensor]:
+        buffer = self.buffer if buffer is None else buffer
+        return [buffer[o : o + s.numel()].view(s) for o, s in zip(self.offsets, self.shapes)]
+
+    def plus_views(self) -> dict[str, torch.Tensor]:
+        """Named views of a second buffer, `plus`, of the same layout. MeZO copies theta + eps z
+        into it before moving the buffer on to theta - eps z, so both passes of a direction
+        can run as one batch (optim/mezo.py). Worth its memory for small subsets (LoRA, prefix)."""
+        if self.plus is None:
+            self.plus = torch.empty_like(self.buffer)
+        return dict(zip(self.names, self._views(self.plus)))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Copies of the named tensors, safe to keep while training goes on."""

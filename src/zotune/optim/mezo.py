@@ -6,6 +6,11 @@ For each of n directions z_j (regenerated from seed_j, never stored):
 The last restore is fused with the update, θ ← θ + εz_n − lr·(Σ g_j z_j / n + wd·θ),
 so one direction costs 3 sweeps over the parameters, not 4.
 
+Paired (`paired=True`, LoRA and prefix subsets): before the −2εz sweep the buffer is copied
+into FlatParameters.plus, so θ + εz and θ − εz exist side by side and `loss_fn` returns
+[L+, L−] from one forward over the batch twice (PackedBatch.paired). The sweeps, and so the
+weights' rounding, are exactly those of the unpaired step.
+
 A step whose loss is NaN or Inf (any L+ or L−) is skipped: the sweeps still run, but every
 update coefficient is zero, so the last sweep only restores θ (issue 7). The choice is made
 on the device with torch.where, so a step still never waits for the host. `replay_step`
@@ -40,14 +45,16 @@ def direction_seed(run_seed: int, step: int, direction: int) -> int:
 def mezo_step(flat: FlatParameters, loss_fn: Callable[[], torch.Tensor], seeds: list[int],
               eps: float, lr: float, weight_decay: float,
               measures: Callable[[int], bool] | None = None,
-              combine: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepResult:
+              combine: Callable[[torch.Tensor], torch.Tensor] | None = None, paired: bool = False) -> StepResult:
     """One step over the directions `seeds`. For scale-out (zotune/distributed.py):
     `measures(j)` says whether this process runs direction j's forward passes (its sweeps run
     regardless, so every replica rounds alike), and `combine` turns this process's [2n] losses
-    (L+, L− per direction; zero where not measured) into the global ones."""
-    zero = flat.buffer.new_zeros(())
-    losses = _sweep_directions(flat, seeds, eps, lambda j: loss_fn() if measures is None or measures(j) else zero)
-    losses = torch.stack(losses)                                        # [2n]
+    (L+, L− per direction; zero where not measured) into the global ones. With `paired`,
+    loss_fn returns [L+, L−] of a direction at once (see above)."""
+    zero = flat.buffer.new_zeros(2 if paired else ())
+    losses = _sweep_directions(flat, seeds, eps, lambda j: loss_fn() if measures is None or measures(j) else zero,
+                               paired)
+    losses = torch.cat([loss.reshape(-1) for loss in losses])           # [2n]: L+_0, L−_0, L+_1, ...
     if combine is not None:
         losses = combine(losses)
     grads = (losses[0::2] - losses[1::2]) / (2 * eps)                  # [n]
@@ -63,15 +70,19 @@ def replay_step(flat: FlatParameters, seeds: list[int], grads: torch.Tensor, eps
 
 
 def _sweep_directions(flat: FlatParameters, seeds: list[int], eps: float,
-                      measure: Callable[[int], torch.Tensor | None]) -> list:
+                      measure: Callable[[int], torch.Tensor | None], paired: bool = False) -> list:
     """The perturbation sweeps of a step, in the order that fixes its rounding: per direction
     θ + εz, then θ − εz (two rounded adds, see sweep.py), then back to θ except after the last
     direction, whose restore the update fuses. measure(j) runs at θ ± εz; returns its results
-    [L+_0, L−_0, L+_1, ...]."""
+    [L+_0, L−_0, L+_1, ...], or with `paired` one [L+_j, L−_j] per direction, measured at θ − εz
+    with θ + εz kept in flat.plus."""
     results = []
     for j, seed in enumerate(seeds):
         perturb(flat, seed, eps)
-        results.append(measure(j))
+        if paired:
+            flat.plus.copy_(flat.buffer)
+        else:
+            results.append(measure(j))
         perturb(flat, seed, -eps, times=2)
         results.append(measure(j))
         if j < len(seeds) - 1:

@@ -20,6 +20,7 @@ from torch import nn
 from zotune.engine.batch import pack
 from zotune.errors import UserError
 from zotune.model.roberta import LoRA, MaskedLM
+from zotune.optim.flat import FlatParameters
 
 SUBSETS = ("full", "bias", "lora", "prefix", "top:K")
 
@@ -108,3 +109,16 @@ def _attach_prefix(model: MaskedLM, layers, num_prefix: int, generator: torch.Ge
     for i in layers:
         attention = model.layers[i].attention
         attention.prefix_k, attention.prefix_v = (nn.Parameter(t) for t in key_values[i])
+
+
+def attach_pair_weights(model: MaskedLM, flat: FlatParameters) -> bool:
+    """Let MeZO run its +eps z and -eps z passes as one batch (PackedBatch.paired): each LoRA
+    and prefix module gets views of the theta + eps z copy of its tensors. Only for subsets
+    made of LoRA or prefix tensors, which the model can apply per half of a batch; any other
+    trainable tensor would need the whole model twice. Returns whether it attached them."""
+    if not all(".lora_" in name or ".prefix_" in name for name in flat.names):
+        return False
+    for name, view in flat.plus_views().items():
+        module_name, tensor_name = name.rsplit(".", 1)  # layers.3.attention.lora_q.A, layers.3.attention.prefix_k
+        model.get_submodule(module_name).plus[tensor_name] = view
+    return True

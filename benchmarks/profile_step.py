@@ -1,0 +1,101 @@
+"""Where a MeZO step's time goes, RoBERTa-large with random weights on a real SST-2 k=16 batch:
+the step's wall time (CUDA events), the host's time to issue it, the GPU kernels by family and
+by name (torch.profiler; with --graphs the profiler may not see inside replayed graphs), and
+the host functions that take longest (cProfile). Optimisation starts from this measurement.
+
+    python benchmarks/profile_step.py --precision bf16
+    python benchmarks/profile_step.py --trainable top:1 --cache --graphs
+"""
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from common import median_ms, random_roberta_large, sst2_prompt, sst2_train
+
+from zotune.engine.runner import ModelRunner
+from zotune.optim.flat import FlatParameters
+from zotune.optim.mezo import direction_seed, mezo_step
+from zotune.optim.subsets import SubsetOptions, no_weight_decay, select_trainable
+
+FAMILIES = (("sweep (Philox)", ("_perturb_kernel", "_restore_and_update_kernel")),
+            ("matmul", ("gemm", "sm90", "cutlass", "cublas", "nvjet")),
+            ("attention", ("flash", "fmha", "attn")),
+            ("layernorm", ("layer_norm",)),
+            ("cast", ("copy_", "to_copy", "convert")))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--precision", default="tf32")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--trainable", default="full")
+    parser.add_argument("--graphs", action="store_true", help="replay CUDA graphs (default: eager)")
+    parser.add_argument("--cache", action="store_true", help="turn the trunk cache on")
+    args = parser.parse_args()
+    prompt = sst2_prompt()
+    sequences, labels = sst2_train(prompt, 16)
+    model = random_roberta_large()
+    trainable = select_trainable(model, args.trainable, SubsetOptions())
+    model.cuda()
+    runner = ModelRunner(model, prompt.label_word_ids, prompt.mask_id, torch.device("cuda"), args.precision,
+                         cuda_graphs=args.graphs)
+    if args.cache:
+        runner.enable_cache([n for n, _ in trainable], 1 << 30)
+    flat = FlatParameters(trainable, lambda n, p: no_weight_decay(n))
+    batch, labels = runner.pack(sequences), labels.cuda()
+    counter = {"step": 0}
+
+    def step():
+        counter["step"] += 1
+        with torch.inference_mode():
+            mezo_step(flat, lambda: runner.loss(batch, labels), [direction_seed(0, counter["step"], 0)], 1e-3, 1e-6, 0.0)
+    wall_ms = median_ms(step, 20)
+    torch.cuda.synchronize()
+    issue = time.perf_counter()
+    for _ in range(20):
+        step()
+    issue_ms = (time.perf_counter() - issue) / 20 * 1e3  # the host runs ahead: time to issue a step
+    torch.cuda.synchronize()
+    host = cProfile.Profile()
+    host.enable()
+    for _ in range(20):
+        step()
+    host.disable()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_name = defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        per_name[e.name][0] += e.device_time / args.steps / 1000
+        per_name[e.name][1] += 1
+    families = defaultdict(float)
+    for name, (ms, _) in per_name.items():
+        family = next((f for f, keys in FAMILIES if any(k in name.lower() for k in keys)), "other")
+        families[family] += ms
+    print(f"\nMeZO step, RoBERTa-large, SST-2 k=16 batch 32 ({batch.num_tokens} tokens), {args.precision}, "
+          f"trainable {args.trainable}, {'CUDA graphs' if args.graphs else 'eager'}, cache "
+          f"{'on' if args.cache else 'off'}, on {torch.cuda.get_device_name()}: wall {wall_ms:.2f} ms/step, "
+          f"host issue {issue_ms:.2f} ms/step, GPU kernels seen {sum(families.values()):.2f} ms/step")
+    print("| family | ms/step |\n|---|---|")
+    for family, ms in sorted(families.items(), key=lambda kv: -kv[1]):
+        print(f"| {family} | {ms:.3f} |")
+    print("| kernel | ms/step | launches/step |\n|---|---|---|")
+    for name, (ms, count) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:20]:
+        print(f"| {name[:90]} | {ms:.3f} | {count / args.steps:.0f} |")
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(15)
+    print("host functions over 20 steps (cProfile, by own time):\n" + text.getvalue()[-4000:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""norm(x + h): the residual add and LayerNorm that close each half of a post-LN layer, fused
+into one kernel on CUDA.
+
+Unfused, each is an add kernel and a layer_norm kernel over [T, E]: 96 launches per
+RoBERTa-large forward, and on a few hundred packed tokens each is bound by launch latency,
+not by memory (issue 4's profile: 0.85 ms of a 9 ms step on an H200). The Triton kernel
+reads both inputs once and normalises one row per program, in float32. `_add_layer_norm_torch`
+is its reference: the CPU path, the path under autograd (the backprop baseline), and what the
+tests compare the kernel with.
+
+Shape notation: T = packed tokens, E = hidden size.
+"""
+
+import torch
+from torch import nn
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # torch's CPU wheels come without triton
+    triton = None
+
+
+def add_layer_norm(x: torch.Tensor, h: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """norm(x + h) for x, h: [T, E] -> [T, E] float32 (x is float32; h may be bf16 under autocast)."""
+    if x.is_cuda and triton is not None and not torch.is_grad_enabled():
+        return _add_layer_norm_triton(x, h, norm.weight, norm.bias, norm.eps)
+    return _add_layer_norm_torch(x, h, norm)
+
+
+def _add_layer_norm_torch(x, h, norm):
+    return norm(x + h)
+
+
+def _add_layer_norm_triton(x, h, weight, bias, eps):
+    x, h = x.contiguous(), h.contiguous()
+    rows, cols = x.shape
+    out = torch.empty(rows, cols, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(cols)
+    _add_layer_norm_kernel[(rows,)](x, h, weight, bias, out, cols, eps, BLOCK=block,
+                                    num_warps=min(max(block // 256, 1), 8))
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _add_layer_norm_kernel(x_ptr, h_ptr, w_ptr, b_ptr, out_ptr, cols, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64) * cols
+        offs = tl.arange(0, BLOCK)
+        inside = offs < cols
+        s = (tl.load(x_ptr + row + offs, mask=inside, other=0.0).to(tl.float32)
+             + tl.load(h_ptr + row + offs, mask=inside, other=0.0).to(tl.float32))   # [E] x + h
+        mean = tl.sum(s, axis=0) / cols
+        centred = tl.where(inside, s - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / cols + eps)     # biased variance, as LayerNorm
+        w = tl.load(w_ptr + offs, mask=inside, other=0.0)
+        b = tl.load(b_ptr + offs, mask=inside, other=0.0)
+        tl.store(out_ptr + row + offs, centred * rstd * w + b, mask=inside)
