@@ -83,11 +83,16 @@ def _replay_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _eval_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("eval", help="score a file (or a k-shot test split) with a model: zero-shot or fine-tuned")
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """What `eval` and `predict` score with: a checkpoint, its tokenizer and the task's prompt."""
     p.add_argument("--model", default=None, help="checkpoint directory (default: models/zotune-roberta-small)")
     p.add_argument("--tokenizer")
     p.add_argument("--task", default="sst2")
+
+
+def _eval_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="score a file (or a k-shot test split) with a model: zero-shot or fine-tuned")
+    _add_model_options(p)
     p.add_argument("--data", help="a file in the task's format; default: the k-shot test split")
     p.add_argument("--data-dir")
     p.add_argument("--k", type=int, default=16)
@@ -114,9 +119,7 @@ def _export_parser(sub) -> argparse.ArgumentParser:
 
 def _predict_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="print label-word probabilities for sentences")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: models/zotune-roberta-small)")
-    p.add_argument("--tokenizer")
-    p.add_argument("--task", default="sst2")
+    _add_model_options(p)
     p.add_argument("--text", action="append", required=True,
                    help="a sentence (repeat for more); for two-sentence tasks separate them with a tab")
     p.add_argument("--template")
