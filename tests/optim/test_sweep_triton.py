@@ -11,6 +11,7 @@ import torch
 
 from zotune.optim import rng, sweep
 from zotune.optim.flat import FlatParameters
+from zotune.optim.mezo import update
 from tests.conftest import needs_triton, run_under_triton_interpreter
 
 EPS = 1e-3
@@ -28,7 +29,8 @@ def _sweeps(buf, n_decay, restore_seed, update_seeds, perturb, restore_and_updat
     perturb(buf, restore_seed, -EPS, 2)
     after.append(buf.to("cpu", copy=True))
     g = torch.linspace(-2.0, 3.0, len(update_seeds), device=buf.device)  # stays on the device
-    restore_and_update(buf, n_decay, restore_seed, EPS, update_seeds, g * 1e-2, 1.0 - 1e-2 * 0.1)
+    decay = torch.full((), 1.0 - 1e-2 * 0.1, device=buf.device)  # float32, as restore_and_update makes it
+    restore_and_update(buf, n_decay, restore_seed, EPS, update_seeds, g * 1e-2, decay)
     after.append(buf.to("cpu", copy=True))
     return after
 
@@ -72,6 +74,7 @@ def test_gpu_step_never_syncs_with_the_host():
         sweep.perturb(flat, 2, -EPS, times=2)
         g = (loss_plus - flat.buffer.square().sum()) / (2 * EPS)  # a 0-dim CUDA tensor
         sweep.restore_and_update(flat, 2, EPS, [(2, g)], 1e-2, 0.1)
+        update(flat, [3], torch.stack([g]), EPS, 1e-2, 0.1)  # the NaN check and the decay switch stay on the device
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

@@ -96,10 +96,7 @@ def update(flat: FlatParameters, seeds: list[int], grads: torch.Tensor, eps: flo
     makes every coefficient zero, so the step only restores θ; returns that flag (0-dim bool)."""
     finite = torch.isfinite(grads).all()
     safe = torch.where(finite, grads, torch.zeros_like(grads))
-    if weight_decay and not finite.item():
-        # Decay is a host-side factor in the sweep, so skipping it needs the flag on the host:
-        # the one sync, paid only by runs with weight decay, and only reading a 0-dim flag.
-        lr = 0.0
     n = len(seeds)
-    restore_and_update(flat, seeds[-1], eps, [(seed, safe[j] / n) for j, seed in enumerate(seeds)], lr, weight_decay)
+    restore_and_update(flat, seeds[-1], eps, [(seed, safe[j] / n) for j, seed in enumerate(seeds)], lr, weight_decay,
+                       decays=finite)
     return finite

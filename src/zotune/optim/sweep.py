@@ -52,6 +52,7 @@ def restore_and_update(
     updates: list[tuple[int, float | torch.Tensor]],
     lr: float,
     weight_decay: float,
+    decays: torch.Tensor | None = None,
 ):
     """In one pass and in this order: buffer += eps * z(restore_seed);
     buffer[:n_decay] *= 1 - lr * weight_decay (MeZO decays the restored theta);
@@ -59,6 +60,8 @@ def restore_and_update(
 
     g_j may be a 0-dim tensor on the buffer's device, so the projected gradient computed from
     GPU losses never has to visit the host. lr * g_j is rounded to float32 once, on that device.
+    `decays`, a 0-dim bool on that device, where False skips the weight decay (a skipped step,
+    optim/mezo.py), again without the host reading it.
     """
     buf = flat.buffer
     for seed in [restore_seed] + [seed for seed, _ in updates]:
@@ -66,7 +69,10 @@ def restore_and_update(
     g = torch.stack([torch.as_tensor(g_j, dtype=torch.float32).to(buf.device, non_blocking=True) for _, g_j in updates])
     coefs = g * lr  # [T] float32
     seeds = [seed for seed, _ in updates]
-    decay = 1.0 - lr * weight_decay
+    # The factor lives on the device, rounded to float32 once, so a device-side flag can switch it off.
+    decay = torch.full((), 1.0 - lr * weight_decay, dtype=torch.float32, device=buf.device)
+    if decays is not None:
+        decay = torch.where(decays, decay, 1.0)
     if _use_triton(buf):
         _restore_and_update_triton(buf, flat.n_decay, restore_seed, eps, seeds, coefs, decay)
     else:
@@ -93,7 +99,7 @@ def _restore_and_update_torch(buf, n_decay, restore_seed, eps, seeds, coefs, dec
         x = buf[start : start + CHUNK]
         z = rng.normal(restore_seed, start, x.numel(), buf.device)
         x.add_(z * eps)
-        x[: max(n_decay - start, 0)].mul_(decay)
+        x[: max(n_decay - start, 0)].mul_(decay)  # decay: a 0-dim float32 tensor
         for seed, c in zip(seeds, coefs):
             # With one direction the update's z is the restore's: generate it once.
             z_j = z if seed == restore_seed else rng.normal(seed, start, x.numel(), buf.device)
@@ -196,14 +202,15 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n_decay", "restore_seed"])
     def _restore_and_update_kernel(
-        buf_ptr, n, n_decay, restore_seed, eps, decay, seeds_ptr, coefs_ptr, N_UPDATES: tl.constexpr, BLOCK: tl.constexpr
+        buf_ptr, n, n_decay, restore_seed, eps, decay_ptr, seeds_ptr, coefs_ptr, N_UPDATES: tl.constexpr,
+        BLOCK: tl.constexpr
     ):
         start = tl.program_id(0).to(tl.int64) * BLOCK
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(buf_ptr + offs, mask=offs < n)
         z = _normal_block(restore_seed, start, BLOCK)
         x = x + z * eps
-        x = tl.where(offs < n_decay, x * decay, x)
+        x = tl.where(offs < n_decay, x * tl.load(decay_ptr), x)
         for j in tl.static_range(N_UPDATES):  # n-SPSA's n: a handful, unrolled
             seed = tl.load(seeds_ptr + j)
             if seed != restore_seed:
