@@ -3,8 +3,8 @@ x trainable subsets, each cell a normal `zotune train` run in its own process, o
 at a time (or one after another on the CPU); `runs_per_device` > 1 shares each device between
 that many runs, which keeps a GPU busy when the model is small and a run is host-bound.
 Results: one table with mean and std over seeds per (subset, lr), the best lr of each subset
-chosen by mean dev accuracy (never by test), as Markdown and JSON. Finished runs (a summary.json exists) are not run again, so an interrupted
-sweep continues where it stopped.
+chosen by mean dev accuracy (never by test), as Markdown and JSON. Finished runs (a
+summary.json exists) are not run again, so an interrupted sweep continues where it stopped.
 """
 
 import itertools
