@@ -59,3 +59,20 @@ def median_ms(fn, steps: int, warmup: int = 3) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def back_to_back_ms(fn, steps: int, repeats: int = 5) -> float:
+    """Time per call of fn() called `steps` times back to back, as a training loop calls its
+    step: the host may issue the next call while the GPU runs this one, and nothing waits in
+    between. The median over `repeats` such blocks, from CUDA events around each block."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(steps):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / steps)
+    return statistics.median(times)

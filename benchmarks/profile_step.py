@@ -1,10 +1,11 @@
-"""Where a MeZO step's time goes, RoBERTa-large with random weights on a real SST-2 k=16 batch:
+"""Where a MeZO step's time goes, RoBERTa-large with random weights on real SST-2 batches (k=16:
+the whole training set, batch 32; --k 512: an epoch of batches of 64, in turn):
 the step's wall time (CUDA events), the host's time to issue it, the GPU kernels by family and
 by name (torch.profiler; with --graphs the profiler may not see inside replayed graphs), and
 the host functions that take longest (cProfile). Optimisation starts from this measurement.
 
     python benchmarks/profile_step.py --precision bf16
-    python benchmarks/profile_step.py --trainable top:1 --cache --graphs
+    python benchmarks/profile_step.py --trainable top:1 --cache --graphs --k 512
 """
 
 import argparse
@@ -21,7 +22,7 @@ from common import median_ms, random_roberta_large, sst2_prompt, sst2_train
 
 from zotune.engine.runner import ModelRunner
 from zotune.optim.flat import FlatParameters
-from zotune.optim.mezo import direction_seed, mezo_step
+from zotune.optim.mezo import MezoStepper, direction_seed
 from zotune.optim.subsets import SubsetOptions, no_weight_decay, select_trainable
 
 FAMILIES = (("sweep (Philox)", ("_perturb_kernel", "_restore_and_update_kernel")),
@@ -36,11 +37,12 @@ def main():
     parser.add_argument("--precision", default="tf32")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--trainable", default="full")
-    parser.add_argument("--graphs", action="store_true", help="replay CUDA graphs (default: eager)")
+    parser.add_argument("--graphs", action="store_true", help="each step one CUDA graph replay (default: eager)")
     parser.add_argument("--cache", action="store_true", help="turn the trunk cache on")
+    parser.add_argument("--k", type=int, choices=(16, 512), default=16)
     args = parser.parse_args()
     prompt = sst2_prompt()
-    sequences, labels = sst2_train(prompt, 16)
+    sequences, labels = sst2_train(prompt, args.k)
     model = random_roberta_large()
     trainable = select_trainable(model, args.trainable, SubsetOptions())
     model.cuda()
@@ -49,13 +51,19 @@ def main():
     if args.cache:
         runner.enable_cache([n for n, _ in trainable], 1 << 30)
     flat = FlatParameters(trainable, lambda n, p: no_weight_decay(n))
-    batch, labels = runner.pack(sequences), labels.cuda()
+    size = 32 if args.k == 16 else 64
+    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(0)).tolist()
+    chunks = [sorted(order[s:s + size]) for s in range(0, len(order), size)]
+    batches = [(runner.pack([sequences[i] for i in chunk]), labels[chunk].cuda()) for chunk in chunks]
+    stepper = MezoStepper(runner, flat, 1e-3, 0.0)  # as zotune train steps
     counter = {"step": 0}
 
     def step():
         counter["step"] += 1
         with torch.inference_mode():
-            mezo_step(flat, lambda: runner.loss(batch, labels), [direction_seed(0, counter["step"], 0)], 1e-3, 1e-6, 0.0)
+            stepper(*batches[counter["step"] % len(batches)], [direction_seed(0, counter["step"], 0)], 1e-6)
+    for _ in batches:  # every batch once: fills the cache and captures each shape
+        step()
     wall_ms = median_ms(step, 20)
     torch.cuda.synchronize()
     issue = time.perf_counter()
@@ -82,7 +90,8 @@ def main():
     for name, (ms, _) in per_name.items():
         family = next((f for f, keys in FAMILIES if any(k in name.lower() for k in keys)), "other")
         families[family] += ms
-    print(f"\nMeZO step, RoBERTa-large, SST-2 k=16 batch 32 ({batch.num_tokens} tokens), {args.precision}, "
+    tokens = sum(b.num_tokens for b, _ in batches) / len(batches)
+    print(f"\nMeZO step, RoBERTa-large, SST-2 k={args.k} batch {size} ({tokens:.0f} tokens), {args.precision}, "
           f"trainable {args.trainable}, {'CUDA graphs' if args.graphs else 'eager'}, cache "
           f"{'on' if args.cache else 'off'}, on {torch.cuda.get_device_name()}: wall {wall_ms:.2f} ms/step, "
           f"host issue {issue_ms:.2f} ms/step, GPU kernels seen {sum(families.values()):.2f} ms/step")

@@ -6,11 +6,19 @@ the cache holds the hidden states entering its lowest perturbed layer. "+ pair" 
 each direction's ± passes as one batch (LoRA and prefix allow it); their "no cache" column is
 the same unpaired step without the cache, so the speed-up is that of both together.
 
+Every step runs as `zotune train` runs it (MezoStepper): one CUDA graph replay per step. The
+"cache, graph per pass" column times the cached step as runs C and D did, with a graph per
+forward pass and the sweeps launched from Python, to show what the whole-step graph saves.
+
 The ideal speed-up counts layers only (24 run without the cache, K with it). It ignores the
-work no cache can remove: the three sweeps over the trainable tensors, measured alone here,
-and the head. "ideal with sweeps" keeps the measured sweeps and scales the rest by K/24.
-Timings are medians of CUDA-event-timed steps after a warm-up epoch; the hit rate is counted
-by the cache over the timed steps alone.
+work no cache can remove: the three sweeps over the trainable tensors, measured alone here
+(replayed as one CUDA graph, so their GPU time without launch latency), and the head.
+"ideal with sweeps" keeps the measured sweeps and scales the rest by K/24.
+Step times come from CUDA events around blocks of --steps steps run back to back, as `zotune
+train` runs them (the host issues the next step while the GPU runs this one), the median of 5
+blocks, after a warm-up epoch. Runs A-D timed each step alone, synchronising after it, so their
+figures also hold the host's time to issue a step. The hit rate is counted by the cache over
+the timed steps alone.
 
     python benchmarks/reuse.py
 """
@@ -19,13 +27,13 @@ import argparse
 
 import torch
 
-from common import median_ms, random_roberta_large, sst2_prompt, sst2_train
+from common import back_to_back_ms, random_roberta_large, sst2_prompt, sst2_train
 
 from zotune.engine.runner import ModelRunner
 from zotune.optim.flat import FlatParameters
-from zotune.optim.mezo import direction_seed, mezo_step
+from zotune.optim.mezo import MezoStepper, direction_seed, mezo_step
 from zotune.optim.subsets import SubsetOptions, attach_pair_weights, no_weight_decay, select_trainable
-from zotune.optim.sweep import perturb, restore_and_update
+from zotune.optim.sweep import perturb, restore_and_update, seed_tensor
 
 UPPER = (20, 21, 22, 23)
 # (label, subset, layers, ± passes as one batch when cached)
@@ -60,13 +68,15 @@ def main():
             layers_run = model.config.num_layers - start
             ideal = model.config.num_layers / layers_run
             times, stats = {}, None
-            for cached in (False, True):
+            for mode in ("no cache", "cache", "cache, graph per pass"):
+                cached = mode != "no cache"
                 runner = ModelRunner(model, prompt.label_word_ids, prompt.mask_id, torch.device("cuda"))
                 if cached:
                     runner.enable_cache(names, 4 << 30)
                     if paired:
                         runner.enable_pairs(names)
                 pair = cached and paired
+                stepper = MezoStepper(runner, flat, 1e-3, 0.0, pair)
                 packed = [(runner.pack(s), y.cuda()) for s, y in train_batches]
                 counter = {"step": 0}
 
@@ -74,39 +84,44 @@ def main():
                     i = counter["step"]
                     counter["step"] += 1
                     batch, y = packed[i % len(packed)]
-                    loss = runner.pair_loss if pair else runner.loss
+                    seeds = [direction_seed(0, i, 0)]
                     with torch.inference_mode():
-                        mezo_step(flat, lambda: loss(batch, y), [direction_seed(0, i, 0)], 1e-3, 1e-6, 0.0,
-                                  paired=pair)
-                for _ in range(len(packed)):  # warm-up epoch: fills the cache
+                        if mode == "cache, graph per pass":  # the step as runs C and D timed it
+                            loss = runner.pair_loss if pair else runner.loss
+                            mezo_step(flat, lambda: loss(batch, y), seeds, 1e-3, 1e-6, 0.0, paired=pair)
+                        else:
+                            stepper(batch, y, seeds, 1e-6)
+                for _ in range(len(packed)):  # warm-up epoch: fills the cache, captures every shape
                     step()
                 before = dict(runner.cache_stats())
-                times[cached] = median_ms(step, args.steps, warmup=0)
+                times[mode] = back_to_back_ms(step, args.steps)
                 after = runner.cache_stats()
-                if cached:
+                if mode == "cache":
                     lookups = after["lookups"] - before["lookups"]
                     stats = ((after["hits"] - before["hits"]) / lookups, after["bytes_held"])
-            g = torch.ones((), device="cuda")
-
-            def sweeps():  # a step's three sweeps alone, as mezo_step makes them
-                perturb(flat, 1, 1e-3)
-                perturb(flat, 1, -1e-3, times=2)
-                restore_and_update(flat, 1, 1e-3, [(1, g)], 0.0, 0.0)
-            sweep_ms = median_ms(sweeps, args.steps)
-            ideal_sweeps = times[False] / (sweep_ms + (times[False] - sweep_ms) / ideal)
-            speedup = times[False] / times[True]
-            rows.append((f"k={k}", batch_size, label, times[False], times[True], speedup, ideal, speedup / ideal,
-                         sweep_ms, ideal_sweeps, speedup / ideal_sweeps, *stats))
-            del model, flat, runner, packed
+            seed, g = seed_tensor(1, "cuda"), torch.ones((), device="cuda")
+            sweeps = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(sweeps):  # a step's three sweeps alone, one graph as in the step's
+                perturb(flat, seed, 1e-3)
+                perturb(flat, seed, -1e-3, times=2)
+                restore_and_update(flat, seed, 1e-3, [(seed, g)], 0.0, 0.0)
+            sweep_ms = back_to_back_ms(sweeps.replay, args.steps)
+            off = times["no cache"]
+            ideal_sweeps = off / (sweep_ms + (off - sweep_ms) / ideal)
+            speedup = off / times["cache"]
+            rows.append((f"k={k}", batch_size, label, off, times["cache"], times["cache, graph per pass"], speedup,
+                         ideal, speedup / ideal, sweep_ms, ideal_sweeps, speedup / ideal_sweeps, *stats))
+            del model, flat, runner, packed, stepper, sweeps
             torch.cuda.empty_cache()
 
     print(f"\nTrunk cache, RoBERTa-large (random weights), SST-2 seed-42, on {torch.cuda.get_device_name()}")
-    print("| setting | batch | trainable | no cache ms | cache ms | speed-up | ideal (layers) | of ideal "
-          "| sweeps ms | ideal with sweeps | of that | hit rate (timed steps) | cache held MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for (setting, bs, label, off, on, speedup, ideal, fraction, sweep_ms, ideal_sweeps, fraction_sweeps,
+    print("| setting | batch | trainable | no cache ms | cache ms | cache, graph per pass ms | speed-up "
+          "| ideal (layers) | of ideal | sweeps ms | ideal with sweeps | of that | hit rate (timed steps) "
+          "| cache held MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (setting, bs, label, off, on, per_pass, speedup, ideal, fraction, sweep_ms, ideal_sweeps, fraction_sweeps,
          hit_rate, held) in rows:
-        print(f"| {setting} | {bs} | {label} | {off:.2f} | {on:.2f} | {speedup:.1f}x | {ideal:.1f}x "
+        print(f"| {setting} | {bs} | {label} | {off:.2f} | {on:.2f} | {per_pass:.2f} | {speedup:.1f}x | {ideal:.1f}x "
               f"| {fraction:.2f} | {sweep_ms:.2f} | {ideal_sweeps:.1f}x | {fraction_sweeps:.2f} "
               f"| {hit_rate:.1%} | {held / (1 << 20):.0f} |")
 

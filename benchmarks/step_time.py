@@ -7,7 +7,10 @@
     `param.data = param.data + ...` copies. Measured with TF32 off (the reference's
     default) and on.
 (b) zotune: packed batch, no autograd, LM head at the masks only, one Philox sweep kernel
-    per perturbation over a flat float32 buffer, restore fused with the update.
+    per perturbation over a flat float32 buffer, restore fused with the update; with CUDA
+    graphs the whole step is one graph replay, as `zotune train` runs it (MezoStepper). The
+    "graph per pass" row is the step as runs 2 and 3 ran it: a graph per forward pass, the
+    sweeps launched from Python.
 (c) an inference-only forward of the same batch through zotune's engine: the memory
     MeZO should stay within.
 
@@ -28,7 +31,7 @@ from common import median_ms, random_roberta_large, sst2_prompt, sst2_train
 from zotune.engine.runner import ModelRunner
 from zotune.model.loading import config_from_hf, to_hf_state
 from zotune.optim.flat import FlatParameters
-from zotune.optim.mezo import direction_seed, mezo_step
+from zotune.optim.mezo import MezoStepper, direction_seed, mezo_step
 
 EPS, LR = 1e-3, 1e-6
 
@@ -108,7 +111,8 @@ def main():
 
         # (b) and (c): zotune's engine on a random RoBERTa-large, in each GPU precision.
         zotune = {}
-        for precision, graphs in (("tf32", False), ("tf32", True), ("bf16", True)):
+        for precision, graphs, mode in (("tf32", False, "eager"), ("tf32", True, "CUDA graphs"),
+                                        ("bf16", True, "CUDA graphs"), ("bf16", True, "graph per pass")):
             model = random_roberta_large()
             hf_state = {n: t.cpu() for n, t in to_hf_state(model.state_dict(), cfg, arch).items()}
             runner = ModelRunner(model, prompt.label_word_ids, prompt.mask_id, torch.device("cuda"), precision,
@@ -124,6 +128,7 @@ def main():
             forward_peak = torch.cuda.max_memory_allocated()
 
             flat = FlatParameters(list(model.named_parameters()), lambda n, p: False)
+            stepper = MezoStepper(runner, flat, EPS, 0.0)
             torch.cuda.empty_cache()
             counter = {"step": 0}
 
@@ -132,12 +137,15 @@ def main():
                 counter["step"] += 1
                 batch, labels = packed[i % len(packed)]
                 with torch.inference_mode():
-                    mezo_step(flat, lambda: runner.loss(batch, labels), [direction_seed(0, i, 0)], EPS, LR, 0.0)
+                    if mode == "graph per pass":
+                        mezo_step(flat, lambda: runner.loss(batch, labels), [direction_seed(0, i, 0)], EPS, LR, 0.0)
+                    else:
+                        stepper(batch, labels, [direction_seed(0, i, 0)], LR)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            step_ms = median_ms(zotune_step, args.steps)
-            zotune[f"{precision}{', CUDA graphs' if graphs else ', eager'}"] = (step_ms, torch.cuda.max_memory_allocated(), forward_ms, forward_peak)
-            del model, runner, flat, packed
+            step_ms = median_ms(zotune_step, args.steps, warmup=len(packed))  # every shape captured first
+            zotune[f"{precision}, {mode}"] = (step_ms, torch.cuda.max_memory_allocated(), forward_ms, forward_peak)
+            del model, runner, flat, packed, stepper
             torch.cuda.empty_cache()
 
         # (a) the reference on the same weights, float32, TF32 off (its default) and on.
@@ -150,7 +158,7 @@ def main():
             step = reference_step_fn(hf, padded(sample[0], 1), prompt.mask_id, label_word_ids)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            reference[tf32] = (median_ms(step, max(3, args.steps // 4)), torch.cuda.max_memory_allocated())
+            reference[tf32] = (median_ms(step, max(3, args.steps // 2)), torch.cuda.max_memory_allocated())
         torch.backends.cuda.matmul.allow_tf32 = True
         del hf, step
         torch.cuda.empty_cache()

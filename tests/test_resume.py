@@ -128,3 +128,24 @@ def test_ctrl_c_keeps_every_step_and_resumes(tmp_path, tiny_mlm_dir):
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
     assert json.loads(out)["steps"] == 400
+
+
+def test_a_run_written_before_a_config_field_existed_still_resumes(tmp_path, tiny_mlm_dir):
+    # Runs from before `pair` existed ran unpaired, and their config.json and log header lack it.
+    from zotune.config import TrainConfig, read_run_config
+    from zotune.train import train
+    options = dict(model=str(tiny_mlm_dir), device="cpu", trainable="lora", steps=6, eval_steps=3, log_steps=1,
+                   lr=1e-2, eps=1e-2, batch_size=8, quiet=True, pair=False)
+    whole, old = tmp_path / "whole", tmp_path / "old"
+    for run in (whole, old):
+        train(TrainConfig(**options, output_dir=str(run)))
+    config = json.loads((old / "config.json").read_text())
+    del config["pair"]
+    (old / "config.json").write_text(json.dumps(config))
+    header, *records = [json.loads(line) for line in (old / LOG_NAME).read_text().splitlines()]
+    del header["config"]["pair"]
+    (old / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in [header, *records[:3]]))  # killed at step 3
+    cfg = read_run_config(old)
+    assert cfg.pair is False
+    assert train(cfg, resume=True)["resumed_from_step"] == 3
+    assert _same(whole / "final.safetensors", old / "final.safetensors")

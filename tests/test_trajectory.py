@@ -70,7 +70,8 @@ def test_replay_refuses_a_different_base_model(tmp_path, tiny_mlm_dir):
 
 
 def _nan_loss_at(monkeypatch, bad_calls):
-    """Make ModelRunner.loss return NaN on the given calls (2 per MeZO step: L+ then L-)."""
+    """Make ModelRunner.loss return NaN on the given calls (2 per MeZO step: L+ then L-; the
+    runs below pass pair=False, so each pass is its own call)."""
     real, calls = ModelRunner.loss, [0]
 
     def loss(self, batch, labels):
@@ -83,7 +84,7 @@ def _nan_loss_at(monkeypatch, bad_calls):
 def test_nan_steps_are_skipped_counted_logged_and_replayed(tmp_path, tiny_mlm_dir, monkeypatch):
     # Step 3's L- and step 6's L+ are NaN (calls 2 * step + 0/1, steps 0-based).
     _nan_loss_at(monkeypatch, lambda call: call in (2 * 2 + 1, 2 * 5))
-    summary, run = _run(tmp_path, tiny_mlm_dir, "run")
+    summary, run = _run(tmp_path, tiny_mlm_dir, "run", pair=False)
     assert summary["bad_steps"] == 2
     _, records = trajectory.read_log(run)
     assert [r["step"] for r in records if r["skipped"]] == [3, 6]
@@ -94,7 +95,7 @@ def test_nan_steps_are_skipped_counted_logged_and_replayed(tmp_path, tiny_mlm_di
 def test_too_many_bad_steps_in_a_row_abort_keeping_progress(tmp_path, tiny_mlm_dir, monkeypatch):
     _nan_loss_at(monkeypatch, lambda call: call >= 2 * 5)  # every step from step 6 on
     with pytest.raises(UserError, match="3 bad steps in a row"):
-        _run(tmp_path, tiny_mlm_dir, "run", max_bad_steps=3, steps=40)
+        _run(tmp_path, tiny_mlm_dir, "run", max_bad_steps=3, steps=40, pair=False)
     run = tmp_path / "run"
     assert not (run / "summary.json").exists() and (run / "best.safetensors").exists()
     _, records = trajectory.read_log(run)
@@ -102,16 +103,22 @@ def test_too_many_bad_steps_in_a_row_abort_keeping_progress(tmp_path, tiny_mlm_d
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
 
 
+@pytest.mark.parametrize("paired", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_a_skipped_step_only_restores(bad, weight_decay):
-    """A non-finite loss runs the same sweeps as an lr=0 step: the update is exactly zero."""
+def test_a_skipped_step_only_restores(bad, weight_decay, paired):
+    """A non-finite loss runs the same sweeps as an lr=0 step: the update is exactly zero.
+    Paired, one call returns [L+, L-] (the plus buffer is only read by a paired model)."""
     torch.manual_seed(0)
     params = [("w", torch.nn.Parameter(torch.randn(1000))), ("b", torch.nn.Parameter(torch.randn(10)))]
     a = FlatParameters([(n, torch.nn.Parameter(p.detach().clone())) for n, p in params], {"b"})
     b = FlatParameters([(n, torch.nn.Parameter(p.detach().clone())) for n, p in params], {"b"})
-    losses = iter([torch.tensor(1.0), torch.tensor(bad)])
-    result = mezo_step(a, lambda: next(losses), [7], 1e-2, 0.5, weight_decay)
+    if paired:
+        a.plus_views()
+        losses = iter([torch.tensor([1.0, bad])])
+    else:
+        losses = iter([torch.tensor(1.0), torch.tensor(bad)])
+    result = mezo_step(a, lambda: next(losses), [7], 1e-2, 0.5, weight_decay, paired=paired)
     assert not result.finite
     mezo_step(b, lambda: torch.tensor(1.0), [7], 1e-2, 0.0, 0.0)
     assert torch.equal(a.buffer, b.buffer)

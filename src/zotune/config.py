@@ -62,8 +62,8 @@ class TrainConfig:
     cache: bool = True                  # reuse the frozen trunk's hidden states where the subset allows
     cache_budget: str = "1G"            # bytes of hidden states the cache may hold (K, M, G suffixes)
     cache_spill: bool = False           # on a GPU, evict to host memory instead of dropping
-    pair: bool = False                  # lora/prefix: run each direction's ± passes as one batch (opt-in:
-                                        # slower on an H100 at batch 32-64, where the step is host-bound)
+    pair: bool = True                   # lora/prefix: run each direction's ± passes as one batch (other
+                                        # subsets perturb weights both halves would read: always unpaired)
     device: str = "auto"
     precision: str = "tf32"             # on CUDA: tf32 matmuls on float32 weights, or bf16 autocast
     cuda_graphs: bool = True            # on CUDA: replay captured forward passes (no launch overhead)
@@ -137,6 +137,11 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
+# Fields added after runs were already being written, with the value that reproduces a run
+# written before each existed (its config.json and trajectory log lack the field).
+ADDED_FIELDS = {"pair": False}
+
+
 def read_run_config(run_dir: str | Path) -> TrainConfig:
     """The TrainConfig a run directory was started with (its config.json)."""
     path = Path(run_dir) / "config.json"
@@ -144,6 +149,6 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
         raise UserError(f"cannot read run directory {run_dir}: it does not exist; "
                         "pass the --output-dir of a zotune train run")
     try:
-        return TrainConfig.from_dict(json.loads(path.read_text()))
+        return TrainConfig.from_dict({**ADDED_FIELDS, **json.loads(path.read_text())})
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read {path}: {exc}; pass the --output-dir of a zotune train run") from None

@@ -23,7 +23,7 @@ from zotune.distributed import init_from_env
 from zotune.errors import UserError
 from zotune.evaluate import accuracy, build, encode, predict
 from zotune.optim.flat import FlatParameters
-from zotune.optim.mezo import direction_seed, mezo_step
+from zotune.optim.mezo import MezoStepper, direction_seed
 from zotune.optim.schedule import SCHEDULES
 from zotune.optim.subsets import SubsetOptions, attach_pair_weights, no_weight_decay, select_trainable
 from zotune.tasks.data import default_data_dir, load_split
@@ -85,7 +85,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     splits = {s: load_split(prompted.task, data_dir, cfg.k, cfg.seed, s) for s in ("train", "dev", "test")}
     sequences = {s: encode(prompted.prompt, examples) for s, examples in splits.items()}
-    train_labels = torch.tensor([e.label for e in splits["train"]], device=device)
+    # Indexed on the host, then copied without a stream sync (a CUDA tensor indexed by a list syncs).
+    train_labels = torch.tensor([e.label for e in splits["train"]])
     if resume:
         run_dir = Path(cfg.output_dir)
         logged_header, records = trajectory.read_log(run_dir)  # fails before anything is written
@@ -203,7 +204,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             index = batch_indices(len(sequences["train"]), cfg.batch_size, cfg.seed, step)
             batch = [sequences["train"][i] for i in index]
             lr = SCHEDULES[cfg.schedule](step, cfg.lr, cfg.steps)
-            loss, grad, logged = step_fn(step, batch, train_labels[index], lr)
+            labels = train_labels[index].to(device, non_blocking=True)
+            loss, grad, logged = step_fn(step, batch, labels, lr)
             done = step + 1
             if log is not None:
                 seeds, projected_grads = logged
@@ -293,6 +295,7 @@ def _mezo_stepper(cfg, runner, flat, group, paired: bool):
         combine = group.all_reduce_sum
         if cfg.directions_per_rank is not None:
             measures = lambda j: j // cfg.directions_per_rank == group.rank  # noqa: E731
+    stepper = MezoStepper(runner, flat, cfg.eps, cfg.weight_decay, paired)
 
     @torch.inference_mode()
     def step_fn(step, sequences, labels, lr):
@@ -301,10 +304,7 @@ def _mezo_stepper(cfg, runner, flat, group, paired: bool):
         if group is not None and cfg.directions_per_rank is None:  # data parallel: my shard
             share = len(group.shard(sequences)) / len(sequences)
             sequences, labels = group.shard(sequences), labels[group.rank::group.world]
-        batch = runner.pack(sequences)
-        loss = runner.pair_loss if paired else runner.loss
-        result = mezo_step(flat, lambda: loss(batch, labels) * share, seeds, cfg.eps, lr,
-                           cfg.weight_decay, measures, combine, paired)
+        result = stepper(runner.pack(sequences), labels, seeds, lr, share, measures, combine)
         return result.loss, result.projected_grads.mean(), (seeds, result.projected_grads)  # the last for the log
     return step_fn
 

@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from zotune.config import ADDED_FIELDS
 from zotune.errors import UserError
 from zotune.model.loading import _weight_files, resolve_model_dir
 from zotune.optim.flat import FlatParameters
@@ -156,7 +157,7 @@ def check_header(header: dict, expected: dict, run_dir: Path):
     """A resume must continue the same run: same config (where the run lives aside), same base
     weights, same trainable layout. Each difference is a one-line UserError."""
     skip = {"output_dir", "overwrite", "quiet"}
-    logged = {k: v for k, v in header["config"].items() if k not in skip}
+    logged = {k: v for k, v in {**ADDED_FIELDS, **header["config"]}.items() if k not in skip}
     now = {k: v for k, v in expected["config"].items() if k not in skip}
     if logged != now:
         changed = sorted(k for k in logged.keys() | now.keys() if logged.get(k) != now.get(k))

@@ -78,6 +78,27 @@ def test_counters_equal_a_hand_count(tiny_mlm_dir):
     assert stats["bytes_held"] == sum(-(-n // 16) * 16 for n in map(len, (a, b, c))) * cfg.hidden_size * 4
 
 
+def test_a_lookup_for_several_passes_counts_each_pass(tiny_mlm_dir):
+    # A whole MeZO step in one CUDA graph reads the hidden states 2n times from one lookup
+    # (uses=2n): each pass counts as a lookup, and a sequence computed for the first pass is a
+    # hit for the others, its trunk not run again.
+    runner, encode = _runner(tiny_mlm_dir)
+    a, b, c = encode("good "), encode("a long and winding sentence "), encode("bad ")
+    trunk_runs = []
+
+    def trunk(sub):
+        trunk_runs.append(len(sub.seq_lens))
+        return runner.model.trunk(sub, runner.cache.start_layer)
+    with torch.inference_mode():
+        first = runner.cache.hidden_states(runner.pack([a, b]), trunk, uses=4)   # 8 lookups: 2 misses, 6 hits
+        second = runner.cache.hidden_states(runner.pack([c, a]), trunk, uses=2)  # 4 lookups: c misses once
+    stats = runner.cache_stats()
+    assert trunk_runs == [2, 1]
+    assert (stats["lookups"], stats["hits"]) == (12, 9)
+    assert stats["tokens_reused"] == 3 * (len(a) + len(b)) + 2 * len(a) + len(c)
+    assert torch.equal(second[len(c):], first[:len(a)])
+
+
 def test_changing_a_frozen_weight_invalidates(tiny_mlm_dir):
     runner, encode = _runner(tiny_mlm_dir)
     batch, labels = runner.pack([encode("good "), encode("bad ")]), torch.tensor([1, 0])
@@ -106,6 +127,42 @@ def test_eviction_under_a_small_budget_gives_identical_results(tiny_mlm_dir):
     big, small = results[1 << 30], results[2 * 16 * 32 * 4]
     assert torch.equal(big[0], small[0])
     assert small[1]["evictions"] > 0 and big[1]["evictions"] == 0 and big[1]["hits"] == 6
+
+
+def _logits_under_budgets(model_dir, batches, budgets, device="cpu", spill=False):
+    """Logits of `batches` (lists of sentences) with the cache off (None) and under each budget."""
+    results = {}
+    for budget in budgets:
+        prompted = build(str(model_dir), "sst2", device=device)
+        runner = prompted.runner
+        if budget is not None:
+            runner.enable_cache(["layers.1.ffn_in.weight"], budget, spill_to_host=spill)
+        with torch.inference_mode():
+            out = [runner.logits(runner.pack([prompted.prompt.encode((t,)) for t in batch])) for batch in batches]
+        results[budget] = (out, runner.cache_stats())
+    return results
+
+
+def test_a_budget_smaller_than_the_batch_still_gives_exact_results(tiny_mlm_dir):
+    # Room for two short sentences; the third batch's two hits are gathered before storing its
+    # miss evicts one of them.
+    batches = [["good ", "bad "], ["good ", "bad "], ["good ", "bad ", "fine "], ["fine ", "good "]]
+    results = _logits_under_budgets(tiny_mlm_dir, batches, [None, 2 * 16 * 32 * 4])
+    (off, _), (small, stats) = results[None], results[2 * 16 * 32 * 4]
+    assert all(torch.equal(a, b) for a, b in zip(off, small))
+    assert stats["evictions"] > 0 and stats["hits"] >= 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_spill_to_host_gives_the_same_results(tiny_mlm_dir):
+    sentences = [f"sentence number {i} of the test " for i in range(6)]
+    batches = [sentences[i:i + 2] for i in range(0, 6, 2)] * 2
+    budget = 2 * 16 * 32 * 4
+    spilled = _logits_under_budgets(tiny_mlm_dir, batches, [budget], "cuda", spill=True)[budget]
+    dropped = _logits_under_budgets(tiny_mlm_dir, batches, [budget], "cuda")[budget]
+    assert all(torch.equal(a, b) for a, b in zip(spilled[0], dropped[0]))
+    assert spilled[1]["host_hits"] > 0 and spilled[1]["hits"] == 6 and dropped[1]["hits"] == 0
 
 
 def test_full_fine_tuning_reports_zero_and_why(tiny_mlm_dir):

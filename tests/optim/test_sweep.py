@@ -147,6 +147,19 @@ def test_tensor_coefficients_equal_float_coefficients():
     assert torch.equal(a.buffer, b.buffer)
 
 
+def test_device_seeds_and_lr_equal_host_ones():
+    # What a CUDA-graph step passes: seeds as int64 tensors, lr as a float64 tensor.
+    a, b = _random_flat(500, 300), _random_flat(500, 300)
+    seeds = sweep.seed_tensor([4, 8], "cpu")
+    for lr in (1e-2, 3e-5, 1 / 3):
+        sweep.perturb(a, 4, EPS)
+        sweep.perturb(b, seeds[0], EPS)
+        sweep.restore_and_update(a, 8, EPS, [(4, 0.37), (8, -1.5)], lr=lr, weight_decay=0.1)
+        sweep.restore_and_update(b, seeds[1], EPS, [(seeds[0], 0.37), (seeds[1], -1.5)],
+                                 lr=torch.tensor(lr, dtype=torch.float64), weight_decay=0.1)
+        assert torch.equal(a.buffer, b.buffer)
+
+
 def test_perturb_twice_is_two_rounded_adds():
     a, b = _random_flat(1000, 500), _random_flat(1000, 500)
     sweep.perturb(a, 12, -EPS, times=2)
@@ -176,3 +189,7 @@ def test_rejects_bad_seeds():
         sweep.perturb(flat, -1, EPS)
     with pytest.raises(ValueError, match="seed"):
         sweep.restore_and_update(flat, 1, EPS, [(2**63, 0.1)], 0.1, 0.0)
+    with pytest.raises(ValueError, match="seed"):
+        sweep.seed_tensor([1, -5], "cpu")
+    with pytest.raises(ValueError, match="int64"):
+        sweep.seed_tensor(torch.tensor([1], dtype=torch.int32), "cpu")

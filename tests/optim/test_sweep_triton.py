@@ -22,7 +22,10 @@ SEEDS = [(2**40 + 3, [2**40 + 3]), (4, [4, 2**62 + 9]), (7, [8, 9])]
 
 
 def _sweeps(buf, n_decay, restore_seed, update_seeds, perturb, restore_and_update):
-    """One MeZO step's three sweeps; the buffer after each, on the CPU."""
+    """One MeZO step's three sweeps; the buffer after each, on the CPU. The Triton functions
+    read their seeds from device memory, the torch ones take ints."""
+    if perturb is sweep._perturb_triton:
+        restore_seed, update_seeds = (sweep.seed_tensor(s, buf.device) for s in (restore_seed, update_seeds))
     after = []
     perturb(buf, restore_seed, EPS, 1)
     after.append(buf.to("cpu", copy=True))
@@ -38,7 +41,7 @@ def _sweeps(buf, n_decay, restore_seed, update_seeds, perturb, restore_and_updat
 def check_triton_matches_torch(device: torch.device):
     for n, n_decay in SIZES:
         zero = torch.zeros(n, device=device)
-        sweep._perturb_triton(zero, 2**40 + 3, 1.0, 1)
+        sweep._perturb_triton(zero, sweep.seed_tensor(2**40 + 3, device), 1.0, 1)
         assert torch.equal(zero.cpu(), rng.normal(2**40 + 3, 0, n))
         for restore_seed, update_seeds in SEEDS:
             values = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.05

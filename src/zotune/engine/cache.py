@@ -10,9 +10,10 @@ checks a version of the frozen weights on every lookup: any in-place change or r
 a tensor below `start` drops every entry (each entry depends on all of them).
 
 Storage is paged: a pool of fixed-size token blocks, as a serving engine pages its KV cache.
-A batch of hits is gathered with one index_select; sequences never get a copy each, and the
-last all-hit batch stays gathered, so the second pass of a MeZO step (and, at k=16, every
-later step) costs no gather at all.
+A batch of hits is gathered with one index_select (each entry keeps its pool rows on the
+host, so building the index is one concatenation); sequences never get a copy each, and the
+last batch stays gathered, so the second pass of a MeZO step (and, at k=16, every later step)
+costs no gather at all.
 Least-recently-used entries are evicted when the byte budget is reached, and on a GPU they
 can spill to host memory instead of being dropped.
 
@@ -60,85 +61,99 @@ class TrunkCache:
         self.spill_to_host = spill_to_host and device.type == "cuda"
         self.pool = torch.empty(0, BLOCK_TOKENS, hidden_size, device=device, dtype=dtype)  # [blocks, 16, E]
         self.free: list[int] = []
-        self.entries: OrderedDict[tuple[int, ...], list[int]] = OrderedDict()  # tokens -> block ids, LRU order
+        self.blocks_in_use = 0
+        # tokens -> the pool rows holding them ([len] int64, on the host), in LRU order
+        self.entries: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self.host: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self.version = self._frozen_version()
         self.stats = CacheStats()
-        # The last all-hit batch, already gathered: (its keys, [T, E] hidden states, tokens, FLOPs).
-        # MeZO looks each batch up twice per step (the ± passes), and at k=16 the batch is the
-        # same at every step. Dropped whenever an entry is stored, evicted or cleared.
+        # The last batch looked up, once all its sequences are in the pool, as gathered: (its keys,
+        # [T, E] hidden states, tokens, FLOPs). MeZO looks each batch up twice per step (the ±
+        # passes), and at k=16 the batch is the same at every step. Dropped whenever an entry is
+        # stored, evicted or cleared.
         self._last = None
 
     def _frozen_version(self) -> tuple:
         # _version counts in-place writes; data_ptr changes when a tensor is rebound.
         return tuple((t.data_ptr(), t._version) for t in self.frozen)
 
-    def hidden_states(self, batch: PackedBatch, trunk: Callable[[PackedBatch], torch.Tensor]) -> torch.Tensor:
+    def hidden_states(self, batch: PackedBatch, trunk: Callable[[PackedBatch], torch.Tensor],
+                      uses: int = 1) -> torch.Tensor:
         """Hidden states entering layer `start_layer` for every token of `batch`: [T, E].
         `trunk` computes them for a packed sub-batch of the sequences not in the cache. The
-        result may be shared with the next lookup of the same batch: callers must not write to it."""
+        result may be shared with the next lookup of the same batch: callers must not write to it.
+        `uses`: the forward passes that will read the result (a whole MeZO step in one CUDA
+        graph reads it 2n times). Each counts as a lookup of every sequence, and for every
+        use after the first, a sequence computed for the first is a hit: its trunk does not
+        run again."""
         version = self._frozen_version()
         if version != self.version:
             self.clear()
             self.version = version
             self.stats.invalidations += 1
         keys = batch.sequences
-        self.stats.lookups += len(keys)
+        self.stats.lookups += len(keys) * uses
         if self._last is not None and self._last[0] == keys:  # every sequence a hit, gathered before
             _, out, tokens, flops = self._last
-            self.stats.hits += len(keys)
-            self.stats.tokens_reused += tokens
-            self.stats.flops_skipped += flops
+            self._count_hits(len(keys) * uses, tokens * uses, flops * uses)
             for key in keys:
                 self.entries.move_to_end(key)
             return out
         missing = [b for b, key in enumerate(keys) if key not in self.entries and key not in self.host]
         missing_set = set(missing)
         hit = [b for b in range(len(keys)) if b not in missing_set]
-        tokens = sum(len(keys[b]) for b in hit)
-        flops = sum(self.flops_per_sequence(len(keys[b])) for b in hit)
-        self.stats.hits += len(hit)
-        self.stats.tokens_reused += tokens
-        self.stats.flops_skipped += flops
-        for b in hit:
-            if keys[b] in self.host:
-                self.stats.host_hits += 1
-                self._store(keys[b], self.host.pop(keys[b]).to(self.device, non_blocking=True))
-            self.entries.move_to_end(keys[b])
+        # A hit serves every use; a miss, computed for the first use, serves the others.
+        served = [(b, uses) for b in hit] + [(b, uses - 1) for b in missing]
+        self._count_hits(sum(n for _, n in served), sum(len(keys[b]) * n for b, n in served),
+                         sum(self.flops_per_sequence(len(keys[b])) * n for b, n in served))
 
-        out = torch.empty(batch.num_tokens, self.hidden_size, device=self.device, dtype=self.dtype)  # [T, E]
-        if missing:
-            sub = pack([list(keys[b]) for b in missing], None, self.position_offset).to(self.device)
-            computed = trunk(sub)                                                   # [T_missing, E]
-            out[self._rows(batch, missing)] = computed
-            for key, rows in zip(sub.sequences, computed.split(sub.seq_lens)):
-                self._store(key, rows)
-        # Hits are gathered from the pool in one index_select (misses stored just now are not
-        # re-read: `computed` already filled them).
-        stored = [b for b in hit if keys[b] in self.entries]
-        if stored:
-            pool_rows = self._pool_rows([keys[b] for b in stored])
-            out[self._rows(batch, stored)] = self.pool.view(-1, self.hidden_size)[pool_rows]
-        if not missing:
-            self._last = (keys, out, tokens, flops)
-        self.stats.bytes_held = (self.used_blocks() * self.block_bytes
+        # Hits in the pool are gathered first, before storing anything can evict them (the
+        # stream runs the gather before any later write to their blocks).
+        in_pool = [b for b in hit if keys[b] in self.entries]
+        for b in in_pool:
+            self.entries.move_to_end(keys[b])
+        flat_pool = self.pool.view(-1, self.hidden_size)
+        if len(in_pool) == len(keys):  # every sequence in the pool: one gather, in batch order
+            out = flat_pool.index_select(0, self._pool_rows(keys))
+        else:
+            out = torch.empty(batch.num_tokens, self.hidden_size, device=self.device, dtype=self.dtype)  # [T, E]
+            if in_pool:
+                out[self._rows(batch, in_pool)] = flat_pool[self._pool_rows([keys[b] for b in in_pool])]
+            for b in hit:
+                if keys[b] in self.host:
+                    self.stats.host_hits += 1
+                    rows = self.host.pop(keys[b]).to(self.device, non_blocking=True)
+                    out[self._rows(batch, [b])] = rows
+                    self._store(keys[b], rows)
+            if missing:
+                sub = pack([list(keys[b]) for b in missing], None, self.position_offset).to(self.device)
+                computed = trunk(sub)                                               # [T_missing, E]
+                out[self._rows(batch, missing)] = computed
+                for key, rows in zip(sub.sequences, computed.split(sub.seq_lens)):
+                    self._store(key, rows)
+        if all(key in self.entries for key in keys):  # (a budget smaller than the batch may not hold them all)
+            self._last = (keys, out, sum(map(len, keys)), sum(self.flops_per_sequence(len(key)) for key in keys))
+        self.stats.bytes_held = (self.blocks_in_use * self.block_bytes
                                  + sum(t.numel() * t.element_size() for t in self.host.values()))
         return out
+
+    def _count_hits(self, hits: int, tokens: int, flops: int) -> None:
+        self.stats.hits += hits
+        self.stats.tokens_reused += tokens
+        self.stats.flops_skipped += flops
 
     def _rows(self, batch: PackedBatch, seqs: list[int]) -> torch.Tensor:
         """Rows of the packed batch holding sequences `seqs`."""
         starts = [0, *accumulate(batch.seq_lens)]
-        return torch.tensor([starts[b] + i for b in seqs for i in range(batch.seq_lens[b])], device=self.device)
+        return self._to_device(torch.tensor([starts[b] + i for b in seqs for i in range(batch.seq_lens[b])]))
 
     def _pool_rows(self, keys) -> torch.Tensor:
-        rows = []
-        for key in keys:
-            blocks, n = self.entries[key], len(key)
-            rows += [block * BLOCK_TOKENS + i for block in blocks for i in range(BLOCK_TOKENS)][:n]
-        return torch.tensor(rows, device=self.device)
+        return self._to_device(torch.cat([self.entries[key] for key in keys]))
 
-    def used_blocks(self) -> int:
-        return sum(len(blocks) for blocks in self.entries.values())
+    def _to_device(self, index: torch.Tensor) -> torch.Tensor:
+        # Indices are built on the host and copied without a stream sync (torch.tensor(...,
+        # device=cuda) would wait for the GPU to finish its queued work).
+        return index.to(self.device, non_blocking=True)
 
     def _store(self, key: tuple[int, ...], rows: torch.Tensor) -> None:
         need = -(-len(key) // BLOCK_TOKENS)
@@ -150,13 +165,11 @@ class TrunkCache:
             else:
                 self._evict_lru(exclude=key)
         self._last = None
-        blocks = [self.free.pop() for _ in range(need)]
-        index = self._block_rows(blocks, len(key))
-        self.pool.view(-1, self.hidden_size)[index] = rows
-        self.entries[key] = blocks
-
-    def _block_rows(self, blocks, n) -> torch.Tensor:
-        return torch.tensor([b * BLOCK_TOKENS + i for b in blocks for i in range(BLOCK_TOKENS)][:n], device=self.device)
+        blocks = torch.tensor([self.free.pop() for _ in range(need)])
+        index = (blocks[:, None] * BLOCK_TOKENS + torch.arange(BLOCK_TOKENS)).flatten()[:len(key)]
+        self.pool.view(-1, self.hidden_size)[self._to_device(index)] = rows
+        self.entries[key] = index
+        self.blocks_in_use += need
 
     def _grow(self, need: int) -> None:
         old = self.pool.shape[0]
@@ -167,17 +180,23 @@ class TrunkCache:
         self.free += list(range(new - 1, old - 1, -1))
 
     def _evict_lru(self, exclude) -> None:
-        key, blocks = next((k, v) for k, v in self.entries.items() if k != exclude)
+        key, index = next((k, v) for k, v in self.entries.items() if k != exclude)
         del self.entries[key]
         self._last = None
         if self.spill_to_host:
-            self.host[key] = self.pool.view(-1, self.hidden_size)[self._block_rows(blocks, len(key))].cpu()
-        self.free += blocks
+            self.host[key] = self.pool.view(-1, self.hidden_size)[self._to_device(index)].cpu()
+        self._free(index)
         self.stats.evictions += 1
+
+    def _free(self, index: torch.Tensor) -> None:
+        """Return the blocks of an entry's pool rows to the free list."""
+        blocks = (index[::BLOCK_TOKENS] // BLOCK_TOKENS).tolist()
+        self.free += blocks
+        self.blocks_in_use -= len(blocks)
 
     def clear(self) -> None:
         self._last = None
-        self.free += [b for blocks in self.entries.values() for b in blocks]
+        for index in self.entries.values():
+            self._free(index)
         self.entries.clear()
         self.host.clear()
-

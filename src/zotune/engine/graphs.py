@@ -1,20 +1,31 @@
-"""CUDA graphs of the forward pass: one capture per padded batch shape, then replays.
+"""CUDA graphs of the forward pass, alone or inside a body (a whole MeZO step): one capture per
+padded batch shape and body, then replays.
 
 A RoBERTa-large forward over a few hundred packed tokens is ~350 small kernels; launched one
 by one from Python it is bound by launch overhead, not by the GPU. A captured graph replays
-them all in one launch. A graph has fixed shapes, so batches are bucketed: T tokens are
-rounded up to the next multiple of BUCKET by one filler sequence of pad tokens (never fewer
-than one token), which the head never reads. The filler tokens are computed, and counted as
-such by the runner. Shapes seen in MeZO training repeat (k=16 trains on one batch), so
-captures are few.
+them all in one launch. A body captures more around its forward passes: a MeZO step's sweeps,
+two forwards per direction, losses and update are one graph (optim/mezo.py, MezoStepper), so
+a cached step, whose GPU work is a fraction of a millisecond, costs the host one launch.
 
-Inputs are copied into the graph's static buffers before a replay (device-to-device, a
-handful of small copies), unless the buffers already hold that very batch: MeZO replays the
-same batch for its ± passes, and at k=16 at every step. The output is the graph's own logits
-buffer, valid until the next replay of the same graph.
+A graph has fixed shapes, so batches are bucketed: T tokens are rounded up to the next
+multiple of BUCKET by one filler sequence of pad tokens (never fewer than one token), which
+the head never reads. The filler tokens are computed, and counted as such by the runner.
+Shapes seen in MeZO training repeat (k=16 trains on one batch), so captures are few.
+
+Inputs are copied into the graph's static buffers before a replay (a handful of small copies),
+unless the buffers already hold that very tensor: MeZO replays the same batch for its ± passes,
+and at k=16 at every step. A body's other inputs (labels, a step's seeds and learning rate)
+travel the same way. The outputs are the graph's own buffers, valid until the next replay of
+any graph (they share one memory pool): callers copy them out at once.
+
+The first call of a shape runs the body for real, then captures it: capturing records kernels
+without running them, and the warm-up run (which compiles kernels and initialises libraries
+outside the capture, as CUDA graphs require) is that call's result. So a body that changes
+state, like a MeZO step updating the weights, runs exactly once per call.
 """
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -25,15 +36,25 @@ BUCKET = 128           # tokens
 MAX_SEQLEN_BUCKET = 64  # the attention kernel's max_seqlen is rounded up to this
 
 
+# body(forward, static_inputs) -> outputs: the device work a graph captures around its forwards.
+Body = Callable[[Callable[[], torch.Tensor], dict[str, torch.Tensor]], tuple[torch.Tensor, ...]]
+
+
+def _one_forward(forward, inputs):
+    """The default body: one forward pass, its logits the only output."""
+    return (forward(),)
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
     batch: PackedBatch            # static inputs
     hidden: torch.Tensor | None   # static [T_pad, E] input of layer start_layer
-    logits: torch.Tensor          # static output [B, C]
-    # The (batch, hidden) objects the static inputs were last loaded from. Held, not just
-    # their ids, so that neither can be freed and its id reused by another batch.
-    loaded: tuple = (None, None)
+    inputs: dict[str, torch.Tensor]  # the body's other static inputs
+    outputs: tuple = ()           # static outputs of the body
+    # The objects the static inputs were last loaded from, by name. Held, not just their ids,
+    # so that none can be freed and its id reused by another tensor.
+    loaded: dict = field(default_factory=dict)
 
 
 class GraphedForward:
@@ -58,49 +79,68 @@ class GraphedForward:
         shape = sum(len(m._parameters) + len(m._modules) for m in self.modules)
         return (shape, *(p.data_ptr() for p in self.params))
 
+    def reset(self) -> None:
+        """Drop every graph; the next call of each shape captures again."""
+        self.graphs.clear()
+        self.pool = torch.cuda.graph_pool_handle()  # a fresh pool: the old one dies with its graphs
+        self._list_weights()
+        self.weights = self._weight_addresses()
+
     @staticmethod
     def padded_tokens(num_tokens: int) -> int:
         return (num_tokens // BUCKET + 1) * BUCKET
 
-    def __call__(self, batch: PackedBatch, hidden: torch.Tensor | None = None, start_layer: int = 0) -> torch.Tensor:
+    def __call__(self, batch: PackedBatch, hidden: torch.Tensor | None = None, start_layer: int = 0,
+                 body: Body = _one_forward, inputs: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        """The outputs of body(forward, static_inputs), which may call forward() (the model over
+        the batch, from `hidden` entering layer `start_layer`; returns the [B, C] float32
+        logits) any number of times. The default body is one forward. A body is part of the
+        graph's key: pass the same object at every call."""
         # A graph reads the weights at the addresses they had at capture. If any tensor was
         # rebound since (FlatParameters, LoRA attached, .to()), every graph is stale.
-        weights = self._weight_addresses()
-        if weights != self.weights:
-            self.graphs.clear()
-            self.pool = torch.cuda.graph_pool_handle()  # a fresh pool: the old one dies with its graphs
-            self._list_weights()
-            self.weights = self._weight_addresses()
+        if self._weight_addresses() != self.weights:
+            self.reset()
+        inputs = inputs or {}
         num_tokens, num_seqs = batch.num_tokens, len(batch.seq_lens)
         padded = self.padded_tokens(num_tokens)
         filler = padded - num_tokens
         max_seqlen = -(-max(batch.max_seqlen, filler) // MAX_SEQLEN_BUCKET) * MAX_SEQLEN_BUCKET
         # A pair's split points are Python ints the capture bakes in (LoRA rows, prefix per sequence).
-        key = (padded, num_seqs, max_seqlen, start_layer, hidden is None, batch.pair_seqs, batch.pair_tokens)
+        key = (padded, num_seqs, max_seqlen, start_layer, hidden is None, batch.pair_seqs, batch.pair_tokens, body,
+               tuple((name, t.shape) for name, t in inputs.items()))
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self.graphs[key] = self._capture(batch, hidden, start_layer, padded, max_seqlen)
-        self._load(entry, batch, hidden, filler)
+            entry, outputs = self._capture(batch, hidden, start_layer, padded, max_seqlen, body, inputs)
+            self.graphs[key] = entry
+            return outputs
+        self._load(entry, batch, hidden, inputs, filler)
         entry.graph.replay()
-        return entry.logits
+        return entry.outputs
 
-    def _load(self, entry: _Graph, batch: PackedBatch, hidden, filler: int) -> None:
-        if entry.loaded[0] is batch and entry.loaded[1] is hidden:
-            return  # the static buffers hold these inputs already
-        entry.loaded = (batch, hidden)
-        static, n = entry.batch, batch.num_tokens
-        static.input_ids[:n].copy_(batch.input_ids)
-        static.input_ids[n:].fill_(self.pad_token_id)
-        static.positions[:n].copy_(batch.positions)
-        static.positions[n:].copy_(torch.arange(filler, device=static.positions.device)
-                                   + self.model.config.position_offset)
-        static.cu_seqlens[:-1].copy_(batch.cu_seqlens)
-        static.mask_index.copy_(batch.mask_index)
-        if hidden is not None:
-            entry.hidden[:n].copy_(hidden)
-            entry.hidden[n:].zero_()
+    def _load(self, entry: _Graph, batch: PackedBatch, hidden, inputs: dict, filler: int) -> None:
+        loaded = entry.loaded
+        if loaded.get("batch") is not batch:  # else the static buffers hold this batch already
+            loaded["batch"] = batch
+            static, n = entry.batch, batch.num_tokens
+            static.input_ids[:n].copy_(batch.input_ids)
+            static.input_ids[n:].fill_(self.pad_token_id)
+            static.positions[:n].copy_(batch.positions)
+            static.positions[n:].copy_(torch.arange(filler, device=static.positions.device)
+                                       + self.model.config.position_offset)
+            static.cu_seqlens[:-1].copy_(batch.cu_seqlens)
+            static.mask_index.copy_(batch.mask_index)
+        if hidden is not None and loaded.get("hidden") is not hidden:
+            loaded["hidden"] = hidden
+            entry.hidden[:batch.num_tokens].copy_(hidden)
+            entry.hidden[batch.num_tokens:].zero_()
+        for name, tensor in inputs.items():
+            if loaded.get(name) is not tensor:
+                loaded[name] = tensor
+                entry.inputs[name].copy_(tensor, non_blocking=True)  # from the host: no stream sync
 
-    def _capture(self, batch: PackedBatch, hidden, start_layer: int, padded: int, max_seqlen: int) -> _Graph:
+    def _capture(self, batch: PackedBatch, hidden, start_layer: int, padded: int, max_seqlen: int, body: Body,
+                 inputs: dict) -> tuple[_Graph, tuple[torch.Tensor, ...]]:
+        """A new graph, and the outputs of the run that warmed it up (see the module docstring)."""
         device = batch.input_ids.device
         num_seqs = len(batch.seq_lens)
         static = replace(
@@ -114,20 +154,21 @@ class GraphedForward:
         static.cu_seqlens[-1] = padded
         static_hidden = None if hidden is None else torch.empty(padded, hidden.shape[1], dtype=hidden.dtype,
                                                                 device=device)
-        entry = _Graph(torch.cuda.CUDAGraph(), static, static_hidden, None)
-        self._load(entry, batch, hidden, padded - batch.num_tokens)
+        static_inputs = {name: torch.empty_like(t, device=device) for name, t in inputs.items()}
+        entry = _Graph(torch.cuda.CUDAGraph(), static, static_hidden, static_inputs)
+        self._load(entry, batch, hidden, inputs, padded - batch.num_tokens)
 
         def forward():
             with self.autocast:
                 return self.model(static, self.label_word_ids, hidden=static_hidden, start_layer=start_layer).float()
 
-        # Warm up on a side stream (lazy initialisation must not happen during capture).
+        # The real run, on a side stream: lazy initialisation must not happen during capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            forward()
+            outputs = body(forward, static_inputs)
         torch.cuda.current_stream().wait_stream(side)
         with torch.cuda.graph(entry.graph, pool=self.pool):
-            entry.logits = forward()
+            entry.outputs = body(forward, static_inputs)
         self.captures += 1
-        return entry
+        return entry, outputs

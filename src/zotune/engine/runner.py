@@ -70,6 +70,7 @@ class ModelRunner:
         self.cache: TrunkCache | None = None
         self.cache_status = "off: no cache was requested"
         self.pair_start = 0  # layers below this run once for both halves of a MeZO pair (enable_pairs)
+        self._last_packed: PackedBatch | None = None
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on float32 master weights
         self.graphs = GraphedForward(self.model, self.label_word_ids, pad_token_id, self.autocast) \
@@ -101,52 +102,85 @@ class ModelRunner:
         self.pair_start = lowest_perturbed_layer(trainable_names, self.model.config.num_layers) or 0
 
     def pack(self, sequences: list[list[int]]) -> PackedBatch:
-        return pack(sequences, self.mask_token_id, self.model.config.position_offset).to(self.device)
+        """The packed batch on the device. The last one is kept: MeZO at k=16 trains on the same
+        batch at every step, and packing it again costs host time and a graph's input copies."""
+        if self._last_packed is not None and self._last_packed.sequences == tuple(map(tuple, sequences)):
+            return self._last_packed
+        self._last_packed = pack(sequences, self.mask_token_id, self.model.config.position_offset).to(self.device)
+        return self._last_packed
 
     def logits(self, batch: PackedBatch, pair: bool = False) -> torch.Tensor:
         """Label-word logits [B, C]; autograd follows torch's mode (off in MeZO, on for Adam).
         With `pair`, [2B, C]: the batch at θ + εz, then at θ − εz, from one forward (see pair_loss)."""
-        model = self.model
-        # Dropout makes the trunk random (nothing to reuse) and autograd needs eager execution.
-        inference = not model.training and not torch.is_grad_enabled()
-        run = batch.paired() if pair else batch
-        self._count(run)
-        hidden, start = None, 0
-        if self.cache is not None and inference:
-            start = self.cache.start_layer
-            with self.autocast:
-                hidden = self.cache.hidden_states(batch, lambda sub: model.trunk(sub, start))
-        elif pair and self.pair_start:
-            start = self.pair_start
-            with self.autocast:
-                hidden = model.trunk(batch, start)
-        if pair and hidden is not None:
-            hidden = torch.cat([hidden, hidden])  # the trunk is the same for both halves: run once
-        if self.graphs is not None and inference:
-            filler = self.graphs.padded_tokens(run.num_tokens) - run.num_tokens
-            self.stats.graph_filler_tokens += filler
-            self.stats.tokens_computed += filler
-            return self.graphs(run, hidden, start).clone()  # the graph's buffer is reused by its next replay
+        run, hidden, start = self._forward_inputs(batch, pair, passes=1)
+        if self.graphs is not None and self._inference():
+            return self.graphs(run, hidden, start)[0].clone()  # the graph's buffer is reused by its next replay
         with self.autocast:
-            return model(run, self.label_word_ids, hidden=hidden, start_layer=start).float()
+            return self.model(run, self.label_word_ids, hidden=hidden, start_layer=start).float()
+
+    def graphed(self, batch: PackedBatch, body, inputs: dict[str, torch.Tensor], passes: int,
+                pair: bool = False) -> tuple[torch.Tensor, ...]:
+        """body(logits, inputs) as one CUDA graph replay (engine/graphs.py): logits() is the
+        forward over `batch` (or its pair, [2B, C]) and body calls it `passes` times among its
+        own device work, a whole MeZO step. `inputs` reach body through the graph's static
+        copies. Counts what `passes` calls of logits() would count: forward passes, tokens,
+        and cache lookups, each pass reading the trunk's hidden states (the first may compute
+        them). Needs CUDA graphs and inference mode."""
+        if self.graphs is None or not self._inference():
+            raise RuntimeError("ModelRunner.graphed needs CUDA graphs, eval mode and no autograd")
+        run, hidden, start = self._forward_inputs(batch, pair, passes)
+        return tuple(t.clone() for t in self.graphs(run, hidden, start, body, inputs))
+
+    @staticmethod
+    def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, pair: bool = False) -> torch.Tensor:
+        """Mean cross-entropy over the label words, LM-BFF's prompt-based objective; for a pair's
+        [2B, C] logits, [L+, L−]."""
+        if not pair:
+            return F.cross_entropy(logits, labels)
+        n = len(labels)
+        return torch.stack([F.cross_entropy(logits[:n], labels), F.cross_entropy(logits[n:], labels)])
 
     def loss(self, batch: PackedBatch, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the label words, LM-BFF's prompt-based objective."""
-        return F.cross_entropy(self.logits(batch), labels)
+        return self.cross_entropy(self.logits(batch), labels)
 
     def pair_loss(self, batch: PackedBatch, labels: torch.Tensor) -> torch.Tensor:
         """[L+, L−]: the loss at θ + εz (FlatParameters.plus) and at θ − εz (the model's own
         tensors) from one forward over the batch twice, so the frozen weights are read once for
         both. Needs enable_pairs."""
-        logits = self.logits(batch, pair=True)                          # [2B, C]
-        n = len(batch.seq_lens)
-        return torch.stack([F.cross_entropy(logits[:n], labels), F.cross_entropy(logits[n:], labels)])
+        return self.cross_entropy(self.logits(batch, pair=True), labels, pair=True)
+
+    def _inference(self) -> bool:
+        # Dropout makes the trunk random (nothing to reuse) and autograd needs eager execution.
+        return not self.model.training and not torch.is_grad_enabled()
+
+    def _forward_inputs(self, batch: PackedBatch, pair: bool, passes: int):
+        """What `passes` forwards over `batch` run on: the batch (paired or not), the hidden
+        states entering layer `start` (from the trunk cache, or a pair's trunk run once), and
+        `start`. Counts the passes."""
+        run = batch.paired() if pair else batch
+        self._count(run, passes)
+        hidden, start = None, 0
+        if self.cache is not None and self._inference():
+            start = self.cache.start_layer
+            with self.autocast:
+                hidden = self.cache.hidden_states(batch, lambda sub: self.model.trunk(sub, start), uses=passes)
+        elif pair and self.pair_start:
+            start = self.pair_start
+            with self.autocast:
+                hidden = self.model.trunk(batch, start)
+        if pair and hidden is not None:
+            hidden = torch.cat([hidden, hidden])  # the trunk is the same for both halves: run once
+        return run, hidden, start
 
     def cache_stats(self) -> dict:
         report = (self.cache.stats if self.cache is not None else CacheStats()).report()
         return {**report, "status": self.cache_status}
 
-    def _count(self, batch: PackedBatch) -> None:
-        self.stats.forward_passes += 1
-        self.stats.tokens_computed += batch.num_tokens
-        self.stats.padding_tokens_avoided += len(batch.seq_lens) * max(batch.seq_lens) - batch.num_tokens
+    def _count(self, batch: PackedBatch, passes: int) -> None:
+        self.stats.forward_passes += passes
+        self.stats.tokens_computed += batch.num_tokens * passes
+        self.stats.padding_tokens_avoided += (len(batch.seq_lens) * max(batch.seq_lens) - batch.num_tokens) * passes
+        if self.graphs is not None and self._inference():
+            filler = self.graphs.padded_tokens(batch.num_tokens) - batch.num_tokens
+            self.stats.graph_filler_tokens += filler * passes
+            self.stats.tokens_computed += filler * passes

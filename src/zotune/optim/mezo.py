@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from zotune.optim.flat import FlatParameters
-from zotune.optim.sweep import perturb, restore_and_update
+from zotune.optim.sweep import perturb, restore_and_update, seed_tensor
 
 
 @dataclass(frozen=True)
@@ -42,15 +42,18 @@ def direction_seed(run_seed: int, step: int, direction: int) -> int:
     return int(state[0] >> np.uint64(1))  # 63 bits, so it also fits a signed int64 tensor
 
 
-def mezo_step(flat: FlatParameters, loss_fn: Callable[[], torch.Tensor], seeds: list[int],
-              eps: float, lr: float, weight_decay: float,
+def mezo_step(flat: FlatParameters, loss_fn: Callable[[], torch.Tensor], seeds: list[int] | torch.Tensor,
+              eps: float, lr: float | torch.Tensor, weight_decay: float,
               measures: Callable[[int], bool] | None = None,
               combine: Callable[[torch.Tensor], torch.Tensor] | None = None, paired: bool = False) -> StepResult:
     """One step over the directions `seeds`. For scale-out (zotune/distributed.py):
     `measures(j)` says whether this process runs direction j's forward passes (its sweeps run
     regardless, so every replica rounds alike), and `combine` turns this process's [2n] losses
     (L+, L− per direction; zero where not measured) into the global ones. With `paired`,
-    loss_fn returns [L+, L−] of a direction at once (see above)."""
+    loss_fn returns [L+, L−] of a direction at once (see above). `seeds` (int64) and `lr`
+    (float64) may be device tensors: then nothing in the step reads the host, and a CUDA graph
+    that captured it replays with new values (MezoStepper)."""
+    seeds = seed_tensor(seeds, flat.buffer.device)  # copied once: the sweep kernels read it there
     zero = flat.buffer.new_zeros(2 if paired else ())
     losses = _sweep_directions(flat, seeds, eps, lambda j: loss_fn() if measures is None or measures(j) else zero,
                                paired)
@@ -65,11 +68,12 @@ def mezo_step(flat: FlatParameters, loss_fn: Callable[[], torch.Tensor], seeds: 
 def replay_step(flat: FlatParameters, seeds: list[int], grads: torch.Tensor, eps: float, lr: float,
                 weight_decay: float) -> None:
     """mezo_step's sweeps with logged g_j ([n] float32) in place of the forward passes."""
+    seeds = seed_tensor(seeds, flat.buffer.device)
     _sweep_directions(flat, seeds, eps, lambda j: None)
     update(flat, seeds, grads.to(flat.buffer.device), eps, lr, weight_decay)
 
 
-def _sweep_directions(flat: FlatParameters, seeds: list[int], eps: float,
+def _sweep_directions(flat: FlatParameters, seeds: torch.Tensor, eps: float,
                       measure: Callable[[int], torch.Tensor | None], paired: bool = False) -> list:
     """The perturbation sweeps of a step, in the order that fixes its rounding: per direction
     θ + εz, then θ − εz (two rounded adds, see sweep.py), then back to θ except after the last
@@ -90,8 +94,8 @@ def _sweep_directions(flat: FlatParameters, seeds: list[int], eps: float,
     return results
 
 
-def update(flat: FlatParameters, seeds: list[int], grads: torch.Tensor, eps: float, lr: float,
-           weight_decay: float) -> torch.Tensor:
+def update(flat: FlatParameters, seeds: list[int] | torch.Tensor, grads: torch.Tensor, eps: float,
+           lr: float | torch.Tensor, weight_decay: float) -> torch.Tensor:
     """The last restore fused with the update θ -= lr (Σ g_j z_j / n + wd θ). A non-finite g_j
     makes every coefficient zero, so the step only restores θ; returns that flag (0-dim bool)."""
     finite = torch.isfinite(grads).all()
@@ -100,3 +104,36 @@ def update(flat: FlatParameters, seeds: list[int], grads: torch.Tensor, eps: flo
     restore_and_update(flat, seeds[-1], eps, [(seed, safe[j] / n) for j, seed in enumerate(seeds)], lr, weight_decay,
                        decays=finite)
     return finite
+
+
+class MezoStepper:
+    """mezo_step over a model runner's packed batches (engine/runner.py). Where the runner has
+    CUDA graphs, a whole step (its sweeps, forward passes, losses and update) is one graph
+    replay, captured at the first step of each batch shape: the host only copies in the seeds,
+    learning rate and labels and launches it, so a step the trunk cache has made small is not
+    bound by Python and kernel launches. The graph runs the same kernels with the same
+    arguments as the eager step. Elsewhere, and for scale-out (a rank's step talks to the other
+    ranks), mezo_step runs eagerly."""
+
+    def __init__(self, runner, flat: FlatParameters, eps: float, weight_decay: float, paired: bool = False):
+        self.runner, self.flat, self.eps, self.weight_decay, self.paired = runner, flat, eps, weight_decay, paired
+
+    def __call__(self, batch, labels: torch.Tensor, seeds: list[int], lr: float, share: float = 1.0,
+                 measures: Callable[[int], bool] | None = None,
+                 combine: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepResult:
+        """One step on `batch` (a PackedBatch); `share` scales the loss (a rank's part of a
+        data-parallel batch), `measures` and `combine` are mezo_step's."""
+        if self.runner.graphs is not None and (share, measures, combine) == (1.0, None, None):
+            inputs = {"labels": labels, "seeds": seed_tensor(seeds, "cpu"),
+                      "lr": torch.tensor(lr, dtype=torch.float64)}
+            passes = len(seeds) * (1 if self.paired else 2)
+            return StepResult(*self.runner.graphed(batch, self._step, inputs, passes, self.paired))
+        loss = self.runner.pair_loss if self.paired else self.runner.loss
+        return mezo_step(self.flat, lambda: loss(batch, labels) * share, seeds, self.eps, lr, self.weight_decay,
+                         measures, combine, self.paired)
+
+    def _step(self, logits: Callable[[], torch.Tensor], inputs: dict[str, torch.Tensor]) -> tuple:
+        """The graph's body: a MeZO step reading its seeds, lr and labels from the static inputs."""
+        result = mezo_step(self.flat, lambda: self.runner.cross_entropy(logits(), inputs["labels"], self.paired),
+                           inputs["seeds"], self.eps, inputs["lr"], self.weight_decay, paired=self.paired)
+        return result.loss, result.projected_grads, result.finite

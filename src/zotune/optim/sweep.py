@@ -36,21 +36,21 @@ except ImportError:  # torch's CPU wheels come without triton; the torch path ne
 CHUNK = 1 << 20  # elements per torch pass, so z is never materialised for the whole buffer
 
 
-def perturb(flat: FlatParameters, seed: int, scale: float, times: int = 1):
-    """buffer += scale * z(seed), `times` times, each add rounded (times=2 for the -2 eps move)."""
-    rng.check_seed(seed)
+def perturb(flat: FlatParameters, seed: int | torch.Tensor, scale: float, times: int = 1):
+    """buffer += scale * z(seed), `times` times, each add rounded (times=2 for the -2 eps move).
+    `seed`: an int, or a 0-dim int64 tensor on the buffer's device (see seed_tensor)."""
     if _use_triton(flat.buffer):
-        _perturb_triton(flat.buffer, seed, scale, times)
+        _perturb_triton(flat.buffer, _on_device(seed, flat.buffer.device), scale, times)
     else:
-        _perturb_torch(flat.buffer, seed, scale, times)
+        _perturb_torch(flat.buffer, _host_seed(seed), scale, times)
 
 
 def restore_and_update(
     flat: FlatParameters,
-    restore_seed: int,
+    restore_seed: int | torch.Tensor,
     eps: float,
-    updates: list[tuple[int, float | torch.Tensor]],
-    lr: float,
+    updates: list[tuple[int | torch.Tensor, float | torch.Tensor]],
+    lr: float | torch.Tensor,
     weight_decay: float,
     decays: torch.Tensor | None = None,
 ):
@@ -58,25 +58,55 @@ def restore_and_update(
     buffer[:n_decay] *= 1 - lr * weight_decay (MeZO decays the restored theta);
     then buffer -= (lr * g_j) * z(seed_j) for each (seed_j, g_j) in `updates` (one or more).
 
-    g_j may be a 0-dim tensor on the buffer's device, so the projected gradient computed from
-    GPU losses never has to visit the host. lr * g_j is rounded to float32 once, on that device.
-    `decays`, a 0-dim bool on that device, where False skips the weight decay (a skipped step,
-    optim/mezo.py), again without the host reading it.
+    Everything that changes from step to step may live on the buffer's device, so the
+    projected gradient computed from GPU losses never visits the host and a step captured in
+    a CUDA graph replays with the next step's values: seeds as 0-dim int64 tensors
+    (seed_tensor), g_j as 0-dim tensors, lr as a 0-dim float64 tensor (the host's float
+    exactly, rounded on the device as the host would round it). lr * g_j is rounded to float32
+    once, on that device. `decays`, a 0-dim bool on that device, where False skips the weight
+    decay (a skipped step, optim/mezo.py), again without the host reading it.
     """
     buf = flat.buffer
-    for seed in [restore_seed] + [seed for seed, _ in updates]:
-        rng.check_seed(seed)
-    g = torch.stack([torch.as_tensor(g_j, dtype=torch.float32).to(buf.device, non_blocking=True) for _, g_j in updates])
-    coefs = g * lr  # [T] float32
     seeds = [seed for seed, _ in updates]
-    # The factor lives on the device, rounded to float32 once, so a device-side flag can switch it off.
-    decay = torch.full((), 1.0 - lr * weight_decay, dtype=torch.float32, device=buf.device)
+    g = torch.stack([torch.as_tensor(g_j, dtype=torch.float32).to(buf.device, non_blocking=True) for _, g_j in updates])
+    if isinstance(lr, torch.Tensor):
+        # The host computes the decay factor in float64 and rounds it to float32 once; so does this.
+        lr, decay = lr.to(torch.float32), (1.0 - lr * weight_decay).to(torch.float32)
+    else:
+        decay = torch.full((), 1.0 - lr * weight_decay, dtype=torch.float32, device=buf.device)
+    coefs = g * lr  # [T] float32
     if decays is not None:
         decay = torch.where(decays, decay, 1.0)
     if _use_triton(buf):
-        _restore_and_update_triton(buf, flat.n_decay, restore_seed, eps, seeds, coefs, decay)
+        seeds = torch.stack([_on_device(seed, buf.device).reshape(()) for seed in seeds])
+        _restore_and_update_triton(buf, flat.n_decay, _on_device(restore_seed, buf.device), eps, seeds, coefs, decay)
     else:
-        _restore_and_update_torch(buf, flat.n_decay, restore_seed, eps, seeds, coefs, decay)
+        _restore_and_update_torch(buf, flat.n_decay, _host_seed(restore_seed), eps, list(map(_host_seed, seeds)),
+                                  coefs, decay)
+
+
+def seed_tensor(seeds: int | list[int] | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Checked seeds as an int64 tensor on `device` (a tensor already there is returned as is).
+    The Triton kernels read their seeds from device memory, so a step captured in a CUDA graph
+    replays with whatever seeds this tensor holds at the time."""
+    if isinstance(seeds, torch.Tensor):
+        if seeds.dtype != torch.int64 or seeds.device != torch.device(device):
+            raise ValueError(f"seeds must be int64 on {device}, got {seeds.dtype} on {seeds.device}")
+        return seeds
+    for seed in [seeds] if isinstance(seeds, int) else seeds:
+        rng.check_seed(seed)
+    return torch.tensor(seeds, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _on_device(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    return seed_tensor(seed, device) if isinstance(seed, int) else seed
+
+
+def _host_seed(seed: int | torch.Tensor) -> int:
+    """The torch path's seed as a Python int (a CPU tensor's value costs nothing to read)."""
+    seed = int(seed)
+    rng.check_seed(seed)
+    return seed
 
 
 def _use_triton(buf: torch.Tensor) -> bool:
@@ -113,14 +143,14 @@ def _restore_and_update_torch(buf, n_decay, restore_seed, eps, seeds, coefs, dec
 BLOCK = 2048  # elements per program, 512 Philox counters: 8% faster MeZO steps than 1024 or 4096 on an H200
 
 
-def _perturb_triton(buf: torch.Tensor, seed: int, scale: float, times: int):
+def _perturb_triton(buf: torch.Tensor, seed: torch.Tensor, scale: float, times: int):
     n = buf.numel()
     _perturb_kernel[(triton.cdiv(n, BLOCK),)](buf, n, seed, scale, TIMES=times, BLOCK=BLOCK, enable_fp_fusion=False)
 
 
 def _restore_and_update_triton(buf, n_decay, restore_seed, eps, seeds, coefs, decay):
+    """restore_seed: 0-dim and seeds: [T], int64 tensors on the buffer's device."""
     n = buf.numel()
-    seeds = torch.tensor(seeds, dtype=torch.int64).to(buf.device, non_blocking=True)
     _restore_and_update_kernel[(triton.cdiv(n, BLOCK),)](
         buf, n, n_decay, restore_seed, eps, decay, seeds, coefs, N_UPDATES=len(seeds), BLOCK=BLOCK, enable_fp_fusion=False
     )
@@ -190,24 +220,25 @@ if triton is not None:
         z2, z3 = _box_muller(x2, x3)
         return tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))  # z0[0] z1[0] z2[0] z3[0] z0[1] ...
 
-    @triton.jit(do_not_specialize=["seed"])
-    def _perturb_kernel(buf_ptr, n, seed, scale, TIMES: tl.constexpr, BLOCK: tl.constexpr):
+    @triton.jit
+    def _perturb_kernel(buf_ptr, n, seed_ptr, scale, TIMES: tl.constexpr, BLOCK: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * BLOCK
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(buf_ptr + offs, mask=offs < n)
-        d = _normal_block(seed, start, BLOCK) * scale
+        d = _normal_block(tl.load(seed_ptr), start, BLOCK) * scale
         for _ in tl.static_range(TIMES):
             x = x + d
         tl.store(buf_ptr + offs, x, mask=offs < n)
 
-    @triton.jit(do_not_specialize=["n_decay", "restore_seed"])
+    @triton.jit(do_not_specialize=["n_decay"])
     def _restore_and_update_kernel(
-        buf_ptr, n, n_decay, restore_seed, eps, decay_ptr, seeds_ptr, coefs_ptr, N_UPDATES: tl.constexpr,
+        buf_ptr, n, n_decay, restore_seed_ptr, eps, decay_ptr, seeds_ptr, coefs_ptr, N_UPDATES: tl.constexpr,
         BLOCK: tl.constexpr
     ):
         start = tl.program_id(0).to(tl.int64) * BLOCK
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(buf_ptr + offs, mask=offs < n)
+        restore_seed = tl.load(restore_seed_ptr)
         z = _normal_block(restore_seed, start, BLOCK)
         x = x + z * eps
         x = tl.where(offs < n_decay, x * tl.load(decay_ptr), x)

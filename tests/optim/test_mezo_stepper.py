@@ -1,0 +1,92 @@
+"""MezoStepper on a GPU: a whole MeZO step is one CUDA graph replay. Its replays must compute
+exactly what the step computes when it runs for real (the warm-up run of each capture), read
+each step's seeds, learning rate and labels from memory, never wait for the host, and count
+what the eager step counts."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from zotune.evaluate import build, encode
+from zotune.optim.flat import FlatParameters
+from zotune.optim.mezo import MezoStepper, direction_seed
+from zotune.optim.subsets import SubsetOptions, attach_pair_weights, no_weight_decay, select_trainable
+from zotune.tasks.data import default_data_dir, load_split
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+# (subset, layers, cache, ± passes as one batch)
+SETUPS = [("top:1", None, True, False), ("full", None, False, False), ("lora", (1,), True, True)]
+
+
+def _stepper(model_dir, trainable, layers, cache, paired, cuda_graphs=True):
+    prompted = build(str(model_dir), "sst2", device="cuda", cuda_graphs=cuda_graphs)
+    runner = prompted.runner
+    named = select_trainable(runner.model, trainable, SubsetOptions(layers=layers))
+    runner.model.cuda()
+    names = [n for n, _ in named]
+    if cache:
+        runner.enable_cache(names, 1 << 30)
+    flat = FlatParameters(named, lambda n, p: no_weight_decay(n))
+    if paired:
+        assert attach_pair_weights(runner.model, flat)
+        runner.enable_pairs(names)
+    examples = load_split(prompted.task, default_data_dir(), 16, 42, "train")
+    sequences, labels = encode(prompted.prompt, examples), torch.tensor([e.label for e in examples], device="cuda")
+    # Two batch shapes, alternating: each is captured once, then replayed with its own inputs.
+    batches = [(runner.pack(sequences), labels), (runner.pack(sequences[:20]), labels[:20])]
+    return runner, flat, MezoStepper(runner, flat, 1e-2, 0.1, paired), batches
+
+
+def _run(stepper, batches, steps, recapture_at=()):
+    """Each step's (loss, projected gradients, finite), left on the device."""
+    results = []
+    with torch.inference_mode():
+        for step in range(steps):
+            if step in recapture_at:
+                stepper.runner.graphs.reset()
+            lr = 1e-3 * (1 - step / steps)  # a schedule: the learning rate changes at every step
+            seeds = [direction_seed(0, step, j) for j in range(2)]
+            results.append(dataclasses.astuple(stepper(*batches[step % 2], seeds, lr)))
+    return results
+
+
+@pytest.mark.parametrize("trainable,layers,cache,paired", SETUPS)
+def test_replays_equal_the_step_run_for_real(tiny_mlm_dir, trainable, layers, cache, paired):
+    # Run b captures again at steps 3 and 6, so those steps run for real (the warm-up) where
+    # run a replays. Had a graph kept its capture's seeds or lr, the runs would part there.
+    runner_a, flat_a, stepper_a, batches_a = _stepper(tiny_mlm_dir, trainable, layers, cache, paired)
+    runner_b, flat_b, stepper_b, batches_b = _stepper(tiny_mlm_dir, trainable, layers, cache, paired)
+    assert torch.equal(flat_a.buffer, flat_b.buffer)
+    a = _run(stepper_a, batches_a, 8)
+    b = _run(stepper_b, batches_b, 8, recapture_at=(3, 6))
+    for step, (x, y) in enumerate(zip(a, b)):
+        assert all(torch.equal(u, v) for u, v in zip(x, y)), f"step {step}: {x} != {y}"
+    assert torch.equal(flat_a.buffer, flat_b.buffer)
+    assert runner_a.graphs.captures == 2 and runner_b.graphs.captures == 6
+    assert len({tuple(grads.tolist()) for _, grads, _ in a}) == 8  # every step measured its own directions
+
+
+def test_a_graphed_step_never_syncs_with_the_host(tiny_mlm_dir):
+    _, _, stepper, batches = _stepper(tiny_mlm_dir, "top:1", None, True, False)
+    _run(stepper, batches, 2)  # captures both shapes and fills the cache
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _run(stepper, batches, 4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_counts_equal_the_eager_steps(tiny_mlm_dir):
+    # The graphed step counts its passes and cache reads as the steps pass by pass would.
+    counts = []
+    for cuda_graphs in (True, False):
+        runner, _, stepper, batches = _stepper(tiny_mlm_dir, "top:1", None, True, False, cuda_graphs)
+        _run(stepper, batches, 5)
+        stats = runner.cache_stats()
+        counts.append((runner.stats.forward_passes, runner.stats.padding_tokens_avoided,
+                       {k: stats[k] for k in ("lookups", "hits", "tokens_reused", "flops_skipped")}))
+    assert counts[0] == counts[1]
+    assert counts[0][0] == 5 * 2 * 2  # steps x directions x (+, -)
