@@ -40,7 +40,7 @@ def perturb(flat: FlatParameters, seed: int | torch.Tensor, scale: float, times:
     """buffer += scale * z(seed), `times` times, each add rounded (times=2 for the -2 eps move).
     `seed`: an int, or a 0-dim int64 tensor on the buffer's device (see seed_tensor)."""
     if _use_triton(flat.buffer):
-        _perturb_triton(flat.buffer, _on_device(seed, flat.buffer.device), scale, times)
+        _perturb_triton(flat.buffer, seed_tensor(seed, flat.buffer.device), scale, times)
     else:
         _perturb_torch(flat.buffer, _host_seed(seed), scale, times)
 
@@ -78,8 +78,8 @@ def restore_and_update(
     if decays is not None:
         decay = torch.where(decays, decay, 1.0)
     if _use_triton(buf):
-        seeds = torch.stack([_on_device(seed, buf.device).reshape(()) for seed in seeds])
-        _restore_and_update_triton(buf, flat.n_decay, _on_device(restore_seed, buf.device), eps, seeds, coefs, decay)
+        seeds = torch.stack([seed_tensor(seed, buf.device).reshape(()) for seed in seeds])
+        _restore_and_update_triton(buf, flat.n_decay, seed_tensor(restore_seed, buf.device), eps, seeds, coefs, decay)
     else:
         _restore_and_update_torch(buf, flat.n_decay, _host_seed(restore_seed), eps, list(map(_host_seed, seeds)),
                                   coefs, decay)
@@ -90,16 +90,13 @@ def seed_tensor(seeds: int | list[int] | torch.Tensor, device: torch.device | st
     The Triton kernels read their seeds from device memory, so a step captured in a CUDA graph
     replays with whatever seeds this tensor holds at the time."""
     if isinstance(seeds, torch.Tensor):
-        if seeds.dtype != torch.int64 or seeds.device != torch.device(device):
+        device = torch.device(device)
+        if seeds.dtype != torch.int64 or seeds.device.type != device.type or device.index not in (None, seeds.device.index):
             raise ValueError(f"seeds must be int64 on {device}, got {seeds.dtype} on {seeds.device}")
         return seeds
     for seed in [seeds] if isinstance(seeds, int) else seeds:
         rng.check_seed(seed)
     return torch.tensor(seeds, dtype=torch.int64).to(device, non_blocking=True)
-
-
-def _on_device(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
-    return seed_tensor(seed, device) if isinstance(seed, int) else seed
 
 
 def _host_seed(seed: int | torch.Tensor) -> int:
