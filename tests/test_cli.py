@@ -57,3 +57,11 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_mlm_dir, args,
     assert len(lines) == 1 and lines[0].startswith("zotune: error:") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("flags,pair,cache", [([], True, True), (["--no-pair", "--no-cache"], False, False)])
+def test_on_by_default_options_have_no_flags(monkeypatch, capsys, flags, pair, cache):
+    configs = []
+    monkeypatch.setattr("zotune.train.train", lambda cfg, resume=False: configs.append(cfg) or {})
+    assert main(["train", "--trainable", "lora", "--quiet", *flags]) == 0
+    assert (configs[0].trainable, configs[0].pair, configs[0].cache) == ("lora", pair, cache)
