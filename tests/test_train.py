@@ -145,3 +145,41 @@ def test_pair_as_one_batch_matches_the_passes_one_by_one(tmp_path, tiny_mlm_dir,
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=rtol, atol=atol)
     assert single["forward_passes"] - paired["forward_passes"] == 6 * 2  # 6 steps x 2 directions, one pass each saved
+
+
+def test_train_time_leaves_out_dev_evaluations(tmp_path, tiny_mlm_dir, monkeypatch):
+    import time
+    import zotune.train as train_module
+    real_predict = train_module.predict
+
+    def slow_predict(*args, **kwargs):  # every evaluation takes at least 0.3 s more
+        time.sleep(0.3)
+        return real_predict(*args, **kwargs)
+    monkeypatch.setattr(train_module, "predict", slow_predict)
+    summary, _ = _run(tmp_path, tiny_mlm_dir, "run")  # 2 dev evaluations in the loop, dev and test after it
+    assert 0 < summary["train_time_s"] <= summary["wall_time_s"] - 4 * 0.3
+    assert summary["steps_per_s"] == pytest.approx(6 / summary["train_time_s"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_train_time_holds_the_gpus_work(tmp_path, tiny_mlm_dir, monkeypatch):
+    # The host issues a step long before the GPU runs it: a clock read without a sync would
+    # time the host alone. Each step here also makes the GPU spin for a known time.
+    import time
+    from zotune.optim.mezo import MezoStepper
+    spin = 50_000_000  # GPU clock cycles
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    torch.cuda._sleep(spin)
+    torch.cuda.synchronize()
+    spin_s = time.perf_counter() - started
+    real_call = MezoStepper.__call__
+
+    def slow_step(self, *args, **kwargs):
+        result = real_call(self, *args, **kwargs)
+        torch.cuda._sleep(spin)
+        return result
+    monkeypatch.setattr(MezoStepper, "__call__", slow_step)
+    summary, _ = _run(tmp_path, tiny_mlm_dir, "run", device="cuda", steps=20, eval_steps=20, log_steps=20)
+    assert summary["train_time_s"] >= 0.9 * 20 * spin_s, (summary["train_time_s"], spin_s)

@@ -140,8 +140,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         counts = group.all_reduce_sum(torch.tensor([round(correct), len(examples)], dtype=torch.float64))
         return counts[0].item() / counts[1].item()
 
+    def synchronize():  # before reading the clock: the GPU runs behind the host
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    eval_seconds = 0.0  # dev evaluations inside the training loop, kept out of train_time_s
+
     def evaluate_dev(step: int) -> float:
+        nonlocal eval_seconds
+        synchronize()
+        eval_started = time.perf_counter()
         dev_acc = evaluate("dev")
+        eval_seconds += time.perf_counter() - eval_started
         if dev_acc > best["dev_accuracy"]:  # strictly better, as MeZO's trainer keeps the earliest best
             best.update(dev_accuracy=dev_acc, step=step)
             if is_main:
@@ -157,7 +167,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         loss_sum = loss if loss_sum is None else loss_sum + loss
         grad_sum = grad if grad_sum is None else grad_sum + grad
 
-    train_time = 0.0
     progress = tqdm(total=cfg.steps, initial=first_step, disable=cfg.quiet or not is_main, desc=f"{cfg.optimizer} {cfg.task}",
                     unit="step")
     metrics = open(run_dir / "metrics.jsonl" if is_main else os.devnull, "w")
@@ -199,8 +208,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     try:
         if first_step > logged_from and is_log_point(first_step):  # killed between the log and its metrics line
             log_point(first_step, records[first_step - 1]["lr"])
+        synchronize()
+        loop_started, eval_seconds = time.perf_counter(), 0.0
         for step in range(first_step, cfg.steps):
-            t0 = time.perf_counter()
             index = batch_indices(len(sequences["train"]), cfg.batch_size, cfg.seed, step)
             batch = [sequences["train"][i] for i in index]
             lr = SCHEDULES[cfg.schedule](step, cfg.lr, cfg.steps)
@@ -213,7 +223,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             loss_sum = loss if loss_sum is None else loss_sum + loss   # stays on the device until logged
             if grad is not None:
                 grad_sum = grad if grad_sum is None else grad_sum + grad
-            train_time += time.perf_counter() - t0
             if is_log_point(done):
                 log_point(done, lr)
             if is_main and log is not None and done % cfg.log_every == 0:
@@ -225,6 +234,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 log.write()  # a snapshot never gets ahead of the log
                 trajectory.write_snapshot(run_dir, flat, done)
             progress.update(1)
+        synchronize()
+        # The loop's wall time with the GPU's work in it, less the dev evaluations: the steps,
+        # their logging and snapshots.
+        train_time = time.perf_counter() - loop_started - eval_seconds
     finally:  # every exit path, Ctrl-C and errors included: what was computed reaches the disk
         metrics.close()
         if board is not None:
@@ -232,8 +245,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         if log is not None:
             log.close()
         progress.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
     if log is not None and is_main:
         _save_atomic(flat.state_dict(), run_dir / "final.safetensors")  # what `zotune replay` rebuilds
     if group is not None:
