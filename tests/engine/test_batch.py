@@ -25,10 +25,12 @@ def test_pack_without_masks():
 
 def test_paired_batch_is_the_batch_twice_with_its_split():
     batch = pack([[0, 9, 5, 2], [0, 5, 2]], mask_token_id=5, position_offset=2)
-    pair = batch.paired()
+    pair = batch.paired
     assert pair.input_ids.tolist() == batch.input_ids.tolist() * 2
     assert pair.positions.tolist() == batch.positions.tolist() * 2
     assert pair.cu_seqlens.tolist() == [0, 4, 7, 11, 14]
     assert pair.mask_index.tolist() == [2, 5, 9, 12]
     assert pair.seq_lens == (4, 3, 4, 3) and pair.sequences == batch.sequences * 2
     assert (pair.pair_seqs, pair.pair_tokens, batch.pair_seqs) == (2, 7, 0)
+    assert batch.paired is pair  # built once per batch: a CUDA graph finds it already loaded
+    assert batch.to("cpu").paired is not pair  # a moved batch pairs its own tensors

@@ -5,6 +5,7 @@ sequence for prompt classification, so M = B).
 """
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -36,10 +37,12 @@ class PackedBatch:
         return replace(self, input_ids=move(self.input_ids), positions=move(self.positions),
                        cu_seqlens=move(self.cu_seqlens), mask_index=move(self.mask_index))
 
+    @cached_property
     def paired(self) -> "PackedBatch":
         """The batch twice over, as one batch: MeZO's +eps z and -eps z passes over the same
         sequences run together, so every frozen weight is read once for both (a few small
-        device-side concatenations, no host work)."""
+        device-side concatenations). Built once per batch: at k=16 every step trains on the
+        same batch object, and a CUDA graph then finds this one already loaded."""
         n = self.num_tokens
         return PackedBatch(
             torch.cat([self.input_ids, self.input_ids]), torch.cat([self.positions, self.positions]),

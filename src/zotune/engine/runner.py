@@ -71,6 +71,7 @@ class ModelRunner:
         self.cache_status = "off: no cache was requested"
         self.pair_start = 0  # layers below this run once for both halves of a MeZO pair (enable_pairs)
         self._last_packed: PackedBatch | None = None
+        self._pair_hidden: tuple = (None, None)  # (hidden states, the same twice over) of the last pair
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on float32 master weights
         self.graphs = GraphedForward(self.model, self.label_word_ids, pad_token_id, self.autocast) \
@@ -157,7 +158,7 @@ class ModelRunner:
         """What `passes` forwards over `batch` run on: the batch (paired or not), the hidden
         states entering layer `start` (from the trunk cache, or a pair's trunk run once), and
         `start`. Counts the passes."""
-        run = batch.paired() if pair else batch
+        run = batch.paired if pair else batch
         self._count(run, passes)
         hidden, start = None, 0
         if self.cache is not None and self._inference():
@@ -168,8 +169,10 @@ class ModelRunner:
             start = self.pair_start
             with self.autocast:
                 hidden = self.model.trunk(batch, start)
-        if pair and hidden is not None:
-            hidden = torch.cat([hidden, hidden])  # the trunk is the same for both halves: run once
+        if pair and hidden is not None:  # the trunk is the same for both halves: run once
+            if self._pair_hidden[0] is not hidden:  # (the cache hands out the same tensor for the same batch)
+                self._pair_hidden = (hidden, torch.cat([hidden, hidden]))
+            hidden = self._pair_hidden[1]
         return run, hidden, start
 
     def cache_stats(self) -> dict:
