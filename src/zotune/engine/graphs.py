@@ -95,7 +95,8 @@ class GraphedForward:
         """The outputs of body(forward, static_inputs), which may call forward() (the model over
         the batch, from `hidden` entering layer `start_layer`; returns the [B, C] float32
         logits) any number of times. The default body is one forward. A body is part of the
-        graph's key: pass the same object at every call."""
+        graph's key: pass the same object at every call. Inputs are taken as immutable: a
+        tensor passed again is not copied again."""
         # A graph reads the weights at the addresses they had at capture. If any tensor was
         # rebound since (FlatParameters, LoRA attached, .to()), every graph is stale.
         if self._weight_addresses() != self.weights:
