@@ -88,3 +88,33 @@ def test_flash_varlen_pair_matches_reference_on_gpu():
     q, k, v, batch, prefix_k, prefix_v, want = _paired_case("cuda", head_dim=64)
     got = varlen_attention(q, k, v, batch, prefix_k, prefix_v).cpu()
     assert (got - want).norm() / want.norm() < 1e-2  # FlashAttention computes in bf16
+
+
+def _on(device):
+    marks = [] if device == "cpu" else [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                           reason="needs CUDA")]
+    return pytest.param(device, marks=marks)
+
+
+@pytest.mark.parametrize("device", [_on("cpu"), _on("cuda")])
+@pytest.mark.parametrize("case", ["plain", "prefix", "pair with prefixes"])
+def test_masks_only_gives_the_mask_rows_of_full_attention(device, case):
+    # The last layer's queries at the <mask> rows alone (model/roberta.py): each must equal its
+    # row of the attention over every query, the same keys, values and prefixes.
+    if case == "pair with prefixes":
+        q, k, v, batch, prefix_k, prefix_v, _ = _paired_case(device, head_dim=64)
+    else:
+        torch.manual_seed(2)
+        seq_lens = [3, 9, 1, 20]
+        positions = [1, 4, 0, 19]  # where each sequence's mask sits
+        batch = pack([[1] * p + [5] + [1] * (n - p - 1) for n, p in zip(seq_lens, positions)], 5, 2).to(device)
+        q, k, v = (torch.randn(sum(seq_lens), 4, 64, device=device) for _ in range(3))
+        prefix_k = prefix_v = None
+        if case == "prefix":
+            prefix_k, prefix_v = (torch.randn(3, 4, 64, device=device) for _ in range(2))
+    full = varlen_attention(q, k, v, batch, prefix_k, prefix_v)
+    masks = varlen_attention(q[batch.mask_index], k, v, batch, prefix_k, prefix_v, masks_only=True)
+    assert masks.shape == (len(batch.mask_index), *q.shape[1:])
+    # Equal up to rounding: a one-row product is summed in another order than the full one's
+    # (float32 on the CPU; FlashAttention computes in bf16 on the GPU).
+    torch.testing.assert_close(masks, full[batch.mask_index], rtol=0, atol=1e-6 if device == "cpu" else 1e-2)

@@ -16,18 +16,21 @@ from zotune.engine.batch import PackedBatch
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch,
                      prefix_k: torch.Tensor | None = None, prefix_v: torch.Tensor | None = None,
-                     dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(D)) v within each sequence. q, k, v: [T, N, D] -> [T, N, D]."""
+                     dropout_p: float = 0.0, masks_only: bool = False) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(D)) v within each sequence. q, k, v: [T, N, D] -> [T, N, D].
+    With `masks_only`, q is [M, N, D], the query at each sequence's <mask> (one per sequence,
+    in order), and so is the output."""
     if q.is_cuda and dropout_p == 0.0:
-        return _flash_varlen(q, k, v, batch, prefix_k, prefix_v)
-    return _per_sequence(q, k, v, batch, prefix_k, prefix_v, dropout_p)
+        return _flash_varlen(q, k, v, batch, prefix_k, prefix_v, masks_only)
+    return _per_sequence(q, k, v, batch, prefix_k, prefix_v, dropout_p, masks_only)
 
 
-def _per_sequence(q, k, v, batch, prefix_k, prefix_v, dropout_p):
+def _per_sequence(q, k, v, batch, prefix_k, prefix_v, dropout_p, masks_only):
     # The reference path (CPU, and training with attention dropout): one SDPA call per
     # sequence. Exact and padding-free; the Python loop costs microseconds per sequence.
     outputs = []
-    for b, (qb, kb, vb) in enumerate(zip(q.split(batch.seq_lens), k.split(batch.seq_lens), v.split(batch.seq_lens))):
+    queries = q.split(1) if masks_only else q.split(batch.seq_lens)
+    for b, (qb, kb, vb) in enumerate(zip(queries, k.split(batch.seq_lens), v.split(batch.seq_lens))):
         if prefix_k is not None:
             half = 0 if b < batch.pair_seqs else 1
             kb = torch.cat([prefix_k if prefix_k.dim() == 3 else prefix_k[half], kb])  # [P+L, N, D]
@@ -38,21 +41,24 @@ def _per_sequence(q, k, v, batch, prefix_k, prefix_v, dropout_p):
     return torch.cat(outputs)                                           # [T, N, D]
 
 
-def _flash_varlen(q, k, v, batch, prefix_k, prefix_v):
+def _flash_varlen(q, k, v, batch, prefix_k, prefix_v, masks_only):
     # FlashAttention's varlen kernel reads cu_seqlens directly: one launch for the whole
     # batch. It computes in bf16; the caller's matmuls stay in their own precision.
     from torch.nn.attention.varlen import varlen_attn
 
     dtype = q.dtype
     q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-    cu_q = batch.cu_seqlens
-    max_k = batch.max_seqlen
+    cu_k, max_k = batch.cu_seqlens, batch.max_seqlen
     if prefix_k is not None:
         k, v, cu_k = _prepend_prefix(k, v, prefix_k.to(k.dtype), prefix_v.to(v.dtype), batch)
         max_k += prefix_k.shape[-3]
+    if masks_only:
+        # Query b is row b. A CUDA graph's filler sequence (past the last mask) is left out.
+        cu_q, max_q = torch.arange(len(q) + 1, dtype=torch.int32, device=q.device), 1
+        cu_k = cu_k[:len(q) + 1]
     else:
-        cu_k = cu_q
-    out = varlen_attn(q, k, v, cu_q, cu_k, batch.max_seqlen, max_k)
+        cu_q, max_q = batch.cu_seqlens, batch.max_seqlen
+    out = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k)
     return out.to(dtype)
 
 

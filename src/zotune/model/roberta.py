@@ -112,10 +112,19 @@ class Attention(nn.Module):
         self.prefix_v: nn.Parameter | None = None
         self.plus: dict[str, torch.Tensor] = {}    # prefix_k/v at theta + eps z, as LoRA.plus
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        q, k, v = self.qkv(x).chunk(3, dim=-1)                          # 3 x [T, E]
+    def forward(self, x: torch.Tensor, batch: PackedBatch, masks_only: bool = False) -> torch.Tensor:
+        """[T, E] -> [T, E]; with `masks_only`, [M, E]: the output at each sequence's <mask> alone."""
+        if masks_only:
+            # Only the <mask> rows reach the head: queries there, keys and values everywhere.
+            hidden = x.shape[1]
+            rows, query_pair_rows = x[batch.mask_index], batch.pair_seqs                # [M, E]
+            q = F.linear(rows, self.qkv.weight[:hidden], self.qkv.bias[:hidden])          # [M, E]
+            k, v = F.linear(x, self.qkv.weight[hidden:], self.qkv.bias[hidden:]).chunk(2, dim=-1)  # 2 x [T, E]
+        else:
+            rows, query_pair_rows = x, batch.pair_tokens
+            q, k, v = self.qkv(x).chunk(3, dim=-1)                      # 3 x [T, E]
         if self.lora_q is not None:
-            q = q + self.lora_q(x, batch.pair_tokens)
+            q = q + self.lora_q(rows, query_pair_rows)
             v = v + self.lora_v(x, batch.pair_tokens)
         split = lambda t: t.view(t.shape[0], self.num_heads, self.head_dim)  # noqa: E731  [., N, D]
         prefix_k = prefix_v = None
@@ -125,9 +134,9 @@ class Attention(nn.Module):
                 prefix_k = torch.stack([split(self.plus["prefix_k"]), prefix_k])  # [2, P, N, D]
                 prefix_v = torch.stack([split(self.plus["prefix_v"]), prefix_v])
         attended = varlen_attention(split(q), split(k), split(v), batch, prefix_k, prefix_v,
-                                    self.attention_dropout if self.training else 0.0)  # [T, N, D]
-        attended = self.out(attended.flatten(1))                         # [T, E]
-        return add_layer_norm(x, F.dropout(attended, self.dropout, self.training), self.norm)
+                                    self.attention_dropout if self.training else 0.0, masks_only)  # [T or M, N, D]
+        attended = self.out(attended.flatten(1))                         # [T or M, E]
+        return add_layer_norm(rows, F.dropout(attended, self.dropout, self.training), self.norm)
 
 
 class Layer(nn.Module):
@@ -142,9 +151,9 @@ class Layer(nn.Module):
         self.act = _ACTIVATIONS[cfg.hidden_act]
         self.dropout = cfg.hidden_dropout
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        x = self.attention(x, batch)                                     # [T, E]
-        h = self.ffn_out(self.act(self.ffn_in(x)))                       # [T, F] -> [T, E]
+    def forward(self, x: torch.Tensor, batch: PackedBatch, masks_only: bool = False) -> torch.Tensor:
+        x = self.attention(x, batch, masks_only)                         # [T, E], or [M, E]
+        h = self.ffn_out(self.act(self.ffn_in(x)))                       # [., F] -> [., E]
         return add_layer_norm(x, F.dropout(h, self.dropout, self.training), self.ffn_norm)
 
 
@@ -182,9 +191,13 @@ class MaskedLM(nn.Module):
         """Logits at each sequence's <mask>: [M, C] for the given label words, else [M, V].
         `hidden` [T, E], if given, is the input of layer `start_layer` (from the trunk cache)."""
         x = self.embeddings(batch) if hidden is None else hidden           # [T, E]
-        for layer in self.layers[start_layer:]:
+        layers = self.layers[start_layer:]
+        for layer in layers[:-1]:
             x = layer(x, batch)
-        return self.logits_at_masks(x, batch, label_word_ids)
+        # The head reads the <mask> rows only, so the last layer computes only those rows (and
+        # every token's keys and values): exact, and most of a step's work above a cached trunk.
+        x = layers[-1](x, batch, masks_only=True) if len(layers) else x[batch.mask_index]  # [M, E]
+        return self.head(x, self.embeddings.word.weight, label_word_ids)
 
     def trunk(self, batch: PackedBatch, end_layer: int) -> torch.Tensor:
         """Hidden states entering layer `end_layer`: [T, E]."""
@@ -192,8 +205,3 @@ class MaskedLM(nn.Module):
         for layer in self.layers[:end_layer]:
             x = layer(x, batch)
         return x
-
-    def logits_at_masks(self, x: torch.Tensor, batch: PackedBatch,
-                        label_word_ids: torch.Tensor | None) -> torch.Tensor:
-        # The head runs on the M mask rows only, never on all T tokens.
-        return self.head(x[batch.mask_index], self.embeddings.word.weight, label_word_ids)
