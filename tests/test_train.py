@@ -85,6 +85,7 @@ def test_adam_baseline_trains_with_backprop(tmp_path, tiny_mlm_dir):
 
 
 def test_batches_are_epoch_permutations_sorted_within_a_batch():
+    assert all(batch_indices(10, batch, 0, step) == list(range(10)) for batch in (10, 64) for step in range(3))
     seen = [batch_indices(10, 4, 0, step) for step in range(3)]  # one epoch: 4 + 4 + 2
     assert sorted(i for b in seen for i in b) == list(range(10))
     assert all(b == sorted(b) for b in seen) and [len(b) for b in seen] == [4, 4, 2]

@@ -36,6 +36,8 @@ def batch_indices(n_examples: int, batch_size: int, run_seed: int, step: int) ->
     resumed run sees the same data. Each batch is sorted: the loss is a mean, so order does
     not matter, and a batch of the same examples is then the same packed input, step after
     step (k=16 trains on one batch), which keeps cached and recomputed results bit-identical."""
+    if batch_size >= n_examples:  # every step takes every example (k=16): no permutation to draw
+        return list(range(n_examples))
     per_epoch = -(-n_examples // batch_size)
     epoch, position = divmod(step, per_epoch)
     order = _epoch_order(n_examples, run_seed, epoch)

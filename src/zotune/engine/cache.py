@@ -20,6 +20,7 @@ can spill to host memory instead of being dropped.
 Every statistic is a counter incremented where the event happens.
 """
 
+import functools
 from collections import OrderedDict
 from itertools import accumulate
 from collections.abc import Callable
@@ -57,7 +58,7 @@ class TrunkCache:
         self.max_blocks = budget_bytes // block_bytes
         self.block_bytes = block_bytes
         self.frozen = frozen
-        self.flops_per_sequence = flops_per_sequence
+        self.flops_per_sequence = functools.lru_cache(maxsize=None)(flops_per_sequence)  # by length: few distinct
         self.spill_to_host = spill_to_host and device.type == "cuda"
         self.pool = torch.empty(0, BLOCK_TOKENS, hidden_size, device=device, dtype=dtype)  # [blocks, 16, E]
         self.free: list[int] = []
@@ -99,6 +100,15 @@ class TrunkCache:
             for key in keys:
                 self.entries.move_to_end(key)
             return out
+        pool_rows = [self.entries.get(key) for key in keys]
+        if all(rows is not None for rows in pool_rows):  # every sequence a hit in the pool: one gather, in order
+            for key in keys:
+                self.entries.move_to_end(key)
+            out = self.pool.view(-1, self.hidden_size).index_select(0, self._pool_index(pool_rows))
+            tokens, flops = batch.num_tokens, sum(map(self.flops_per_sequence, map(len, keys)))
+            self._count_hits(len(keys) * uses, tokens * uses, flops * uses)
+            self._last = (keys, out, tokens, flops)
+            return out
         missing = [b for b, key in enumerate(keys) if key not in self.entries and key not in self.host]
         missing_set = set(missing)
         hit = [b for b in range(len(keys)) if b not in missing_set]
@@ -112,27 +122,24 @@ class TrunkCache:
         in_pool = [b for b in hit if keys[b] in self.entries]
         for b in in_pool:
             self.entries.move_to_end(keys[b])
-        flat_pool = self.pool.view(-1, self.hidden_size)
-        if len(in_pool) == len(keys):  # every sequence in the pool: one gather, in batch order
-            out = flat_pool.index_select(0, self._pool_rows(keys))
-        else:
-            out = torch.empty(batch.num_tokens, self.hidden_size, device=self.device, dtype=self.dtype)  # [T, E]
-            if in_pool:
-                out[self._rows(batch, in_pool)] = flat_pool[self._pool_rows([keys[b] for b in in_pool])]
-            for b in hit:
-                if keys[b] in self.host:
-                    self.stats.host_hits += 1
-                    rows = self.host.pop(keys[b]).to(self.device, non_blocking=True)
-                    out[self._rows(batch, [b])] = rows
-                    self._store(keys[b], rows)
-            if missing:
-                sub = pack([list(keys[b]) for b in missing], None, self.position_offset).to(self.device)
-                computed = trunk(sub)                                               # [T_missing, E]
-                out[self._rows(batch, missing)] = computed
-                for key, rows in zip(sub.sequences, computed.split(sub.seq_lens)):
-                    self._store(key, rows)
+        out = torch.empty(batch.num_tokens, self.hidden_size, device=self.device, dtype=self.dtype)  # [T, E]
+        if in_pool:
+            out[self._rows(batch, in_pool)] = self.pool.view(-1, self.hidden_size)[
+                self._pool_index([self.entries[keys[b]] for b in in_pool])]
+        for b in hit:
+            if keys[b] in self.host:
+                self.stats.host_hits += 1
+                rows = self.host.pop(keys[b]).to(self.device, non_blocking=True)
+                out[self._rows(batch, [b])] = rows
+                self._store(keys[b], rows)
+        if missing:
+            sub = pack([list(keys[b]) for b in missing], None, self.position_offset).to(self.device)
+            computed = trunk(sub)                                               # [T_missing, E]
+            out[self._rows(batch, missing)] = computed
+            for key, rows in zip(sub.sequences, computed.split(sub.seq_lens)):
+                self._store(key, rows)
         if all(key in self.entries for key in keys):  # (a budget smaller than the batch may not hold them all)
-            self._last = (keys, out, sum(map(len, keys)), sum(self.flops_per_sequence(len(key)) for key in keys))
+            self._last = (keys, out, batch.num_tokens, sum(map(self.flops_per_sequence, map(len, keys))))
         self.stats.bytes_held = (self.blocks_in_use * self.block_bytes
                                  + sum(t.numel() * t.element_size() for t in self.host.values()))
         return out
@@ -147,8 +154,9 @@ class TrunkCache:
         starts = [0, *accumulate(batch.seq_lens)]
         return self._to_device(torch.tensor([starts[b] + i for b in seqs for i in range(batch.seq_lens[b])]))
 
-    def _pool_rows(self, keys) -> torch.Tensor:
-        return self._to_device(torch.cat([self.entries[key] for key in keys]))
+    def _pool_index(self, pool_rows: list[torch.Tensor]) -> torch.Tensor:
+        """The pool rows of several entries (their host index tensors), as one device index."""
+        return self._to_device(torch.cat(pool_rows))
 
     def _to_device(self, index: torch.Tensor) -> torch.Tensor:
         # Indices are built on the host and copied without a stream sync (torch.tensor(...,
