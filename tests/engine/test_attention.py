@@ -54,7 +54,7 @@ def _paired_case(device="cpu", head_dim=8):
     torch.manual_seed(1)
     half = pack([[5] + [1] * (n - 1) for n in (2, 9, 4)], 5, 2)
     batch = half.paired.to(device)
-    n = batch.pair_tokens
+    n = half.num_tokens
     q, k, v = (torch.randn(2 * n, 4, head_dim, device=device) for _ in range(3))
     prefix_k, prefix_v = (torch.randn(2, 3, 4, head_dim, device=device) for _ in range(2))  # [plus, minus]
     # What each half must equal: the half alone, attending to its own prefix.

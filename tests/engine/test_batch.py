@@ -31,6 +31,6 @@ def test_paired_batch_is_the_batch_twice_with_its_split():
     assert pair.cu_seqlens.tolist() == [0, 4, 7, 11, 14]
     assert pair.mask_index.tolist() == [2, 5, 9, 12]
     assert pair.seq_lens == (4, 3, 4, 3) and pair.sequences == batch.sequences * 2
-    assert (pair.pair_seqs, pair.pair_tokens, batch.pair_seqs) == (2, 7, 0)
+    assert (pair.pair_seqs, batch.pair_seqs) == (2, 0)
     assert batch.paired is pair  # built once per batch: a CUDA graph finds it already loaded
     assert batch.to("cpu").paired is not pair  # a moved batch pairs its own tensors

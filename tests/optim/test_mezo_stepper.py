@@ -90,3 +90,28 @@ def test_counts_equal_the_eager_steps(tiny_mlm_dir):
                        {k: stats[k] for k in ("lookups", "hits", "tokens_reused", "flops_skipped")}))
     assert counts[0] == counts[1]
     assert counts[0][0] == 5 * 2 * 2  # steps x directions x (+, -)
+
+
+def test_a_pair_graph_serves_batches_of_other_token_counts(tiny_mlm_dir):
+    # LoRA finds a pair's +eps z rows on the device, so batches of as many sequences but other
+    # token counts (a k=512 epoch's) replay one graph. Run b captures again at the second
+    # batch, running it for real: the replay of run a must give the same bits.
+    from zotune.engine.graphs import MAX_SEQLEN_BUCKET
+    runs = []
+    for recapture_at in ((), (1,)):
+        runner, flat, stepper, (full, _) = _stepper(tiny_mlm_dir, "lora", (1,), True, True)
+        sequences, labels = full[0].sequences, full[1]
+
+        def shape(batch):  # what the graph's key holds of a pair's batch
+            padded = runner.graphs.padded_tokens(2 * batch.num_tokens)
+            return padded, -(-max(batch.max_seqlen, padded - 2 * batch.num_tokens) // MAX_SEQLEN_BUCKET)
+        windows = [runner.pack([list(s) for s in sequences[i:i + 8]]) for i in range(len(sequences) - 8)]
+        first = windows[0]
+        second = next(w for w in windows if shape(w) == shape(first) and w.num_tokens != first.num_tokens)
+        batches = [(first, labels[:8]), (second, labels[:8])]
+        runs.append((_run(stepper, batches, 4, recapture_at), flat.buffer.clone(), runner.graphs.captures))
+    (a, weights_a, captures_a), (b, weights_b, captures_b) = runs
+    assert captures_a == 1 and captures_b == 2
+    for step, (x, y) in enumerate(zip(a, b)):
+        assert all(torch.equal(u, v) for u, v in zip(x, y)), f"step {step}: {x} != {y}"
+    assert torch.equal(weights_a, weights_b)

@@ -20,10 +20,9 @@ class PackedBatch:
     sequences: tuple[tuple[int, ...], ...]  # host copy of the tokens: the trunk cache's keys
     max_seqlen: int            # an upper bound on seq_lens for the attention kernel (a CUDA graph
                                # fixes it at capture; pack() gives the exact maximum)
-    # A MeZO pair (see paired()): the first pair_seqs sequences, pair_tokens tokens, run at
-    # theta + eps z and the rest at theta - eps z. Both 0 in an ordinary batch.
+    # A MeZO pair (see paired): the first pair_seqs sequences run at theta + eps z and the rest
+    # at theta - eps z. 0 in an ordinary batch.
     pair_seqs: int = 0
-    pair_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -47,7 +46,7 @@ class PackedBatch:
         return PackedBatch(
             torch.cat([self.input_ids, self.input_ids]), torch.cat([self.positions, self.positions]),
             torch.cat([self.cu_seqlens, self.cu_seqlens[1:] + n]), torch.cat([self.mask_index, self.mask_index + n]),
-            self.seq_lens * 2, self.sequences * 2, self.max_seqlen, pair_seqs=len(self.seq_lens), pair_tokens=n)
+            self.seq_lens * 2, self.sequences * 2, self.max_seqlen, pair_seqs=len(self.seq_lens))
 
 
 def pack(sequences: list[list[int]], mask_token_id: int | None, position_offset: int) -> PackedBatch:

@@ -106,8 +106,9 @@ class GraphedForward:
         padded = self.padded_tokens(num_tokens)
         filler = padded - num_tokens
         max_seqlen = -(-max(batch.max_seqlen, filler) // MAX_SEQLEN_BUCKET) * MAX_SEQLEN_BUCKET
-        # A pair's split points are Python ints the capture bakes in (LoRA rows, prefix per sequence).
-        key = (padded, num_seqs, max_seqlen, start_layer, hidden is None, batch.pair_seqs, batch.pair_tokens, body,
+        # A pair's split, pair_seqs, is a Python int the capture bakes in (the prefix of each sequence;
+        # LoRA finds its rows on the device), so batches of one size share a graph.
+        key = (padded, num_seqs, max_seqlen, start_layer, hidden is None, batch.pair_seqs, body,
                tuple((name, t.shape) for name, t in inputs.items()))
         entry = self.graphs.get(key)
         if entry is None:

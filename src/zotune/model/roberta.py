@@ -74,12 +74,15 @@ class LoRA(nn.Module):
         # FlatParameters' second buffer, filled by optim/subsets.py attach_pair_weights.
         self.plus: dict[str, torch.Tensor] = {}
 
-    def forward(self, x, pair_tokens: int = 0):
-        if not pair_tokens:
+    def forward(self, x, plus_rows: torch.Tensor | None = None):
+        """`plus_rows` [rows, 1] bool, in a MeZO pair: the rows of its +eps z half, which take the
+        plus weights. Both low-rank products run on every row (R is small), so the split can
+        be a device tensor and a CUDA graph serves batches of any token count."""
+        if plus_rows is None:
             return (x @ self.A.t()) @ self.B.t() * self.scaling
-        plus = (x[:pair_tokens] @ self.plus["A"].t()) @ self.plus["B"].t()   # the pair's +eps z half
-        minus = (x[pair_tokens:] @ self.A.t()) @ self.B.t()
-        return torch.cat([plus, minus]) * self.scaling
+        plus = (x @ self.plus["A"].t()) @ self.plus["B"].t()
+        minus = (x @ self.A.t()) @ self.B.t()
+        return torch.where(plus_rows, plus, minus) * self.scaling
 
 
 class Embeddings(nn.Module):
@@ -117,15 +120,20 @@ class Attention(nn.Module):
         if masks_only:
             # Only the <mask> rows reach the head: queries there, keys and values everywhere.
             hidden = x.shape[1]
-            rows, query_pair_rows = x[batch.mask_index], batch.pair_seqs                # [M, E]
+            rows = x[batch.mask_index]                                                    # [M, E]
             q = F.linear(rows, self.qkv.weight[:hidden], self.qkv.bias[:hidden])          # [M, E]
             k, v = F.linear(x, self.qkv.weight[hidden:], self.qkv.bias[hidden:]).chunk(2, dim=-1)  # 2 x [T, E]
         else:
-            rows, query_pair_rows = x, batch.pair_tokens
+            rows = x
             q, k, v = self.qkv(x).chunk(3, dim=-1)                      # 3 x [T, E]
         if self.lora_q is not None:
-            q = q + self.lora_q(rows, query_pair_rows)
-            v = v + self.lora_v(x, batch.pair_tokens)
+            plus_tokens = plus_queries = None
+            if batch.pair_seqs:  # the pair's first pair_seqs sequences (and their masks) are its +eps z half
+                plus_tokens = (torch.arange(len(x), device=x.device) < batch.cu_seqlens[batch.pair_seqs])[:, None]
+                plus_queries = (torch.arange(len(rows), device=x.device) < batch.pair_seqs)[:, None] \
+                    if masks_only else plus_tokens
+            q = q + self.lora_q(rows, plus_queries)
+            v = v + self.lora_v(x, plus_tokens)
         split = lambda t: t.view(t.shape[0], self.num_heads, self.head_dim)  # noqa: E731  [., N, D]
         prefix_k = prefix_v = None
         if self.prefix_k is not None:
