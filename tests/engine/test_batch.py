@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from zotune.engine.batch import pack
 
@@ -34,3 +35,14 @@ def test_paired_batch_is_the_batch_twice_with_its_split():
     assert (pair.pair_seqs, batch.pair_seqs) == (2, 0)
     assert batch.paired is pair  # built once per batch: a CUDA graph finds it already loaded
     assert batch.to("cpu").paired is not pair  # a moved batch pairs its own tensors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mask_token_id", [5, None])
+def test_a_batch_moved_to_the_gpu_keeps_every_field(mask_token_id):
+    batch = pack([[0, 9, 5, 2], [0, 5, 2], [0, 7, 8, 9, 5, 2]], mask_token_id=mask_token_id, position_offset=2)
+    moved = batch.to("cuda")
+    for name in ("input_ids", "positions", "cu_seqlens", "mask_index"):
+        here, there = getattr(batch, name), getattr(moved, name)
+        assert there.is_cuda and there.dtype == here.dtype and torch.equal(there.cpu(), here), name
