@@ -55,6 +55,9 @@ def one_thread():
 
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+# A device parameter that runs where CUDA is, marked gpu: parametrize("device", ["cpu", ON_GPU]).
+ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs a CUDA device")])
 
 
 def run_under_triton_interpreter(test_file: str, timeout: float) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import ON_GPU
 from zotune.config import TrainConfig
 from zotune.errors import UserError
 from zotune.model.loading import load_model
@@ -119,11 +120,7 @@ def test_tensorboard_logs_the_metrics(tmp_path, tiny_mlm_dir):
     assert [e.step for e in events.Scalars("dev_accuracy")] == [3, 6]
 
 
-GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                       reason="needs a CUDA device")])
-
-
-@pytest.mark.parametrize("device", ["cpu", GPU])
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
 @pytest.mark.parametrize("trainable", ["lora", "prefix"])
 def test_pair_as_one_batch_matches_the_passes_one_by_one(tmp_path, tiny_mlm_dir, trainable, device):
     # Both runs make the same sweeps; only the matmuls over the frozen weights see a batch twice

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tests.conftest import ON_GPU
 from zotune.engine.attention import varlen_attention
 from zotune.engine.batch import pack
 
@@ -90,13 +91,7 @@ def test_flash_varlen_pair_matches_reference_on_gpu():
     assert (got - want).norm() / want.norm() < 1e-2  # FlashAttention computes in bf16
 
 
-def _on(device):
-    marks = [] if device == "cpu" else [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                           reason="needs CUDA")]
-    return pytest.param(device, marks=marks)
-
-
-@pytest.mark.parametrize("device", [_on("cpu"), _on("cuda")])
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
 @pytest.mark.parametrize("case", ["plain", "prefix", "pair with prefixes"])
 def test_masks_only_gives_the_mask_rows_of_full_attention(device, case):
     # The last layer's queries at the <mask> rows alone (model/roberta.py): each must equal its
