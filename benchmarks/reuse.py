@@ -6,12 +6,12 @@ the cache holds the hidden states entering its lowest perturbed layer. "+ pair" 
 each direction's ± passes as one batch (LoRA and prefix allow it); their "no cache" column is
 the same unpaired step without the cache, so the speed-up is that of both together.
 
-Every step runs as `zotune train` runs it (MezoStepper): one CUDA graph replay per step. The
-"cache, graph per pass" column times the cached step as runs C and D did, with a graph per
-forward pass and the sweeps launched from Python, to show what the whole-step graph saves.
+Every step runs as `zotune train` runs it (MezoStepper): one CUDA graph replay per step, and
+θ + εz kept in a second buffer where zotune train keeps one (train.keeps_a_second_buffer: every
+subset here), so a step sweeps the trainable tensors twice.
 
 The ideal speed-up counts layers only (24 run without the cache, K with it). It ignores the
-work no cache can remove: the three sweeps over the trainable tensors, measured alone here
+work no cache can remove: the sweeps over the trainable tensors, measured alone here
 (replayed as one CUDA graph, so their GPU time without launch latency), and the head.
 "ideal with sweeps" keeps the measured sweeps and scales the rest by K/24.
 Step times come from CUDA events around blocks of --steps steps run back to back, as `zotune
@@ -31,9 +31,10 @@ from common import back_to_back_ms, random_roberta_large, sst2_prompt, sst2_trai
 
 from zotune.engine.runner import ModelRunner
 from zotune.optim.flat import FlatParameters
-from zotune.optim.mezo import MezoStepper, direction_seed, mezo_step
+from zotune.optim.mezo import MezoStepper, direction_seed
 from zotune.optim.subsets import SubsetOptions, attach_pair_weights, no_weight_decay, select_trainable
-from zotune.optim.sweep import perturb, restore_and_update, seed_tensor
+from zotune.optim.sweep import perturb, perturb_apart, restore_and_update, seed_tensor
+from zotune.train import keeps_a_second_buffer
 
 UPPER = (20, 21, 22, 23)
 # (label, subset, layers, ± passes as one batch when cached)
@@ -64,12 +65,14 @@ def main():
             names = [n for n, _ in trainable]
             if paired:
                 assert attach_pair_weights(model, flat)
+            if keeps_a_second_buffer(flat, model):  # as zotune train decides: two sweeps a step
+                flat.add_plus()
             start = min(int(n.split(".")[1]) for n in names if n.startswith("layers."))
             layers_run = model.config.num_layers - start
             ideal = model.config.num_layers / layers_run
             times, stats = {}, None
-            for mode in ("no cache", "cache", "cache, graph per pass"):
-                cached = mode != "no cache"
+            for mode in ("no cache", "cache"):
+                cached = mode == "cache"
                 runner = ModelRunner(model, prompt.label_word_ids, prompt.mask_id, torch.device("cuda"))
                 if cached:
                     runner.enable_cache(names, 4 << 30)
@@ -86,11 +89,7 @@ def main():
                     batch, y = packed[i % len(packed)]
                     seeds = [direction_seed(0, i, 0)]
                     with torch.inference_mode():
-                        if mode == "cache, graph per pass":  # the step as runs C and D timed it
-                            loss = runner.pair_loss if pair else runner.loss
-                            mezo_step(flat, lambda: loss(batch, y), seeds, 1e-3, 1e-6, 0.0, paired=pair)
-                        else:
-                            stepper(batch, y, seeds, 1e-6)
+                        stepper(batch, y, seeds, 1e-6)
                 for _ in range(len(packed)):  # warm-up epoch: fills the cache, captures every shape
                     step()
                 before = dict(runner.cache_stats())
@@ -101,27 +100,30 @@ def main():
                     stats = ((after["hits"] - before["hits"]) / lookups, after["bytes_held"])
             seed, g = seed_tensor(1, "cuda"), torch.ones((), device="cuda")
             sweeps = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(sweeps):  # a step's three sweeps alone, one graph as in the step's
-                perturb(flat, seed, 1e-3)
-                perturb(flat, seed, -1e-3, times=2)
+            with torch.cuda.graph(sweeps):  # a step's sweeps alone, one graph as in the step's
+                if flat.plus is not None:
+                    perturb_apart(flat, seed, 1e-3)
+                else:
+                    perturb(flat, seed, 1e-3)
+                    perturb(flat, seed, -1e-3, times=2)
                 restore_and_update(flat, seed, 1e-3, [(seed, g)], 0.0, 0.0)
             sweep_ms = back_to_back_ms(sweeps.replay, args.steps)
             off = times["no cache"]
             ideal_sweeps = off / (sweep_ms + (off - sweep_ms) / ideal)
             speedup = off / times["cache"]
-            rows.append((f"k={k}", batch_size, label, off, times["cache"], times["cache, graph per pass"], speedup,
+            rows.append((f"k={k}", batch_size, label, off, times["cache"], speedup,
                          ideal, speedup / ideal, sweep_ms, ideal_sweeps, speedup / ideal_sweeps, *stats))
             del model, flat, runner, packed, stepper, sweeps
             torch.cuda.empty_cache()
 
     print(f"\nTrunk cache, RoBERTa-large (random weights), SST-2 seed-42, on {torch.cuda.get_device_name()}")
-    print("| setting | batch | trainable | no cache ms | cache ms | cache, graph per pass ms | speed-up "
+    print("| setting | batch | trainable | no cache ms | cache ms | speed-up "
           "| ideal (layers) | of ideal | sweeps ms | ideal with sweeps | of that | hit rate (timed steps) "
           "| cache held MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for (setting, bs, label, off, on, per_pass, speedup, ideal, fraction, sweep_ms, ideal_sweeps, fraction_sweeps,
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (setting, bs, label, off, on, speedup, ideal, fraction, sweep_ms, ideal_sweeps, fraction_sweeps,
          hit_rate, held) in rows:
-        print(f"| {setting} | {bs} | {label} | {off:.2f} | {on:.2f} | {per_pass:.2f} | {speedup:.1f}x | {ideal:.1f}x "
+        print(f"| {setting} | {bs} | {label} | {off:.2f} | {on:.2f} | {speedup:.1f}x | {ideal:.1f}x "
               f"| {fraction:.2f} | {sweep_ms:.2f} | {ideal_sweeps:.1f}x | {fraction_sweeps:.2f} "
               f"| {hit_rate:.1%} | {held / (1 << 20):.0f} |")
 

@@ -145,6 +145,20 @@ def test_pair_as_one_batch_matches_the_passes_one_by_one(tmp_path, tiny_mlm_dir,
     assert single["forward_passes"] - paired["forward_passes"] == 6 * 2  # 6 steps x 2 directions, one pass each saved
 
 
+@pytest.mark.parametrize("trainable", ["top:1", "lora"])
+def test_a_second_buffer_saves_a_sweep_and_changes_no_bit(tmp_path, tiny_mlm_dir, trainable, monkeypatch):
+    # With theta + eps z kept apart, a direction's first sweep leaves what the first two leave
+    # (optim/sweep.py perturb_apart); n-SPSA and weight decay cover the restores between directions.
+    options = dict(trainable=trainable, n_spsa=2, weight_decay=0.1, pair=False)
+    kept, a = _run(tmp_path, tiny_mlm_dir, "kept", **options)
+    monkeypatch.setattr("zotune.train.SECOND_BUFFER_SHARE", 0.0)
+    swept, b = _run(tmp_path, tiny_mlm_dir, "swept", **options)
+    assert (kept["sweeps_per_direction"], swept["sweeps_per_direction"]) == (2, 3)
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+    wa, wb = load_file(a / "final.safetensors"), load_file(b / "final.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
 def test_train_time_leaves_out_dev_evaluations(tmp_path, tiny_mlm_dir, monkeypatch):
     import time
     import zotune.train as train_module

@@ -113,6 +113,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if cfg.optimizer == "mezo":
         flat = FlatParameters(trainable, decay_exempt)
         paired = cfg.pair and attach_pair_weights(runner.model, flat)
+        if keeps_a_second_buffer(flat, runner.model, graphed_ranks=group is not None and runner.graphs is not None):
+            flat.add_plus()
         if paired:
             runner.enable_pairs([name for name, _ in trainable])
         step_fn = _mezo_stepper(cfg, runner, flat, group, paired)
@@ -281,6 +283,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         "dev_accuracy": dev_acc, "test_accuracy": test_acc,
         "cache": runner.cache_stats(),
     }
+    if cfg.optimizer == "mezo":
+        summary["sweeps_per_direction"] = 2 if flat.plus is not None else 3  # see keeps_a_second_buffer
     if group is not None:
         summary["ranks"] = group.world
     if is_main:
@@ -303,6 +307,22 @@ def _kept_metrics(run_dir: Path, last_step: int, best: dict) -> list[dict]:
 
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+# A second buffer of the trainable tensors is kept while it is at most this share of the model.
+SECOND_BUFFER_SHARE = 0.25
+
+
+def keeps_a_second_buffer(flat: FlatParameters, model: torch.nn.Module, graphed_ranks: bool = False) -> bool:
+    """Whether MeZO keeps theta + eps z in a second buffer (FlatParameters.add_plus): two sweeps
+    a direction instead of three, the same weights bit for bit, for a copy of the trainable
+    tensors. A pair has one already. Otherwise it is kept for subsets small next to the model
+    (not `full`: MeZO trains in inference memory), and not by data-parallel ranks on CUDA graphs
+    (`graphed_ranks`), whose forwards are graphs of their own that the + pass's weight addresses
+    would recapture."""
+    if flat.plus is not None:
+        return True
+    return not graphed_ranks and flat.numel <= SECOND_BUFFER_SHARE * sum(p.numel() for p in model.parameters())
 
 
 def _mezo_stepper(cfg, runner, flat, group, paired: bool):

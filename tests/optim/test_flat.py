@@ -84,3 +84,19 @@ def test_rejects_bad_parameter_lists():
         FlatParameters(named + named[:1], set())
     with pytest.raises(ValueError, match="float32"):
         FlatParameters([("w", torch.nn.Parameter(torch.zeros(2, dtype=torch.float64)))], set())
+
+
+def test_reading_plus_rebinds_the_parameters_for_a_while():
+    model = _model()
+    flat = FlatParameters(list(model.named_parameters()), _no_decay)
+    flat.add_plus()
+    flat.plus.copy_(flat.buffer + 1)
+    x = torch.randn(5, 4)
+    before = model(x)
+    with flat.reading_plus():
+        assert all(p.data_ptr() == v.data_ptr() for p, v in zip(flat.parameters, flat.plus_views().values()))
+        shifted = model(x)
+    assert not torch.equal(shifted, before)
+    assert torch.equal(model(x), before)  # back on the buffer
+    model[0].weight.data.add_(1)  # and writing the Parameter writes the buffer again
+    assert flat.buffer[0] == flat.plus[0]

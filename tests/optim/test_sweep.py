@@ -169,6 +169,19 @@ def test_perturb_twice_is_two_rounded_adds():
     assert not torch.equal(a.buffer, _random_flat(1000, 500).buffer)
 
 
+def test_perturb_apart_leaves_the_bits_of_the_two_sweeps(monkeypatch):
+    # Chunks of 1000 (not a multiple of 4) split the Philox counters.
+    monkeypatch.setattr(sweep, "CHUNK", 1000)
+    a, b = _random_flat(4500, 2500), _random_flat(4500, 2500)
+    a.add_plus()
+    sweep.perturb_apart(a, 2**40 + 7, EPS)
+    sweep.perturb(b, 2**40 + 7, EPS)
+    assert torch.equal(a.plus, b.buffer)
+    sweep.perturb(b, 2**40 + 7, -EPS, times=2)
+    assert torch.equal(a.buffer, b.buffer)
+    assert not torch.equal(a.plus, a.buffer)
+
+
 def test_chunking_does_not_change_results(monkeypatch):
     # Chunks of 1000 (not a multiple of 4) split counters and the decayed prefix.
     def run():

@@ -46,6 +46,10 @@ def check_triton_matches_torch(device: torch.device):
         for restore_seed, update_seeds in SEEDS:
             values = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.05
             expected = _sweeps(values.clone(), n_decay, restore_seed, update_seeds, sweep._perturb_torch, sweep._restore_and_update_torch)
+            # perturb_apart: the first two sweeps in one pass, theta + eps z kept in a second buffer.
+            buf, plus = values.to(device, copy=True), torch.empty(n, device=device)
+            sweep._perturb_apart_triton(buf, plus, sweep.seed_tensor(restore_seed, device), EPS)
+            assert torch.equal(plus.cpu(), expected[0]) and torch.equal(buf.cpu(), expected[1]), f"apart, n={n}"
             got = _sweeps(values.to(device), n_decay, restore_seed, update_seeds, sweep._perturb_triton, sweep._restore_and_update_triton)
             for i, (e, g) in enumerate(zip(expected, got)):
                 assert torch.equal(e, g), f"sweep {i}, n={n}, seeds {restore_seed} {update_seeds}: {(e != g).sum()} differ"

@@ -12,6 +12,7 @@ list and no-decay rule always give the same layout, and a seeded run replays exa
 """
 
 from collections.abc import Callable, Mapping, Set
+from contextlib import contextmanager
 from itertools import accumulate
 
 import torch
@@ -53,26 +54,46 @@ class FlatParameters:
         self.n_decay = sum(p.numel() for _, p in decay)
 
         self.buffer = torch.empty(self.numel, dtype=torch.float32, device=devices.pop())
-        self.plus: torch.Tensor | None = None  # theta + eps z beside theta - eps z, for a MeZO pair
-        for (_, p), view in zip(ordered, self._views()):
+        self.plus: torch.Tensor | None = None  # theta + eps z beside theta - eps z (add_plus)
+        self.parameters = [p for _, p in ordered]
+        self._buffer_views = self._views(self.buffer)
+        for p, view in zip(self.parameters, self._buffer_views):
             view.copy_(p.detach())
             p.data = view  # the model's Parameter now reads and writes the buffer
 
-    def _views(self, buffer: torch.Tensor | None = None) -> list[torch.Tensor]:
-        buffer = self.buffer if buffer is None else buffer
+    def _views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         return [buffer[o : o + s.numel()].view(s) for o, s in zip(self.offsets, self.shapes)]
 
-    def plus_views(self) -> dict[str, torch.Tensor]:
-        """Named views of a second buffer, `plus`, of the same layout. MeZO copies theta + eps z
-        into it before moving the buffer on to theta - eps z, so both passes of a direction
-        can run as one batch (optim/mezo.py). Worth its memory for small subsets (LoRA, prefix)."""
+    def add_plus(self) -> None:
+        """A second buffer, `plus`, of the same layout. MeZO's first sweep of a direction then
+        writes theta + eps z there and theta - eps z in place in one pass (optim/sweep.py
+        perturb_apart), saving one of a step's three sweeps, and a MeZO pair reads both at once
+        (optim/mezo.py). It costs a copy of the trainable tensors: worth it for subsets small
+        next to the model."""
         if self.plus is None:
             self.plus = torch.empty_like(self.buffer)
-        return dict(zip(self.names, self._views(self.plus)))
+            self._plus_views = self._views(self.plus)
+
+    def plus_views(self) -> dict[str, torch.Tensor]:
+        """The named views of `plus` (add_plus)."""
+        self.add_plus()
+        return dict(zip(self.names, self._plus_views))
+
+    @contextmanager
+    def reading_plus(self):
+        """Inside, the model's trainable Parameters read `plus` (theta + eps z) instead of the
+        buffer. A CUDA graph captured inside keeps reading `plus` at every replay."""
+        for p, view in zip(self.parameters, self._plus_views):
+            p.data = view
+        try:
+            yield
+        finally:
+            for p, view in zip(self.parameters, self._buffer_views):
+                p.data = view
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Copies of the named tensors, safe to keep while training goes on."""
-        return {name: view.clone() for name, view in zip(self.names, self._views())}
+        return {name: view.clone() for name, view in zip(self.names, self._buffer_views)}
 
     def load_(self, tensors: Mapping[str, torch.Tensor]):
         """Copy named tensors into the buffer; names and shapes must match exactly."""
@@ -80,8 +101,8 @@ class FlatParameters:
         unexpected = set(tensors) - set(self.names)
         if missing or unexpected:
             raise ValueError(f"load_: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-        for name, view in zip(self.names, self._views()):
+        for name, view in zip(self.names, self._buffer_views):
             if tensors[name].shape != view.shape:
                 raise ValueError(f"load_: {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(view.shape)}")
-        for name, view in zip(self.names, self._views()):
+        for name, view in zip(self.names, self._buffer_views):
             view.copy_(tensors[name])

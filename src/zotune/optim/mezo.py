@@ -6,10 +6,11 @@ For each of n directions z_j (regenerated from seed_j, never stored):
 The last restore is fused with the update, θ ← θ + εz_n − lr·(Σ g_j z_j / n + wd·θ),
 so one direction costs 3 sweeps over the parameters, not 4.
 
-Paired (`paired=True`, LoRA and prefix subsets): before the −2εz sweep the buffer is copied
-into FlatParameters.plus, so θ + εz and θ − εz exist side by side and `loss_fn` returns
-[L+, L−] from one forward over the batch twice (PackedBatch.paired). The sweeps, and so the
-weights' rounding, are exactly those of the unpaired step.
+With a second buffer (FlatParameters.add_plus) a direction's first sweep writes θ + εz there
+and θ − εz in place in one pass (sweep.perturb_apart): two sweeps a direction instead of three,
+the same bits. The + pass then reads the second buffer (FlatParameters.reading_plus). Paired
+(`paired=True`, LoRA and prefix subsets), `loss_fn` returns [L+, L−] from one forward over the
+batch twice (PackedBatch.paired), its first half reading θ + εz from that buffer.
 
 A step whose loss is NaN or Inf (any L+ or L−) is skipped: the sweeps still run, but every
 update coefficient is zero, so the last sweep only restores θ (issue 7). The choice is made
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from zotune.optim.flat import FlatParameters
-from zotune.optim.sweep import perturb, restore_and_update, seed_tensor
+from zotune.optim.sweep import perturb, perturb_apart, restore_and_update, seed_tensor
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,15 @@ def _sweep_directions(flat: FlatParameters, seeds: torch.Tensor, eps: float,
     with θ + εz kept in flat.plus."""
     results = []
     for j, seed in enumerate(seeds):
-        perturb(flat, seed, eps)
-        if paired:
-            flat.plus.copy_(flat.buffer)
+        if flat.plus is not None:
+            perturb_apart(flat, seed, eps)
+            if not paired:
+                with flat.reading_plus():
+                    results.append(measure(j))
         else:
+            perturb(flat, seed, eps)
             results.append(measure(j))
-        perturb(flat, seed, -eps, times=2)
+            perturb(flat, seed, -eps, times=2)
         results.append(measure(j))
         if j < len(seeds) - 1:
             perturb(flat, seed, eps)  # the update waits for all n directions

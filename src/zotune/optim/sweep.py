@@ -9,7 +9,10 @@ A MeZO step (Malladi et al. 2023; princeton-nlp/MeZO medium_models/src/trainer.p
                                               theta <- theta - lr (g z + wd theta)
 
 MeZO restores theta and then updates it in two more passes; here restore and update share one
-pass, so a step is three passes over the parameters instead of four. With n-SPSA (n directions
+pass, so a step is three passes over the parameters instead of four. With a second buffer
+(FlatParameters.add_plus) the first two passes are one, perturb_apart: it writes theta + eps z
+there and leaves theta - eps z in place, rounding exactly as the two passes do, so a step is two
+passes and two draws of z, the same weights bit for bit. With n-SPSA (n directions
 at the same theta) the caller restores each direction but the last with perturb(+eps) and
 passes all n (seed_i, g_i / n) pairs to the final restore_and_update.
 
@@ -43,6 +46,15 @@ def perturb(flat: FlatParameters, seed: int | torch.Tensor, scale: float, times:
         _perturb_triton(flat.buffer, seed_tensor(seed, flat.buffer.device), scale, times)
     else:
         _perturb_torch(flat.buffer, _host_seed(seed), scale, times)
+
+
+def perturb_apart(flat: FlatParameters, seed: int | torch.Tensor, eps: float):
+    """flat.plus = buffer + eps z; buffer = ((buffer + eps z) - eps z) - eps z: the bits
+    perturb(+eps) then perturb(-eps, times=2) leave, with theta + eps z kept, in one pass."""
+    if _use_triton(flat.buffer):
+        _perturb_apart_triton(flat.buffer, flat.plus, seed_tensor(seed, flat.buffer.device), eps)
+    else:
+        _perturb_apart_torch(flat.buffer, flat.plus, _host_seed(seed), eps)
 
 
 def restore_and_update(
@@ -121,6 +133,14 @@ def _perturb_torch(buf: torch.Tensor, seed: int, scale: float, times: int):
             x.add_(d)
 
 
+def _perturb_apart_torch(buf: torch.Tensor, plus: torch.Tensor, seed: int, eps: float):
+    for start in range(0, buf.numel(), CHUNK):
+        x = buf[start : start + CHUNK]
+        d = rng.normal(seed, start, x.numel(), buf.device).mul_(eps)
+        torch.add(x, d, out=plus[start : start + CHUNK])
+        x.copy_(plus[start : start + CHUNK]).sub_(d).sub_(d)
+
+
 def _restore_and_update_torch(buf, n_decay, restore_seed, eps, seeds, coefs, decay):
     for start in range(0, buf.numel(), CHUNK):
         x = buf[start : start + CHUNK]
@@ -143,6 +163,11 @@ BLOCK = 2048  # elements per program, 512 Philox counters: 8% faster MeZO steps 
 def _perturb_triton(buf: torch.Tensor, seed: torch.Tensor, scale: float, times: int):
     n = buf.numel()
     _perturb_kernel[(triton.cdiv(n, BLOCK),)](buf, n, seed, scale, TIMES=times, BLOCK=BLOCK, enable_fp_fusion=False)
+
+
+def _perturb_apart_triton(buf: torch.Tensor, plus: torch.Tensor, seed: torch.Tensor, eps: float):
+    n = buf.numel()
+    _perturb_apart_kernel[(triton.cdiv(n, BLOCK),)](buf, plus, n, seed, eps, BLOCK=BLOCK, enable_fp_fusion=False)
 
 
 def _restore_and_update_triton(buf, n_decay, restore_seed, eps, seeds, coefs, decay):
@@ -226,6 +251,16 @@ if triton is not None:
         for _ in tl.static_range(TIMES):
             x = x + d
         tl.store(buf_ptr + offs, x, mask=offs < n)
+
+    @triton.jit
+    def _perturb_apart_kernel(buf_ptr, plus_ptr, n, seed_ptr, eps, BLOCK: tl.constexpr):
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(buf_ptr + offs, mask=offs < n)
+        d = _normal_block(tl.load(seed_ptr), start, BLOCK) * eps
+        plus = x + d
+        tl.store(plus_ptr + offs, plus, mask=offs < n)
+        tl.store(buf_ptr + offs, (plus - d) - d, mask=offs < n)
 
     @triton.jit(do_not_specialize=["n_decay"])
     def _restore_and_update_kernel(
