@@ -13,6 +13,7 @@ from zotune.optim.flat import FlatParameters
 from zotune.optim.mezo import MezoStepper, direction_seed
 from zotune.optim.subsets import SubsetOptions, attach_pair_weights, no_weight_decay, select_trainable
 from zotune.tasks.data import default_data_dir, load_split
+from zotune.train import keeps_a_second_buffer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -32,6 +33,8 @@ def _stepper(model_dir, trainable, layers, cache, paired, cuda_graphs=True):
     if paired:
         assert attach_pair_weights(runner.model, flat)
         runner.enable_pairs(names)
+    if keeps_a_second_buffer(flat, runner.model):  # as zotune train: top:1 reads its + pass from it, full does not
+        flat.add_plus()
     examples = load_split(prompted.task, default_data_dir(), 16, 42, "train")
     sequences, labels = encode(prompted.prompt, examples), torch.tensor([e.label for e in examples], device="cuda")
     # Two batch shapes, alternating: each is captured once, then replayed with its own inputs.
