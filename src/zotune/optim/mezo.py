@@ -4,7 +4,7 @@ For each of n directions z_j (regenerated from seed_j, never stored):
     θ + εz_j      -> L+
     θ − εz_j      -> L−            g_j = (L+ − L−) / 2ε
 The last restore is fused with the update, θ ← θ + εz_n − lr·(Σ g_j z_j / n + wd·θ),
-so one direction costs 3 sweeps over the parameters, not 4.
+so one direction costs 3 sweeps over the parameters, not 4 (2 with a second buffer, below).
 
 With a second buffer (FlatParameters.add_plus) a direction's first sweep writes θ + εz there
 and θ − εz in place in one pass (sweep.perturb_apart): two sweeps a direction instead of three,
