@@ -3,7 +3,9 @@
 One file, read top to bottom: config, embeddings, attention, layer, head, model.
 The model owns the maths; batching, device and dtype belong to the runner
 (engine/runner.py). There is no padding anywhere: tokens of all sequences are
-concatenated and attention is block-diagonal (engine/attention.py).
+concatenated and attention is block-diagonal (engine/attention.py). The nn.Linear modules
+hold the weights (and their checkpoint names); the matmuls go through engine/linear.py, which
+runs those of few rows, such as the last layer's <mask> rows, as a split-K kernel on CUDA.
 
 Shape notation: T = packed tokens, B = sequences, M = <mask> positions, E = hidden size,
 N = heads, D = head dim (E = N * D), F = feed-forward size, V = vocabulary, C = label words,
@@ -19,14 +21,8 @@ from torch import nn
 
 from zotune.engine.attention import varlen_attention
 from zotune.engine.batch import PackedBatch
+from zotune.engine.linear import ACTIVATIONS, linear
 from zotune.engine.norm import add_layer_norm
-
-_ACTIVATIONS = {
-    "gelu": F.gelu,  # exact erf GELU, what RoBERTa and BERT were trained with
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
 
 
 @dataclass(frozen=True)
@@ -50,8 +46,8 @@ class ModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         for act in (self.hidden_act, self.head_act):
-            if act not in _ACTIVATIONS:
-                raise ValueError(f"unsupported activation {act!r}; known: {sorted(_ACTIVATIONS)}")
+            if act not in ACTIVATIONS:
+                raise ValueError(f"unsupported activation {act!r}; known: {sorted(ACTIVATIONS)}")
 
     @property
     def head_dim(self) -> int:
@@ -121,11 +117,11 @@ class Attention(nn.Module):
             # Only the <mask> rows reach the head: queries there, keys and values everywhere.
             hidden = x.shape[1]
             rows = x[batch.mask_index]                                                    # [M, E]
-            q = F.linear(rows, self.qkv.weight[:hidden], self.qkv.bias[:hidden])          # [M, E]
-            k, v = F.linear(x, self.qkv.weight[hidden:], self.qkv.bias[hidden:]).chunk(2, dim=-1)  # 2 x [T, E]
+            q = linear(rows, self.qkv.weight[:hidden], self.qkv.bias[:hidden])            # [M, E]
+            k, v = linear(x, self.qkv.weight[hidden:], self.qkv.bias[hidden:]).chunk(2, dim=-1)  # 2 x [T, E]
         else:
             rows = x
-            q, k, v = self.qkv(x).chunk(3, dim=-1)                      # 3 x [T, E]
+            q, k, v = linear(x, self.qkv.weight, self.qkv.bias).chunk(3, dim=-1)  # 3 x [T, E]
         if self.lora_q is not None:
             plus_tokens = plus_queries = None
             if batch.pair_seqs:  # the pair's first pair_seqs sequences (and their masks) are its +eps z half
@@ -143,7 +139,7 @@ class Attention(nn.Module):
                 prefix_v = torch.stack([split(self.plus["prefix_v"]), prefix_v])
         attended = varlen_attention(split(q), split(k), split(v), batch, prefix_k, prefix_v,
                                     self.attention_dropout if self.training else 0.0, masks_only)  # [T or M, N, D]
-        attended = self.out(attended.flatten(1))                         # [T or M, E]
+        attended = linear(attended.flatten(1), self.out.weight, self.out.bias)  # [T or M, E]
         return add_layer_norm(rows, F.dropout(attended, self.dropout, self.training), self.norm)
 
 
@@ -156,12 +152,13 @@ class Layer(nn.Module):
         self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.act = _ACTIVATIONS[cfg.hidden_act]
+        self.activation = cfg.hidden_act
         self.dropout = cfg.hidden_dropout
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, masks_only: bool = False) -> torch.Tensor:
         x = self.attention(x, batch, masks_only)                         # [T, E], or [M, E]
-        h = self.ffn_out(self.act(self.ffn_in(x)))                       # [., F] -> [., E]
+        h = linear(x, self.ffn_in.weight, self.ffn_in.bias, self.activation)   # [., F]
+        h = linear(h, self.ffn_out.weight, self.ffn_out.bias)                  # [., E]
         return add_layer_norm(x, F.dropout(h, self.dropout, self.training), self.ffn_norm)
 
 
@@ -170,20 +167,20 @@ class MLMHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.act = _ACTIVATIONS[cfg.head_act]
+        self.activation = cfg.head_act
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         # An untied decoder has its own matrix; a tied one reads the word embeddings.
         self.decoder = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
 
     def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor,
                 label_word_ids: torch.Tensor | None) -> torch.Tensor:
-        h = self.norm(self.act(self.dense(x)))                          # [M, E]
+        h = self.norm(linear(x, self.dense.weight, self.dense.bias, self.activation))  # [M, E]
         decoder = word_embeddings if self.decoder is None else self.decoder  # [V, E]
         bias = self.bias
         if label_word_ids is not None:
             # Classification needs C rows of the V-row decoder: skip the rest of the vocabulary.
             decoder, bias = decoder[label_word_ids], bias[label_word_ids]     # [C, E], [C]
-        return h @ decoder.t() + bias                                   # [M, C] or [M, V]
+        return linear(h, decoder, bias)                                 # [M, C] or [M, V]
 
 
 class MaskedLM(nn.Module):

@@ -1,0 +1,171 @@
+"""activation(x Wᵀ + b) for few rows, as one split-K Triton matmul on CUDA.
+
+Above a cached trunk, the last layer computes only the <mask> rows (M = 32..128): its query
+and output projections, both feed-forward matmuls and the head's dense layer read ~52 MB of
+float32 weights for a few rows each, so they are bound by reading the weights. A profile of a
+cached MeZO step on an H100 (RoBERTa-large, TF32) found cuBLAS running them at ~17% of memory
+bandwidth: ~97 us a forward pass for weights that stream in ~20 us. Here each program takes a
+64-column block of N and a contiguous share of K, so that ~2 programs per SM stream the weight
+together. Each writes its share's partial sums; the last program of a column block to finish
+(an arrival counter tells it) adds the shares up in split order, whichever program that is, so
+the same inputs give the same bits, then adds the bias and applies the activation. One launch:
+a separate summing kernel cost ~3 us a matmul on an H100, half the matmul itself. `_linear_torch` is its
+reference: the CPU path, the path under autograd (the backprop baseline), the path for many
+rows (where cuBLAS's own tiles fill the GPU), and what the tests compare the kernel with.
+
+Shape notation: R = rows, K = input features, N = output features, S = K splits.
+"""
+
+from functools import cache, partial
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # torch's CPU wheels come without triton
+    triton = None
+
+# Activation names as in Hugging Face configs (`hidden_act`) -> the torch function. The Triton
+# epilogue (_activate) implements the same names; the model validates names against this dict.
+ACTIVATIONS = {
+    "gelu": F.gelu,  # exact erf GELU, what RoBERTa and BERT were trained with
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+
+# Up to this many rows the matmul is bound by reading the weight; the whole row block is one
+# tile (BLOCK_R) of the kernel, whose accumulator must fit the registers.
+MAX_ROWS = 128
+# Measured on an H100 (benchmarks/linear_kernels.py, RESULTS.md): 32-column blocks beat 64 at
+# every shape; 2 programs a SM beat 1 up to 64 rows, and 1 beat 2 at 128, where each program's
+# taller x tile already keeps enough loads in flight.
+BLOCK_N, BLOCK_K = 32, 64
+PROGRAMS_PER_SM = 2  # up to 64 rows; half as many above
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           activation: str | None = None) -> torch.Tensor:
+    """activation(x @ weight.T + bias) for x: [R, K], weight: [N, K] (nn.Linear's layout) -> [R, N],
+    in the dtype and precision F.linear would use here (bf16 under CUDA autocast)."""
+    if x.is_cuda and triton is not None and not torch.is_grad_enabled() and len(x) <= MAX_ROWS:
+        autocast = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda") if autocast else weight.dtype
+        # As cuBLAS: TF32 for float32 operands only where the runner allowed it.
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return _linear_triton(x, weight, bias, activation, dtype, precision, _sm_count(x.device))
+    return _linear_torch(x, weight, bias, activation)
+
+
+def _linear_torch(x, weight, bias, activation):
+    y = F.linear(x, weight, bias)
+    return y if activation is None else ACTIVATIONS[activation](y)
+
+
+@cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _linear_triton(x, weight, bias, activation, dtype, precision, sm_count):
+    """`dtype`: the operands' dtype in the dot and the output's; `precision`: "tf32" or "ieee"
+    for float32 operands; `sm_count`: the programs to fill, over PROGRAMS_PER_SM."""
+    x, weight = x.contiguous(), weight.contiguous()
+    rows, k = x.shape
+    n = weight.shape[0]
+    n_blocks, k_blocks = triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K)
+    # Split K until the grid has PROGRAMS_PER_SM programs a SM, at most one split per K block;
+    # then even out the shares so that no split is empty.
+    programs = PROGRAMS_PER_SM * sm_count // (1 if rows <= 64 else 2)
+    splits = min(max(programs // n_blocks, 1), k_blocks)
+    blocks_per_split = triton.cdiv(k_blocks, splits)
+    splits = triton.cdiv(k_blocks, blocks_per_split)
+    block_r = triton.next_power_of_2(max(rows, 16))  # tl.dot needs 16 or more rows
+    partials = torch.empty(splits if splits > 1 else 0, rows, n, dtype=torch.float32, device=x.device)  # [S, R, N]
+    out = torch.empty(rows, n, dtype=dtype, device=x.device)
+    dot_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+    # 3 stages: at BLOCK_R = 128 a stage holds 48 KB of float32 x and weight tiles in shared memory.
+    # The loop counts are constexprs: a few values per model (one per weight shape), and Triton
+    # 3.6's interpreter cannot loop to a runtime bound under numpy 2.4 (triton-lang/triton#9171).
+    _split_k_kernel[(n_blocks, splits)](
+        x, weight, bias, partials, _arrivals(x.device, n_blocks), out, rows, n, k,
+        BLOCKS_PER_SPLIT=blocks_per_split, SPLITS=splits, HAS_BIAS=bias is not None, ACTIVATION=activation,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_R=block_r, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        num_warps=4, num_stages=3)
+    return out
+
+
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrivals(device: torch.device, n_blocks: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per column block, kept between calls (and so inside CUDA graphs):
+    the last program of a block sets its counter back to zero."""
+    counters = _ARRIVALS.get(device)
+    if counters is None or len(counters) < n_blocks:
+        counters = _ARRIVALS[device] = torch.zeros(max(n_blocks, 1024), dtype=torch.int32, device=device)
+    return counters
+
+
+if triton is not None:
+    @triton.jit
+    def _split_k_kernel(x_ptr, w_ptr, b_ptr, partials_ptr, arrivals_ptr, out_ptr, rows, n, k,
+                        BLOCKS_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        ACTIVATION: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program (j, s): x [:, share s of K] @ weight[block j of N, share s of K].T -> partials[s];
+        the last of block j's programs to arrive writes out[:, block j]."""
+        block, split = tl.program_id(0), tl.program_id(1)
+        r = tl.arange(0, BLOCK_R)
+        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        for step in range(BLOCKS_PER_SPLIT):
+            ks = (split * BLOCKS_PER_SPLIT + step) * BLOCK_K + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + r[:, None] * k + ks[None, :], mask=(r[:, None] < rows) & (ks[None, :] < k),
+                        other=0.0)                                                       # [BLOCK_R, BLOCK_K]
+            w = tl.load(w_ptr + cols[None, :] * k + ks[:, None], mask=(cols[None, :] < n) & (ks[:, None] < k),
+                        other=0.0)                                                       # [BLOCK_K, BLOCK_N] of Wᵀ
+            acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        inside = (r[:, None] < rows) & (cols[None, :] < n)
+        tile = r[:, None] * n + cols[None, :]
+        if SPLITS == 1:
+            _finish(acc, b_ptr, out_ptr, cols, n, tile, inside, HAS_BIAS, ACTIVATION)
+        else:
+            tl.store(partials_ptr + split * rows * n + tile, acc, mask=inside)
+            # The barrier puts every thread's partials before the arrival, which acq_rel publishes
+            # to the GPU; the last program then reads all partials past its L1 (.cg).
+            tl.debug_barrier()
+            if tl.atomic_add(arrivals_ptr + block, 1, sem="acq_rel") == SPLITS - 1:
+                y = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+                # In split order, whichever program arrived last; unrolled, so that the loads are in
+                # flight together (a loop waited for each in turn: ~1 us a split).
+                for s in tl.static_range(SPLITS):
+                    y += tl.load(partials_ptr + s * rows * n + tile, mask=inside, other=0.0, cache_modifier=".cg")
+                _finish(y, b_ptr, out_ptr, cols, n, tile, inside, HAS_BIAS, ACTIVATION)
+                tl.atomic_xchg(arrivals_ptr + block, 0)  # ready for the next call
+
+    @triton.jit
+    def _finish(y, b_ptr, out_ptr, cols, n, tile, inside, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
+        """out[tile] = activation(y + bias), in float32, then cast."""
+        if HAS_BIAS:
+            y += tl.load(b_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
+        y = _activate(y, ACTIVATION)
+        tl.store(out_ptr + tile, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _activate(y, ACTIVATION: tl.constexpr):
+        """ACTIVATIONS' functions, in float32."""
+        if ACTIVATION == "gelu":
+            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))     # x Φ(x), Φ via erf(x / √2)
+        elif ACTIVATION == "gelu_new" or ACTIVATION == "gelu_pytorch_tanh":
+            # 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = √(2/π) (x + 0.044715 x³): no tanh needed,
+            # and no cancellation near 0.
+            u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+            y = y * tl.sigmoid(2.0 * u)
+        elif ACTIVATION == "relu":
+            y = tl.maximum(y, 0.0)
+        else:
+            tl.static_assert(ACTIVATION is None, "unknown activation")
+        return y
