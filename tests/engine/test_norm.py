@@ -11,7 +11,9 @@ from tests.conftest import needs_triton, run_under_triton_interpreter
 
 # (tokens, hidden size, dtype of h): a power of two and not, one row and many, bf16 h as
 # under autocast (the linear's output) with a float32 residual stream.
-CASES = [(1, 32, torch.float32), (7, 48, torch.float32), (130, 1024, torch.float32), (65, 256, torch.bfloat16)]
+# None: no residual, norm(x) alone (the MLM head's norm).
+CASES = [(1, 32, torch.float32), (7, 48, torch.float32), (130, 1024, torch.float32), (65, 256, torch.bfloat16),
+         (33, 96, None)]
 
 
 def check_kernel_matches_torch(device: torch.device):
@@ -22,12 +24,12 @@ def check_kernel_matches_torch(device: torch.device):
             layer_norm.weight.copy_(torch.randn(hidden, generator=generator))
             layer_norm.bias.copy_(torch.randn(hidden, generator=generator))
         x = torch.randn(tokens, hidden, generator=generator) * 3 + 1
-        h = torch.randn(tokens, hidden, generator=generator).to(h_dtype)
+        h = None if h_dtype is None else torch.randn(tokens, hidden, generator=generator).to(h_dtype)
         with torch.no_grad():
             expected = fused._add_layer_norm_torch(x, h, layer_norm)
             layer_norm.to(device)
-            got = fused._add_layer_norm_triton(x.to(device), h.to(device), layer_norm.weight, layer_norm.bias,
-                                               layer_norm.eps)
+            got = fused._add_layer_norm_triton(x.to(device), None if h is None else h.to(device), layer_norm.weight,
+                                               layer_norm.bias, layer_norm.eps)
         assert got.dtype == torch.float32 and got.shape == (tokens, hidden)
         # Both normalise in float32; they differ only in summation order (~1 ulp of the row's scale).
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)

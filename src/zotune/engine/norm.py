@@ -21,35 +21,39 @@ except ImportError:  # torch's CPU wheels come without triton
     triton = None
 
 
-def add_layer_norm(x: torch.Tensor, h: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    """norm(x + h) for x, h: [T, E] -> [T, E] float32 (x is float32; h may be bf16 under autocast)."""
+def add_layer_norm(x: torch.Tensor, h: torch.Tensor | None, norm: nn.LayerNorm) -> torch.Tensor:
+    """norm(x + h) for x, h: [T, E] -> [T, E] float32 (h may be bf16 under autocast); norm(x)
+    where h is None (the MLM head's norm, whose two torch kernels cost more than this one)."""
     if x.is_cuda and triton is not None and not torch.is_grad_enabled():
         return _add_layer_norm_triton(x, h, norm.weight, norm.bias, norm.eps)
     return _add_layer_norm_torch(x, h, norm)
 
 
 def _add_layer_norm_torch(x, h, norm):
-    return norm(x + h)
+    return norm(x if h is None else x + h)
 
 
 def _add_layer_norm_triton(x, h, weight, bias, eps):
-    x, h = x.contiguous(), h.contiguous()
+    x = x.contiguous()
+    h = x if h is None else h.contiguous()  # a pointer the kernel never reads (HAS_H off)
     rows, cols = x.shape
     out = torch.empty(rows, cols, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(cols)
-    _add_layer_norm_kernel[(rows,)](x, h, weight, bias, out, cols, eps, BLOCK=block,
+    _add_layer_norm_kernel[(rows,)](x, h, weight, bias, out, cols, eps, HAS_H=h is not x, BLOCK=block,
                                     num_warps=min(max(block // 256, 1), 8))
     return out
 
 
 if triton is not None:
     @triton.jit
-    def _add_layer_norm_kernel(x_ptr, h_ptr, w_ptr, b_ptr, out_ptr, cols, eps, BLOCK: tl.constexpr):
+    def _add_layer_norm_kernel(x_ptr, h_ptr, w_ptr, b_ptr, out_ptr, cols, eps, HAS_H: tl.constexpr,
+                               BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64) * cols
         offs = tl.arange(0, BLOCK)
         inside = offs < cols
-        s = (tl.load(x_ptr + row + offs, mask=inside, other=0.0).to(tl.float32)
-             + tl.load(h_ptr + row + offs, mask=inside, other=0.0).to(tl.float32))   # [E] x + h
+        s = tl.load(x_ptr + row + offs, mask=inside, other=0.0).to(tl.float32)
+        if HAS_H:
+            s += tl.load(h_ptr + row + offs, mask=inside, other=0.0).to(tl.float32)   # [E] x + h
         mean = tl.sum(s, axis=0) / cols
         centred = tl.where(inside, s - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / cols + eps)     # biased variance, as LayerNorm

@@ -174,7 +174,8 @@ class MLMHead(nn.Module):
 
     def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor,
                 label_word_ids: torch.Tensor | None) -> torch.Tensor:
-        h = self.norm(linear(x, self.dense.weight, self.dense.bias, self.activation))  # [M, E]
+        h = linear(x, self.dense.weight, self.dense.bias, self.activation)      # [M, E]
+        h = add_layer_norm(h, None, self.norm)
         decoder = word_embeddings if self.decoder is None else self.decoder  # [V, E]
         bias = self.bias
         if label_word_ids is not None:
