@@ -1,9 +1,12 @@
-"""Varlen attention equals dense attention under a block-diagonal mask, prefixes included."""
+"""Varlen attention equals dense attention under a block-diagonal mask, prefixes included.
+The mask-query kernel runs in Triton's interpreter in a subprocess without CUDA, because
+TRITON_INTERPRET must be set before the kernel is defined."""
 
 import pytest
 import torch
 
-from tests.conftest import ON_GPU
+from tests.conftest import ON_GPU, needs_triton, run_under_triton_interpreter
+from zotune.engine import attention
 from zotune.engine.attention import varlen_attention
 from zotune.engine.batch import pack
 
@@ -113,3 +116,43 @@ def test_masks_only_gives_the_mask_rows_of_full_attention(device, case):
     # Equal up to rounding: a one-row product is summed in another order than the full one's
     # (float32 on the CPU; FlashAttention computes in bf16 on the GPU).
     torch.testing.assert_close(masks, full[batch.mask_index], rtol=0, atol=1e-6 if device == "cpu" else 1e-2)
+
+
+def check_mask_query_kernel(device: torch.device):
+    """The Triton mask-query kernel against the per-sequence reference, in float32: sequences of
+    one token and longer than a key step, with a prefix, a pair's two prefixes, fewer queries
+    than sequences (a CUDA graph's filler sequence has no mask), q, k, v as strided views."""
+    generator = torch.Generator().manual_seed(3)
+    seq_lens = [1, 7, 70, 3, 130, 2]
+    for case in ("plain", "prefix", "pair", "filler"):
+        batch = pack([[5] + [1] * (n - 1) for n in seq_lens], 5, 2)
+        if case == "pair":
+            batch = pack([[5] + [1] * (n - 1) for n in seq_lens[:3]], 5, 2).paired
+        num_tokens, num_queries = batch.num_tokens, len(batch.seq_lens) - (case == "filler")
+        qkv = torch.randn(num_tokens, 3, 4, 16, generator=generator)           # q, k, v interleaved: strided views
+        q, k, v = qkv[batch.mask_index[:num_queries], 0], qkv[:, 1], qkv[:, 2]
+        prefix_k = prefix_v = None
+        if case in ("prefix", "pair"):
+            shape = (2, 3, 4, 16) if case == "pair" else (3, 4, 16)
+            prefix_k, prefix_v = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+        expected = attention._per_sequence(q, k, v, batch, prefix_k, prefix_v, 0.0, masks_only=True)
+        on_device = batch.to(device)
+        got = attention._mask_queries_triton(*(None if t is None else t.to(device) for t in (q, k, v)), on_device,
+                                             *(None if t is None else t.to(device) for t in (prefix_k, prefix_v)))
+        assert got.shape == q.shape and got.dtype == q.dtype
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5, msg=case)
+
+
+@needs_triton
+def test_mask_query_kernel_matches_the_reference_interpreted():
+    run_under_triton_interpreter(__file__, timeout=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mask_query_kernel_matches_the_reference_on_gpu():
+    check_mask_query_kernel(torch.device("cuda"))
+
+
+if __name__ == "__main__":
+    check_mask_query_kernel(torch.device("cpu"))
