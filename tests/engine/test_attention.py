@@ -118,29 +118,37 @@ def test_masks_only_gives_the_mask_rows_of_full_attention(device, case):
     torch.testing.assert_close(masks, full[batch.mask_index], rtol=0, atol=1e-6 if device == "cpu" else 1e-2)
 
 
+# (a MeZO pair, prefix rows, a CUDA graph's filler sequence, dtype of q, k, v): a pair's two
+# halves read prefix[0] and prefix[1]; the filler sequence, last, has no query; bf16 is q, k, v
+# under autocast, with the prefix parameters in float32.
+MASK_QUERY_CASES = [(False, 0, False, torch.float32), (False, 3, False, torch.float32), (True, 3, False, torch.float32),
+                    (True, 3, True, torch.float32), (False, 0, True, torch.float32), (False, 5, False, torch.bfloat16)]
+
+
 def check_mask_query_kernel(device: torch.device):
-    """The Triton mask-query kernel against the per-sequence reference, in float32: sequences of
-    one token and longer than a key step, with a prefix, a pair's two prefixes, fewer queries
-    than sequences (a CUDA graph's filler sequence has no mask), q, k, v as strided views."""
+    """The Triton mask-query kernel against the per-sequence reference, which computes in float32."""
     generator = torch.Generator().manual_seed(3)
-    seq_lens = [1, 7, 70, 3, 130, 2]
-    for case in ("plain", "prefix", "pair", "filler"):
-        batch = pack([[5] + [1] * (n - 1) for n in seq_lens], 5, 2)
-        if case == "pair":
-            batch = pack([[5] + [1] * (n - 1) for n in seq_lens[:3]], 5, 2).paired
-        num_tokens, num_queries = batch.num_tokens, len(batch.seq_lens) - (case == "filler")
-        qkv = torch.randn(num_tokens, 3, 4, 16, generator=generator)           # q, k, v interleaved: strided views
-        q, k, v = qkv[batch.mask_index[:num_queries], 0], qkv[:, 1], qkv[:, 2]
+    sequences = [[5] + [1] * (n - 1) for n in (1, 7, 70, 3, 130, 2)]  # one token, and more than a key step
+    for case in MASK_QUERY_CASES:
+        paired, n_prefix, filler, dtype = case
+        batch = pack(sequences[:3], 5, 2).paired if paired else pack(sequences, 5, 2)
+        num_queries = len(batch.seq_lens) - filler
+        # Strided views of one tensor, as the model's q, k, v are of its linear's output.
+        qkv = torch.randn(batch.num_tokens, 3, 4, 16, generator=generator).to(dtype)   # [T, 3, N, D]
         prefix_k = prefix_v = None
-        if case in ("prefix", "pair"):
-            shape = (2, 3, 4, 16) if case == "pair" else (3, 4, 16)
+        if n_prefix:
+            shape = (2, n_prefix, 4, 16) if paired else (n_prefix, 4, 16)
             prefix_k, prefix_v = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
-        expected = attention._per_sequence(q, k, v, batch, prefix_k, prefix_v, 0.0, masks_only=True)
-        on_device = batch.to(device)
-        got = attention._mask_queries_triton(*(None if t is None else t.to(device) for t in (q, k, v)), on_device,
+        expected = attention._per_sequence(qkv[:num_queries, 0].float(), qkv[:, 1].float(), qkv[:, 2].float(), batch,
+                                           prefix_k, prefix_v, 0.0, masks_only=True)
+        qkv = qkv.to(device)
+        got = attention._mask_queries_triton(qkv[:num_queries, 0], qkv[:, 1], qkv[:, 2], batch.to(device),
                                              *(None if t is None else t.to(device) for t in (prefix_k, prefix_v)))
-        assert got.shape == q.shape and got.dtype == q.dtype
-        torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5, msg=case)
+        assert got.shape == expected.shape and got.dtype == dtype
+        # bf16: the output's rounding alone, under a unit in the last place of its 8-bit
+        # significand (Triton's interpreter truncates where CUDA rounds to nearest).
+        tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7
+        torch.testing.assert_close(got.cpu().float(), expected, rtol=tolerance, atol=1e-5, msg=str(case))
 
 
 @needs_triton

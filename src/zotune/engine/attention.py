@@ -95,74 +95,79 @@ def _prefix_rows_of_each_sequence(prefix, batch):
     return torch.cat([prefix[0].repeat(batch.pair_seqs, 1, 1), prefix[1].repeat(n_seq - batch.pair_seqs, 1, 1)])
 
 
-KEYS_BLOCK = 64  # keys a step of the mask-query kernel
+# Keys a step of the mask-query kernel's loop. Compiled for sm_90 (Triton 3.6, 4 warps, not
+# timed), 64 keys took 255 registers a thread at D = 64 and spilled at D = 128; 32 take ~170,
+# and RoBERTa prompts of ~19 tokens still need one step.
+KEYS_BLOCK = 32
 
 
 def _mask_queries_triton(q, k, v, batch, prefix_k, prefix_v):
-    """softmax(q kᵀ / sqrt(D)) v for q: [M, N, D], query b at sequence b's <mask> (a CUDA
-    graph's filler sequence, past the last mask, has none), in float32 -> [M, N, D] in q's dtype."""
+    """softmax(q kᵀ / sqrt(D)) v in float32 for q: [M, N, D], query b at sequence b's <mask>
+    -> [M, N, D] in q's dtype. M may be B - 1: a CUDA graph's filler sequence, after the last
+    mask, has none."""
     num_queries, num_heads, head_dim = q.shape
-    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1, "head dims must be contiguous"
+    n_prefix = 0 if prefix_k is None else prefix_k.shape[-3]
+    if prefix_k is None:  # k and v stand in for the pointers: HAS_PREFIX off, never read
+        prefix_k, prefix_v = k, v
+    # A [P, N, D] prefix serves both halves of a pair: a stride-0 view of it as [2, P, N, D].
+    prefix_k, prefix_v = (t if t.dim() == 4 else t.expand(2, *t.shape) for t in (prefix_k, prefix_v))
+    assert all(t.stride(-1) == 1 for t in (q, k, v, prefix_k, prefix_v)), "head dims must be contiguous"
     out = torch.empty_like(q)
-    if prefix_k is None:  # any tensor: HAS_PREFIX off, never read
-        prefix_k = prefix_v = k.new_empty(1, 1, 1, 1)
-        n_prefix = 0
-    else:
-        # [P, N, D] for every sequence, or a pair's [2, P, N, D]: sequences past pair_seqs read [1].
-        prefix_k, prefix_v = (t.contiguous() if t.dim() == 4 else t.contiguous()[None] for t in (prefix_k, prefix_v))
-        n_prefix = prefix_k.shape[1]
-    # The key loop runs a fixed number of steps (a few values: CUDA graphs round max_seqlen up),
-    # masking keys past each sequence's end; Triton 3.6's interpreter cannot loop to a runtime
-    # bound under numpy 2.4 (triton-lang/triton#9171).
     _mask_query_kernel[(num_queries, num_heads)](
-        q, k, v, prefix_k, prefix_v, batch.cu_seqlens, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), out.stride(0), out.stride(1), batch.pair_seqs if prefix_k.shape[0] == 2 else 1 << 30,
-        n_prefix, head_dim ** -0.5, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        HAS_PREFIX=n_prefix > 0, BLOCK_P=triton.next_power_of_2(max(n_prefix, 1)),
-        KEY_STEPS=triton.cdiv(batch.max_seqlen, KEYS_BLOCK), BLOCK_L=KEYS_BLOCK)
+        q, k, v, prefix_k, prefix_v, batch.cu_seqlens, out, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
+        *prefix_k.stride()[:3], *prefix_v.stride()[:3], *out.stride()[:2], batch.pair_seqs, n_prefix,
+        head_dim ** -0.5, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HAS_PREFIX=n_prefix > 0,
+        BLOCK_P=triton.next_power_of_2(max(n_prefix, 1)), BLOCK_L=KEYS_BLOCK)
     return out
 
 
 if triton is not None:
-    @triton.jit
+    # pair_seqs changes with the batch size; specialised (on == 1, or on % 16) it would compile
+    # the kernel again for some of them.
+    @triton.jit(do_not_specialize=["pair_seqs"])
     def _mask_query_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, cu_ptr, out_ptr, q_row, q_head, k_row, k_head,
-                           v_row, v_head, out_row, out_head, pair_seqs, n_prefix, scale, HEAD_DIM: tl.constexpr,
-                           BLOCK_D: tl.constexpr, HAS_PREFIX: tl.constexpr, BLOCK_P: tl.constexpr,
-                           KEY_STEPS: tl.constexpr, BLOCK_L: tl.constexpr):
-        """Program (b, h): sequence b's <mask> query at head h over the prefix (if any), then the
-        sequence's keys, with a running max and sum (online softmax), all in float32."""
+                           v_row, v_head, pk_half, pk_row, pk_head, pv_half, pv_row, pv_head, out_row, out_head,
+                           pair_seqs, n_prefix, scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           HAS_PREFIX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr):
+        """Program (b, h): sequence b's <mask> query at head h, over the prefix (if any) and then
+        the sequence's keys, BLOCK_L at a time, all in float32."""
         b, h = tl.program_id(0), tl.program_id(1)
         d = tl.arange(0, BLOCK_D)
         in_d = d < HEAD_DIM
         q = tl.load(q_ptr + b * q_row + h * q_head + d, mask=in_d, other=0.0).to(tl.float32) * scale   # [D]
-        best = -float("inf")
-        total = 0.0
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        best = tl.full((), -float("inf"), tl.float32)  # the running max of the scores,
+        total = tl.full((), 0.0, tl.float32)           # sum of exp(score - best)
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)   # and sum of exp(score - best) * value [D]
         if HAS_PREFIX:
-            half = (b >= pair_seqs).to(tl.int32)  # a pair's second half reads prefix [1]
+            half = (b >= pair_seqs).to(tl.int32)  # a pair's second half reads prefix[1]
             p = tl.arange(0, BLOCK_P)
-            rows = (half * n_prefix + p)[:, None] * (tl.num_programs(1) * HEAD_DIM) + h * HEAD_DIM + d[None, :]
-            inside = (p < n_prefix)[:, None] & in_d[None, :]
-            keys = tl.load(pk_ptr + rows, mask=inside, other=0.0).to(tl.float32)          # [P, D]
-            scores = tl.where(p < n_prefix, tl.sum(keys * q[None, :], axis=1), -float("inf"))
-            best = tl.max(scores, axis=0)
-            weights = tl.exp(scores - best)
-            total = tl.sum(weights, axis=0)
-            values = tl.load(pv_ptr + rows, mask=inside, other=0.0).to(tl.float32)
-            acc = tl.sum(weights[:, None] * values, axis=0)
-        start, end = tl.load(cu_ptr + b), tl.load(cu_ptr + b + 1)
-        for step in range(KEY_STEPS):
-            t = start + step * BLOCK_L + tl.arange(0, BLOCK_L)
-            in_t = t < end
-            inside = in_t[:, None] & in_d[None, :]
-            keys = tl.load(k_ptr + t[:, None] * k_row + h * k_head + d[None, :], mask=inside, other=0.0)
-            scores = tl.where(in_t, tl.sum(keys.to(tl.float32) * q[None, :], axis=1), -float("inf"))   # [L]
-            # A step past the sequence's end has no key: its max is -inf and it changes nothing.
-            new_best = tl.maximum(best, tl.max(scores, axis=0))
-            rescale = tl.exp(best - new_best)
-            weights = tl.exp(scores - new_best)
-            values = tl.load(v_ptr + t[:, None] * v_row + h * v_head + d[None, :], mask=inside, other=0.0)
-            acc = acc * rescale + tl.sum(weights[:, None] * values.to(tl.float32), axis=0)
-            total = total * rescale + tl.sum(weights, axis=0)
-            best = new_best
+            best, total, acc = _online_softmax_step(                               # all P rows in one block
+                q, pk_ptr + half * pk_half + p[:, None] * pk_row + h * pk_head + d[None, :],
+                pv_ptr + half * pv_half + p[:, None] * pv_row + h * pv_head + d[None, :], p < n_prefix, in_d,
+                best, total, acc)
+        t = tl.load(cu_ptr + b)
+        end = tl.load(cu_ptr + b + 1)
+        # A while loop: Triton 3.6's interpreter cannot run `for` to a runtime bound under
+        # numpy 2.4 (triton-lang/triton#9171), and the tests run the kernel there.
+        while t < end:
+            rows = t + tl.arange(0, BLOCK_L)
+            best, total, acc = _online_softmax_step(
+                q, k_ptr + rows[:, None] * k_row + h * k_head + d[None, :],
+                v_ptr + rows[:, None] * v_row + h * v_head + d[None, :], rows < end, in_d, best, total, acc)
+            t += BLOCK_L
         tl.store(out_ptr + b * out_row + h * out_head + d, (acc / total).to(out_ptr.dtype.element_ty), mask=in_d)
+
+    @triton.jit
+    def _online_softmax_step(q, key_ptrs, value_ptrs, valid, in_d, best, total, acc):
+        """Fold a block of keys and values ([L, D] pointers; rows where `valid`) into the running
+        max, sum and weighted sum of q's softmax: the online softmax of FlashAttention."""
+        inside = valid[:, None] & in_d[None, :]
+        keys = tl.load(key_ptrs, mask=inside, other=0.0).to(tl.float32)                 # [L, D]
+        values = tl.load(value_ptrs, mask=inside, other=0.0).to(tl.float32)
+        scores = tl.where(valid, tl.sum(keys * q[None, :], axis=1), -float("inf"))     # [L]
+        new_best = tl.maximum(best, tl.max(scores, axis=0))
+        rescale = tl.exp(best - new_best)  # 0 at the first block, where best is -inf
+        weights = tl.exp(scores - new_best)
+        acc = acc * rescale + tl.sum(weights[:, None] * values, axis=0)
+        total = total * rescale + tl.sum(weights, axis=0)
+        return new_best, total, acc
