@@ -24,6 +24,7 @@ outside the capture, as CUDA graphs require) is that call's result. So a body th
 state, like a MeZO step updating the weights, runs exactly once per call.
 """
 
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -170,7 +171,18 @@ class GraphedForward:
         with torch.cuda.stream(side):
             outputs = body(forward, static_inputs)
         torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(entry.graph, pool=self.pool):
-            entry.outputs = body(forward, static_inputs)
+        # Python's cycle collector may free a dropped runner's graphs or their memory pool at any
+        # allocation, and those CUDA calls, made during a capture, end it: benchmarks/reuse.py's
+        # captures failed so in one of three runs (2026-11-28). Collect now; hold it off until
+        # the capture ends.
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(entry.graph, pool=self.pool):
+                entry.outputs = body(forward, static_inputs)
+        finally:
+            if collecting:
+                gc.enable()
         self.captures += 1
         return entry, outputs
