@@ -68,3 +68,16 @@ def run_under_triton_interpreter(test_file: str, timeout: float) -> None:
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     subprocess.run([sys.executable, test_file], env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path},
                    check=True, timeout=timeout)
+
+
+# Where a Triton kernel's check runs: in Triton's CPU interpreter, or on CUDA.
+TRITON_DEVICES = [pytest.param("interpreter", marks=needs_triton), ON_GPU]
+
+
+def run_triton_check(test_file: str, check, device: str, timeout: float = 300) -> None:
+    """check(device) on CUDA; for "interpreter", the test module's __main__ (which runs the
+    check on the CPU) under TRITON_INTERPRET=1."""
+    if device == "interpreter":
+        run_under_triton_interpreter(test_file, timeout)
+    else:
+        check(torch.device(device))

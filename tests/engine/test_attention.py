@@ -5,7 +5,7 @@ TRITON_INTERPRET must be set before the kernel is defined."""
 import pytest
 import torch
 
-from tests.conftest import ON_GPU, needs_triton, run_under_triton_interpreter
+from tests.conftest import ON_GPU, TRITON_DEVICES, run_triton_check
 from zotune.engine import attention
 from zotune.engine.attention import varlen_attention
 from zotune.engine.batch import pack
@@ -151,15 +151,9 @@ def check_mask_query_kernel(device: torch.device):
         torch.testing.assert_close(got.cpu().float(), expected, rtol=tolerance, atol=1e-5, msg=str(case))
 
 
-@needs_triton
-def test_mask_query_kernel_matches_the_reference_interpreted():
-    run_under_triton_interpreter(__file__, timeout=300)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_mask_query_kernel_matches_the_reference_on_gpu():
-    check_mask_query_kernel(torch.device("cuda"))
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_mask_query_kernel_matches_the_reference(device):
+    run_triton_check(__file__, check_mask_query_kernel, device)
 
 
 if __name__ == "__main__":

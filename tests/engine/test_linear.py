@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from zotune.engine import linear as fused
-from tests.conftest import needs_triton, run_under_triton_interpreter
+from tests.conftest import TRITON_DEVICES, run_triton_check
 
 # (rows, in features K, out features N, bias, activation, SMs to fill): one row up to the row
 # limit (128); K and N off the 64-wide blocks and on them; one K split, uneven shares (K = 320
@@ -47,15 +47,9 @@ def check_kernel_matches_torch(device: torch.device):
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-@needs_triton
-def test_kernel_matches_torch_interpreted():
-    run_under_triton_interpreter(__file__, timeout=300)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_kernel_matches_torch_on_gpu():
-    check_kernel_matches_torch(torch.device("cuda"))
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_kernel_matches_torch(device):
+    run_triton_check(__file__, check_kernel_matches_torch, device)
 
 
 @pytest.mark.gpu

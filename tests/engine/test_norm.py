@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from zotune.engine import norm as fused
-from tests.conftest import needs_triton, run_under_triton_interpreter
+from tests.conftest import TRITON_DEVICES, run_triton_check
 
 # (tokens, hidden size, dtype of h): a power of two and not, one row and many, bf16 h as
 # under autocast (the linear's output) with a float32 residual stream.
@@ -35,15 +35,9 @@ def check_kernel_matches_torch(device: torch.device):
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
-@needs_triton
-def test_kernel_matches_torch_interpreted():
-    run_under_triton_interpreter(__file__, timeout=300)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_kernel_matches_torch_on_gpu():
-    check_kernel_matches_torch(torch.device("cuda"))
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_kernel_matches_torch(device):
+    run_triton_check(__file__, check_kernel_matches_torch, device)
 
 
 def test_cpu_and_autograd_take_the_reference_path():

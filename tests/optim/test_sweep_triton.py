@@ -12,7 +12,7 @@ import torch
 from zotune.optim import rng, sweep
 from zotune.optim.flat import FlatParameters
 from zotune.optim.mezo import update
-from tests.conftest import needs_triton, run_under_triton_interpreter
+from tests.conftest import TRITON_DEVICES, run_triton_check
 
 EPS = 1e-3
 # (buffer size, decayed prefix): not multiples of the kernel's BLOCK, prefix inside a block.
@@ -55,15 +55,9 @@ def check_triton_matches_torch(device: torch.device):
                 assert torch.equal(e, g), f"sweep {i}, n={n}, seeds {restore_seed} {update_seeds}: {(e != g).sum()} differ"
 
 
-@needs_triton
-def test_triton_kernels_match_torch_interpreted():
-    run_under_triton_interpreter(__file__, timeout=600)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_triton_kernels_match_torch_on_gpu():
-    check_triton_matches_torch(torch.device("cuda"))
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_kernels_match_torch(device):
+    run_triton_check(__file__, check_triton_matches_torch, device, timeout=600)
 
 
 @pytest.mark.gpu
