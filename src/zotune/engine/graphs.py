@@ -172,8 +172,8 @@ class GraphedForward:
             outputs = body(forward, static_inputs)
         torch.cuda.current_stream().wait_stream(side)
         # Python's cycle collector may free a dropped runner's graphs or their memory pool at any
-        # allocation, and those CUDA calls, made during a capture, end it: benchmarks/reuse.py's
-        # captures failed so in one of three runs (2026-11-28). Collect now; hold it off until
+        # allocation, and those CUDA calls, made during a capture, end it: benchmarks/reuse.py, which
+        # drops a runner per row, failed so in two of its runs (2026-11-28). Collect now; hold it off until
         # the capture ends.
         gc.collect()
         collecting = gc.isenabled()
