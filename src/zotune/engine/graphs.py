@@ -171,10 +171,10 @@ class GraphedForward:
         with torch.cuda.stream(side):
             outputs = body(forward, static_inputs)
         torch.cuda.current_stream().wait_stream(side)
-        # Python's cycle collector may free a dropped runner's graphs or their memory pool at any
-        # allocation, and those CUDA calls, made during a capture, end it: benchmarks/reuse.py, which
-        # drops a runner per row, failed so in two of its runs (2026-11-28). Collect now; hold it off until
-        # the capture ends.
+        # Python's cycle collector may free a dropped runner's graphs or their memory pool at
+        # any allocation, and those CUDA calls, made during a capture, end it (the likely cause
+        # of two failed captures in benchmarks/reuse.py, which drops a runner per row,
+        # 2026-11-28). Collect now; hold it off until the capture ends.
         gc.collect()
         collecting = gc.isenabled()
         gc.disable()
