@@ -58,34 +58,51 @@ class _Graph:
     loaded: dict = field(default_factory=dict)
 
 
+@dataclass
+class _Weights:
+    """The tensors a forward from one start layer reads (MaskedLM.modules_from), listed once:
+    walking the module tree costs more than a cached step's GPU work (~1 ms for the whole of
+    RoBERTa-large). `addresses` is what _addresses() gave when the first graph was captured."""
+    modules: list[torch.nn.Module]
+    params: list[torch.Tensor]
+    addresses: tuple[int, ...]
+
+
+def _addresses(modules: list[torch.nn.Module], params: list[torch.Tensor]) -> tuple[int, ...]:
+    """Where every tensor lives, plus how many tensors and submodules each module holds, so
+    that a LoRA or prefix tensor attached after a capture is noticed too."""
+    shape = sum(len(m._parameters) + len(m._modules) for m in modules)
+    return (shape, *map(torch.Tensor.data_ptr, params))
+
+
 class GraphedForward:
     def __init__(self, model: MaskedLM, label_word_ids: torch.Tensor, pad_token_id: int, autocast):
         self.model, self.label_word_ids, self.autocast = model, label_word_ids, autocast
         self.pad_token_id = pad_token_id
         self.graphs: dict[tuple, _Graph] = {}
-        self._list_weights()
-        self.weights = self._weight_addresses()
+        self.weights: dict[int, _Weights] = {}  # by start layer
         self.pool = torch.cuda.graph_pool_handle()  # all graphs share one memory pool
         self.captures = 0
 
-    def _list_weights(self) -> None:
-        # Walking the module tree (model.parameters()) costs ~1 ms on RoBERTa-large, more than a
-        # cached step's GPU work, so the tree is walked at capture time only.
-        self.modules = list(self.model.modules())
-        self.params = list(self.model.parameters())
-
-    def _weight_addresses(self) -> tuple[int, ...]:
-        """Where every weight lives, plus how many tensors and submodules each module holds, so
-        that a LoRA or prefix tensor attached after a capture is noticed too."""
-        shape = sum(len(m._parameters) + len(m._modules) for m in self.modules)
-        return (shape, *(p.data_ptr() for p in self.params))
+    def _check_weights(self, start_layer: int) -> None:
+        """A graph reads the weights at the addresses they had at capture. If any tensor a
+        forward from `start_layer` reads was rebound since (FlatParameters, LoRA attached,
+        .to()), every graph is stale. Only those tensors are checked: above a cached trunk they
+        are a tenth of the model's, and the check runs at every call."""
+        weights = self.weights.get(start_layer)
+        if weights is not None and _addresses(weights.modules, weights.params) != weights.addresses:
+            self.reset()
+            weights = None
+        if weights is None:
+            modules = [m for root in self.model.modules_from(start_layer) for m in root.modules()]
+            params = [p for m in modules for p in m._parameters.values() if p is not None]
+            self.weights[start_layer] = _Weights(modules, params, _addresses(modules, params))
 
     def reset(self) -> None:
         """Drop every graph; the next call of each shape captures again."""
         self.graphs.clear()
+        self.weights.clear()
         self.pool = torch.cuda.graph_pool_handle()  # a fresh pool: the old one dies with its graphs
-        self._list_weights()
-        self.weights = self._weight_addresses()
 
     @staticmethod
     def padded_tokens(num_tokens: int) -> int:
@@ -98,10 +115,7 @@ class GraphedForward:
         logits) any number of times. The default body is one forward. A body is part of the
         graph's key: pass the same object at every call. Inputs are taken as immutable: a
         tensor passed again is not copied again."""
-        # A graph reads the weights at the addresses they had at capture. If any tensor was
-        # rebound since (FlatParameters, LoRA attached, .to()), every graph is stale.
-        if self._weight_addresses() != self.weights:
-            self.reset()
+        self._check_weights(start_layer)
         inputs = inputs or {}
         num_tokens, num_seqs = batch.num_tokens, len(batch.seq_lens)
         padded = self.padded_tokens(num_tokens)
@@ -174,8 +188,8 @@ class GraphedForward:
         # Python's cycle collector may free a dropped runner's graphs or their memory pool at
         # any allocation, and those CUDA calls, made during a capture, end it (the likely cause
         # of two failed captures in benchmarks/reuse.py, which drops a runner per row,
-        # 2026-11-28). Collect now; hold it off until the capture ends.
-        gc.collect()
+        # 2026-11-28). Hold it off until the capture ends. (Not gc.collect() first: ~0.25 s a
+        # capture under transformers' imports, 2-5 s of a zotune train run on an H100 host.)
         collecting = gc.isenabled()
         gc.disable()
         try:

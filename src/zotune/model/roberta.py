@@ -205,6 +205,12 @@ class MaskedLM(nn.Module):
         x = layers[-1](x, batch, masks_only=True) if len(layers) else x[batch.mask_index]  # [M, E]
         return self.head(x, self.embeddings.word.weight, label_word_ids)
 
+    def modules_from(self, start_layer: int) -> list[nn.Module]:
+        """The modules whose tensors forward() reads when it starts at `start_layer`: the
+        embeddings (the head reads the word embeddings as its decoder when tied), the layers
+        from `start_layer` on, and the head."""
+        return [self.embeddings, *self.layers[start_layer:], self.head]
+
     def trunk(self, batch: PackedBatch, end_layer: int) -> torch.Tensor:
         """Hidden states entering layer `end_layer`: [T, E]."""
         x = self.embeddings(batch)
