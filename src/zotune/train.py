@@ -95,8 +95,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     splits = {s: load_split(prompted.task, data_dir, cfg.k, cfg.seed, s) for s in ("train", "dev", "test")}
     sequences = {s: encode(prompted.prompt, examples) for s, examples in splits.items()}
-    # Indexed on the host, then copied without a stream sync (a CUDA tensor indexed by a list syncs).
     train_labels = torch.tensor([e.label for e in splits["train"]])
+
+    @lru_cache(maxsize=1)  # k=16 trains on one batch: its labels are copied once, not at every step
+    def batch_labels(index: tuple[int, ...]) -> torch.Tensor:
+        # Indexed on the host, then copied without a stream sync (a CUDA tensor indexed by a list syncs).
+        return train_labels[list(index)].to(device, non_blocking=True)
     if resume:
         run_dir = Path(cfg.output_dir)
         logged_header, records = trajectory.read_log(run_dir)  # fails before anything is written
@@ -226,7 +230,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             index = batch_indices(len(sequences["train"]), cfg.batch_size, cfg.seed, step)
             batch = [sequences["train"][i] for i in index]
             lr = SCHEDULES[cfg.schedule](step, cfg.lr, cfg.steps)
-            labels = train_labels[index].to(device, non_blocking=True)
+            labels = batch_labels(tuple(index))
             loss, grad, logged = step_fn(step, batch, labels, lr)
             done = step + 1
             if log is not None:

@@ -92,12 +92,13 @@ class TrajectoryWriter:
             return
         values = torch.cat([torch.cat([g.reshape(-1).float(), loss.reshape(1).float()])
                             for _, _, _, g, loss in self.pending]).cpu()  # the one transfer
+        words, finite = to_hex(values), torch.isfinite(values).tolist()  # at once: a write holds log_steps steps
         at = 0
         for step, seeds, lr, _, _ in self.pending:
-            grads, loss = values[at:at + len(seeds)], values[at + len(seeds)]
-            at += len(seeds) + 1
-            record = {"step": step, "seeds": seeds, "grads": to_hex(grads), "lr": lr, "loss": to_hex(loss)[0],
-                      "skipped": not bool(torch.isfinite(grads).all())}
+            n = len(seeds)
+            record = {"step": step, "seeds": seeds, "grads": words[at:at + n], "lr": lr, "loss": words[at + n],
+                      "skipped": not all(finite[at:at + n])}
+            at += n + 1
             self.count(record)
             self.file.write(json.dumps(record) + "\n")
         self.pending = []

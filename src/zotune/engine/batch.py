@@ -60,20 +60,20 @@ def pack(sequences: list[list[int]], mask_token_id: int | None, position_offset:
     """
     if not sequences:
         raise ValueError("pack() needs at least one sequence")
-    seq_lens = tuple(len(s) for s in sequences)
-    # numpy reads the token ints in C: a third of the time of torch.tensor on a list (k=512 batches).
-    input_ids = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(sequences), np.int64))
-    lens = torch.tensor(seq_lens, dtype=torch.int64)
-    starts = torch.cumsum(lens, 0) - lens                               # [B]
-    positions = torch.arange(len(input_ids)) - torch.repeat_interleave(starts, lens) + position_offset
-    cu_seqlens = torch.zeros(len(sequences) + 1, dtype=torch.int32)
-    cu_seqlens[1:] = torch.cumsum(lens, 0)
+    # In numpy: a pack is a dozen small array operations, each cheaper than its torch
+    # counterpart on the host (83 -> 58 us for a k=512 batch of 64, 84 -> 37 us for k=16's 32,
+    # on our 2-core machine), and k=512 packs a new batch at every step.
+    seq_lens = tuple(map(len, sequences))
+    lens = np.array(seq_lens, dtype=np.int64)
+    ends = np.cumsum(lens)
+    input_ids = np.fromiter(itertools.chain.from_iterable(sequences), np.int64, count=int(ends[-1]))
+    positions = np.arange(len(input_ids)) - np.repeat(ends - lens, lens) + position_offset
+    cu_seqlens = np.concatenate([[0], ends]).astype(np.int32)
     if mask_token_id is None:
-        mask_index = torch.empty(0, dtype=torch.int64)                  # [0]
+        mask_index = np.empty(0, dtype=np.int64)                            # [0]
     else:
-        mask_index = torch.nonzero(input_ids == mask_token_id).flatten()  # [M]
-        seq_of_mask = torch.searchsorted(cu_seqlens[1:].long(), mask_index, right=True)
-        if not torch.equal(seq_of_mask, torch.arange(len(sequences))):
+        mask_index = np.flatnonzero(input_ids == mask_token_id)             # [M]
+        if not np.array_equal(np.searchsorted(ends, mask_index, side="right"), np.arange(len(sequences))):
             raise ValueError("every packed sequence must contain exactly one <mask> token")
-    return PackedBatch(input_ids, positions, cu_seqlens, mask_index, seq_lens, tuple(map(tuple, sequences)),
-                       max(seq_lens))
+    return PackedBatch(*map(torch.from_numpy, (input_ids, positions, cu_seqlens, mask_index)), seq_lens,
+                       tuple(map(tuple, sequences)), max(seq_lens))
