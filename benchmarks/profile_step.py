@@ -24,7 +24,7 @@ from zotune.engine.runner import ModelRunner
 from zotune.optim.flat import FlatParameters
 from zotune.optim.mezo import MezoStepper, direction_seed
 from zotune.optim.subsets import SubsetOptions, no_weight_decay, select_trainable
-from zotune.train import keeps_a_second_buffer
+from zotune.train import add_second_buffer
 
 FAMILIES = (("sweep (Philox)", ("_perturb_kernel", "_perturb_apart_kernel", "_restore_and_update_kernel")),
             ("few-rows matmul", ("_split_k_kernel",)),
@@ -53,8 +53,7 @@ def main():
     if args.cache:
         runner.enable_cache([n for n, _ in trainable], 1 << 30)
     flat = FlatParameters(trainable, lambda n, p: no_weight_decay(n))
-    if keeps_a_second_buffer(flat, model):  # as zotune train decides: two sweeps a step
-        flat.add_plus()
+    add_second_buffer(flat, model)  # as zotune train decides: two sweeps a step
     size = 32 if args.k == 16 else 64
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(0)).tolist()
     chunks = [sorted(order[s:s + size]) for s in range(0, len(order), size)]

@@ -7,7 +7,7 @@ each direction's ± passes as one batch (LoRA and prefix allow it); their "no ca
 the same unpaired step without the cache, so the speed-up is that of both together.
 
 Every step runs as `zotune train` runs it (MezoStepper): one CUDA graph replay per step, and
-θ + εz kept in a second buffer where zotune train keeps one (train.keeps_a_second_buffer: every
+θ + εz kept in a second buffer where zotune train keeps one (train.add_second_buffer: every
 subset here), so a step sweeps the trainable tensors twice.
 
 The ideal speed-up counts layers only (24 run without the cache, K with it). It ignores the
@@ -34,7 +34,7 @@ from zotune.optim.flat import FlatParameters
 from zotune.optim.mezo import MezoStepper, direction_seed
 from zotune.optim.subsets import SubsetOptions, attach_pair_weights, no_weight_decay, select_trainable
 from zotune.optim.sweep import perturb, perturb_apart, restore_and_update, seed_tensor
-from zotune.train import keeps_a_second_buffer
+from zotune.train import add_second_buffer
 
 UPPER = (20, 21, 22, 23)
 # (label, subset, layers, ± passes as one batch when cached)
@@ -65,8 +65,7 @@ def main():
             names = [n for n, _ in trainable]
             if paired:
                 assert attach_pair_weights(model, flat)
-            if keeps_a_second_buffer(flat, model):  # as zotune train decides: two sweeps a step
-                flat.add_plus()
+            add_second_buffer(flat, model)  # as zotune train decides: two sweeps a step
             start = min(int(n.split(".")[1]) for n in names if n.startswith("layers."))
             layers_run = model.config.num_layers - start
             ideal = model.config.num_layers / layers_run

@@ -117,8 +117,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if cfg.optimizer == "mezo":
         flat = FlatParameters(trainable, decay_exempt)
         paired = cfg.pair and attach_pair_weights(runner.model, flat)
-        if keeps_a_second_buffer(flat, runner.model, graphed_ranks=group is not None and runner.graphs is not None):
-            flat.add_plus()
+        add_second_buffer(flat, runner.model, graphed_ranks=group is not None and runner.graphs is not None)
         if paired:
             runner.enable_pairs([name for name, _ in trainable])
         step_fn = _mezo_stepper(cfg, runner, flat, group, paired)
@@ -288,7 +287,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         "cache": runner.cache_stats(),
     }
     if cfg.optimizer == "mezo":
-        summary["sweeps_per_direction"] = 2 if flat.plus is not None else 3  # see keeps_a_second_buffer
+        summary["sweeps_per_direction"] = 2 if flat.plus is not None else 3  # see add_second_buffer
     if group is not None:
         summary["ranks"] = group.world
     if is_main:
@@ -317,16 +316,17 @@ def _device_name(device: torch.device) -> str:
 SECOND_BUFFER_SHARE = 0.25
 
 
-def keeps_a_second_buffer(flat: FlatParameters, model: torch.nn.Module, graphed_ranks: bool = False) -> bool:
-    """Whether MeZO keeps theta + eps z in a second buffer (FlatParameters.add_plus): two sweeps
-    a direction instead of three, the same weights bit for bit, for a copy of the trainable
-    tensors. A pair has one already. Otherwise it is kept for subsets small next to the model
-    (not `full`: MeZO trains in inference memory), and not by data-parallel ranks on CUDA graphs
-    (`graphed_ranks`), whose forwards are graphs of their own that the + pass's weight addresses
-    would recapture."""
-    if flat.plus is not None:
-        return True
-    return not graphed_ranks and flat.numel <= SECOND_BUFFER_SHARE * sum(p.numel() for p in model.parameters())
+def add_second_buffer(flat: FlatParameters, model: torch.nn.Module, graphed_ranks: bool = False) -> bool:
+    """Give MeZO a second buffer for theta + eps z (FlatParameters.add_plus) where it pays, and
+    say whether `flat` has one: two sweeps a direction instead of three, the same weights bit
+    for bit, for a copy of the trainable tensors. A pair has one already. Otherwise it is added
+    for subsets small next to the model (not `full`: MeZO trains in inference memory), and not
+    for data-parallel ranks on CUDA graphs (`graphed_ranks`), whose forwards are graphs of their
+    own that the + pass's weight addresses would recapture."""
+    if flat.plus is None and not graphed_ranks and \
+            flat.numel <= SECOND_BUFFER_SHARE * sum(p.numel() for p in model.parameters()):
+        flat.add_plus()
+    return flat.plus is not None
 
 
 def _mezo_stepper(cfg, runner, flat, group, paired: bool):

@@ -13,7 +13,7 @@ from zotune.optim.flat import FlatParameters
 from zotune.optim.mezo import MezoStepper, direction_seed
 from zotune.optim.subsets import SubsetOptions, attach_pair_weights, no_weight_decay, select_trainable
 from zotune.tasks.data import default_data_dir, load_split
-from zotune.train import keeps_a_second_buffer
+from zotune.train import add_second_buffer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -33,8 +33,7 @@ def _stepper(model_dir, trainable, layers, cache, paired, cuda_graphs=True):
     if paired:
         assert attach_pair_weights(runner.model, flat)
         runner.enable_pairs(names)
-    if keeps_a_second_buffer(flat, runner.model):  # as zotune train: top:1 reads its + pass from it, full does not
-        flat.add_plus()
+    add_second_buffer(flat, runner.model)  # as zotune train: top:1 reads its + pass from it, full does not
     examples = load_split(prompted.task, default_data_dir(), 16, 42, "train")
     sequences, labels = encode(prompted.prompt, examples), torch.tensor([e.label for e in examples], device="cuda")
     # Two batch shapes, alternating: each is captured once, then replayed with its own inputs.
@@ -99,18 +98,16 @@ def test_a_pair_graph_serves_batches_of_other_token_counts(tiny_mlm_dir):
     # LoRA finds a pair's +eps z rows on the device, so batches of as many sequences but other
     # token counts (a k=512 epoch's) replay one graph. Run b captures again at the second
     # batch, running it for real: the replay of run a must give the same bits.
-    from zotune.engine.graphs import MAX_SEQLEN_BUCKET
     runs = []
     for recapture_at in ((), (1,)):
         runner, flat, stepper, (full, _) = _stepper(tiny_mlm_dir, "lora", (1,), True, True)
         sequences, labels = full[0].sequences, full[1]
 
-        def shape(batch):  # what the graph's key holds of a pair's batch
-            padded = runner.graphs.padded_tokens(2 * batch.num_tokens)
-            return padded, -(-max(batch.max_seqlen, padded - 2 * batch.num_tokens) // MAX_SEQLEN_BUCKET)
         windows = [runner.pack([list(s) for s in sequences[i:i + 8]]) for i in range(len(sequences) - 8)]
         first = windows[0]
-        second = next(w for w in windows if shape(w) == shape(first) and w.num_tokens != first.num_tokens)
+        shape = runner.graphs.bucket(first.paired)  # the pair's graph runs the batch twice over
+        second = next(w for w in windows
+                      if runner.graphs.bucket(w.paired) == shape and w.num_tokens != first.num_tokens)
         batches = [(first, labels[:8]), (second, labels[:8])]
         runs.append((_run(stepper, batches, 4, recapture_at), flat.buffer.clone(), runner.graphs.captures))
     (a, weights_a, captures_a), (b, weights_b, captures_b) = runs

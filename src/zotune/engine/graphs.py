@@ -108,6 +108,14 @@ class GraphedForward:
     def padded_tokens(num_tokens: int) -> int:
         return (num_tokens // BUCKET + 1) * BUCKET
 
+    @staticmethod
+    def bucket(batch: PackedBatch) -> tuple[int, int]:
+        """The shape of the graph that runs `batch`: its tokens padded by the filler sequence,
+        and the attention kernel's max_seqlen (the filler's length included) rounded up."""
+        padded = GraphedForward.padded_tokens(batch.num_tokens)
+        longest = max(batch.max_seqlen, padded - batch.num_tokens)
+        return padded, -(-longest // MAX_SEQLEN_BUCKET) * MAX_SEQLEN_BUCKET
+
     def __call__(self, batch: PackedBatch, hidden: torch.Tensor | None = None, start_layer: int = 0,
                  body: Body = _one_forward, inputs: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
         """The outputs of body(forward, static_inputs), which may call forward() (the model over
@@ -118,9 +126,8 @@ class GraphedForward:
         self._check_weights(start_layer)
         inputs = inputs or {}
         num_tokens, num_seqs = batch.num_tokens, len(batch.seq_lens)
-        padded = self.padded_tokens(num_tokens)
+        padded, max_seqlen = self.bucket(batch)
         filler = padded - num_tokens
-        max_seqlen = -(-max(batch.max_seqlen, filler) // MAX_SEQLEN_BUCKET) * MAX_SEQLEN_BUCKET
         # A pair's split, pair_seqs, is a Python int the capture bakes in (the prefix of each sequence;
         # LoRA finds its rows on the device), so batches of one size share a graph.
         key = (padded, num_seqs, max_seqlen, start_layer, hidden is None, batch.pair_seqs, body,
