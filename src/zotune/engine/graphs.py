@@ -62,7 +62,7 @@ class _Graph:
 class _Weights:
     """The tensors a forward from one start layer reads (MaskedLM.modules_from), listed once:
     walking the module tree costs more than a cached step's GPU work (~1 ms for the whole of
-    RoBERTa-large). `addresses` is what _addresses() gave when the first graph was captured."""
+    RoBERTa-large). `addresses` is what _addresses() gave then, before the first capture."""
     modules: list[torch.nn.Module]
     params: list[torch.Tensor]
     addresses: tuple[int, ...]
