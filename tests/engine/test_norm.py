@@ -33,6 +33,11 @@ def check_kernel_matches_torch(device: torch.device):
         assert got.dtype == torch.float32 and got.shape == (tokens, hidden)
         # Both normalise in float32; they differ only in summation order (~1 ulp of the row's scale).
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
+    # The same tensor as x and h is norm(x + x), not norm(x). (Small values, so that eps tells
+    # the two apart: LayerNorm alone cannot see a factor of 2.)
+    x = (torch.randn(5, hidden, generator=generator) * 1e-3).to(device)
+    got = fused._add_layer_norm_triton(x, x, layer_norm.weight, layer_norm.bias, layer_norm.eps)
+    torch.testing.assert_close(got.cpu(), fused._add_layer_norm_torch(x, x, layer_norm).cpu(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

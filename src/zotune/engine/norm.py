@@ -34,12 +34,13 @@ def _add_layer_norm_torch(x, h, norm):
 
 
 def _add_layer_norm_triton(x, h, weight, bias, eps):
+    has_h = h is not None
     x = x.contiguous()
-    h = x if h is None else h.contiguous()  # a pointer the kernel never reads (HAS_H off)
+    h = h.contiguous() if has_h else x  # else a pointer the kernel never reads (HAS_H off)
     rows, cols = x.shape
     out = torch.empty(rows, cols, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(cols)
-    _add_layer_norm_kernel[(rows,)](x, h, weight, bias, out, cols, eps, HAS_H=h is not x, BLOCK=block,
+    _add_layer_norm_kernel[(rows,)](x, h, weight, bias, out, cols, eps, HAS_H=has_h, BLOCK=block,
                                     num_warps=min(max(block // 256, 1), 8))
     return out
 
