@@ -105,7 +105,7 @@ def main():
                 else:
                     perturb(flat, seed, 1e-3)
                     perturb(flat, seed, -1e-3, times=2)
-                restore_and_update(flat, seed, 1e-3, [(seed, g)], 0.0, 0.0)
+                restore_and_update(flat, seed, 1e-3, [seed], [g], 0.0, 0.0)
             sweep_ms = back_to_back_ms(sweeps.replay, args.steps)
             off = times["no cache"]
             ideal_sweeps = off / (sweep_ms + (off - sweep_ms) / ideal)

@@ -53,7 +53,7 @@ def test_10000_perturb_restore_cycles_keep_the_master_weights():
     for seed in range(10_000):
         perturb(flat, seed, 1e-3)
         perturb(flat, seed, -1e-3, times=2)
-        restore_and_update(flat, seed, 1e-3, [(seed, 0.0)], 0.0, 0.0)
+        restore_and_update(flat, seed, 1e-3, [seed], [0.0], 0.0, 0.0)
     drift = ((flat.buffer - start).norm() / start.norm()).item()
     assert drift < 1e-6, drift
 

@@ -21,16 +21,16 @@ def _random_flat(n: int, n_decay: int, std: float = 1.0, seed: int = 0) -> FlatP
 
 def _spsa_step(flat, seeds, loss, eps=EPS, lr=1.0, weight_decay=0.0):
     """n-SPSA with the sweeps, n = len(seeds): what optim/mezo.py does, written out."""
-    updates = []
+    grads = []
     for i, seed in enumerate(seeds):
         sweep.perturb(flat, seed, eps)
         loss_plus = loss(flat.buffer)
         sweep.perturb(flat, seed, -eps, times=2)
         loss_minus = loss(flat.buffer)
-        updates.append((seed, (loss_plus - loss_minus) / (2 * eps) / len(seeds)))
+        grads.append((loss_plus - loss_minus) / (2 * eps) / len(seeds))
         if i < len(seeds) - 1:
             sweep.perturb(flat, seed, eps)  # restore; the last direction restores in the update pass
-    sweep.restore_and_update(flat, seeds[-1], eps, updates, lr, weight_decay)
+    sweep.restore_and_update(flat, seeds[-1], eps, seeds, grads, lr, weight_decay)
 
 
 def _quadratic(d: int):
@@ -96,7 +96,7 @@ def test_perturb_restore_cycles_do_not_drift():
     for seed in range(1000):
         sweep.perturb(flat, seed, EPS)
         sweep.perturb(flat, seed, -EPS, times=2)
-        sweep.restore_and_update(flat, seed, EPS, [(seed, 0.0)], lr=0.0, weight_decay=0.0)
+        sweep.restore_and_update(flat, seed, EPS, [seed], [0.0], lr=0.0, weight_decay=0.0)
     assert (flat.buffer - theta0).norm() / theta0.norm() < 1e-6
 
 
@@ -114,7 +114,7 @@ def test_weight_decay_touches_only_the_decayed_prefix():
     flat = _random_flat(100, 60)
     before = flat.buffer.clone()
     # eps = 0 and g = 0 leave only the decay: x + 0*z and x - 0*z are exactly x.
-    sweep.restore_and_update(flat, 3, 0.0, [(3, 0.0)], lr=0.1, weight_decay=0.5)
+    sweep.restore_and_update(flat, 3, 0.0, [3], [0.0], lr=0.1, weight_decay=0.5)
     assert torch.equal(flat.buffer[:60], before[:60] * (1 - 0.1 * 0.5))
     assert torch.equal(flat.buffer[60:], before[60:])
 
@@ -127,23 +127,23 @@ def test_nspsa_with_one_direction_is_the_plain_step():
     loss_plus = f(b.buffer)
     sweep.perturb(b, 77, -EPS, times=2)
     g = (loss_plus - f(b.buffer)) / (2 * EPS)
-    sweep.restore_and_update(b, 77, EPS, [(77, g)], lr=1e-2, weight_decay=0.1)
+    sweep.restore_and_update(b, 77, EPS, [77], [g], lr=1e-2, weight_decay=0.1)
     assert torch.equal(a.buffer, b.buffer)
 
 
 def test_update_terms_apply_in_order():
     # One pass with two terms equals two passes of one term each (eps = 0, no decay in the second).
     a, b = _random_flat(3000, 1000), _random_flat(3000, 1000)
-    sweep.restore_and_update(a, 1, EPS, [(1, 0.5), (2, -0.25)], lr=0.1, weight_decay=0.2)
-    sweep.restore_and_update(b, 1, EPS, [(1, 0.5)], lr=0.1, weight_decay=0.2)
-    sweep.restore_and_update(b, 9, 0.0, [(2, -0.25)], lr=0.1, weight_decay=0.0)
+    sweep.restore_and_update(a, 1, EPS, [1, 2], [0.5, -0.25], lr=0.1, weight_decay=0.2)
+    sweep.restore_and_update(b, 1, EPS, [1], [0.5], lr=0.1, weight_decay=0.2)
+    sweep.restore_and_update(b, 9, 0.0, [2], [-0.25], lr=0.1, weight_decay=0.0)
     assert torch.equal(a.buffer, b.buffer)
 
 
 def test_tensor_coefficients_equal_float_coefficients():
     a, b = _random_flat(500, 300), _random_flat(500, 300)
-    sweep.restore_and_update(a, 4, EPS, [(4, 0.37), (8, -1.5)], lr=1e-2, weight_decay=0.1)
-    sweep.restore_and_update(b, 4, EPS, [(4, torch.tensor(0.37)), (8, torch.tensor(-1.5, dtype=torch.float64))], 1e-2, 0.1)
+    sweep.restore_and_update(a, 4, EPS, [4, 8], [0.37, -1.5], lr=1e-2, weight_decay=0.1)
+    sweep.restore_and_update(b, 4, EPS, [4, 8], [torch.tensor(0.37), torch.tensor(-1.5, dtype=torch.float64)], 1e-2, 0.1)
     assert torch.equal(a.buffer, b.buffer)
 
 
@@ -154,8 +154,8 @@ def test_device_seeds_and_lr_equal_host_ones():
     for lr in (1e-2, 3e-5, 1 / 3):
         sweep.perturb(a, 4, EPS)
         sweep.perturb(b, seeds[0], EPS)
-        sweep.restore_and_update(a, 8, EPS, [(4, 0.37), (8, -1.5)], lr=lr, weight_decay=0.1)
-        sweep.restore_and_update(b, seeds[1], EPS, [(seeds[0], 0.37), (seeds[1], -1.5)],
+        sweep.restore_and_update(a, 8, EPS, [4, 8], [0.37, -1.5], lr=lr, weight_decay=0.1)
+        sweep.restore_and_update(b, seeds[1], EPS, seeds, torch.tensor([0.37, -1.5]),
                                  lr=torch.tensor(lr, dtype=torch.float64), weight_decay=0.1)
         assert torch.equal(a.buffer, b.buffer)
 
@@ -188,7 +188,7 @@ def test_chunking_does_not_change_results(monkeypatch):
         flat = _random_flat(4500, 2500)
         sweep.perturb(flat, 5, EPS)
         sweep.perturb(flat, 5, -EPS, times=2)
-        sweep.restore_and_update(flat, 5, EPS, [(5, 0.3), (6, 0.2)], lr=0.1, weight_decay=0.3)
+        sweep.restore_and_update(flat, 5, EPS, [5, 6], [0.3, 0.2], lr=0.1, weight_decay=0.3)
         return flat.buffer
 
     reference = run()
@@ -201,7 +201,7 @@ def test_rejects_bad_seeds():
     with pytest.raises(ValueError, match="seed"):
         sweep.perturb(flat, -1, EPS)
     with pytest.raises(ValueError, match="seed"):
-        sweep.restore_and_update(flat, 1, EPS, [(2**63, 0.1)], 0.1, 0.0)
+        sweep.restore_and_update(flat, 1, EPS, [2**63], [0.1], 0.1, 0.0)
     with pytest.raises(ValueError, match="seed"):
         sweep.seed_tensor([1, -5], "cpu")
     with pytest.raises(ValueError, match="int64"):

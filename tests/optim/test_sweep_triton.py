@@ -21,7 +21,7 @@ SIZES = [(3001, 1500), (2 * sweep.BLOCK, 0), (sweep.BLOCK + 5, sweep.BLOCK + 5)]
 SEEDS = [(2**40 + 3, [2**40 + 3]), (4, [4, 2**62 + 9]), (7, [8, 9])]
 
 
-def _sweeps(buf, n_decay, restore_seed, update_seeds, perturb, restore_and_update):
+def _sweeps(buf, n_decay, restore_seed, update_seeds, perturb, restore_and_update, decay):
     """One MeZO step's three sweeps; the buffer after each, on the CPU. The Triton functions
     read their seeds from device memory, the torch ones take ints."""
     if perturb is sweep._perturb_triton:
@@ -32,8 +32,7 @@ def _sweeps(buf, n_decay, restore_seed, update_seeds, perturb, restore_and_updat
     perturb(buf, restore_seed, -EPS, 2)
     after.append(buf.to("cpu", copy=True))
     g = torch.linspace(-2.0, 3.0, len(update_seeds), device=buf.device)  # stays on the device
-    decay = torch.full((), 1.0 - 1e-2 * 0.1, device=buf.device)  # float32, as restore_and_update makes it
-    restore_and_update(buf, n_decay, restore_seed, EPS, update_seeds, g * 1e-2, decay)
+    restore_and_update(buf, n_decay, restore_seed, EPS, update_seeds, g * 1e-2, decay if decay is None else decay.to(buf.device))
     after.append(buf.to("cpu", copy=True))
     return after
 
@@ -45,12 +44,17 @@ def check_triton_matches_torch(device: torch.device):
         assert torch.equal(zero.cpu(), rng.normal(2**40 + 3, 0, n))
         for restore_seed, update_seeds in SEEDS:
             values = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.05
-            expected = _sweeps(values.clone(), n_decay, restore_seed, update_seeds, sweep._perturb_torch, sweep._restore_and_update_torch)
+            # The factor as restore_and_update rounds it (float32); None, as it passes for no weight
+            # decay, in the plain MeZO case: one direction.
+            decay = None if len(update_seeds) == 1 else torch.full((), 1.0 - 1e-2 * 0.1)
+            expected = _sweeps(values.clone(), n_decay, restore_seed, update_seeds, sweep._perturb_torch,
+                               sweep._restore_and_update_torch, decay)
             # perturb_apart: the first two sweeps in one pass, theta + eps z kept in a second buffer.
             buf, plus = values.to(device, copy=True), torch.empty(n, device=device)
             sweep._perturb_apart_triton(buf, plus, sweep.seed_tensor(restore_seed, device), EPS)
             assert torch.equal(plus.cpu(), expected[0]) and torch.equal(buf.cpu(), expected[1]), f"apart, n={n}"
-            got = _sweeps(values.to(device), n_decay, restore_seed, update_seeds, sweep._perturb_triton, sweep._restore_and_update_triton)
+            got = _sweeps(values.to(device), n_decay, restore_seed, update_seeds, sweep._perturb_triton,
+                          sweep._restore_and_update_triton, decay)
             for i, (e, g) in enumerate(zip(expected, got)):
                 assert torch.equal(e, g), f"sweep {i}, n={n}, seeds {restore_seed} {update_seeds}: {(e != g).sum()} differ"
 
@@ -66,7 +70,7 @@ def test_gpu_step_never_syncs_with_the_host():
     w = torch.nn.Parameter(torch.randn(5000, device="cuda"))
     flat = FlatParameters([("w", w)], set())
     sweep.perturb(flat, 1, EPS)  # compile the kernels outside the check
-    sweep.restore_and_update(flat, 1, EPS, [(1, torch.ones((), device="cuda"))], 1e-2, 0.1)
+    sweep.restore_and_update(flat, 1, EPS, [1], [torch.ones((), device="cuda")], 1e-2, 0.1)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -74,7 +78,7 @@ def test_gpu_step_never_syncs_with_the_host():
         loss_plus = flat.buffer.square().sum()
         sweep.perturb(flat, 2, -EPS, times=2)
         g = (loss_plus - flat.buffer.square().sum()) / (2 * EPS)  # a 0-dim CUDA tensor
-        sweep.restore_and_update(flat, 2, EPS, [(2, g)], 1e-2, 0.1)
+        sweep.restore_and_update(flat, 2, EPS, [2], [g], 1e-2, 0.1)
         update(flat, [3], torch.stack([g]), EPS, 1e-2, 0.1)  # the NaN check and the decay switch stay on the device
     finally:
         torch.cuda.set_sync_debug_mode("default")

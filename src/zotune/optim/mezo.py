@@ -55,7 +55,7 @@ def mezo_step(flat: FlatParameters, loss_fn: Callable[[], torch.Tensor], seeds: 
     (float64) may be device tensors: then nothing in the step reads the host, and a CUDA graph
     that captured it replays with new values (MezoStepper)."""
     seeds = seed_tensor(seeds, flat.buffer.device)  # copied once: the sweep kernels read it there
-    zero = flat.buffer.new_zeros(2 if paired else ())
+    zero = None if measures is None else flat.buffer.new_zeros(2 if paired else ())  # what a rank does not measure
     losses = _sweep_directions(flat, seeds, eps, lambda j: loss_fn() if measures is None or measures(j) else zero,
                                paired)
     losses = torch.cat([loss.reshape(-1) for loss in losses])           # [2n]: L+_0, L−_0, L+_1, ...
@@ -103,10 +103,11 @@ def update(flat: FlatParameters, seeds: list[int] | torch.Tensor, grads: torch.T
     """The last restore fused with the update θ -= lr (Σ g_j z_j / n + wd θ). A non-finite g_j
     makes every coefficient zero, so the step only restores θ; returns that flag (0-dim bool)."""
     finite = torch.isfinite(grads).all()
-    safe = torch.where(finite, grads, torch.zeros_like(grads))
+    safe = torch.where(finite, grads, 0.0)
     n = len(seeds)
-    restore_and_update(flat, seeds[-1], eps, [(seed, safe[j] / n) for j, seed in enumerate(seeds)], lr, weight_decay,
-                       decays=finite)
+    # Each op here is a kernel of its own in a step's CUDA graph; dividing by n = 1 changes no
+    # bit, so it is left out.
+    restore_and_update(flat, seeds[-1], eps, seeds, safe if n == 1 else safe / n, lr, weight_decay, decays=finite)
     return finite
 
 

@@ -5,7 +5,7 @@ A MeZO step (Malladi et al. 2023; princeton-nlp/MeZO medium_models/src/trainer.p
 
     perturb(flat, seed, +eps)                 theta + eps z        -> loss L+
     perturb(flat, seed, -eps, times=2)        theta - eps z        -> loss L-
-    restore_and_update(flat, seed, eps, [(seed, g)], lr, wd)       g = (L+ - L-) / (2 eps)
+    restore_and_update(flat, seed, eps, [seed], [g], lr, wd)       g = (L+ - L-) / (2 eps)
                                               theta <- theta - lr (g z + wd theta)
 
 MeZO restores theta and then updates it in two more passes; here restore and update share one
@@ -14,7 +14,7 @@ pass, so a step is three passes over the parameters instead of four. With a seco
 there and leaves theta - eps z in place, rounding exactly as the two passes do, so a step is two
 passes and two draws of z, the same weights bit for bit. With n-SPSA (n directions
 at the same theta) the caller restores each direction but the last with perturb(+eps) and
-passes all n (seed_i, g_i / n) pairs to the final restore_and_update.
+passes all n seeds and g_i / n to the final restore_and_update.
 
 Floating point: each pass applies its terms as a sequence of individually rounded float32
 operations in a fixed order, never pre-summed coefficients. d = eps*z is rounded once and then
@@ -61,37 +61,44 @@ def restore_and_update(
     flat: FlatParameters,
     restore_seed: int | torch.Tensor,
     eps: float,
-    updates: list[tuple[int | torch.Tensor, float | torch.Tensor]],
+    seeds: list[int | torch.Tensor] | torch.Tensor,
+    grads: list[float | torch.Tensor] | torch.Tensor,
     lr: float | torch.Tensor,
     weight_decay: float,
     decays: torch.Tensor | None = None,
 ):
     """In one pass and in this order: buffer += eps * z(restore_seed);
-    buffer[:n_decay] *= 1 - lr * weight_decay (MeZO decays the restored theta);
-    then buffer -= (lr * g_j) * z(seed_j) for each (seed_j, g_j) in `updates` (one or more).
+    buffer[:n_decay] *= 1 - lr * weight_decay (MeZO decays the restored theta; skipped when
+    weight_decay is 0, where the factor is exactly 1); then buffer -= (lr * g_j) * z(seed_j) for
+    each seed_j in `seeds` and g_j in `grads` (one or more).
 
     Everything that changes from step to step may live on the buffer's device, so the
     projected gradient computed from GPU losses never visits the host and a step captured in
-    a CUDA graph replays with the next step's values: seeds as 0-dim int64 tensors
-    (seed_tensor), g_j as 0-dim tensors, lr as a 0-dim float64 tensor (the host's float
-    exactly, rounded on the device as the host would round it). lr * g_j is rounded to float32
-    once, on that device. `decays`, a 0-dim bool on that device, where False skips the weight
-    decay (a skipped step, optim/mezo.py), again without the host reading it.
+    a CUDA graph replays with the next step's values: seeds as an int64 tensor (seed_tensor),
+    grads as a float32 tensor [n], lr as a 0-dim float64 tensor (the host's float exactly,
+    rounded on the device as the host would round it). lr * g_j is rounded to float32 once, on
+    that device. `decays`, a 0-dim bool on that device, where False skips the weight decay (a
+    skipped step, optim/mezo.py), again without the host reading it.
     """
     buf = flat.buffer
-    seeds = [seed for seed, _ in updates]
-    g = torch.stack([torch.as_tensor(g_j, dtype=torch.float32).to(buf.device, non_blocking=True) for _, g_j in updates])
-    if isinstance(lr, torch.Tensor):
-        # The host computes the decay factor in float64 and rounds it to float32 once; so does this.
-        lr, decay = lr.to(torch.float32), (1.0 - lr * weight_decay).to(torch.float32)
+    if isinstance(grads, torch.Tensor):
+        g = grads.to(buf.device, torch.float32)
     else:
-        decay = torch.full((), 1.0 - lr * weight_decay, dtype=torch.float32, device=buf.device)
-    coefs = g * lr  # [T] float32
-    if decays is not None:
-        decay = torch.where(decays, decay, 1.0)
+        g = torch.stack([torch.as_tensor(g_j, dtype=torch.float32).to(buf.device, non_blocking=True) for g_j in grads])
+    on_device = isinstance(lr, torch.Tensor)
+    coefs = g * (lr.to(torch.float32) if on_device else lr)  # [n] float32
+    decay = None
+    if weight_decay != 0:
+        # The host computes the decay factor in float64 and rounds it to float32 once; so does this.
+        decay = (1.0 - lr * weight_decay).to(torch.float32) if on_device else \
+            torch.full((), 1.0 - lr * weight_decay, dtype=torch.float32, device=buf.device)
+        if decays is not None:
+            decay = torch.where(decays, decay, 1.0)
     if _use_triton(buf):
-        seeds = torch.stack([seed_tensor(seed, buf.device).reshape(()) for seed in seeds])
-        _restore_and_update_triton(buf, flat.n_decay, seed_tensor(restore_seed, buf.device), eps, seeds, coefs, decay)
+        if not isinstance(seeds, torch.Tensor):
+            seeds = torch.stack([seed_tensor(seed, buf.device).reshape(()) for seed in seeds])
+        _restore_and_update_triton(buf, flat.n_decay, seed_tensor(restore_seed, buf.device), eps,
+                                   seed_tensor(seeds, buf.device), coefs, decay)
     else:
         _restore_and_update_torch(buf, flat.n_decay, _host_seed(restore_seed), eps, list(map(_host_seed, seeds)),
                                   coefs, decay)
@@ -146,7 +153,8 @@ def _restore_and_update_torch(buf, n_decay, restore_seed, eps, seeds, coefs, dec
         x = buf[start : start + CHUNK]
         z = rng.normal(restore_seed, start, x.numel(), buf.device)
         x.add_(z * eps)
-        x[: max(n_decay - start, 0)].mul_(decay)  # decay: a 0-dim float32 tensor
+        if decay is not None:
+            x[: max(n_decay - start, 0)].mul_(decay)  # decay: a 0-dim float32 tensor
         for seed, c in zip(seeds, coefs):
             # With one direction the update's z is the restore's: generate it once.
             z_j = z if seed == restore_seed else rng.normal(seed, start, x.numel(), buf.device)
@@ -171,10 +179,11 @@ def _perturb_apart_triton(buf: torch.Tensor, plus: torch.Tensor, seed: torch.Ten
 
 
 def _restore_and_update_triton(buf, n_decay, restore_seed, eps, seeds, coefs, decay):
-    """restore_seed: 0-dim and seeds: [T], int64 tensors on the buffer's device."""
+    """restore_seed: 0-dim and seeds: [T], int64 tensors on the buffer's device; decay: None for none."""
     n = buf.numel()
     _restore_and_update_kernel[(triton.cdiv(n, BLOCK),)](
-        buf, n, n_decay, restore_seed, eps, decay, seeds, coefs, N_UPDATES=len(seeds), BLOCK=BLOCK, enable_fp_fusion=False
+        buf, n, n_decay, restore_seed, eps, coefs if decay is None else decay, seeds, coefs, HAS_DECAY=decay is not None,
+        N_UPDATES=len(seeds), BLOCK=BLOCK, enable_fp_fusion=False
     )
 
 
@@ -264,8 +273,8 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n_decay"])
     def _restore_and_update_kernel(
-        buf_ptr, n, n_decay, restore_seed_ptr, eps, decay_ptr, seeds_ptr, coefs_ptr, N_UPDATES: tl.constexpr,
-        BLOCK: tl.constexpr
+        buf_ptr, n, n_decay, restore_seed_ptr, eps, decay_ptr, seeds_ptr, coefs_ptr, HAS_DECAY: tl.constexpr,
+        N_UPDATES: tl.constexpr, BLOCK: tl.constexpr
     ):
         start = tl.program_id(0).to(tl.int64) * BLOCK
         offs = start + tl.arange(0, BLOCK)
@@ -273,7 +282,8 @@ if triton is not None:
         restore_seed = tl.load(restore_seed_ptr)
         z = _normal_block(restore_seed, start, BLOCK)
         x = x + z * eps
-        x = tl.where(offs < n_decay, x * tl.load(decay_ptr), x)
+        if HAS_DECAY:
+            x = tl.where(offs < n_decay, x * tl.load(decay_ptr), x)
         for j in tl.static_range(N_UPDATES):  # n-SPSA's n: a handful, unrolled
             seed = tl.load(seeds_ptr + j)
             if seed != restore_seed:
