@@ -22,8 +22,9 @@ def test_a_rebound_or_attached_tensor_the_graph_reads_captures_again(tiny_mlm_di
     batch = runner.pack([prompted.prompt.encode(("a gorgeous , witty film ",)),
                          prompted.prompt.encode(("boring ",))])
     start = model.config.num_layers - 1
+    on_device = runner.on_device(batch)  # the graph takes the batch from the host, an eager forward from the GPU
     with torch.inference_mode():
-        hidden = model.trunk(batch, start)
+        hidden = model.trunk(on_device, start)
 
     @torch.inference_mode()
     def graphed():
@@ -31,7 +32,7 @@ def test_a_rebound_or_attached_tensor_the_graph_reads_captures_again(tiny_mlm_di
 
     @torch.inference_mode()
     def eager():
-        return model(batch, runner.label_word_ids, hidden=hidden, start_layer=start).float()
+        return model(on_device, runner.label_word_ids, hidden=hidden, start_layer=start).float()
 
     graphed()
     graphed()

@@ -12,10 +12,13 @@ multiple of BUCKET by one filler sequence of pad tokens (never fewer than one to
 the head never reads. The filler tokens are computed, and counted as such by the runner.
 Shapes seen in MeZO training repeat (k=16 trains on one batch), so captures are few.
 
-Inputs are copied into the graph's static buffers before a replay (a handful of small copies),
-unless the buffers already hold that very tensor: MeZO replays the same batch for its ± passes,
-and at k=16 at every step. A body's other inputs (labels, a step's seeds and learning rate)
-travel the same way. The outputs are the graph's own buffers, valid until the next replay of
+Inputs are copied into the graph's static buffers before a replay, unless the buffers already
+hold that very batch or tensor: MeZO replays the same batch for its ± passes, and at k=16 at
+every step. A batch comes from the host (ModelRunner.pack): its tokens, positions, <mask> rows
+and sequence offsets, padded as the graph runs them, are laid out in one pinned buffer and
+reach the graph's int32 buffer (of which the static batch's tensors are views) in one
+transfer, as a serving engine's model runner prepares a step's inputs. A body's other inputs
+(labels, a step's seeds and learning rate) are copied one by one. The outputs are the graph's own buffers, valid until the next replay of
 any graph (they share one memory pool): callers copy them out at once.
 
 The first call of a shape runs the body for real, then captures it: capturing records kernels
@@ -28,6 +31,7 @@ import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from zotune.engine.batch import PackedBatch
@@ -49,6 +53,7 @@ def _one_forward(forward, inputs):
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
+    staged: torch.Tensor          # int32: the static batch's tensors are views of it (_staging)
     batch: PackedBatch            # static inputs
     hidden: torch.Tensor | None   # static [T_pad, E] input of layer start_layer
     inputs: dict[str, torch.Tensor]  # the body's other static inputs
@@ -76,8 +81,9 @@ def _addresses(modules: list[torch.nn.Module], params: list[torch.Tensor]) -> tu
 
 
 class GraphedForward:
-    def __init__(self, model: MaskedLM, label_word_ids: torch.Tensor, pad_token_id: int, autocast):
-        self.model, self.label_word_ids, self.autocast = model, label_word_ids, autocast
+    def __init__(self, model: MaskedLM, label_word_ids: torch.Tensor, pad_token_id: int, autocast,
+                 device: torch.device):
+        self.model, self.label_word_ids, self.autocast, self.device = model, label_word_ids, autocast, device
         self.pad_token_id = pad_token_id
         self.graphs: dict[tuple, _Graph] = {}
         self.weights: dict[int, _Weights] = {}  # by start layer
@@ -121,8 +127,9 @@ class GraphedForward:
         """The outputs of body(forward, static_inputs), which may call forward() (the model over
         the batch, from `hidden` entering layer `start_layer`; returns the [B, C] float32
         logits) any number of times. The default body is one forward. A body is part of the
-        graph's key: pass the same object at every call. Inputs are taken as immutable: a
-        tensor passed again is not copied again."""
+        graph's key: pass the same object at every call. `batch` is on the host
+        (ModelRunner.pack). Inputs are taken as immutable: a batch or tensor passed again is not
+        copied again."""
         self._check_weights(start_layer)
         inputs = inputs or {}
         num_tokens, num_seqs = batch.num_tokens, len(batch.seq_lens)
@@ -145,14 +152,7 @@ class GraphedForward:
         loaded = entry.loaded
         if loaded.get("batch") is not batch:  # else the static buffers hold this batch already
             loaded["batch"] = batch
-            static, n = entry.batch, batch.num_tokens
-            static.input_ids[:n].copy_(batch.input_ids)
-            static.input_ids[n:].fill_(self.pad_token_id)
-            static.positions[:n].copy_(batch.positions)
-            static.positions[n:].copy_(torch.arange(filler, device=static.positions.device)
-                                       + self.model.config.position_offset)
-            static.cu_seqlens[:-1].copy_(batch.cu_seqlens)
-            static.mask_index.copy_(batch.mask_index)
+            entry.staged.copy_(self._staging(batch, entry.staged, filler), non_blocking=True)
         if hidden is not None and loaded.get("hidden") is not hidden:
             loaded["hidden"] = hidden
             entry.hidden[:batch.num_tokens].copy_(hidden)
@@ -162,24 +162,43 @@ class GraphedForward:
                 loaded[name] = tensor
                 entry.inputs[name].copy_(tensor, non_blocking=True)  # from the host: no stream sync
 
+    def _staging(self, batch: PackedBatch, staged: torch.Tensor, filler: int) -> torch.Tensor:
+        """`batch` as the graph's buffer `staged` holds it, in pinned host memory: int64 token
+        ids, then int64 positions (P each, the filler sequence's pad tokens and positions after
+        the batch's), int64 <mask> rows (B), int32 sequence offsets (B + 2, the filler's end last).
+        From pinned memory the copy does not wait for the GPU, and torch keeps the block from
+        reuse until the copy has run."""
+        if batch.input_ids.is_cuda:
+            raise ValueError("a CUDA graph takes a batch on the host (ModelRunner.pack), not one on the GPU")
+        n, padded, masks = batch.num_tokens, batch.num_tokens + filler, len(batch.mask_index)
+        host = torch.empty(staged.shape, dtype=torch.int32, pin_memory=True)
+        words = host.numpy()
+        ids, positions = words[:2 * padded].view(np.int64), words[2 * padded:4 * padded].view(np.int64)
+        ids[:n], ids[n:] = batch.input_ids.numpy(), self.pad_token_id
+        positions[:n] = batch.positions.numpy()
+        positions[n:] = np.arange(filler) + self.model.config.position_offset
+        words[4 * padded:4 * padded + 2 * masks].view(np.int64)[:] = batch.mask_index.numpy()
+        words[4 * padded + 2 * masks:-1], words[-1] = batch.cu_seqlens.numpy(), padded
+        return host
+
     def _capture(self, batch: PackedBatch, hidden, start_layer: int, padded: int, max_seqlen: int, body: Body,
                  inputs: dict) -> tuple[_Graph, tuple[torch.Tensor, ...]]:
         """A new graph, and the outputs of the run that warmed it up (see the module docstring)."""
-        device = batch.input_ids.device
-        num_seqs = len(batch.seq_lens)
+        device = self.device
+        num_seqs, masks = len(batch.seq_lens), len(batch.mask_index)
+        staged = torch.empty(4 * padded + 2 * masks + num_seqs + 2, dtype=torch.int32, device=device)
         static = replace(
             batch,
-            input_ids=torch.empty(padded, dtype=batch.input_ids.dtype, device=device),
-            positions=torch.empty(padded, dtype=batch.positions.dtype, device=device),
-            cu_seqlens=torch.empty(num_seqs + 2, dtype=batch.cu_seqlens.dtype, device=device),
-            mask_index=torch.empty_like(batch.mask_index),
+            input_ids=staged[:2 * padded].view(torch.int64),
+            positions=staged[2 * padded:4 * padded].view(torch.int64),
+            mask_index=staged[4 * padded:4 * padded + 2 * masks].view(torch.int64),
+            cu_seqlens=staged[4 * padded + 2 * masks:],
             seq_lens=batch.seq_lens + (padded - batch.num_tokens,),  # lengths of the capture batch; only
             max_seqlen=max_seqlen)                                   # their count is read on CUDA
-        static.cu_seqlens[-1] = padded
         static_hidden = None if hidden is None else torch.empty(padded, hidden.shape[1], dtype=hidden.dtype,
                                                                 device=device)
         static_inputs = {name: torch.empty_like(t, device=device) for name, t in inputs.items()}
-        entry = _Graph(torch.cuda.CUDAGraph(), static, static_hidden, static_inputs)
+        entry = _Graph(torch.cuda.CUDAGraph(), staged, static, static_hidden, static_inputs)
         self._load(entry, batch, hidden, inputs, padded - batch.num_tokens)
 
         def forward():

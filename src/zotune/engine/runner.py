@@ -71,10 +71,11 @@ class ModelRunner:
         self.cache_status = "off: no cache was requested"
         self.pair_start = 0  # layers below this run once for both halves of a MeZO pair (enable_pairs)
         self._last_packed: PackedBatch | None = None
+        self._last_moved: tuple = (None, None)  # (a host batch, the same on the device), see on_device
         self._pair_hidden: tuple = (None, None)  # (hidden states, the same twice over) of the last pair
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on float32 master weights
-        self.graphs = GraphedForward(self.model, self.label_word_ids, pad_token_id, self.autocast) \
+        self.graphs = GraphedForward(self.model, self.label_word_ids, pad_token_id, self.autocast, device) \
             if device.type == "cuda" and cuda_graphs else None
 
     def enable_cache(self, trainable_names: list[str], budget_bytes: int, spill_to_host: bool = False) -> None:
@@ -103,12 +104,23 @@ class ModelRunner:
         self.pair_start = lowest_perturbed_layer(trainable_names, self.model.config.num_layers) or 0
 
     def pack(self, sequences: list[list[int]]) -> PackedBatch:
-        """The packed batch on the device. The last one is kept: MeZO at k=16 trains on the same
-        batch at every step, and packing it again costs host time and a graph's input copies."""
+        """The packed batch, on the host. A CUDA graph copies it into its own buffers in one
+        transfer (engine/graphs.py); an eager forward moves it first (on_device). The last one is
+        kept: MeZO at k=16 trains on the same batch at every step, and packing it again costs
+        host time and a graph's input copy."""
         if self._last_packed is not None and self._last_packed.sequences == tuple(map(tuple, sequences)):
             return self._last_packed
-        self._last_packed = pack(sequences, self.mask_token_id, self.model.config.position_offset).to(self.device)
+        self._last_packed = pack(sequences, self.mask_token_id, self.model.config.position_offset)
         return self._last_packed
+
+    def on_device(self, batch: PackedBatch) -> PackedBatch:
+        """`batch` on the runner's device, for an eager forward. The last one moved is kept: an
+        eager MeZO step runs the same batch twice per direction."""
+        if batch.input_ids.device.type == self.device.type:
+            return batch
+        if self._last_moved[0] is not batch:
+            self._last_moved = (batch, batch.to(self.device))
+        return self._last_moved[1]
 
     def logits(self, batch: PackedBatch, pair: bool = False) -> torch.Tensor:
         """Label-word logits [B, C]; autograd follows torch's mode (off in MeZO, on for Adam).
@@ -117,7 +129,7 @@ class ModelRunner:
         if self.graphs is not None and self._inference():
             return self.graphs(run, hidden, start)[0].clone()  # the graph's buffer is reused by its next replay
         with self.autocast:
-            return self.model(run, self.label_word_ids, hidden=hidden, start_layer=start).float()
+            return self.model(self.on_device(run), self.label_word_ids, hidden=hidden, start_layer=start).float()
 
     def graphed(self, batch: PackedBatch, body, inputs: dict[str, torch.Tensor], passes: int,
                 pair: bool = False) -> tuple[torch.Tensor, ...]:
@@ -168,7 +180,7 @@ class ModelRunner:
         elif pair and self.pair_start:
             start = self.pair_start
             with self.autocast:
-                hidden = self.model.trunk(batch, start)
+                hidden = self.model.trunk(self.on_device(batch), start)
         if pair and hidden is not None:  # the trunk is the same for both halves: run once
             if self._pair_hidden[0] is not hidden:  # (the cache hands out the same tensor for the same batch)
                 self._pair_hidden = (hidden, torch.cat([hidden, hidden]))
