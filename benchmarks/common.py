@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+# Appended, not put first: a zotune named on PYTHONPATH (an older commit's src/, as a baseline for a
+# same-machine comparison) must win over this checkout's. Put first, it never did.
+sys.path.append(str(REPO / "src"))
 
 from zotune.model.loading import config_from_hf  # noqa: E402
 from zotune.tasks.data import default_data_dir, load_split  # noqa: E402
