@@ -18,8 +18,9 @@ every step. A batch comes from the host (ModelRunner.pack): its tokens, position
 and sequence offsets, padded as the graph runs them, are laid out in one pinned buffer and
 reach the graph's int32 buffer (of which the static batch's tensors are views) in one
 transfer, as a serving engine's model runner prepares a step's inputs. A body's other inputs
-(labels, a step's seeds and learning rate) are copied one by one. The outputs are the graph's own buffers, valid until the next replay of
-any graph (they share one memory pool): callers copy them out at once.
+(labels, a step's seeds and learning rate) are copied one by one. The outputs are the graph's
+own buffers, valid until the next replay of any graph (they share one memory pool): callers
+copy them out at once.
 
 The first call of a shape runs the body for real, then captures it: capturing records kernels
 without running them, and the warm-up run (which compiles kernels and initialises libraries
