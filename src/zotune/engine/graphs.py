@@ -81,6 +81,14 @@ def _addresses(modules: list[torch.nn.Module], params: list[torch.Tensor]) -> tu
     return (shape, *map(torch.Tensor.data_ptr, params))
 
 
+def _batch_views(words, padded: int, masks: int, int64):
+    """The static batch's tensors in a graph's int32 buffer `words` (the device tensor, or its
+    pinned host image as a numpy array; `int64` is that library's dtype): token ids and
+    positions (int64, `padded` each), <mask> rows (int64), sequence offsets (int32, the rest)."""
+    return (words[:2 * padded].view(int64), words[2 * padded:4 * padded].view(int64),
+            words[4 * padded:4 * padded + 2 * masks].view(int64), words[4 * padded + 2 * masks:])
+
+
 class GraphedForward:
     def __init__(self, model: MaskedLM, label_word_ids: torch.Tensor, pad_token_id: int, autocast,
                  device: torch.device):
@@ -171,15 +179,14 @@ class GraphedForward:
         reuse until the copy has run."""
         if batch.input_ids.is_cuda:
             raise ValueError("a CUDA graph takes a batch on the host (ModelRunner.pack), not one on the GPU")
-        n, padded, masks = batch.num_tokens, batch.num_tokens + filler, len(batch.mask_index)
+        n, padded = batch.num_tokens, batch.num_tokens + filler
         host = torch.empty(staged.shape, dtype=torch.int32, pin_memory=True)
-        words = host.numpy()
-        ids, positions = words[:2 * padded].view(np.int64), words[2 * padded:4 * padded].view(np.int64)
+        ids, positions, mask_index, cu_seqlens = _batch_views(host.numpy(), padded, len(batch.mask_index), np.int64)
         ids[:n], ids[n:] = batch.input_ids.numpy(), self.pad_token_id
         positions[:n] = batch.positions.numpy()
         positions[n:] = np.arange(filler) + self.model.config.position_offset
-        words[4 * padded:4 * padded + 2 * masks].view(np.int64)[:] = batch.mask_index.numpy()
-        words[4 * padded + 2 * masks:-1], words[-1] = batch.cu_seqlens.numpy(), padded
+        mask_index[:] = batch.mask_index.numpy()
+        cu_seqlens[:-1], cu_seqlens[-1] = batch.cu_seqlens.numpy(), padded
         return host
 
     def _capture(self, batch: PackedBatch, hidden, start_layer: int, padded: int, max_seqlen: int, body: Body,
@@ -188,12 +195,9 @@ class GraphedForward:
         device = self.device
         num_seqs, masks = len(batch.seq_lens), len(batch.mask_index)
         staged = torch.empty(4 * padded + 2 * masks + num_seqs + 2, dtype=torch.int32, device=device)
+        input_ids, positions, mask_index, cu_seqlens = _batch_views(staged, padded, masks, torch.int64)
         static = replace(
-            batch,
-            input_ids=staged[:2 * padded].view(torch.int64),
-            positions=staged[2 * padded:4 * padded].view(torch.int64),
-            mask_index=staged[4 * padded:4 * padded + 2 * masks].view(torch.int64),
-            cu_seqlens=staged[4 * padded + 2 * masks:],
+            batch, input_ids=input_ids, positions=positions, mask_index=mask_index, cu_seqlens=cu_seqlens,
             seq_lens=batch.seq_lens + (padded - batch.num_tokens,),  # lengths of the capture batch; only
             max_seqlen=max_seqlen)                                   # their count is read on CUDA
         static_hidden = None if hidden is None else torch.empty(padded, hidden.shape[1], dtype=hidden.dtype,
