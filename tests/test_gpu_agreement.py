@@ -26,11 +26,12 @@ def test_z_from_the_gpu_equals_z_from_the_cpu():
         assert torch.equal(rng.normal(seed, start, n, "cuda").cpu(), rng.normal(seed, start, n, "cpu"))
 
 
-def test_300_steps_gpu_vs_cpu(tmp_path, tiny_mlm_dir):
+@pytest.mark.parametrize("n_spsa", [1, 2])  # 2: the update also regenerates a z the restore did not use
+def test_300_steps_gpu_vs_cpu(tmp_path, tiny_mlm_dir, n_spsa):
     losses = {}
     for device in ("cpu", "cuda"):
         cfg = TrainConfig(model=str(tiny_mlm_dir), device=device, steps=300, eval_steps=300, log_steps=1,
-                          trainable="full", lr=1e-4, eps=1e-3, batch_size=32, quiet=True,
+                          trainable="full", lr=1e-4, eps=1e-3, batch_size=32, n_spsa=n_spsa, quiet=True,
                           output_dir=str(tmp_path / device))
         train(cfg)
         lines = (tmp_path / device / "metrics.jsonl").read_text().splitlines()

@@ -280,11 +280,12 @@ if triton is not None:
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(buf_ptr + offs, mask=offs < n)
         restore_seed = tl.load(restore_seed_ptr)
-        z = _normal_block(restore_seed, start, BLOCK)
-        x = x + z * eps
+        z_restore = _normal_block(restore_seed, start, BLOCK)
+        x = x + z_restore * eps
         if HAS_DECAY:
             x = tl.where(offs < n_decay, x * tl.load(decay_ptr), x)
         for j in tl.static_range(N_UPDATES):  # n-SPSA's n: a handful, unrolled
+            z = z_restore  # not the previous update's z: the restored direction may come after others
             seed = tl.load(seeds_ptr + j)
             if seed != restore_seed:
                 z = _normal_block(seed, start, BLOCK)
