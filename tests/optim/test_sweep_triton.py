@@ -58,6 +58,15 @@ def check_triton_matches_torch(device: torch.device):
                           sweep._restore_and_update_triton, decay)
             for i, (e, g) in enumerate(zip(expected, got)):
                 assert torch.equal(e, g), f"sweep {i}, n={n}, seeds {restore_seed} {update_seeds}: {(e != g).sum()} differ"
+            if update_seeds[-1] == restore_seed:  # as mezo.update calls it: the restore seed is a view of the last
+                seeds = sweep.seed_tensor(update_seeds, device)
+                restored = sweep._restored_index(seeds[-1], seeds)
+                assert restored == len(seeds) - 1 == sweep._restored_index(restore_seed, update_seeds)
+                buf = expected[1].to(device)
+                g = torch.linspace(-2.0, 3.0, len(update_seeds), device=device)
+                sweep._restore_and_update_triton(buf, n_decay, seeds[-1], EPS, seeds, g * 1e-2,
+                                                 decay if decay is None else decay.to(device), restored)
+                assert torch.equal(buf.cpu(), expected[2]), f"restored last, n={n}, seeds {update_seeds}"
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

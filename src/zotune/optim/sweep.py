@@ -95,10 +95,11 @@ def restore_and_update(
         if decays is not None:
             decay = torch.where(decays, decay, 1.0)
     if _use_triton(buf):
+        restored = _restored_index(restore_seed, seeds)
         if not isinstance(seeds, torch.Tensor):
             seeds = torch.stack([seed_tensor(seed, buf.device).reshape(()) for seed in seeds])
         _restore_and_update_triton(buf, flat.n_decay, seed_tensor(restore_seed, buf.device), eps,
-                                   seed_tensor(seeds, buf.device), coefs, decay)
+                                   seed_tensor(seeds, buf.device), coefs, decay, restored)
     else:
         _restore_and_update_torch(buf, flat.n_decay, _host_seed(restore_seed), eps, list(map(_host_seed, seeds)),
                                   coefs, decay)
@@ -178,13 +179,28 @@ def _perturb_apart_triton(buf: torch.Tensor, plus: torch.Tensor, seed: torch.Ten
     _perturb_apart_kernel[(triton.cdiv(n, BLOCK),)](buf, plus, n, seed, eps, BLOCK=BLOCK, enable_fp_fusion=False)
 
 
-def _restore_and_update_triton(buf, n_decay, restore_seed, eps, seeds, coefs, decay):
-    """restore_seed: 0-dim and seeds: [T], int64 tensors on the buffer's device; decay: None for none."""
+def _restore_and_update_triton(buf, n_decay, restore_seed, eps, seeds, coefs, decay, restored: int = -1):
+    """restore_seed: 0-dim and seeds: [T], int64 tensors on the buffer's device; decay: None for
+    none; restored: _restored_index."""
     n = buf.numel()
     _restore_and_update_kernel[(triton.cdiv(n, BLOCK),)](
         buf, n, n_decay, restore_seed, eps, coefs if decay is None else decay, seeds, coefs, HAS_DECAY=decay is not None,
-        N_UPDATES=len(seeds), BLOCK=BLOCK, enable_fp_fusion=False
+        N_UPDATES=len(seeds), RESTORED=restored, BLOCK=BLOCK, enable_fp_fusion=False
     )
+
+
+def _restored_index(restore_seed, seeds) -> int:
+    """The update the host knows to be the restored direction: the same int, or the same tensor
+    element (mezo.update passes seeds[-1]). The kernel reuses the restore's z for it without
+    reading and comparing seeds, and compares the others' seeds on the device; -1 if none."""
+    for j in range(len(seeds)):
+        seed = seeds[j]
+        if isinstance(seed, torch.Tensor) and isinstance(restore_seed, torch.Tensor):
+            if seed.device == restore_seed.device and seed.data_ptr() == restore_seed.data_ptr():
+                return j
+        elif isinstance(seed, int) and isinstance(restore_seed, int) and seed == restore_seed:
+            return j
+    return -1
 
 
 if triton is not None:
@@ -208,9 +224,12 @@ if triton is not None:
         x2 = tl.zeros_like(c0)
         x3 = tl.zeros_like(c0)
         for _ in tl.static_range(_ROUNDS):
-            hi0 = tl.umulhi(x0, _M0)
-            hi1 = tl.umulhi(x2, _M1)
-            x0, x1, x2, x3 = hi1 ^ x1 ^ k0, x2 * _M1, hi0 ^ x3 ^ k1, x0 * _M0
+            # One 32x32 -> 64-bit multiply gives both words (IMAD.WIDE), where umulhi and a
+            # wrapping multiply cost two instructions.
+            p0 = x0.to(tl.uint64) * _M0
+            p1 = x2.to(tl.uint64) * _M1
+            x0, x1, x2, x3 = (p1 >> 32).to(tl.uint32) ^ x1 ^ k0, p1.to(tl.uint32), (p0 >> 32).to(tl.uint32) ^ x3 ^ k1, \
+                p0.to(tl.uint32)
             k0 = k0 + _W0
             k1 = k1 + _W1
         return x0, x1, x2, x3
@@ -274,8 +293,9 @@ if triton is not None:
     @triton.jit(do_not_specialize=["n_decay"])
     def _restore_and_update_kernel(
         buf_ptr, n, n_decay, restore_seed_ptr, eps, decay_ptr, seeds_ptr, coefs_ptr, HAS_DECAY: tl.constexpr,
-        N_UPDATES: tl.constexpr, BLOCK: tl.constexpr
+        N_UPDATES: tl.constexpr, RESTORED: tl.constexpr, BLOCK: tl.constexpr
     ):
+        """RESTORED: the update known to reuse the restore's z (_restored_index), or -1."""
         start = tl.program_id(0).to(tl.int64) * BLOCK
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(buf_ptr + offs, mask=offs < n)
@@ -286,8 +306,9 @@ if triton is not None:
             x = tl.where(offs < n_decay, x * tl.load(decay_ptr), x)
         for j in tl.static_range(N_UPDATES):  # n-SPSA's n: a handful, unrolled
             z = z_restore  # not the previous update's z: the restored direction may come after others
-            seed = tl.load(seeds_ptr + j)
-            if seed != restore_seed:
-                z = _normal_block(seed, start, BLOCK)
+            if j != RESTORED:
+                seed = tl.load(seeds_ptr + j)
+                if seed != restore_seed:
+                    z = _normal_block(seed, start, BLOCK)
             x = x - z * tl.load(coefs_ptr + j)
         tl.store(buf_ptr + offs, x, mask=offs < n)
