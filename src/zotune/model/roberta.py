@@ -70,15 +70,20 @@ class LoRA(nn.Module):
         # FlatParameters' second buffer, filled by optim/subsets.py attach_pair_weights.
         self.plus: dict[str, torch.Tensor] = {}
 
-    def forward(self, x, plus_rows: torch.Tensor | None = None):
-        """`plus_rows` [rows, 1] bool, in a MeZO pair: the rows of its +eps z half, which take the
-        plus weights. Both low-rank products run on every row (R is small), so the split can
-        be a device tensor and a CUDA graph serves batches of any token count."""
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, plus_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """y + (alpha / R) x Aᵀ Bᵀ for x: [rows, in], y: [rows, out]; the up-projection, the scaling
+        and the sum are one GEMM (addmm), so the [rows, out] term is never written on its own.
+
+        `plus_rows` [rows, 1] bool, in a MeZO pair: the rows of its +eps z half, which take the
+        plus weights. One down-projection serves both halves (A+ and A stacked, [rows, 2R]); each
+        row keeps its own half's R columns and zeros the other's, and one up-projection over B+
+        and B side by side then gives every row its half's term. The split is a device tensor, so
+        a CUDA graph serves batches of any token count."""
         if plus_rows is None:
-            return (x @ self.A.t()) @ self.B.t() * self.scaling
-        plus = (x @ self.plus["A"].t()) @ self.plus["B"].t()
-        minus = (x @ self.A.t()) @ self.B.t()
-        return torch.where(plus_rows, plus, minus) * self.scaling
+            return torch.addmm(y, x @ self.A.t(), self.B.t(), alpha=self.scaling)
+        plus, minus = (x @ torch.cat([self.plus["A"], self.A]).t()).chunk(2, dim=1)  # [rows, R] each
+        down = torch.cat([torch.where(plus_rows, plus, 0.0), torch.where(plus_rows, 0.0, minus)], dim=1)
+        return torch.addmm(y, down, torch.cat([self.plus["B"], self.B], dim=1).t(), alpha=self.scaling)
 
 
 class Embeddings(nn.Module):
@@ -128,8 +133,8 @@ class Attention(nn.Module):
                 plus_tokens = (torch.arange(len(x), device=x.device) < batch.cu_seqlens[batch.pair_seqs])[:, None]
                 plus_queries = (torch.arange(len(rows), device=x.device) < batch.pair_seqs)[:, None] \
                     if masks_only else plus_tokens
-            q = q + self.lora_q(rows, plus_queries)
-            v = v + self.lora_v(x, plus_tokens)
+            q = self.lora_q.add_to(q, rows, plus_queries)
+            v = self.lora_v.add_to(v, x, plus_tokens)
         split = lambda t: t.view(t.shape[0], self.num_heads, self.head_dim)  # noqa: E731  [., N, D]
         prefix_k = prefix_v = None
         if self.prefix_k is not None:
