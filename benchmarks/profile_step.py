@@ -6,6 +6,7 @@ the host functions that take longest (cProfile). Optimisation starts from this m
 
     python benchmarks/profile_step.py --precision bf16
     python benchmarks/profile_step.py --trainable top:1 --cache --graphs --k 512
+    python benchmarks/profile_step.py --trainable lora --layers 20,21,22,23 --pair --cache --graphs
 """
 
 import argparse
@@ -23,7 +24,7 @@ from common import median_ms, random_roberta_large, sst2_prompt, sst2_train
 from zotune.engine.runner import ModelRunner
 from zotune.optim.flat import FlatParameters
 from zotune.optim.mezo import MezoStepper, direction_seed
-from zotune.optim.subsets import SubsetOptions, no_weight_decay, select_trainable
+from zotune.optim.subsets import SubsetOptions, attach_pair_weights, no_weight_decay, select_trainable
 from zotune.train import add_second_buffer
 
 FAMILIES = (("sweep (Philox)", ("_perturb_kernel", "_perturb_apart_kernel", "_restore_and_update_kernel")),
@@ -42,23 +43,30 @@ def main():
     parser.add_argument("--graphs", action="store_true", help="each step one CUDA graph replay (default: eager)")
     parser.add_argument("--cache", action="store_true", help="turn the trunk cache on")
     parser.add_argument("--k", type=int, choices=(16, 512), default=16)
+    parser.add_argument("--layers", type=lambda s: tuple(map(int, s.split(","))), default=None,
+                        help="the layers a lora, prefix or bias subset covers, as in zotune train")
+    parser.add_argument("--pair", action="store_true", help="each direction's ± passes as one batch (lora, prefix)")
     args = parser.parse_args()
     prompt = sst2_prompt()
     sequences, labels = sst2_train(prompt, args.k)
     model = random_roberta_large()
-    trainable = select_trainable(model, args.trainable, SubsetOptions())
+    trainable = select_trainable(model, args.trainable, SubsetOptions(layers=args.layers))
     model.cuda()
     runner = ModelRunner(model, prompt.label_word_ids, prompt.mask_id, torch.device("cuda"), args.precision,
                          cuda_graphs=args.graphs)
     if args.cache:
         runner.enable_cache([n for n, _ in trainable], 1 << 30)
     flat = FlatParameters(trainable, lambda n, p: no_weight_decay(n))
+    if args.pair:
+        if not attach_pair_weights(model, flat):
+            parser.error("--pair needs a lora or prefix subset")
+        runner.enable_pairs([n for n, _ in trainable])
     add_second_buffer(flat, model)  # as zotune train decides: two sweeps a step
     size = 32 if args.k == 16 else 64
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(0)).tolist()
     chunks = [sorted(order[s:s + size]) for s in range(0, len(order), size)]
     batches = [(runner.pack([sequences[i] for i in chunk]), labels[chunk].cuda()) for chunk in chunks]
-    stepper = MezoStepper(runner, flat, 1e-3, 0.0)  # as zotune train steps
+    stepper = MezoStepper(runner, flat, 1e-3, 0.0, args.pair)  # as zotune train steps
     counter = {"step": 0}
 
     def step():
@@ -95,7 +103,8 @@ def main():
         families[family] += ms
     tokens = sum(b.num_tokens for b, _ in batches) / len(batches)
     print(f"\nMeZO step, RoBERTa-large, SST-2 k={args.k} batch {size} ({tokens:.0f} tokens), {args.precision}, "
-          f"trainable {args.trainable}, {'CUDA graphs' if args.graphs else 'eager'}, cache "
+          f"trainable {args.trainable}{f' layers {args.layers}' if args.layers else ''}{', pair' if args.pair else ''}, "
+          f"{'CUDA graphs' if args.graphs else 'eager'}, cache "
           f"{'on' if args.cache else 'off'}, on {torch.cuda.get_device_name()}: wall {wall_ms:.2f} ms/step, "
           f"host issue {issue_ms:.2f} ms/step, GPU kernels seen {sum(families.values()):.2f} ms/step")
     print("| family | ms/step |\n|---|---|")

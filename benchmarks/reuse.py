@@ -21,6 +21,7 @@ figures also hold the host's time to issue a step. The hit rate is counted by th
 the timed steps alone.
 
     python benchmarks/reuse.py
+    python benchmarks/reuse.py --k 16 --only top:1 lora-pair
 """
 
 import argparse
@@ -37,10 +38,11 @@ from zotune.optim.sweep import perturb, perturb_apart, restore_and_update, seed_
 from zotune.train import add_second_buffer
 
 UPPER = (20, 21, 22, 23)
-# (label, subset, layers, ± passes as one batch when cached)
-SUBSETS = [("top:1", "top:1", None, False), ("top:4", "top:4", None, False), ("top:12", "top:12", None, False),
-           ("lora, layers 20-23", "lora", UPPER, False), ("lora, layers 20-23, + pair", "lora", UPPER, True),
-           ("prefix, layers 20-23, + pair", "prefix", UPPER, True)]
+# name for --only: (label, subset, layers, ± passes as one batch when cached)
+SUBSETS = {"top:1": ("top:1", "top:1", None, False), "top:4": ("top:4", "top:4", None, False),
+           "top:12": ("top:12", "top:12", None, False), "lora": ("lora, layers 20-23", "lora", UPPER, False),
+           "lora-pair": ("lora, layers 20-23, + pair", "lora", UPPER, True),
+           "prefix-pair": ("prefix, layers 20-23, + pair", "prefix", UPPER, True)}
 
 
 def epoch_batches(sequences, labels, batch_size):
@@ -52,12 +54,16 @@ def epoch_batches(sequences, labels, batch_size):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--k", type=int, nargs="+", choices=(16, 512), default=[16, 512], help="the settings to run")
+    parser.add_argument("--only", nargs="+", choices=list(SUBSETS), help="run these rows only")
     args = parser.parse_args()
     prompt = sst2_prompt()
     rows = []
     for k, batch_size in ((16, 32), (512, 64)):
+        if k not in args.k:
+            continue
         train_batches = epoch_batches(*sst2_train(prompt, k), batch_size)
-        for label, spec, layers, paired in SUBSETS:
+        for label, spec, layers, paired in [SUBSETS[name] for name in args.only or SUBSETS]:
             model = random_roberta_large()
             trainable = select_trainable(model, spec, SubsetOptions(layers=layers))
             model.cuda()
