@@ -65,7 +65,8 @@ def main():
     size = 32 if args.k == 16 else 64
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(0)).tolist()
     chunks = [sorted(order[s:s + size]) for s in range(0, len(order), size)]
-    batches = [(runner.pack([sequences[i] for i in chunk]), labels[chunk].cuda()) for chunk in chunks]
+    # labels on the host, as zotune train passes them
+    batches = [(runner.pack([sequences[i] for i in chunk]), labels[chunk]) for chunk in chunks]
     stepper = MezoStepper(runner, flat, 1e-3, 0.0, args.pair)  # as zotune train steps
     counter = {"step": 0}
 

@@ -85,7 +85,7 @@ def main():
                         runner.enable_pairs(names)
                 pair = cached and paired
                 stepper = MezoStepper(runner, flat, 1e-3, 0.0, pair)
-                packed = [(runner.pack(s), y.cuda()) for s, y in train_batches]
+                packed = [(runner.pack(s), y) for s, y in train_batches]  # labels on the host, as in zotune train
                 counter = {"step": 0}
 
                 def step():

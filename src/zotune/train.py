@@ -97,10 +97,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     sequences = {s: encode(prompted.prompt, examples) for s, examples in splits.items()}
     train_labels = torch.tensor([e.label for e in splits["train"]])
 
-    @lru_cache(maxsize=1)  # k=16 trains on one batch: its labels are copied once, not at every step
+    @lru_cache(maxsize=1)  # k=16 trains on one batch: its labels are indexed once, not at every step
     def batch_labels(index: tuple[int, ...]) -> torch.Tensor:
-        # Indexed on the host, then copied without a stream sync (a CUDA tensor indexed by a list syncs).
-        return train_labels[list(index)].to(device, non_blocking=True)
+        # On the host: a step's CUDA graph takes them in the transfer that brings its seeds and
+        # learning rate (engine/graphs.py); an eager step copies them itself.
+        return train_labels[list(index)]
     if resume:
         run_dir = Path(cfg.output_dir)
         logged_header, records = trajectory.read_log(run_dir)  # fails before anything is written
@@ -366,7 +367,7 @@ def _adam_stepper(cfg, runner, trainable, decay_exempt):
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
         model.train()  # dropout on, as in standard fine-tuning
-        loss = runner.loss(runner.pack(sequences), labels)
+        loss = runner.loss(runner.pack(sequences), labels.to(runner.device, non_blocking=True))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

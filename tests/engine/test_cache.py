@@ -96,7 +96,7 @@ def test_a_lookup_for_several_passes_counts_each_pass(tiny_mlm_dir):
     assert trunk_runs == [2, 1]
     assert (stats["lookups"], stats["hits"]) == (12, 9)
     assert stats["tokens_reused"] == 3 * (len(a) + len(b)) + 2 * len(a) + len(c)
-    assert torch.equal(second[len(c):], first[:len(a)])
+    assert torch.equal(second.hidden[len(c):], first.hidden[:len(a)])  # a's rows, gathered from the pool
 
 
 def test_changing_a_frozen_weight_invalidates(tiny_mlm_dir):
@@ -144,8 +144,9 @@ def _logits_under_budgets(model_dir, batches, budgets, device="cpu", spill=False
 
 
 def test_a_budget_smaller_than_the_batch_still_gives_exact_results(tiny_mlm_dir):
-    # Room for two short sentences; the third batch's two hits are gathered before storing its
-    # miss evicts one of them.
+    # Room for two short sentences. The third batch's miss cannot evict its own two hits, so it
+    # is not stored: that batch is put together from the pool and the computed rows. The last
+    # batch's miss evicts "bad ".
     batches = [["good ", "bad "], ["good ", "bad "], ["good ", "bad ", "fine "], ["fine ", "good "]]
     results = _logits_under_budgets(tiny_mlm_dir, batches, [None, 2 * 16 * 32 * 4])
     (off, _), (small, stats) = results[None], results[2 * 16 * 32 * 4]
@@ -169,3 +170,17 @@ def test_full_fine_tuning_reports_zero_and_why(tiny_mlm_dir):
     runner, _ = _runner(tiny_mlm_dir, trainable_names=("embeddings.word.weight", "layers.0.ffn_in.weight"))
     stats = runner.cache_stats()
     assert stats["hit_rate"] == 0.0 and stats["lookups"] == 0 and "embeddings are perturbed" in stats["status"]
+
+
+def test_a_sequence_twice_in_one_batch_is_stored_once(tiny_mlm_dir):
+    runner, encode = _runner(tiny_mlm_dir)
+    a, b = encode("good "), encode("a long and winding sentence ")
+    with torch.inference_mode():
+        logits = runner.logits(runner.pack([a, b, a]))
+    cache, runner.cache = runner.cache, None
+    with torch.inference_mode():
+        assert torch.equal(logits, runner.logits(runner.pack([a, b, a])))
+    runner.cache = cache
+    blocks = sum(-(-len(s) // 16) for s in (a, b))
+    assert runner.cache.blocks_in_use == blocks and len(runner.cache.entries) == 2
+    assert runner.cache_stats()["bytes_held"] == blocks * 16 * runner.model.config.hidden_size * 4

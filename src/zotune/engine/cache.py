@@ -10,10 +10,11 @@ checks a version of the frozen weights on every lookup: any in-place change or r
 a tensor below `start` drops every entry (each entry depends on all of them).
 
 Storage is paged: a pool of fixed-size token blocks, as a serving engine pages its KV cache.
-A batch of hits is gathered with one index_select (each entry keeps its pool rows on the
-host, so building the index is one concatenation); sequences never get a copy each, and the
-last batch stays gathered, so the second pass of a MeZO step (and, at k=16, every later step)
-costs no gather at all.
+A lookup whose sequences are all in the pool returns their pool rows (PoolRows), not a copy:
+a CUDA graph gathers them inside its replay (engine/graphs.py), so a batch of hits costs the
+host one index built from each entry's rows (kept on the host) and no kernel launch of its
+own; an eager forward gathers them with one index_select. The last batch looked up is kept,
+so the second pass of a MeZO step (and, at k=16, every later step) finds it ready.
 Least-recently-used entries are evicted when the byte budget is reached, and on a GPU they
 can spill to host memory instead of being dropped.
 
@@ -23,15 +24,18 @@ Every statistic is a counter incremented where the event happens.
 import functools
 import operator
 from collections import OrderedDict
-from itertools import accumulate
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import cached_property
+from itertools import accumulate
 
+import numpy as np
 import torch
 
 from zotune.engine.batch import PackedBatch, pack
 
 BLOCK_TOKENS = 16
+ZERO_ROW = 0  # block 0 of the pool holds zeros, never an entry: a CUDA graph's filler tokens read it
 _VERSION = operator.attrgetter("_version")
 
 
@@ -50,6 +54,27 @@ class CacheStats:
         return {**asdict(self), "hit_rate": self.hits / self.lookups if self.lookups else 0.0}
 
 
+@dataclass(frozen=True, eq=False)
+class PoolRows:
+    """A batch's hidden states as they lie in the cache: rows `index` of `pool`, not gathered.
+    Valid until the cache next stores, evicts or clears (it then hands out new ones)."""
+    pool: torch.Tensor    # [R, E], the cache's pool viewed as rows
+    index: np.ndarray     # [T] int64, the pool row of each token of the batch
+
+    @cached_property
+    def hidden(self) -> torch.Tensor:
+        """The rows gathered, [T, E], for an eager forward (kept: MeZO reads a batch twice a step)."""
+        index = torch.from_numpy(self.index)
+        if self.pool.is_cuda:  # from pinned memory: the copy does not wait for the GPU
+            index = index.pin_memory().to(self.pool.device, non_blocking=True)
+        return self.pool.index_select(0, index)
+
+    @cached_property
+    def twice(self) -> "PoolRows":
+        """The rows of the batch twice over: a MeZO pair's input (PackedBatch.paired)."""
+        return PoolRows(self.pool, np.concatenate([self.index, self.index]))
+
+
 class TrunkCache:
     def __init__(self, start_layer: int, hidden_size: int, position_offset: int, budget_bytes: int,
                  device: torch.device, dtype: torch.dtype, frozen: list[torch.Tensor],
@@ -57,23 +82,22 @@ class TrunkCache:
         self.start_layer, self.position_offset = start_layer, position_offset
         self.hidden_size, self.device, self.dtype = hidden_size, device, dtype
         block_bytes = BLOCK_TOKENS * hidden_size * torch.finfo(dtype).bits // 8
-        self.max_blocks = budget_bytes // block_bytes
+        self.max_blocks = budget_bytes // block_bytes  # for entries; the zero block is extra
         self.block_bytes = block_bytes
         self.frozen = frozen
         self.flops_per_sequence = functools.lru_cache(maxsize=None)(flops_per_sequence)  # by length: few distinct
         self.spill_to_host = spill_to_host and device.type == "cuda"
-        self.pool = torch.empty(0, BLOCK_TOKENS, hidden_size, device=device, dtype=dtype)  # [blocks, 16, E]
+        self.pool = torch.zeros(1, BLOCK_TOKENS, hidden_size, device=device, dtype=dtype)  # [blocks, 16, E]
         self.free: list[int] = []
         self.blocks_in_use = 0
         # tokens -> the pool rows holding them ([len] int64, on the host), in LRU order
-        self.entries: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self.entries: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
         self.host: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self.version = self._frozen_version()
         self.stats = CacheStats()
-        # The last batch looked up, once all its sequences are in the pool, as gathered: (its keys,
-        # [T, E] hidden states, tokens, FLOPs). MeZO looks each batch up twice per step (the ±
-        # passes), and at k=16 the batch is the same at every step. Dropped whenever an entry is
-        # stored, evicted or cleared.
+        # The last batch looked up, once all its sequences are in the pool: (its keys, PoolRows,
+        # tokens, FLOPs). MeZO looks each batch up twice per step (the ± passes), and at k=16 the
+        # batch is the same at every step. Dropped whenever an entry is stored, evicted or cleared.
         self._last = None
 
     def _frozen_version(self) -> tuple:
@@ -82,10 +106,11 @@ class TrunkCache:
         return (*map(torch.Tensor.data_ptr, self.frozen), *map(_VERSION, self.frozen))
 
     def hidden_states(self, batch: PackedBatch, trunk: Callable[[PackedBatch], torch.Tensor],
-                      uses: int = 1) -> torch.Tensor:
-        """Hidden states entering layer `start_layer` for every token of `batch`: [T, E].
-        `trunk` computes them for a packed sub-batch of the sequences not in the cache. The
-        result may be shared with the next lookup of the same batch: callers must not write to it.
+                      uses: int = 1) -> PoolRows | torch.Tensor:
+        """Hidden states entering layer `start_layer` for every token of `batch`: their rows in
+        the pool (PoolRows), or, when the budget cannot hold the whole batch, a [T, E] tensor.
+        `trunk` computes them for a packed sub-batch of the sequences not in the cache. Callers
+        must not write to the result.
         `uses`: the forward passes that will read the result (a whole MeZO step in one CUDA
         graph reads it 2n times). Each counts as a lookup of every sequence, and for every
         use after the first, a sequence computed for the first is a hit: its trunk does not
@@ -97,21 +122,27 @@ class TrunkCache:
             self.stats.invalidations += 1
         keys = batch.sequences
         self.stats.lookups += len(keys) * uses
-        if self._last is not None and self._last[0] == keys:  # every sequence a hit, gathered before
+        if self._last is not None and self._last[0] == keys:  # every sequence a hit, looked up before
             # The last lookup was this batch (any other, or any store or eviction, replaces
             # _last), so its keys are the most recently used already: no LRU update.
-            _, out, tokens, flops = self._last
+            _, rows, tokens, flops = self._last
             self._count_hits(len(keys) * uses, tokens * uses, flops * uses)
-            return out
-        pool_rows = [self.entries.get(key) for key in keys]
-        if all(rows is not None for rows in pool_rows):  # every sequence a hit in the pool: one gather, in order
-            for key in keys:
-                self.entries.move_to_end(key)
-            out = self.pool.view(-1, self.hidden_size).index_select(0, self._pool_index(pool_rows))
-            tokens, flops = batch.num_tokens, sum(map(self.flops_per_sequence, map(len, keys)))
-            self._count_hits(len(keys) * uses, tokens * uses, flops * uses)
-            self._last = (keys, out, tokens, flops)
-            return out
+            return rows
+        pool_rows = list(map(self.entries.get, keys))
+        if any(rows is None for rows in pool_rows):
+            return self._fill(batch, trunk, uses)
+        for key in keys:
+            self.entries.move_to_end(key)
+        tokens, flops = batch.num_tokens, sum(map(self.flops_per_sequence, map(len, keys)))
+        self._count_hits(len(keys) * uses, tokens * uses, flops * uses)
+        rows = PoolRows(self.pool.view(-1, self.hidden_size), np.concatenate(pool_rows))
+        self._last = (keys, rows, tokens, flops)
+        return rows
+
+    def _fill(self, batch: PackedBatch, trunk, uses: int) -> PoolRows | torch.Tensor:
+        """A lookup with sequences outside the pool: compute the missing ones, bring spilled ones
+        back, store them, and return the batch's hidden states as hidden_states does."""
+        keys = batch.sequences
         missing = [b for b, key in enumerate(keys) if key not in self.entries and key not in self.host]
         missing_set = set(missing)
         hit = [b for b in range(len(keys)) if b not in missing_set]
@@ -119,32 +150,38 @@ class TrunkCache:
         served = [(b, uses) for b in hit] + [(b, uses - 1) for b in missing]
         self._count_hits(sum(n for _, n in served), sum(len(keys[b]) * n for b, n in served),
                          sum(self.flops_per_sequence(len(keys[b])) * n for b, n in served))
-
-        # Hits in the pool are gathered first, before storing anything can evict them (the
-        # stream runs the gather before any later write to their blocks).
-        in_pool = [b for b in hit if keys[b] in self.entries]
-        for b in in_pool:
-            self.entries.move_to_end(keys[b])
-        out = torch.empty(batch.num_tokens, self.hidden_size, device=self.device, dtype=self.dtype)  # [T, E]
-        if in_pool:
-            out[self._rows(batch, in_pool)] = self.pool.view(-1, self.hidden_size)[
-                self._pool_index([self.entries[keys[b]] for b in in_pool])]
+        for b in hit:
+            if keys[b] in self.entries:
+                self.entries.move_to_end(keys[b])
+        # Storing never evicts a sequence of this batch, so the ones stored stay until it is read.
+        protected = set(keys)
+        unstored = {}  # b -> the [len, E] hidden states of a sequence the budget cannot hold
         for b in hit:
             if keys[b] in self.host:
                 self.stats.host_hits += 1
                 rows = self.host.pop(keys[b]).to(self.device, non_blocking=True)
-                out[self._rows(batch, [b])] = rows
-                self._store(keys[b], rows)
+                if not self._store(keys[b], rows, protected):
+                    unstored[b] = rows
         if missing:
             sub = pack([list(keys[b]) for b in missing], None, self.position_offset).to(self.device)
             computed = trunk(sub)                                               # [T_missing, E]
-            out[self._rows(batch, missing)] = computed
-            for key, rows in zip(sub.sequences, computed.split(sub.seq_lens)):
-                self._store(key, rows)
-        if all(key in self.entries for key in keys):  # (a budget smaller than the batch may not hold them all)
-            self._last = (keys, out, batch.num_tokens, sum(map(self.flops_per_sequence, map(len, keys))))
+            for b, rows in zip(missing, computed.split(sub.seq_lens)):
+                if not self._store(keys[b], rows, protected):
+                    unstored[b] = rows
         self.stats.bytes_held = (self.blocks_in_use * self.block_bytes
                                  + sum(t.numel() * t.element_size() for t in self.host.values()))
+        if not unstored:
+            rows = PoolRows(self.pool.view(-1, self.hidden_size), np.concatenate([self.entries[k] for k in keys]))
+            self._last = (keys, rows, batch.num_tokens, sum(map(self.flops_per_sequence, map(len, keys))))
+            return rows
+        # The budget cannot hold the whole batch: assemble it, from the pool and from what was computed.
+        out = torch.empty(batch.num_tokens, self.hidden_size, device=self.device, dtype=self.dtype)  # [T, E]
+        in_pool = [b for b in range(len(keys)) if b not in unstored]
+        if in_pool:
+            out[self._rows(batch, in_pool)] = self.pool.view(-1, self.hidden_size)[
+                self._to_device(np.concatenate([self.entries[keys[b]] for b in in_pool]))]
+        for b, rows in unstored.items():
+            out[self._rows(batch, [b])] = rows
         return out
 
     def _count_hits(self, hits: int, tokens: int, flops: int) -> None:
@@ -155,51 +192,56 @@ class TrunkCache:
     def _rows(self, batch: PackedBatch, seqs: list[int]) -> torch.Tensor:
         """Rows of the packed batch holding sequences `seqs`."""
         starts = [0, *accumulate(batch.seq_lens)]
-        return self._to_device(torch.tensor([starts[b] + i for b in seqs for i in range(batch.seq_lens[b])]))
+        return self._to_device(np.concatenate([np.arange(starts[b], starts[b + 1]) for b in seqs]))
 
-    def _pool_index(self, pool_rows: list[torch.Tensor]) -> torch.Tensor:
-        """The pool rows of several entries (their host index tensors), as one device index."""
-        return self._to_device(torch.cat(pool_rows))
-
-    def _to_device(self, index: torch.Tensor) -> torch.Tensor:
+    def _to_device(self, index: np.ndarray) -> torch.Tensor:
         # Indices are built on the host and copied without a stream sync (torch.tensor(...,
         # device=cuda) would wait for the GPU to finish its queued work).
-        return index.to(self.device, non_blocking=True)
+        return torch.from_numpy(index).to(self.device, non_blocking=True)
 
-    def _store(self, key: tuple[int, ...], rows: torch.Tensor) -> None:
+    def _store(self, key: tuple[int, ...], rows: torch.Tensor, protected: set) -> bool:
+        """Keep `rows` in the pool, evicting least-recently-used entries outside `protected`;
+        False if the budget cannot make room."""
         need = -(-len(key) // BLOCK_TOKENS)
+        if key in self.entries:
+            return True  # (a sequence twice in one batch)
         if need > self.max_blocks:
-            return  # larger than the whole budget: recomputed each time, never cached
+            return False  # larger than the whole budget: recomputed each time, never cached
         while len(self.free) < need:
-            if self.pool.shape[0] < self.max_blocks:
+            if self.pool.shape[0] - 1 < self.max_blocks:
                 self._grow(need)
-            else:
-                self._evict_lru(exclude=key)
+            elif not self._evict_lru(protected):
+                return False
         self._last = None
-        blocks = torch.tensor([self.free.pop() for _ in range(need)])
-        index = (blocks[:, None] * BLOCK_TOKENS + torch.arange(BLOCK_TOKENS)).flatten()[:len(key)]
+        blocks = np.array([self.free.pop() for _ in range(need)])
+        index = (blocks[:, None] * BLOCK_TOKENS + np.arange(BLOCK_TOKENS)).ravel()[:len(key)]
         self.pool.view(-1, self.hidden_size)[self._to_device(index)] = rows
         self.entries[key] = index
         self.blocks_in_use += need
+        return True
 
     def _grow(self, need: int) -> None:
         old = self.pool.shape[0]
-        new = min(self.max_blocks, max(old * 2, old + need, 64))
+        new = 1 + min(self.max_blocks, max((old - 1) * 2, old - 1 + need, 64))
         pool = torch.empty(new, BLOCK_TOKENS, self.hidden_size, device=self.device, dtype=self.dtype)
         pool[:old] = self.pool
         self.pool = pool
         self.free += list(range(new - 1, old - 1, -1))
 
-    def _evict_lru(self, exclude) -> None:
-        key, index = next((k, v) for k, v in self.entries.items() if k != exclude)
-        del self.entries[key]
+    def _evict_lru(self, protected: set) -> bool:
+        """Evict the least recently used entry outside `protected`; False if there is none."""
+        key = next((k for k in self.entries if k not in protected), None)
+        if key is None:
+            return False
+        index = self.entries.pop(key)
         self._last = None
         if self.spill_to_host:
             self.host[key] = self.pool.view(-1, self.hidden_size)[self._to_device(index)].cpu()
         self._free(index)
         self.stats.evictions += 1
+        return True
 
-    def _free(self, index: torch.Tensor) -> None:
+    def _free(self, index: np.ndarray) -> None:
         """Return the blocks of an entry's pool rows to the free list."""
         blocks = (index[::BLOCK_TOKENS] // BLOCK_TOKENS).tolist()
         self.free += blocks

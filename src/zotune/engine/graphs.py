@@ -17,10 +17,13 @@ hold that very batch or tensor: MeZO replays the same batch for its ± passes, a
 every step. A batch comes from the host (ModelRunner.pack): its tokens, positions, <mask> rows
 and sequence offsets, padded as the graph runs them, are laid out in one pinned buffer and
 reach the graph's int32 buffer (of which the static batch's tensors are views) in one
-transfer, as a serving engine's model runner prepares a step's inputs. A body's other inputs
-(labels, a step's seeds and learning rate) are copied one by one. The outputs are the graph's
-own buffers, valid until the next replay of any graph (they share one memory pool): callers
-copy them out at once.
+transfer, as a serving engine's model runner prepares a step's inputs. Hidden states from the
+trunk cache come as their pool rows (engine/cache.py, PoolRows): the rows travel in that same
+transfer and the graph gathers them from the pool itself, so a batch of cache hits costs the
+host no launch of its own. A body's other inputs (labels, a step's seeds and learning rate)
+that live on the host share one more transfer. The outputs are copied out of the graph's
+buffers (valid only until the next replay of any graph: they share one memory pool) in one
+launch too.
 
 The first call of a shape runs the body for real, then captures it: capturing records kernels
 without running them, and the warm-up run (which compiles kernels and initialises libraries
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 
 from zotune.engine.batch import PackedBatch
+from zotune.engine.cache import ZERO_ROW, PoolRows
 from zotune.model.roberta import MaskedLM
 
 BUCKET = 128           # tokens
@@ -51,17 +55,53 @@ def _one_forward(forward, inputs):
     return (forward(),)
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Tensors back to back in one byte buffer, so that one copy moves them all. Larger
+    elements come first: each tensor then starts at a multiple of its element size."""
+    slots: tuple[tuple, ...]  # (key, offset, bytes, dtype, shape) per tensor
+    nbytes: int
+
+    @staticmethod
+    def of(tensors: dict) -> "_Layout":
+        slots, offset = [], 0
+        for key, t in sorted(tensors.items(), key=lambda item: -item[1].element_size()):
+            slots.append((key, offset, t.numel() * t.element_size(), t.dtype, t.shape))
+            offset += slots[-1][2]
+        return _Layout(tuple(slots), offset)
+
+    def views(self, buffer: torch.Tensor) -> dict:
+        """The tensors, as views of `buffer` (uint8, nbytes long)."""
+        return {key: buffer[at:at + size].view(dtype).view(shape) for key, at, size, dtype, shape in self.slots}
+
+    def fill(self, buffer: np.ndarray, tensors: dict) -> None:
+        """Write host `tensors` into their places in `buffer` (uint8, nbytes long)."""
+        for key, at, size, _, _ in self.slots:
+            buffer[at:at + size] = tensors[key].reshape(-1).numpy().view(np.uint8)
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    staged: torch.Tensor          # int32: the static batch's tensors are views of it (_staging)
+    staged: torch.Tensor          # int32: the static batch's tensors (and pool rows) are views of it (_staging)
     batch: PackedBatch            # static inputs
-    hidden: torch.Tensor | None   # static [T_pad, E] input of layer start_layer
+    hidden: torch.Tensor | None   # static [T_pad, E] input of layer start_layer, when given as a tensor
+                                  # (as PoolRows, its rows are part of `staged`)
     inputs: dict[str, torch.Tensor]  # the body's other static inputs
-    outputs: tuple = ()           # static outputs of the body
+    host_inputs: _Layout          # those given on the host: views of `inputs_staged`
+    inputs_staged: torch.Tensor   # uint8
+    outputs: _Layout | None = None  # the body's outputs, as laid out in `packed` (None: a single output)
+    packed: torch.Tensor | None = None  # static: the body's outputs (uint8 if several)
     # The objects the static inputs were last loaded from, by name. Held, not just their ids,
     # so that none can be freed and its id reused by another tensor.
     loaded: dict = field(default_factory=dict)
+
+    def copy_outputs(self) -> tuple[torch.Tensor, ...]:
+        """The outputs of the last replay, copied out of the graph's memory in one launch."""
+        if self.outputs is None:
+            return (self.packed.clone(),)
+        views = self.outputs.views(self.packed.clone())
+        return tuple(views[i] for i in range(len(views)))
 
 
 @dataclass
@@ -81,12 +121,15 @@ def _addresses(modules: list[torch.nn.Module], params: list[torch.Tensor]) -> tu
     return (shape, *map(torch.Tensor.data_ptr, params))
 
 
-def _batch_views(words, padded: int, masks: int, int64):
+def _batch_views(words, padded: int, masks: int, with_rows: bool, int64):
     """The static batch's tensors in a graph's int32 buffer `words` (the device tensor, or its
     pinned host image as a numpy array; `int64` is that library's dtype): token ids and
-    positions (int64, `padded` each), <mask> rows (int64), sequence offsets (int32, the rest)."""
+    positions (int64, `padded` each), with `with_rows` the trunk cache's pool rows (int64,
+    `padded`, else None), <mask> rows (int64), sequence offsets (int32, the rest)."""
+    rows_end = (6 if with_rows else 4) * padded
     return (words[:2 * padded].view(int64), words[2 * padded:4 * padded].view(int64),
-            words[4 * padded:4 * padded + 2 * masks].view(int64), words[4 * padded + 2 * masks:])
+            words[4 * padded:rows_end].view(int64) if with_rows else None,
+            words[rows_end:rows_end + 2 * masks].view(int64), words[rows_end + 2 * masks:])
 
 
 class GraphedForward:
@@ -97,6 +140,7 @@ class GraphedForward:
         self.graphs: dict[tuple, _Graph] = {}
         self.weights: dict[int, _Weights] = {}  # by start layer
         self.pool = torch.cuda.graph_pool_handle()  # all graphs share one memory pool
+        self.cache_pool: torch.Tensor | None = None  # the trunk cache's pool the graphs gather from
         self.captures = 0
 
     def _check_weights(self, start_layer: int) -> None:
@@ -112,6 +156,15 @@ class GraphedForward:
             modules = [m for root in self.model.modules_from(start_layer) for m in root.modules()]
             params = [p for m in modules for p in m._parameters.values() if p is not None]
             self.weights[start_layer] = _Weights(modules, params, _addresses(modules, params))
+
+    def _check_cache_pool(self, hidden) -> None:
+        """A graph gathers its input rows from the trunk cache's pool at the address it had at
+        capture; when the pool grows it moves, and every graph is stale. (The old pool is held
+        until then, so the new one cannot take its address.)"""
+        if isinstance(hidden, PoolRows):
+            if self.cache_pool is not None and hidden.pool.data_ptr() != self.cache_pool.data_ptr():
+                self.reset()
+            self.cache_pool = hidden.pool
 
     def reset(self) -> None:
         """Drop every graph; the next call of each shape captures again."""
@@ -131,60 +184,70 @@ class GraphedForward:
         longest = max(batch.max_seqlen, padded - batch.num_tokens)
         return padded, -(-longest // MAX_SEQLEN_BUCKET) * MAX_SEQLEN_BUCKET
 
-    def __call__(self, batch: PackedBatch, hidden: torch.Tensor | None = None, start_layer: int = 0,
+    def __call__(self, batch: PackedBatch, hidden: torch.Tensor | PoolRows | None = None, start_layer: int = 0,
                  body: Body = _one_forward, inputs: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
         """The outputs of body(forward, static_inputs), which may call forward() (the model over
         the batch, from `hidden` entering layer `start_layer`; returns the [B, C] float32
         logits) any number of times. The default body is one forward. A body is part of the
         graph's key: pass the same object at every call. `batch` is on the host
-        (ModelRunner.pack). Inputs are taken as immutable: a batch or tensor passed again is not
-        copied again."""
+        (ModelRunner.pack). Inputs are taken as immutable: a batch, rows or tensor passed again
+        is not copied again. The outputs are the caller's own copies."""
         self._check_weights(start_layer)
+        self._check_cache_pool(hidden)
         inputs = inputs or {}
-        num_tokens, num_seqs = batch.num_tokens, len(batch.seq_lens)
         padded, max_seqlen = self.bucket(batch)
-        filler = padded - num_tokens
         # A pair's split, pair_seqs, is a Python int the capture bakes in (the prefix of each sequence;
         # LoRA finds its rows on the device), so batches of one size share a graph.
-        key = (padded, num_seqs, max_seqlen, start_layer, hidden is None, batch.pair_seqs, body,
-               tuple((name, t.shape) for name, t in inputs.items()))
+        key = (padded, len(batch.seq_lens), max_seqlen, start_layer, type(hidden), batch.pair_seqs, body,
+               tuple((name, t.shape, t.is_cuda) for name, t in inputs.items()))
         entry = self.graphs.get(key)
         if entry is None:
             entry, outputs = self._capture(batch, hidden, start_layer, padded, max_seqlen, body, inputs)
             self.graphs[key] = entry
             return outputs
-        self._load(entry, batch, hidden, inputs, filler)
+        self._load(entry, batch, hidden, inputs)
         entry.graph.replay()
-        return entry.outputs
+        return entry.copy_outputs()
 
-    def _load(self, entry: _Graph, batch: PackedBatch, hidden, inputs: dict, filler: int) -> None:
+    def _load(self, entry: _Graph, batch: PackedBatch, hidden, inputs: dict) -> None:
         loaded = entry.loaded
-        if loaded.get("batch") is not batch:  # else the static buffers hold this batch already
-            loaded["batch"] = batch
-            entry.staged.copy_(self._staging(batch, entry.staged, filler), non_blocking=True)
-        if hidden is not None and loaded.get("hidden") is not hidden:
+        rows = hidden if isinstance(hidden, PoolRows) else None
+        if loaded.get("batch") is not batch or loaded.get("rows") is not rows:  # else the buffers hold them
+            loaded["batch"], loaded["rows"] = batch, rows
+            entry.staged.copy_(self._staging(batch, rows, entry.staged, len(entry.batch.input_ids)), non_blocking=True)
+        if entry.hidden is not None and loaded.get("hidden") is not hidden:
             loaded["hidden"] = hidden
             entry.hidden[:batch.num_tokens].copy_(hidden)
             entry.hidden[batch.num_tokens:].zero_()
+        on_host = {name: t for name, t in inputs.items() if not t.is_cuda}
+        if any(loaded.get(name) is not t for name, t in on_host.items()):
+            loaded.update(on_host)
+            staging = torch.empty(entry.host_inputs.nbytes, dtype=torch.uint8, pin_memory=True)
+            entry.host_inputs.fill(staging.numpy(), on_host)
+            entry.inputs_staged.copy_(staging, non_blocking=True)  # from pinned memory: no stream sync
         for name, tensor in inputs.items():
-            if loaded.get(name) is not tensor:
+            if tensor.is_cuda and loaded.get(name) is not tensor:
                 loaded[name] = tensor
-                entry.inputs[name].copy_(tensor, non_blocking=True)  # from the host: no stream sync
+                entry.inputs[name].copy_(tensor)
 
-    def _staging(self, batch: PackedBatch, staged: torch.Tensor, filler: int) -> torch.Tensor:
-        """`batch` as the graph's buffer `staged` holds it, in pinned host memory: int64 token
-        ids, then int64 positions (P each, the filler sequence's pad tokens and positions after
-        the batch's), int64 <mask> rows (B), int32 sequence offsets (B + 2, the filler's end last).
-        From pinned memory the copy does not wait for the GPU, and torch keeps the block from
-        reuse until the copy has run."""
+    def _staging(self, batch: PackedBatch, rows: PoolRows | None, staged: torch.Tensor, padded: int) -> torch.Tensor:
+        """`batch` (and the pool rows of its hidden states) as the graph's buffer `staged` holds
+        it, in pinned host memory: int64 token ids, then int64 positions (`padded` each, the
+        filler sequence's pad tokens and positions after the batch's), int64 pool rows
+        (`padded`, the filler's reading the pool's zero row), int64 <mask> rows (B), int32
+        sequence offsets (B + 2, the filler's end last). From pinned memory the copy does not
+        wait for the GPU, and torch keeps the block from reuse until the copy has run."""
         if batch.input_ids.is_cuda:
             raise ValueError("a CUDA graph takes a batch on the host (ModelRunner.pack), not one on the GPU")
-        n, padded = batch.num_tokens, batch.num_tokens + filler
+        n = batch.num_tokens
         host = torch.empty(staged.shape, dtype=torch.int32, pin_memory=True)
-        ids, positions, mask_index, cu_seqlens = _batch_views(host.numpy(), padded, len(batch.mask_index), np.int64)
+        ids, positions, pool_rows, mask_index, cu_seqlens = _batch_views(
+            host.numpy(), padded, len(batch.mask_index), rows is not None, np.int64)
         ids[:n], ids[n:] = batch.input_ids.numpy(), self.pad_token_id
         positions[:n] = batch.positions.numpy()
-        positions[n:] = np.arange(filler) + self.model.config.position_offset
+        positions[n:] = np.arange(padded - n) + self.model.config.position_offset
+        if rows is not None:
+            pool_rows[:n], pool_rows[n:] = rows.index, ZERO_ROW
         mask_index[:] = batch.mask_index.numpy()
         cu_seqlens[:-1], cu_seqlens[-1] = batch.cu_seqlens.numpy(), padded
         return host
@@ -194,21 +257,31 @@ class GraphedForward:
         """A new graph, and the outputs of the run that warmed it up (see the module docstring)."""
         device = self.device
         num_seqs, masks = len(batch.seq_lens), len(batch.mask_index)
-        staged = torch.empty(4 * padded + 2 * masks + num_seqs + 2, dtype=torch.int32, device=device)
-        input_ids, positions, mask_index, cu_seqlens = _batch_views(staged, padded, masks, torch.int64)
+        gathers = isinstance(hidden, PoolRows)
+        staged = torch.empty((6 if gathers else 4) * padded + 2 * masks + num_seqs + 2, dtype=torch.int32,
+                             device=device)
+        input_ids, positions, static_rows, mask_index, cu_seqlens = _batch_views(staged, padded, masks, gathers,
+                                                                                torch.int64)
         static = replace(
             batch, input_ids=input_ids, positions=positions, mask_index=mask_index, cu_seqlens=cu_seqlens,
             seq_lens=batch.seq_lens + (padded - batch.num_tokens,),  # lengths of the capture batch; only
             max_seqlen=max_seqlen)                                   # their count is read on CUDA
-        static_hidden = None if hidden is None else torch.empty(padded, hidden.shape[1], dtype=hidden.dtype,
-                                                                device=device)
-        static_inputs = {name: torch.empty_like(t, device=device) for name, t in inputs.items()}
-        entry = _Graph(torch.cuda.CUDAGraph(), staged, static, static_hidden, static_inputs)
-        self._load(entry, batch, hidden, inputs, padded - batch.num_tokens)
+        static_hidden = torch.empty(padded, hidden.shape[1], dtype=hidden.dtype, device=device) \
+            if isinstance(hidden, torch.Tensor) else None
+        host_inputs = _Layout.of({name: t for name, t in inputs.items() if not t.is_cuda})
+        inputs_staged = torch.empty(host_inputs.nbytes, dtype=torch.uint8, device=device)
+        static_inputs = {name: torch.empty_like(t, device=device) for name, t in inputs.items() if t.is_cuda}
+        static_inputs.update(host_inputs.views(inputs_staged))
+        entry = _Graph(torch.cuda.CUDAGraph(), staged, static, static_hidden, static_inputs, host_inputs,
+                       inputs_staged)
+        self._load(entry, batch, hidden, inputs)
+        cache_pool = hidden.pool if gathers else None
 
         def forward():
+            # The cache's rows are gathered here, inside the graph, straight from its pool.
+            x = cache_pool.index_select(0, static_rows) if gathers else static_hidden
             with self.autocast:
-                return self.model(static, self.label_word_ids, hidden=static_hidden, start_layer=start_layer).float()
+                return self.model(static, self.label_word_ids, hidden=x, start_layer=start_layer).float()
 
         # The real run, on a side stream: lazy initialisation must not happen during capture.
         side = torch.cuda.Stream()
@@ -225,7 +298,13 @@ class GraphedForward:
         gc.disable()
         try:
             with torch.cuda.graph(entry.graph, pool=self.pool):
-                entry.outputs = body(forward, static_inputs)
+                captured = body(forward, static_inputs)
+                if len(captured) == 1:
+                    entry.packed = captured[0]
+                else:  # the outputs as bytes in one buffer: one copy moves them out
+                    entry.outputs = _Layout.of(dict(enumerate(captured)))
+                    entry.packed = torch.cat([captured[key].reshape(-1).view(torch.uint8)
+                                              for key, *_ in entry.outputs.slots])
         finally:
             if collecting:
                 gc.enable()

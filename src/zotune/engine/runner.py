@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from zotune.engine.batch import PackedBatch, pack
-from zotune.engine.cache import CacheStats, TrunkCache
+from zotune.engine.cache import CacheStats, PoolRows, TrunkCache
 from zotune.engine.graphs import GraphedForward
 from zotune.errors import UserError
 from zotune.model.roberta import MaskedLM
@@ -72,7 +72,6 @@ class ModelRunner:
         self.pair_start = 0  # layers below this run once for both halves of a MeZO pair (enable_pairs)
         self._last_packed: PackedBatch | None = None
         self._last_moved: tuple = (None, None)  # (a host batch, the same on the device), see on_device
-        self._pair_hidden: tuple = (None, None)  # (hidden states, the same twice over) of the last pair
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on float32 master weights
         self.graphs = GraphedForward(self.model, self.label_word_ids, pad_token_id, self.autocast, device) \
@@ -127,7 +126,9 @@ class ModelRunner:
         With `pair`, [2B, C]: the batch at θ + εz, then at θ − εz, from one forward (see pair_loss)."""
         run, hidden, start = self._forward_inputs(batch, pair, passes=1)
         if self.graphs is not None and self._inference():
-            return self.graphs(run, hidden, start)[0].clone()  # the graph's buffer is reused by its next replay
+            return self.graphs(run, hidden, start)[0]
+        if isinstance(hidden, PoolRows):
+            hidden = hidden.hidden
         with self.autocast:
             return self.model(self.on_device(run), self.label_word_ids, hidden=hidden, start_layer=start).float()
 
@@ -142,7 +143,7 @@ class ModelRunner:
         if self.graphs is None or not self._inference():
             raise RuntimeError("ModelRunner.graphed needs CUDA graphs, eval mode and no autograd")
         run, hidden, start = self._forward_inputs(batch, pair, passes)
-        return tuple(t.clone() for t in self.graphs(run, hidden, start, body, inputs))
+        return self.graphs(run, hidden, start, body, inputs)
 
     @staticmethod
     def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, pair: bool = False) -> torch.Tensor:
@@ -168,8 +169,8 @@ class ModelRunner:
 
     def _forward_inputs(self, batch: PackedBatch, pair: bool, passes: int):
         """What `passes` forwards over `batch` run on: the batch (paired or not), the hidden
-        states entering layer `start` (from the trunk cache, or a pair's trunk run once), and
-        `start`. Counts the passes."""
+        states entering layer `start` (from the trunk cache, as its pool rows where it holds the
+        whole batch, or a pair's trunk run once), and `start`. Counts the passes."""
         run = batch.paired if pair else batch
         self._count(run, passes)
         hidden, start = None, 0
@@ -181,10 +182,10 @@ class ModelRunner:
             start = self.pair_start
             with self.autocast:
                 hidden = self.model.trunk(self.on_device(batch), start)
-        if pair and hidden is not None:  # the trunk is the same for both halves: run once
-            if self._pair_hidden[0] is not hidden:  # (the cache hands out the same tensor for the same batch)
-                self._pair_hidden = (hidden, torch.cat([hidden, hidden]))
-            hidden = self._pair_hidden[1]
+        if pair and isinstance(hidden, PoolRows):  # the trunk is the same for both halves: run once
+            hidden = hidden.twice
+        elif pair and hidden is not None:
+            hidden = torch.cat([hidden, hidden])
         return run, hidden, start
 
     def cache_stats(self) -> dict:

@@ -126,14 +126,16 @@ class MezoStepper:
     def __call__(self, batch, labels: torch.Tensor, seeds: list[int], lr: float, share: float = 1.0,
                  measures: Callable[[int], bool] | None = None,
                  combine: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepResult:
-        """One step on `batch` (a PackedBatch); `share` scales the loss (a rank's part of a
-        data-parallel batch), `measures` and `combine` are mezo_step's."""
+        """One step on `batch` (a PackedBatch) with `labels` on the host (or the device);
+        `share` scales the loss (a rank's part of a data-parallel batch), `measures` and
+        `combine` are mezo_step's."""
         if self.runner.graphs is not None and (share, measures, combine) == (1.0, None, None):
             inputs = {"labels": labels, "seeds": seed_tensor(seeds, "cpu"),
                       "lr": torch.tensor(lr, dtype=torch.float64)}
             passes = len(seeds) * (1 if self.paired else 2)
             return StepResult(*self.runner.graphed(batch, self._step, inputs, passes, self.paired))
         loss = self.runner.pair_loss if self.paired else self.runner.loss
+        labels = labels.to(self.runner.device, non_blocking=True)
         return mezo_step(self.flat, lambda: loss(batch, labels) * share, seeds, self.eps, lr, self.weight_decay,
                          measures, combine, self.paired)
 
