@@ -10,7 +10,7 @@ from tests.conftest import ON_GPU
 from zotune.config import TrainConfig
 from zotune.errors import UserError
 from zotune.model.loading import load_model
-from zotune.train import batch_indices, train
+from zotune.train import _window_means, batch_indices, train
 
 SUMMARY_FIELDS = {"steps", "forward_passes", "tokens_computed", "padding_tokens_avoided", "wall_time_s",
                   "steps_per_s", "peak_memory_bytes", "dev_accuracy", "test_accuracy", "cache"}
@@ -197,3 +197,11 @@ def test_train_time_holds_the_gpus_work(tmp_path, tiny_mlm_dir, monkeypatch):
     monkeypatch.setattr(MezoStepper, "__call__", slow_step)
     summary, _ = _run(tmp_path, tiny_mlm_dir, "run", device="cuda", steps=20, eval_steps=20, log_steps=20)
     assert summary["train_time_s"] >= 0.9 * 20 * spin_s, (summary["train_time_s"], spin_s)
+
+
+def test_window_means_average_each_steps_gradients_then_the_steps_in_float32():
+    window = [(torch.tensor(1.0), torch.tensor([1.0, 2.0])), (torch.tensor(2.0), torch.tensor([4.0, 5.0]))]
+    assert _window_means(window) == (1.5, 3.0)
+    # Added in order in float32: 1e8 + 1 rounds back to 1e8, so the three losses sum to 0 (1/3 in float64).
+    window = [(torch.tensor(v), None) for v in (1e8, 1.0, -1e8)]
+    assert _window_means(window) == (0.0, None)

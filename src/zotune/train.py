@@ -174,14 +174,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 _save_atomic(dict(trainable), run_dir / "best.safetensors")
         return dev_acc
 
-    # Metrics average over the steps since the last logged line. A resumed run rebuilds that
-    # window's sums from the log, adding the same float32 values in the same order.
-    loss_sum, grad_sum, logged_from = None, None, (kept[-1]["step"] if kept else 0)
-    for record in records[logged_from:first_step] if resume else []:
-        loss = trajectory.from_hex([record["loss"]])[0].to(device)
-        grad = trajectory.from_hex(record["grads"]).to(device).mean()
-        loss_sum = loss if loss_sum is None else loss_sum + loss
-        grad_sum = grad if grad_sum is None else grad_sum + grad
+    # Metrics average over the steps since the last logged line (_window_means). A resumed run
+    # rebuilds that window from the log's float32 values, so it adds the same numbers in order.
+    logged_from = kept[-1]["step"] if kept else 0
+    window = [(trajectory.from_hex([record["loss"]])[0].to(device), trajectory.from_hex(record["grads"]).to(device))
+              for record in (records[logged_from:first_step] if resume else [])]
 
     progress = tqdm(total=cfg.steps, initial=first_step, disable=cfg.quiet or not is_main, desc=f"{cfg.optimizer} {cfg.task}",
                     unit="step")
@@ -194,13 +191,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     def log_point(done: int, lr: float):
         """Write the metrics line of step `done` (and evaluate on dev at eval steps)."""
-        nonlocal loss_sum, grad_sum, logged_from
+        nonlocal window, logged_from
         if log is not None:
             log.write()  # the log leads: best.safetensors and metrics never get ahead of it
-        record = {"step": done, "loss": loss_sum.item() / (done - logged_from),
-                  "projected_grad": grad_sum.item() / (done - logged_from) if grad_sum is not None else None,
-                  "lr": lr}
-        loss_sum, grad_sum, logged_from = None, None, done
+        loss, projected_grad = _window_means(window)
+        record = {"step": done, "loss": loss, "projected_grad": projected_grad, "lr": lr}
+        window, logged_from = [], done
         if done % cfg.eval_steps == 0 or done == cfg.steps:
             record["dev_accuracy"] = evaluate_dev(done)
         metrics.write(json.dumps(record) + "\n")
@@ -236,9 +232,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             if log is not None:
                 seeds, projected_grads = logged
                 log.add(done, seeds, lr, projected_grads, loss)
-            loss_sum = loss if loss_sum is None else loss_sum + loss   # stays on the device until logged
-            if grad is not None:
-                grad_sum = grad if grad_sum is None else grad_sum + grad
+            window.append((loss, grad))  # on the device until logged
             if is_log_point(done):
                 log_point(done, lr)
             if is_main and log is not None and done % cfg.log_every == 0:
@@ -297,6 +291,23 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     return summary
 
 
+def _window_means(window: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[float, float | None]:
+    """Mean loss and mean projected gradient over a window of steps, each (loss, its projected
+    gradients [n], or None without MeZO), brought to the host in one transfer. A step's
+    gradients are averaged, then the steps summed, in float32 and in order: a figure does not
+    depend on where the window's values were (device, or the log of a resumed run)."""
+    values = torch.cat([t.reshape(-1) for step in window for t in step if t is not None]).cpu().numpy()
+    loss_sum = grad_sum = np.float32(0)
+    at = 0
+    for _, grads in window:
+        loss_sum += values[at]
+        if grads is not None:
+            grad_sum += np.add.accumulate(values[at + 1:at + 1 + grads.numel()])[-1] / np.float32(grads.numel())
+        at += 1 + (0 if grads is None else grads.numel())
+    has_grads = window[0][1] is not None
+    return float(loss_sum) / len(window), float(grad_sum) / len(window) if has_grads else None
+
+
 def _kept_metrics(run_dir: Path, last_step: int, best: dict) -> list[dict]:
     """metrics.jsonl lines up to the resumed step (a torn last line dropped), and the best dev
     evaluation among them, so best-dev selection goes on as if the run had never stopped."""
@@ -351,7 +362,7 @@ def _mezo_stepper(cfg, runner, flat, group, paired: bool):
             share = len(group.shard(sequences)) / len(sequences)
             sequences, labels = group.shard(sequences), labels[group.rank::group.world]
         result = stepper(runner.pack(sequences), labels, seeds, lr, share, measures, combine)
-        return result.loss, result.projected_grads.mean(), (seeds, result.projected_grads)  # the last for the log
+        return result.loss, result.projected_grads, (seeds, result.projected_grads)  # the last for the log
     return step_fn
 
 

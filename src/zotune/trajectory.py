@@ -90,8 +90,8 @@ class TrajectoryWriter:
         """Write the pending records and hand them to the OS (a SIGKILL then loses nothing)."""
         if not self.pending:
             return
-        values = torch.cat([torch.cat([g.reshape(-1).float(), loss.reshape(1).float()])
-                            for _, _, _, g, loss in self.pending]).cpu()  # the one transfer
+        values = torch.cat([t.reshape(-1).float() for _, _, _, g, loss in self.pending
+                            for t in (g, loss)]).cpu()  # one launch, one transfer
         words, finite = to_hex(values), torch.isfinite(values).tolist()  # at once: a write holds log_steps steps
         at = 0
         for step, seeds, lr, _, _ in self.pending:
