@@ -1,40 +1,17 @@
 """CUDA graphs read the weights and the trunk cache's pool at their capture-time addresses: a
 rebound tensor the graph reads, a tensor attached to a module it runs, or a pool that grew must
 make it capture again; a tensor below the layer a graph starts at is not read, and rebinding it
-must cost no capture. Inputs and outputs travel laid out in one buffer each."""
+must cost no capture."""
 
-import numpy as np
 import pytest
 import torch
 
-from zotune.engine.graphs import _Layout
 from zotune.evaluate import build
 from zotune.optim.subsets import SubsetOptions, select_trainable
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def test_a_layout_puts_each_tensor_at_a_multiple_of_its_element_size_and_gives_it_back():
-    tensors = {"flag": torch.tensor(True), "labels": torch.tensor([3, 1, 4]),
-               "lr": torch.tensor(1e-3, dtype=torch.float64), "loss": torch.tensor([0.5, -2.0]),
-               "half": torch.tensor([1.5], dtype=torch.float16)}
-    layout = _Layout.of(tensors)
-    assert layout.nbytes == sum(t.numel() * t.element_size() for t in tensors.values())
-    assert all(at % torch.empty(0, dtype=dtype).element_size() == 0 for _, at, _, dtype, _ in layout.slots)
-    buffer = np.zeros(layout.nbytes, dtype=np.uint8)
-    layout.fill(buffer, tensors)
-    views = layout.views(torch.from_numpy(buffer))
-    assert set(views) == set(tensors)
-    for name, t in tensors.items():
-        assert views[name].dtype == t.dtype and views[name].shape == t.shape and torch.equal(views[name], t)
-
-
-def _rebind(param: torch.nn.Parameter, scale: float) -> None:
-    param.data = param.data * scale  # a new tensor at a new address, as FlatParameters or .to() leave
-
-
-@pytest.mark.gpu
-@needs_cuda
 def test_a_rebound_or_attached_tensor_the_graph_reads_captures_again(tiny_mlm_dir):
     prompted = build(str(tiny_mlm_dir), "sst2", device="cuda")
     runner, model = prompted.runner, prompted.runner.model
@@ -78,8 +55,6 @@ def test_a_rebound_or_attached_tensor_the_graph_reads_captures_again(tiny_mlm_di
     assert graphs.captures == 4
 
 
-@pytest.mark.gpu
-@needs_cuda
 def test_a_graph_gathering_from_a_pool_that_grew_captures_again(tiny_mlm_dir):
     # The graph of batch A gathers from the cache's pool. Filling the cache makes the pool grow
     # (a new tensor); batch B, of A's shape, is then stored in the new pool only. A graph still

@@ -21,9 +21,10 @@ transfer, as a serving engine's model runner prepares a step's inputs. Hidden st
 trunk cache come as their pool rows (engine/cache.py, PoolRows): the rows travel in that same
 transfer and the graph gathers them from the pool itself, so a batch of cache hits costs the
 host no launch of its own. A body's other inputs (labels, a step's seeds and learning rate)
-that live on the host share one more transfer. The outputs are copied out of the graph's
-buffers (valid only until the next replay of any graph: they share one memory pool) in one
-launch too.
+are copied one by one. The outputs are copied out of the graph's buffers, which are valid
+only until the next replay of any graph (they share one memory pool). (One transfer for the
+body's inputs and one copy for all its outputs were tried on an H200, 2026-11-28: its host
+took no less time for them than for the copies they replaced.)
 
 The first call of a shape runs the body for real, then captures it: capturing records kernels
 without running them, and the warm-up run (which compiles kernels and initialises libraries
@@ -55,31 +56,6 @@ def _one_forward(forward, inputs):
     return (forward(),)
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """Tensors back to back in one byte buffer, so that one copy moves them all. Larger
-    elements come first: each tensor then starts at a multiple of its element size."""
-    slots: tuple[tuple, ...]  # (key, offset, bytes, dtype, shape) per tensor
-    nbytes: int
-
-    @staticmethod
-    def of(tensors: dict) -> "_Layout":
-        slots, offset = [], 0
-        for key, t in sorted(tensors.items(), key=lambda item: -item[1].element_size()):
-            slots.append((key, offset, t.numel() * t.element_size(), t.dtype, t.shape))
-            offset += slots[-1][2]
-        return _Layout(tuple(slots), offset)
-
-    def views(self, buffer: torch.Tensor) -> dict:
-        """The tensors, as views of `buffer` (uint8, nbytes long)."""
-        return {key: buffer[at:at + size].view(dtype).view(shape) for key, at, size, dtype, shape in self.slots}
-
-    def fill(self, buffer: np.ndarray, tensors: dict) -> None:
-        """Write host `tensors` into their places in `buffer` (uint8, nbytes long)."""
-        for key, at, size, _, _ in self.slots:
-            buffer[at:at + size] = tensors[key].reshape(-1).numpy().view(np.uint8)
-
-
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -88,20 +64,10 @@ class _Graph:
     hidden: torch.Tensor | None   # static [T_pad, E] input of layer start_layer, when given as a tensor
                                   # (as PoolRows, its rows are part of `staged`)
     inputs: dict[str, torch.Tensor]  # the body's other static inputs
-    host_inputs: _Layout          # those given on the host: views of `inputs_staged`
-    inputs_staged: torch.Tensor   # uint8
-    outputs: _Layout | None = None  # the body's outputs, as laid out in `packed` (None: a single output)
-    packed: torch.Tensor | None = None  # static: the body's outputs (uint8 if several)
+    outputs: tuple = ()           # static outputs of the body
     # The objects the static inputs were last loaded from, by name. Held, not just their ids,
     # so that none can be freed and its id reused by another tensor.
     loaded: dict = field(default_factory=dict)
-
-    def copy_outputs(self) -> tuple[torch.Tensor, ...]:
-        """The outputs of the last replay, copied out of the graph's memory in one launch."""
-        if self.outputs is None:
-            return (self.packed.clone(),)
-        views = self.outputs.views(self.packed.clone())
-        return tuple(views[i] for i in range(len(views)))
 
 
 @dataclass
@@ -199,7 +165,7 @@ class GraphedForward:
         # A pair's split, pair_seqs, is a Python int the capture bakes in (the prefix of each sequence;
         # LoRA finds its rows on the device), so batches of one size share a graph.
         key = (padded, len(batch.seq_lens), max_seqlen, start_layer, type(hidden), batch.pair_seqs, body,
-               tuple((name, t.shape, t.is_cuda) for name, t in inputs.items()))
+               tuple((name, t.shape) for name, t in inputs.items()))
         entry = self.graphs.get(key)
         if entry is None:
             entry, outputs = self._capture(batch, hidden, start_layer, padded, max_seqlen, body, inputs)
@@ -207,7 +173,7 @@ class GraphedForward:
             return outputs
         self._load(entry, batch, hidden, inputs)
         entry.graph.replay()
-        return entry.copy_outputs()
+        return tuple(t.clone() for t in entry.outputs)  # the graph's buffers are reused by its next replay
 
     def _load(self, entry: _Graph, batch: PackedBatch, hidden, inputs: dict) -> None:
         loaded = entry.loaded
@@ -219,16 +185,10 @@ class GraphedForward:
             loaded["hidden"] = hidden
             entry.hidden[:batch.num_tokens].copy_(hidden)
             entry.hidden[batch.num_tokens:].zero_()
-        on_host = {name: t for name, t in inputs.items() if not t.is_cuda}
-        if any(loaded.get(name) is not t for name, t in on_host.items()):
-            loaded.update(on_host)
-            staging = torch.empty(entry.host_inputs.nbytes, dtype=torch.uint8, pin_memory=True)
-            entry.host_inputs.fill(staging.numpy(), on_host)
-            entry.inputs_staged.copy_(staging, non_blocking=True)  # from pinned memory: no stream sync
         for name, tensor in inputs.items():
-            if tensor.is_cuda and loaded.get(name) is not tensor:
+            if loaded.get(name) is not tensor:
                 loaded[name] = tensor
-                entry.inputs[name].copy_(tensor)
+                entry.inputs[name].copy_(tensor, non_blocking=True)  # from the host: no stream sync
 
     def _staging(self, batch: PackedBatch, rows: PoolRows | None, staged: torch.Tensor, padded: int) -> torch.Tensor:
         """`batch` (and the pool rows of its hidden states) as the graph's buffer `staged` holds
@@ -268,12 +228,8 @@ class GraphedForward:
             max_seqlen=max_seqlen)                                   # their count is read on CUDA
         static_hidden = torch.empty(padded, hidden.shape[1], dtype=hidden.dtype, device=device) \
             if isinstance(hidden, torch.Tensor) else None
-        host_inputs = _Layout.of({name: t for name, t in inputs.items() if not t.is_cuda})
-        inputs_staged = torch.empty(host_inputs.nbytes, dtype=torch.uint8, device=device)
-        static_inputs = {name: torch.empty_like(t, device=device) for name, t in inputs.items() if t.is_cuda}
-        static_inputs.update(host_inputs.views(inputs_staged))
-        entry = _Graph(torch.cuda.CUDAGraph(), staged, static, static_hidden, static_inputs, host_inputs,
-                       inputs_staged)
+        static_inputs = {name: torch.empty_like(t, device=device) for name, t in inputs.items()}
+        entry = _Graph(torch.cuda.CUDAGraph(), staged, static, static_hidden, static_inputs)
         self._load(entry, batch, hidden, inputs)
         cache_pool = hidden.pool if gathers else None
 
@@ -298,13 +254,7 @@ class GraphedForward:
         gc.disable()
         try:
             with torch.cuda.graph(entry.graph, pool=self.pool):
-                captured = body(forward, static_inputs)
-                if len(captured) == 1:
-                    entry.packed = captured[0]
-                else:  # the outputs as bytes in one buffer: one copy moves them out
-                    entry.outputs = _Layout.of(dict(enumerate(captured)))
-                    entry.packed = torch.cat([captured[key].reshape(-1).view(torch.uint8)
-                                              for key, *_ in entry.outputs.slots])
+                entry.outputs = body(forward, static_inputs)
         finally:
             if collecting:
                 gc.enable()
