@@ -170,10 +170,11 @@ class GraphedForward:
         if entry is None:
             entry, outputs = self._capture(batch, hidden, start_layer, padded, max_seqlen, body, inputs)
             self.graphs[key] = entry
-            return outputs
-        self._load(entry, batch, hidden, inputs)
-        entry.graph.replay()
-        return tuple(t.clone() for t in entry.outputs)  # the graph's buffers are reused by its next replay
+        else:
+            self._load(entry, batch, hidden, inputs)
+            entry.graph.replay()
+            outputs = entry.outputs  # the graph's buffers, reused by its next replay
+        return tuple(t.clone() for t in outputs)
 
     def _load(self, entry: _Graph, batch: PackedBatch, hidden, inputs: dict) -> None:
         loaded = entry.loaded
