@@ -122,21 +122,25 @@ class TrunkCache:
             self.stats.invalidations += 1
         keys = batch.sequences
         self.stats.lookups += len(keys) * uses
-        if self._last is not None and self._last[0] == keys:  # every sequence a hit, looked up before
-            # The last lookup was this batch (any other, or any store or eviction, replaces
-            # _last), so its keys are the most recently used already: no LRU update.
-            _, rows, tokens, flops = self._last
-            self._count_hits(len(keys) * uses, tokens * uses, flops * uses)
-            return rows
-        pool_rows = list(map(self.entries.get, keys))
-        if any(rows is None for rows in pool_rows):
-            return self._fill(batch, trunk, uses)
-        for key in keys:
-            self.entries.move_to_end(key)
-        tokens, flops = batch.num_tokens, sum(map(self.flops_per_sequence, map(len, keys)))
+        # If the last lookup was this batch (any other, or any store or eviction, replaces _last),
+        # every sequence is a hit and the most recently used already: no LRU update.
+        if self._last is None or self._last[0] != keys:
+            pool_rows = list(map(self.entries.get, keys))
+            if any(rows is None for rows in pool_rows):
+                return self._fill(batch, trunk, uses)
+            for key in keys:
+                self.entries.move_to_end(key)
+            self._hand_out(batch, pool_rows)
+        _, rows, tokens, flops = self._last
         self._count_hits(len(keys) * uses, tokens * uses, flops * uses)
+        return rows
+
+    def _hand_out(self, batch: PackedBatch, pool_rows: list[np.ndarray]) -> PoolRows:
+        """The PoolRows of a batch whose sequences are all in the pool (`pool_rows`, each
+        sequence's), kept as the last lookup."""
+        keys = batch.sequences
         rows = PoolRows(self.pool.view(-1, self.hidden_size), np.concatenate(pool_rows))
-        self._last = (keys, rows, tokens, flops)
+        self._last = (keys, rows, batch.num_tokens, sum(map(self.flops_per_sequence, map(len, keys))))
         return rows
 
     def _fill(self, batch: PackedBatch, trunk, uses: int) -> PoolRows | torch.Tensor:
@@ -171,9 +175,7 @@ class TrunkCache:
         self.stats.bytes_held = (self.blocks_in_use * self.block_bytes
                                  + sum(t.numel() * t.element_size() for t in self.host.values()))
         if not unstored:
-            rows = PoolRows(self.pool.view(-1, self.hidden_size), np.concatenate([self.entries[k] for k in keys]))
-            self._last = (keys, rows, batch.num_tokens, sum(map(self.flops_per_sequence, map(len, keys))))
-            return rows
+            return self._hand_out(batch, [self.entries[key] for key in keys])
         # The budget cannot hold the whole batch: assemble it, from the pool and from what was computed.
         out = torch.empty(batch.num_tokens, self.hidden_size, device=self.device, dtype=self.dtype)  # [T, E]
         in_pool = [b for b in range(len(keys)) if b not in unstored]
