@@ -99,8 +99,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     @lru_cache(maxsize=1)  # k=16 trains on one batch: its labels are indexed once, not at every step
     def batch_labels(index: tuple[int, ...]) -> torch.Tensor:
-        # On the host: a step's CUDA graph takes them in the transfer that brings its seeds and
-        # learning rate (engine/graphs.py); an eager step copies them itself.
+        # On the host: a step's CUDA graph copies them into its buffer as it does its seeds and
+        # learning rate (engine/graphs.py, no stream sync); an eager step copies them itself.
         return train_labels[list(index)]
     if resume:
         run_dir = Path(cfg.output_dir)
