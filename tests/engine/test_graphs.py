@@ -12,6 +12,10 @@ from zotune.optim.subsets import SubsetOptions, select_trainable
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
+def _rebind(param: torch.nn.Parameter, scale: float) -> None:
+    param.data = param.data * scale  # a new tensor at a new address, as FlatParameters or .to() leave
+
+
 def test_a_rebound_or_attached_tensor_the_graph_reads_captures_again(tiny_mlm_dir):
     prompted = build(str(tiny_mlm_dir), "sst2", device="cuda")
     runner, model = prompted.runner, prompted.runner.model
