@@ -45,7 +45,7 @@ def main():
     parser.add_argument("--k", type=int, choices=(16, 512), default=16)
     parser.add_argument("--layers", type=lambda s: tuple(map(int, s.split(","))), default=None,
                         help="the layers a lora, prefix or bias subset covers, as in zotune train")
-    parser.add_argument("--pair", action="store_true", help="each direction's ± passes as one batch (lora, prefix)")
+    parser.add_argument("--pair", action="store_true", help="each direction's ± passes as one batch")
     args = parser.parse_args()
     prompt = sst2_prompt()
     sequences, labels = sst2_train(prompt, args.k)
@@ -59,7 +59,7 @@ def main():
     flat = FlatParameters(trainable, lambda n, p: no_weight_decay(n))
     if args.pair:
         if not attach_pair_weights(model, flat):
-            parser.error("--pair needs a lora or prefix subset")
+            parser.error("--pair needs a subset that leaves the embeddings frozen")
         runner.enable_pairs([n for n, _ in trainable])
     add_second_buffer(flat, model)  # as zotune train decides: two sweeps a step
     size = 32 if args.k == 16 else 64

@@ -3,8 +3,9 @@
 RoBERTa-large config with random weights, real SST-2 k=16 (batch 32 = the whole training
 set) and k=512 (batch 64, an epoch of 16 batches) seed-42 batches. For each trainable subset
 the cache holds the hidden states entering its lowest perturbed layer. "+ pair" rows also run
-each direction's ± passes as one batch (LoRA and prefix allow it); their "no cache" column is
-the same unpaired step without the cache, so the speed-up is that of both together.
+each direction's ± passes as one batch, as `zotune train` does by default for these subsets
+(top:12 is too large for the second buffer a pair reads); their "no cache" column is the same
+unpaired step without the cache, so the speed-up is that of both together.
 
 Every step runs as `zotune train` runs it (MezoStepper): one CUDA graph replay per step, and
 θ + εz kept in a second buffer where zotune train keeps one (train.add_second_buffer: every
@@ -39,7 +40,8 @@ from zotune.train import add_second_buffer
 
 UPPER = (20, 21, 22, 23)
 # name for --only: (label, subset, layers, ± passes as one batch when cached)
-SUBSETS = {"top:1": ("top:1", "top:1", None, False), "top:4": ("top:4", "top:4", None, False),
+SUBSETS = {"top:1": ("top:1", "top:1", None, False), "top:1-pair": ("top:1, + pair", "top:1", None, True),
+           "top:4": ("top:4", "top:4", None, False), "top:4-pair": ("top:4, + pair", "top:4", None, True),
            "top:12": ("top:12", "top:12", None, False), "lora": ("lora, layers 20-23", "lora", UPPER, False),
            "lora-pair": ("lora, layers 20-23, + pair", "lora", UPPER, True),
            "prefix-pair": ("prefix, layers 20-23, + pair", "prefix", UPPER, True)}

@@ -31,8 +31,9 @@ def test_mezo_run_writes_metrics_summary_and_best_weights(tmp_path, tiny_mlm_dir
     assert all({"loss", "projected_grad", "lr"} <= r.keys() for r in lines)
     assert [r["step"] for r in lines if "dev_accuracy" in r] == [3, 6]
     assert 0 <= summary["dev_accuracy"] <= 1 and 0 <= summary["test_accuracy"] <= 1
-    # 6 steps x 2 passes + 2 dev evaluations (32 examples, one pass each) + final dev + test (872 / 64 = 14)
-    assert summary["forward_passes"] == 12 + 2 + 1 + 14
+    # 6 steps x 1 pass (top:1 runs its ± passes as one batch) + 2 dev evaluations (32 examples, one
+    # pass each) + final dev + test (872 / 64 = 14)
+    assert summary["forward_passes"] == 6 + 2 + 1 + 14
     assert summary["padding_tokens_avoided"] > 0 and summary["tokens_computed"] > 0
     assert summary["peak_memory_bytes"] > 0 and summary["steps_per_s"] > 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
@@ -121,18 +122,18 @@ def test_tensorboard_logs_the_metrics(tmp_path, tiny_mlm_dir):
 
 
 @pytest.mark.parametrize("device", ["cpu", ON_GPU])
-@pytest.mark.parametrize("trainable", ["lora", "prefix"])
-def test_pair_as_one_batch_matches_the_passes_one_by_one(tmp_path, tiny_mlm_dir, trainable, device):
+@pytest.mark.parametrize("trainable,layers", [("lora", None), ("prefix", None), ("top:1", None), ("top:2", None),
+                                              ("bias", (1,))])
+def test_pair_as_one_batch_matches_the_passes_one_by_one(tmp_path, tiny_mlm_dir, trainable, layers, device):
     # Both runs make the same sweeps; only the matmuls over the frozen weights see a batch twice
     # as tall, and BLAS may sum a taller matrix in another order, so the losses may differ in the
     # last float32 bits (on the CI machine's CPU they come out bit-identical). On a GPU, TF32
     # matmuls and bf16 attention round at ~1e-3, and a graph bucket's filler rows change the
     # shapes too. The paired run makes one forward per direction instead of two.
     rel = 1e-6 if device == "cpu" else 2e-3
-    paired, a = _run(tmp_path, tiny_mlm_dir, "paired", trainable=trainable, n_spsa=2, weight_decay=0.1,
-                     device=device, pair=True)
-    single, b = _run(tmp_path, tiny_mlm_dir, "single", trainable=trainable, n_spsa=2, weight_decay=0.1,
-                     device=device, pair=False)
+    options = dict(trainable=trainable, layers=layers, n_spsa=2, weight_decay=0.1, device=device)
+    paired, a = _run(tmp_path, tiny_mlm_dir, "paired", pair=True, **options)
+    single, b = _run(tmp_path, tiny_mlm_dir, "single", pair=False, **options)
     for x, y in zip(*[[json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()] for r in (a, b)]):
         assert x["loss"] == pytest.approx(y["loss"], rel=rel)
         # g = (L+ - L-) / 2 eps magnifies the GPU's rounding; the bound there still catches a swap of L+ and L-.

@@ -114,7 +114,7 @@ def test_a_skipped_step_only_restores(bad, weight_decay, paired):
     a = FlatParameters([(n, torch.nn.Parameter(p.detach().clone())) for n, p in params], {"b"})
     b = FlatParameters([(n, torch.nn.Parameter(p.detach().clone())) for n, p in params], {"b"})
     if paired:
-        a.plus_views()
+        a.pair_views()
         losses = iter([torch.tensor([1.0, bad])])
     else:
         losses = iter([torch.tensor(1.0), torch.tensor(bad)])

@@ -61,7 +61,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--cache-budget", help="memory for cached hidden states, e.g. 512M or 2G (default 1G)")
     p.add_argument("--cache-spill", action="store_true", help="on a GPU, evict cache entries to host memory")
     p.add_argument("--no-pair", dest="pair", action="store_false",
-                   help="lora/prefix: run each direction's +eps and -eps passes one by one, not as one batch")
+                   help="run each direction's +eps and -eps passes one by one, not as one batch")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--precision", choices=["tf32", "bf16"], help="GPU matmul precision (weights stay float32)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",

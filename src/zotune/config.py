@@ -62,8 +62,8 @@ class TrainConfig:
     cache: bool = True                  # reuse the frozen trunk's hidden states where the subset allows
     cache_budget: str = "1G"            # bytes of hidden states the cache may hold (K, M, G suffixes)
     cache_spill: bool = False           # on a GPU, evict to host memory instead of dropping
-    pair: bool = True                   # lora/prefix: run each direction's ± passes as one batch (other
-                                        # subsets perturb weights both halves would read: always unpaired)
+    pair: bool = True                   # run each direction's ± passes as one batch where the subset allows
+                                        # it (all but those training the embeddings, such as full)
     device: str = "auto"
     precision: str = "tf32"             # on CUDA: tf32 matmuls on float32 weights, or bf16 autocast
     cuda_graphs: bool = True            # on CUDA: replay captured forward passes (no launch overhead)

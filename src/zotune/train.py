@@ -117,7 +117,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     log = None
     if cfg.optimizer == "mezo":
         flat = FlatParameters(trainable, decay_exempt)
-        paired = cfg.pair and attach_pair_weights(runner.model, flat)
+        paired = cfg.pair and second_buffer_fits(flat, runner.model) and attach_pair_weights(runner.model, flat)
         add_second_buffer(flat, runner.model, graphed_ranks=group is not None and runner.graphs is not None)
         if paired:
             runner.enable_pairs([name for name, _ in trainable])
@@ -328,15 +328,20 @@ def _device_name(device: torch.device) -> str:
 SECOND_BUFFER_SHARE = 0.25
 
 
+def second_buffer_fits(flat: FlatParameters, model: torch.nn.Module) -> bool:
+    """Whether a second buffer of the trainable tensors is small next to the model: not for
+    `full` or the like, since MeZO trains in inference memory."""
+    return flat.numel <= SECOND_BUFFER_SHARE * sum(p.numel() for p in model.parameters())
+
+
 def add_second_buffer(flat: FlatParameters, model: torch.nn.Module, graphed_ranks: bool = False) -> bool:
     """Give MeZO a second buffer for theta + eps z (FlatParameters.add_plus) where it pays, and
     say whether `flat` has one: two sweeps a direction instead of three, the same weights bit
     for bit, for a copy of the trainable tensors. A pair has one already. Otherwise it is added
-    for subsets small next to the model (not `full`: MeZO trains in inference memory), and not
-    for data-parallel ranks on CUDA graphs (`graphed_ranks`), whose forwards are graphs of their
-    own that the + pass's weight addresses would recapture."""
-    if flat.plus is None and not graphed_ranks and \
-            flat.numel <= SECOND_BUFFER_SHARE * sum(p.numel() for p in model.parameters()):
+    where it fits (second_buffer_fits), and not for data-parallel ranks on CUDA graphs
+    (`graphed_ranks`), whose forwards are graphs of their own that the + pass's weight
+    addresses would recapture."""
+    if flat.plus is None and not graphed_ranks and second_buffer_fits(flat, model):
         flat.add_plus()
     return flat.plus is not None
 

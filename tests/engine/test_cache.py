@@ -12,7 +12,7 @@ from zotune.train import train
 
 # (subset, layers, ± passes as one batch)
 SUBSETS = [("top:1", None, False), ("lora", (1,), False), ("prefix", (1,), False), ("bias", (1,), False),
-           ("lora", (1,), True), ("prefix", (1,), True)]
+           ("top:1", None, True), ("lora", (1,), True), ("prefix", (1,), True), ("bias", (1,), True)]
 
 
 def _train(tmp_path, model_dir, name, **overrides):

@@ -45,6 +45,34 @@ def check_kernel_matches_torch(device: torch.device):
         assert got.dtype == torch.float32 and got.shape == (rows, n)
         # Both accumulate in float32; they differ only in summation order.
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    check_pairs(device, generator)
+
+
+# (rows a half, K, N, the pair's bias: "pair", "frozen" (one [N] for both) or None, SMs to fill)
+PAIR_CASES = [(3, 96, 80, "pair", 132), (32, 320, 200, "frozen", 5), (17, 64, 48, None, 1)]
+
+
+def check_pairs(device: torch.device, generator: torch.Generator):
+    """A MeZO pair: [2, N, K] weights, views of two buffers as FlatParameters.pair_views gives
+    them (a tensor's offset apart), and a frozen weight beside a paired bias (stride 0); each
+    half of the rows against F.linear with its own tensors."""
+    for rows, k, n, bias_kind, sm_count in PAIR_CASES:
+        x = torch.randn(2 * rows, k, generator=generator)
+        buffers = torch.randn(2, 5 + n * k + n, generator=generator) / k ** 0.5
+        weight, bias = buffers[:, 5:5 + n * k].view(2, n, k), buffers[:, 5 + n * k:]
+        bias = {"pair": bias, "frozen": bias[0], None: None}[bias_kind]
+        biases = bias if bias_kind == "pair" else (bias, bias)
+        halves = [F.linear(x[:rows], weight[0], biases[0]), F.linear(x[rows:], weight[1], biases[1])]
+        expected = F.gelu(torch.cat(halves))
+        on_device = [t if t is None else t.to(device) for t in (x, weight, bias)]
+        got = fused._linear_triton(*on_device, "gelu", torch.float32, "ieee", sm_count)
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        # the reference path computes each half as F.linear does: the same bits
+        assert torch.equal(fused._linear_torch(x, weight, bias, "gelu"), expected)
+    # One frozen weight, a paired bias: linear() shares the weight between the halves.
+    x, weight, bias = torch.randn(6, 16, generator=generator), torch.randn(4, 16), torch.randn(2, 4)
+    expected = torch.cat([F.linear(x[:3], weight, bias[0]), F.linear(x[3:], weight, bias[1])])
+    assert torch.equal(fused.linear(x, weight, bias), expected)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

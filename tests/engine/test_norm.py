@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before the kernel is defined."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from zotune.engine import norm as fused
@@ -26,18 +27,37 @@ def check_kernel_matches_torch(device: torch.device):
         x = torch.randn(tokens, hidden, generator=generator) * 3 + 1
         h = None if h_dtype is None else torch.randn(tokens, hidden, generator=generator).to(h_dtype)
         with torch.no_grad():
-            expected = fused._add_layer_norm_torch(x, h, layer_norm)
-            layer_norm.to(device)
-            got = fused._add_layer_norm_triton(x.to(device), None if h is None else h.to(device), layer_norm.weight,
-                                               layer_norm.bias, layer_norm.eps)
+            expected = layer_norm(x if h is None else x + h)
+            weight, bias = layer_norm.weight.to(device), layer_norm.bias.to(device)
+            got = fused._add_layer_norm_triton(x.to(device), None if h is None else h.to(device), weight, bias, 1e-5)
         assert got.dtype == torch.float32 and got.shape == (tokens, hidden)
         # Both normalise in float32; they differ only in summation order (~1 ulp of the row's scale).
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
     # The same tensor as x and h is norm(x + x), not norm(x). (Small values, so that eps tells
     # the two apart: LayerNorm alone cannot see a factor of 2.)
     x = (torch.randn(5, hidden, generator=generator) * 1e-3).to(device)
-    got = fused._add_layer_norm_triton(x, x, layer_norm.weight, layer_norm.bias, layer_norm.eps)
-    torch.testing.assert_close(got.cpu(), fused._add_layer_norm_torch(x, x, layer_norm).cpu(), rtol=1e-5, atol=1e-5)
+    got = fused._add_layer_norm_triton(x, x, weight, bias, 1e-5)
+    torch.testing.assert_close(got.cpu(), layer_norm((x + x).cpu()), rtol=1e-5, atol=1e-5)
+    # A MeZO pair: [2, E] weights, views of two buffers as FlatParameters.pair_views gives them
+    # (rows 7 apart here), each half of the rows normalised with its own.
+    for tokens, hidden in ((2, 32), (66, 1024)):
+        buffers = torch.randn(2, 7 + 2 * hidden, generator=generator)
+        weight, bias = buffers[:, 7:7 + hidden], buffers[:, 7 + hidden:]
+        x, h = torch.randn(2, tokens // 2, hidden, generator=generator).unbind()
+        got = fused._add_layer_norm_triton(torch.cat([x, h]).to(device), torch.cat([h, x]).to(device),
+                                           weight.to(device), bias.to(device), 1e-5)
+        expected = torch.cat([F.layer_norm(x + h, (hidden,), weight[0], bias[0], 1e-5),
+                              F.layer_norm(h + x, (hidden,), weight[1], bias[1], 1e-5)])
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused._add_layer_norm_torch(torch.cat([x, h]), torch.cat([h, x]), weight, bias, 1e-5),
+                                   expected, rtol=0, atol=0)
+        # a frozen weight beside a trained bias (`bias` on upper layers): one weight, stride 0
+        shared = weight[0].expand(2, hidden)
+        got = fused._add_layer_norm_triton(torch.cat([x, h]).to(device), None, shared.to(device), bias.to(device), 1e-5)
+        expected = torch.cat([F.layer_norm(x, (hidden,), weight[0], bias[0], 1e-5),
+                              F.layer_norm(h, (hidden,), weight[0], bias[1], 1e-5)])
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(fused.add_layer_norm(torch.cat([x, h]), None, weight[0], bias, 1e-5), expected)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -48,7 +68,7 @@ def test_kernel_matches_torch(device):
 def test_cpu_and_autograd_take_the_reference_path():
     layer_norm = nn.LayerNorm(8)
     x, h = torch.randn(3, 8, requires_grad=True), torch.randn(3, 8)
-    out = fused.add_layer_norm(x, h, layer_norm)
+    out = fused.add_layer_norm(x, h, layer_norm.weight, layer_norm.bias, layer_norm.eps)
     out.sum().backward()  # the backprop baseline needs a graph through it
     assert x.grad is not None
     torch.testing.assert_close(out, layer_norm(x + h), rtol=0, atol=0)

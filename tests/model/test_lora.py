@@ -27,12 +27,12 @@ def test_add_to_is_y_plus_the_scaled_low_rank_term():
 def test_each_half_of_a_pair_takes_its_own_weights():
     lora, generator = _lora()
     plus = {"A": torch.randn_like(lora.A), "B": torch.randn_like(lora.B)}
-    lora.plus = plus
-    x, y = torch.randn(13, 24, generator=generator), torch.randn(13, 24, generator=generator)
-    split = 6  # rows [0, 6) are the +eps z half; any split, as a CUDA graph's batches vary
-    plus_rows = (torch.arange(13) < split)[:, None]
-    got = lora.add_to(y, x, plus_rows).double()
-    torch.testing.assert_close(got[:split], y[:split].double() + _term(x[:split], plus["A"], plus["B"], lora.scaling),
+    lora.pair = {name: torch.stack([plus[name], getattr(lora, name).detach()]) for name in plus}
+    x, y = torch.randn(12, 24, generator=generator), torch.randn(12, 24, generator=generator)
+    got = lora.add_to(y, x, paired=True).double()
+    torch.testing.assert_close(got[:6], y[:6].double() + _term(x[:6], plus["A"], plus["B"], lora.scaling),
                                rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[split:], y[split:].double() + _term(x[split:], lora.A, lora.B, lora.scaling),
+    torch.testing.assert_close(got[6:], y[6:].double() + _term(x[6:], lora.A, lora.B, lora.scaling),
                                rtol=1e-5, atol=1e-5)
+    # each half is the unpaired term with that half's tensors, bit for bit
+    assert torch.equal(got[6:].float(), lora.add_to(y[6:], x[6:]))

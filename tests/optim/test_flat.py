@@ -94,9 +94,25 @@ def test_reading_plus_rebinds_the_parameters_for_a_while():
     x = torch.randn(5, 4)
     before = model(x)
     with flat.reading_plus():
-        assert all(p.data_ptr() == v.data_ptr() for p, v in zip(flat.parameters, flat.plus_views().values()))
+        assert all(p.data_ptr() == v[0].data_ptr() for p, v in zip(flat.parameters, flat.pair_views().values()))
         shifted = model(x)
     assert not torch.equal(shifted, before)
     assert torch.equal(model(x), before)  # back on the buffer
     model[0].weight.data.add_(1)  # and writing the Parameter writes the buffer again
     assert flat.buffer[0] == flat.plus[0]
+
+
+def test_pair_views_are_each_tensor_at_plus_and_as_it_is_without_a_copy():
+    model = _model()
+    named = list(model.named_parameters())
+    flat = FlatParameters(named, _no_decay)
+    before = {name: p.detach().clone() for name, p in named}
+    pairs = flat.pair_views()  # adds the second buffer: the tensors keep their values
+    flat.plus.copy_(flat.buffer * 2)
+    for name, p in named:
+        assert pairs[name].shape == (2, *p.shape)
+        assert torch.equal(pairs[name][1], before[name]) and torch.equal(pairs[name][0], 2 * before[name])
+        assert pairs[name][1].data_ptr() == p.data_ptr()  # the Parameter itself
+    with torch.no_grad():
+        model[0].weight.add_(1)
+    assert torch.equal(pairs["0.weight"][1], model[0].weight)

@@ -18,7 +18,8 @@ from zotune.train import add_second_buffer
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 # (subset, layers, cache, ± passes as one batch)
-SETUPS = [("top:1", None, True, False), ("full", None, False, False), ("lora", (1,), True, True)]
+SETUPS = [("top:1", None, True, False), ("full", None, False, False), ("lora", (1,), True, True),
+          ("top:1", None, True, True), ("top:2", None, False, True)]
 
 
 def _stepper(model_dir, trainable, layers, cache, paired, cuda_graphs=True):
@@ -94,13 +95,15 @@ def test_counts_equal_the_eager_steps(tiny_mlm_dir):
     assert counts[0][0] == 5 * 2 * 2  # steps x directions x (+, -)
 
 
-def test_a_pair_graph_serves_batches_of_other_token_counts(tiny_mlm_dir):
-    # LoRA finds a pair's +eps z rows on the device, so batches of as many sequences but other
-    # token counts (a k=512 epoch's) replay one graph. Run b captures again at the second
-    # batch, running it for real: the replay of run a must give the same bits.
+@pytest.mark.parametrize("trainable,layers,cache", [("lora", (1,), True), ("top:1", None, True), ("top:2", None, False)])
+def test_a_pair_graph_serves_batches_of_other_token_counts(tiny_mlm_dir, trainable, layers, cache):
+    # A graph pads a pair's halves apart, so that each is half of its rows whatever the token
+    # count, and batches of as many sequences but other token counts (a k=512 epoch's) replay
+    # one graph. Run b captures again at the second batch, running it for real: the replay of
+    # run a must give the same bits.
     runs = []
     for recapture_at in ((), (1,)):
-        runner, flat, stepper, (full, _) = _stepper(tiny_mlm_dir, "lora", (1,), True, True)
+        runner, flat, stepper, (full, _) = _stepper(tiny_mlm_dir, trainable, layers, cache, True)
         sequences, labels = full[0].sequences, full[1]
 
         windows = [runner.pack([list(s) for s in sequences[i:i + 8]]) for i in range(len(sequences) - 8)]

@@ -103,8 +103,8 @@ KEYS_BLOCK = 32
 
 def _mask_queries_triton(q, k, v, batch, prefix_k, prefix_v):
     """softmax(q kᵀ / sqrt(D)) v in float32 for q: [M, N, D], query b at sequence b's <mask>
-    -> [M, N, D] in q's dtype. M may be B - 1: a CUDA graph's filler sequence, after the last
-    mask, has none."""
+    (in a pair's second half, sequence b + pair_gap) -> [M, N, D] in q's dtype. M may be fewer
+    than B: a CUDA graph's filler sequences have no mask."""
     num_queries, num_heads, head_dim = q.shape
     n_prefix = 0 if prefix_k is None else prefix_k.shape[-3]
     if prefix_k is None:  # k and v stand in for the pointers: HAS_PREFIX off, never read
@@ -115,7 +115,7 @@ def _mask_queries_triton(q, k, v, batch, prefix_k, prefix_v):
     out = torch.empty_like(q)
     _mask_query_kernel[(num_queries, num_heads)](
         q, k, v, prefix_k, prefix_v, batch.cu_seqlens, out, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
-        *prefix_k.stride()[:3], *prefix_v.stride()[:3], *out.stride()[:2], batch.pair_seqs, n_prefix,
+        *prefix_k.stride()[:3], *prefix_v.stride()[:3], *out.stride()[:2], batch.pair_seqs, batch.pair_gap, n_prefix,
         head_dim ** -0.5, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HAS_PREFIX=n_prefix > 0,
         BLOCK_P=triton.next_power_of_2(max(n_prefix, 1)), BLOCK_L=KEYS_BLOCK)
     return out
@@ -124,14 +124,16 @@ def _mask_queries_triton(q, k, v, batch, prefix_k, prefix_v):
 if triton is not None:
     # pair_seqs changes with the batch size; specialised (on == 1, or on % 16) it would compile
     # the kernel again for some of them.
-    @triton.jit(do_not_specialize=["pair_seqs"])
+    @triton.jit(do_not_specialize=["pair_seqs", "pair_gap"])
     def _mask_query_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, cu_ptr, out_ptr, q_row, q_head, k_row, k_head,
                            v_row, v_head, pk_half, pk_row, pk_head, pv_half, pv_row, pv_head, out_row, out_head,
-                           pair_seqs, n_prefix, scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           pair_seqs, pair_gap, n_prefix, scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                            HAS_PREFIX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr):
         """Program (b, h): sequence b's <mask> query at head h, over the prefix (if any) and then
         the sequence's keys, BLOCK_L at a time, all in float32."""
         b, h = tl.program_id(0), tl.program_id(1)
+        half = (b >= pair_seqs).to(tl.int32)  # 1 in a pair's second half (and outside a pair)
+        seq = b + half * pair_gap  # pair_gap is 0 outside a pair
         d = tl.arange(0, BLOCK_D)
         in_d = d < HEAD_DIM
         q = tl.load(q_ptr + b * q_row + h * q_head + d, mask=in_d, other=0.0).to(tl.float32) * scale   # [D]
@@ -139,14 +141,13 @@ if triton is not None:
         total = tl.full((), 0.0, tl.float32)           # sum of exp(score - best)
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)   # and sum of exp(score - best) * value [D]
         if HAS_PREFIX:
-            half = (b >= pair_seqs).to(tl.int32)  # a pair's second half reads prefix[1]
-            p = tl.arange(0, BLOCK_P)
+            p = tl.arange(0, BLOCK_P)  # a pair's second half reads prefix[1]
             best, total, acc = _online_softmax_step(                               # all P rows in one block
                 q, pk_ptr + half * pk_half + p[:, None] * pk_row + h * pk_head + d[None, :],
                 pv_ptr + half * pv_half + p[:, None] * pv_row + h * pv_head + d[None, :], p < n_prefix, in_d,
                 best, total, acc)
-        t = tl.load(cu_ptr + b)
-        end = tl.load(cu_ptr + b + 1)
+        t = tl.load(cu_ptr + seq)
+        end = tl.load(cu_ptr + seq + 1)
         # A while loop: Triton 3.6's interpreter cannot run `for` to a runtime bound under
         # numpy 2.4 (triton-lang/triton#9171), and the tests run the kernel there.
         while t < end:

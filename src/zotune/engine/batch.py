@@ -25,6 +25,9 @@ class PackedBatch:
     # A MeZO pair (see paired): the first pair_seqs sequences run at theta + eps z and the rest
     # at theta - eps z. 0 in an ordinary batch.
     pair_seqs: int = 0
+    # Sequences without a <mask> between a pair's halves: a CUDA graph pads each half apart, so
+    # that each is half of the rows (engine/graphs.py), and the first half's filler lies between.
+    pair_gap: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -10,7 +10,10 @@ a cached step, whose GPU work is a fraction of a millisecond, costs the host one
 A graph has fixed shapes, so batches are bucketed: T tokens are rounded up to the next
 multiple of BUCKET by one filler sequence of pad tokens (never fewer than one token), which
 the head never reads. The filler tokens are computed, and counted as such by the runner.
-Shapes seen in MeZO training repeat (k=16 trains on one batch), so captures are few.
+Shapes seen in MeZO training repeat (k=16 trains on one batch), so captures are few. A MeZO
+pair (PackedBatch.paired) is padded half by half, each half followed by its own filler, so
+that each half is half of the graph's rows whatever the batch's token count: a pair's linear
+layers split the rows in the middle (engine/linear.py).
 
 Inputs are copied into the graph's static buffers before a replay, unless the buffers already
 hold that very batch or tensor: MeZO replays the same batch for its ± passes, and at k=16 at
@@ -139,16 +142,19 @@ class GraphedForward:
         self.pool = torch.cuda.graph_pool_handle()  # a fresh pool: the old one dies with its graphs
 
     @staticmethod
-    def padded_tokens(num_tokens: int) -> int:
-        return (num_tokens // BUCKET + 1) * BUCKET
+    def parts(batch: PackedBatch) -> tuple[int, int]:
+        """How a graph lays `batch` out: in how many parts (a pair's two halves, else one), and
+        each part's tokens padded by its filler sequence."""
+        parts = 2 if batch.pair_seqs else 1
+        return parts, (batch.num_tokens // parts // BUCKET + 1) * BUCKET
 
     @staticmethod
     def bucket(batch: PackedBatch) -> tuple[int, int]:
-        """The shape of the graph that runs `batch`: its tokens padded by the filler sequence,
-        and the attention kernel's max_seqlen (the filler's length included) rounded up."""
-        padded = GraphedForward.padded_tokens(batch.num_tokens)
-        longest = max(batch.max_seqlen, padded - batch.num_tokens)
-        return padded, -(-longest // MAX_SEQLEN_BUCKET) * MAX_SEQLEN_BUCKET
+        """The shape of the graph that runs `batch`: its tokens padded by the filler sequences,
+        and the attention kernel's max_seqlen (a filler's length included) rounded up."""
+        parts, part = GraphedForward.parts(batch)
+        longest = max(batch.max_seqlen, part - batch.num_tokens // parts)
+        return parts * part, -(-longest // MAX_SEQLEN_BUCKET) * MAX_SEQLEN_BUCKET
 
     def __call__(self, batch: PackedBatch, hidden: torch.Tensor | PoolRows | None = None, start_layer: int = 0,
                  body: Body = _one_forward, inputs: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
@@ -184,8 +190,11 @@ class GraphedForward:
             entry.staged.copy_(self._staging(batch, rows, entry.staged, len(entry.batch.input_ids)), non_blocking=True)
         if entry.hidden is not None and loaded.get("hidden") is not hidden:
             loaded["hidden"] = hidden
-            entry.hidden[:batch.num_tokens].copy_(hidden)
-            entry.hidden[batch.num_tokens:].zero_()
+            parts, part = self.parts(batch)
+            n = batch.num_tokens // parts
+            for p in range(parts):
+                entry.hidden[p * part:p * part + n].copy_(hidden[p * n:(p + 1) * n])
+                entry.hidden[p * part + n:(p + 1) * part].zero_()
         for name, tensor in inputs.items():
             if loaded.get(name) is not tensor:
                 loaded[name] = tensor
@@ -193,40 +202,51 @@ class GraphedForward:
 
     def _staging(self, batch: PackedBatch, rows: PoolRows | None, staged: torch.Tensor, padded: int) -> torch.Tensor:
         """`batch` (and the pool rows of its hidden states) as the graph's buffer `staged` holds
-        it, in pinned host memory: int64 token ids, then int64 positions (`padded` each, the
-        filler sequence's pad tokens and positions after the batch's), int64 pool rows
-        (`padded`, the filler's reading the pool's zero row), int64 <mask> rows (B), int32
-        sequence offsets (B + 2, the filler's end last). From pinned memory the copy does not
-        wait for the GPU, and torch keeps the block from reuse until the copy has run."""
+        it, in pinned host memory: int64 token ids, then int64 positions (`padded` each, each
+        part's filler sequence of pad tokens after the part, see parts()), int64 pool rows
+        (`padded`, the fillers' reading the pool's zero row), int64 <mask> rows (B), int32
+        sequence offsets (the fillers' included, the last one's end last). From pinned memory
+        the copy does not wait for the GPU, and torch keeps the block from reuse until the
+        copy has run."""
         if batch.input_ids.is_cuda:
             raise ValueError("a CUDA graph takes a batch on the host (ModelRunner.pack), not one on the GPU")
-        n = batch.num_tokens
+        parts, part = self.parts(batch)
+        n, seqs = batch.num_tokens // parts, len(batch.seq_lens) // parts  # a part's tokens and sequences
         host = torch.empty(staged.shape, dtype=torch.int32, pin_memory=True)
         ids, positions, pool_rows, mask_index, cu_seqlens = _batch_views(
             host.numpy(), padded, len(batch.mask_index), rows is not None, np.int64)
-        ids[:n], ids[n:] = batch.input_ids.numpy(), self.pad_token_id
-        positions[:n] = batch.positions.numpy()
-        positions[n:] = np.arange(padded - n) + self.model.config.position_offset
-        if rows is not None:
-            pool_rows[:n], pool_rows[n:] = rows.index, ZERO_ROW
-        mask_index[:] = batch.mask_index.numpy()
-        cu_seqlens[:-1], cu_seqlens[-1] = batch.cu_seqlens.numpy(), padded
+        batch_ids, batch_positions = batch.input_ids.numpy(), batch.positions.numpy()
+        batch_masks, batch_cu = batch.mask_index.numpy(), batch.cu_seqlens.numpy()
+        filler_positions = np.arange(part - n) + self.model.config.position_offset
+        for p in range(parts):
+            at, tokens = p * part, slice(p * n, (p + 1) * n)  # where the part goes, where it comes from
+            ids[at:at + n], ids[at + n:at + part] = batch_ids[tokens], self.pad_token_id
+            positions[at:at + n], positions[at + n:at + part] = batch_positions[tokens], filler_positions
+            if rows is not None:
+                pool_rows[at:at + n], pool_rows[at + n:at + part] = rows.index[tokens], ZERO_ROW
+            mask_index[p * seqs:(p + 1) * seqs] = batch_masks[p * seqs:(p + 1) * seqs] - p * n + at
+            # the part's sequences, then its filler, which ends where the next part starts
+            cu_seqlens[p * (seqs + 1):(p + 1) * (seqs + 1)] = batch_cu[p * seqs:(p + 1) * seqs + 1] - p * n + at
+        cu_seqlens[-1] = padded
         return host
 
     def _capture(self, batch: PackedBatch, hidden, start_layer: int, padded: int, max_seqlen: int, body: Body,
                  inputs: dict) -> tuple[_Graph, tuple[torch.Tensor, ...]]:
         """A new graph, and the outputs of the run that warmed it up (see the module docstring)."""
         device = self.device
-        num_seqs, masks = len(batch.seq_lens), len(batch.mask_index)
-        gathers = isinstance(hidden, PoolRows)
-        staged = torch.empty((6 if gathers else 4) * padded + 2 * masks + num_seqs + 2, dtype=torch.int32,
+        masks, gathers = len(batch.mask_index), isinstance(hidden, PoolRows)
+        parts, part = self.parts(batch)
+        seqs = len(batch.seq_lens) // parts
+        staged = torch.empty((6 if gathers else 4) * padded + 2 * masks + parts * (seqs + 1) + 1, dtype=torch.int32,
                              device=device)
         input_ids, positions, static_rows, mask_index, cu_seqlens = _batch_views(staged, padded, masks, gathers,
                                                                                 torch.int64)
+        filler = (part - batch.num_tokens // parts,)
         static = replace(
             batch, input_ids=input_ids, positions=positions, mask_index=mask_index, cu_seqlens=cu_seqlens,
-            seq_lens=batch.seq_lens + (padded - batch.num_tokens,),  # lengths of the capture batch; only
-            max_seqlen=max_seqlen)                                   # their count is read on CUDA
+            # lengths of the capture batch, each part's filler after it; only their count is read on CUDA
+            seq_lens=sum((batch.seq_lens[p * seqs:(p + 1) * seqs] + filler for p in range(parts)), ()),
+            max_seqlen=max_seqlen, pair_gap=1 if batch.pair_seqs else 0)  # the first half's filler
         static_hidden = torch.empty(padded, hidden.shape[1], dtype=hidden.dtype, device=device) \
             if isinstance(hidden, torch.Tensor) else None
         static_inputs = {name: torch.empty_like(t, device=device) for name, t in inputs.items()}

@@ -12,7 +12,7 @@ Shape notation: T = packed tokens, E = hidden size.
 """
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 try:
     import triton
@@ -21,16 +21,26 @@ except ImportError:  # torch's CPU wheels come without triton
     triton = None
 
 
-def add_layer_norm(x: torch.Tensor, h: torch.Tensor | None, norm: nn.LayerNorm) -> torch.Tensor:
-    """norm(x + h) for x, h: [T, E] -> [T, E] float32 (h may be bf16 under autocast); norm(x)
-    where h is None (the MLM head's norm, whose two torch kernels cost more than this one)."""
+def add_layer_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """LayerNorm(x + h) with `weight`, `bias` [E] for x, h: [T, E] -> [T, E] float32 (h may be
+    bf16 under autocast); LayerNorm(x) where h is None (the MLM head's norm, whose two torch
+    kernels cost more than this one). In a MeZO pair, trained `weight` and `bias` are [2, E]
+    (at θ + εz and at θ − εz): the first half of the rows takes the first, the second the second
+    (a frozen [E] one serves both)."""
+    if weight.dim() != bias.dim():
+        weight, bias = (t.expand(2, *t.shape[-1:]) for t in (weight, bias))  # no copy: stride 0
     if x.is_cuda and triton is not None and not torch.is_grad_enabled():
-        return _add_layer_norm_triton(x, h, norm.weight, norm.bias, norm.eps)
-    return _add_layer_norm_torch(x, h, norm)
+        return _add_layer_norm_triton(x, h, weight, bias, eps)
+    return _add_layer_norm_torch(x, h, weight, bias, eps)
 
 
-def _add_layer_norm_torch(x, h, norm):
-    return norm(x if h is None else x + h)
+def _add_layer_norm_torch(x, h, weight, bias, eps):
+    s = x if h is None else x + h
+    if weight.dim() == 2:  # a pair: each half as the unpaired passes compute it, so the bits are theirs
+        return torch.cat([F.layer_norm(half, half.shape[-1:], w, b, eps)
+                          for half, w, b in zip(s.chunk(2), weight, bias)])
+    return F.layer_norm(s, s.shape[-1:], weight, bias, eps)
 
 
 def _add_layer_norm_triton(x, h, weight, bias, eps):
@@ -38,17 +48,23 @@ def _add_layer_norm_triton(x, h, weight, bias, eps):
     x = x.contiguous()
     h = h.contiguous() if has_h else x  # else a pointer the kernel never reads (HAS_H off)
     rows, cols = x.shape
+    pairs = 2 if weight.dim() == 2 else 1
     out = torch.empty(rows, cols, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(cols)
-    _add_layer_norm_kernel[(rows,)](x, h, weight, bias, out, cols, eps, HAS_H=has_h, BLOCK=block,
+    _add_layer_norm_kernel[(rows,)](x, h, weight, bias, out, cols, rows // pairs, weight.stride(0) if pairs == 2 else 0,
+                                    bias.stride(0) if pairs == 2 else 0, eps, HAS_H=has_h, BLOCK=block,
                                     num_warps=min(max(block // 256, 1), 8))
     return out
 
 
 if triton is not None:
     @triton.jit
-    def _add_layer_norm_kernel(x_ptr, h_ptr, w_ptr, b_ptr, out_ptr, cols, eps, HAS_H: tl.constexpr,
-                               BLOCK: tl.constexpr):
+    def _add_layer_norm_kernel(x_ptr, h_ptr, w_ptr, b_ptr, out_ptr, cols, half_rows, w_pair_stride, b_pair_stride,
+                               eps, HAS_H: tl.constexpr, BLOCK: tl.constexpr):
+        """Program r: row r, with the weights of its half of a pair (half_rows = rows outside one)."""
+        half = tl.program_id(0) // half_rows
+        w_ptr += half * w_pair_stride
+        b_ptr += half * b_pair_stride
         row = tl.program_id(0).to(tl.int64) * cols
         offs = tl.arange(0, BLOCK)
         inside = offs < cols

@@ -197,6 +197,6 @@ class ModelRunner:
         self.stats.tokens_computed += batch.num_tokens * passes
         self.stats.padding_tokens_avoided += (len(batch.seq_lens) * max(batch.seq_lens) - batch.num_tokens) * passes
         if self.graphs is not None and self._inference():
-            filler = self.graphs.padded_tokens(batch.num_tokens) - batch.num_tokens
+            filler = self.graphs.bucket(batch)[0] - batch.num_tokens
             self.stats.graph_filler_tokens += filler * passes
             self.stats.tokens_computed += filler * passes

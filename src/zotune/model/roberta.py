@@ -6,6 +6,9 @@ The model owns the maths; batching, device and dtype belong to the runner
 concatenated and attention is block-diagonal (engine/attention.py). The nn.Linear modules
 hold the weights (and their checkpoint names); the matmuls go through engine/linear.py, which
 runs those of few rows, such as the last layer's <mask> rows, as a split-K kernel on CUDA.
+A MeZO pair (PackedBatch.paired) runs the batch twice over in one forward, its first half at
+θ + εz and its second at θ − εz: the modules holding trained tensors (PairedModule) then hand
+linear() and add_layer_norm() [2, ...] pairs of them, which split the rows in the middle.
 
 Shape notation: T = packed tokens, B = sequences, M = <mask> positions, E = hidden size,
 N = heads, D = head dim (E = N * D), F = feed-forward size, V = vocabulary, C = label words,
@@ -54,7 +57,27 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
 
-class LoRA(nn.Module):
+class PairedModule(nn.Module):
+    """A module that can run a MeZO pair (PackedBatch.paired): the batch twice over, its first
+    half at θ + εz and its second at θ − εz, in one forward. `pair` maps the names of its
+    trained tensors ("qkv.weight", "A") to their [2, ...] pairs, views of FlatParameters' two
+    buffers (FlatParameters.pair_views), set by optim/subsets.py attach_pair_weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.pair: dict[str, torch.Tensor] = {}
+
+    def weights(self, batch: PackedBatch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight and bias of submodule `name` (an nn.Linear or nn.LayerNorm) as `batch`
+        reads them: in a pair, the [2, ...] pair of each trained one (engine/linear.py and
+        engine/norm.py take either)."""
+        module = getattr(self, name)
+        if not batch.pair_seqs:
+            return module.weight, module.bias
+        return self.pair.get(f"{name}.weight", module.weight), self.pair.get(f"{name}.bias", module.bias)
+
+
+class LoRA(PairedModule):
     """Low-rank update x -> (alpha / R) * x Aᵀ Bᵀ, initialised as LoRA does: A random, B zero,
     so the model starts exactly where the checkpoint is (Hu et al. 2021)."""
 
@@ -66,24 +89,21 @@ class LoRA(nn.Module):
         # nn.Linear's default init, as in the LoRA reference code; an explicit generator keeps runs reproducible.
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5), generator=generator)
         self.scaling = alpha / rank
-        # A and B at theta + eps z while MeZO runs a pair (PackedBatch.paired): views into
-        # FlatParameters' second buffer, filled by optim/subsets.py attach_pair_weights.
-        self.plus: dict[str, torch.Tensor] = {}
 
-    def add_to(self, y: torch.Tensor, x: torch.Tensor, plus_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, paired: bool = False) -> torch.Tensor:
         """y + (alpha / R) x Aᵀ Bᵀ for x: [rows, in], y: [rows, out]; the up-projection, the scaling
         and the sum are one GEMM (addmm), so the [rows, out] term is never written on its own.
-
-        `plus_rows` [rows, 1] bool, in a MeZO pair: the rows of its +eps z half, which take the
-        plus weights. One down-projection serves both halves (A+ and A stacked, [rows, 2R]); each
-        row keeps its own half's R columns and zeros the other's, and one up-projection over B+
-        and B side by side then gives every row its half's term. The split is a device tensor, so
-        a CUDA graph serves batches of any token count."""
-        if plus_rows is None:
+        `paired`, in a MeZO pair: each half of the rows takes its own A and B (`pair`):
+        one batched GEMM for each product on a GPU; on a CPU each half as the unpaired pass
+        computes it, so the bits are its."""
+        if not paired:
             return torch.addmm(y, x @ self.A.t(), self.B.t(), alpha=self.scaling)
-        plus, minus = (x @ torch.cat([self.plus["A"], self.A]).t()).chunk(2, dim=1)  # [rows, R] each
-        down = torch.cat([torch.where(plus_rows, plus, 0.0), torch.where(plus_rows, 0.0, minus)], dim=1)
-        return torch.addmm(y, down, torch.cat([self.plus["B"], self.B], dim=1).t(), alpha=self.scaling)
+        A, B = self.pair["A"], self.pair["B"]  # [2, R, in], [2, out, R]
+        if not x.is_cuda:
+            return torch.cat([torch.addmm(y_half, x_half @ a.t(), b.t(), alpha=self.scaling)
+                              for y_half, x_half, a, b in zip(y.chunk(2), x.chunk(2), A, B)])
+        down = torch.bmm(x.reshape(2, -1, x.shape[-1]), A.transpose(1, 2))                      # [2, rows/2, R]
+        return torch.baddbmm(y.reshape(2, -1, y.shape[-1]), down, B.transpose(1, 2), alpha=self.scaling).flatten(0, 1)
 
 
 class Embeddings(nn.Module):
@@ -101,7 +121,7 @@ class Embeddings(nn.Module):
         return F.dropout(self.norm(x), self.dropout, self.training)
 
 
-class Attention(nn.Module):
+class Attention(PairedModule):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
@@ -114,41 +134,36 @@ class Attention(nn.Module):
         self.lora_v: LoRA | None = None
         self.prefix_k: nn.Parameter | None = None  # [P, E] key/value rows every sequence attends to
         self.prefix_v: nn.Parameter | None = None
-        self.plus: dict[str, torch.Tensor] = {}    # prefix_k/v at theta + eps z, as LoRA.plus
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, masks_only: bool = False) -> torch.Tensor:
         """[T, E] -> [T, E]; with `masks_only`, [M, E]: the output at each sequence's <mask> alone."""
+        weight, bias = self.weights(batch, "qkv")  # [3E, E] and [3E] ([2, ...] each in a pair)
         if masks_only:
             # Only the <mask> rows reach the head: queries there, keys and values everywhere.
             hidden = x.shape[1]
             rows = x[batch.mask_index]                                                    # [M, E]
-            q = linear(rows, self.qkv.weight[:hidden], self.qkv.bias[:hidden])            # [M, E]
-            k, v = linear(x, self.qkv.weight[hidden:], self.qkv.bias[hidden:]).chunk(2, dim=-1)  # 2 x [T, E]
+            q = linear(rows, weight[..., :hidden, :], bias[..., :hidden])                 # [M, E]
+            k, v = linear(x, weight[..., hidden:, :], bias[..., hidden:]).chunk(2, dim=-1)  # 2 x [T, E]
         else:
             rows = x
-            q, k, v = linear(x, self.qkv.weight, self.qkv.bias).chunk(3, dim=-1)  # 3 x [T, E]
+            q, k, v = linear(x, weight, bias).chunk(3, dim=-1)  # 3 x [T, E]
         if self.lora_q is not None:
-            plus_tokens = plus_queries = None
-            if batch.pair_seqs:  # the pair's first pair_seqs sequences (and their masks) are its +eps z half
-                plus_tokens = (torch.arange(len(x), device=x.device) < batch.cu_seqlens[batch.pair_seqs])[:, None]
-                plus_queries = (torch.arange(len(rows), device=x.device) < batch.pair_seqs)[:, None] \
-                    if masks_only else plus_tokens
-            q = self.lora_q.add_to(q, rows, plus_queries)
-            v = self.lora_v.add_to(v, x, plus_tokens)
-        split = lambda t: t.view(t.shape[0], self.num_heads, self.head_dim)  # noqa: E731  [., N, D]
+            q = self.lora_q.add_to(q, rows, bool(batch.pair_seqs))
+            v = self.lora_v.add_to(v, x, bool(batch.pair_seqs))
+        split = lambda t: t.unflatten(-1, (self.num_heads, self.head_dim))  # noqa: E731  [., E] -> [., N, D]
         prefix_k = prefix_v = None
         if self.prefix_k is not None:
-            prefix_k, prefix_v = split(self.prefix_k), split(self.prefix_v)  # [P, N, D]
-            if batch.pair_seqs:  # the pair's first half attends to the +eps z prefix
-                prefix_k = torch.stack([split(self.plus["prefix_k"]), prefix_k])  # [2, P, N, D]
-                prefix_v = torch.stack([split(self.plus["prefix_v"]), prefix_v])
+            # [P, N, D]; in a pair [2, P, N, D], the first half attending to the +eps z prefix
+            prefix_k = split(self.pair["prefix_k"] if batch.pair_seqs else self.prefix_k)
+            prefix_v = split(self.pair["prefix_v"] if batch.pair_seqs else self.prefix_v)
         attended = varlen_attention(split(q), split(k), split(v), batch, prefix_k, prefix_v,
                                     self.attention_dropout if self.training else 0.0, masks_only)  # [T or M, N, D]
-        attended = linear(attended.flatten(1), self.out.weight, self.out.bias)  # [T or M, E]
-        return add_layer_norm(rows, F.dropout(attended, self.dropout, self.training), self.norm)
+        attended = linear(attended.flatten(1), *self.weights(batch, "out"))  # [T or M, E]
+        return add_layer_norm(rows, F.dropout(attended, self.dropout, self.training), *self.weights(batch, "norm"),
+                              self.norm.eps)
 
 
-class Layer(nn.Module):
+class Layer(PairedModule):
     """Post-LayerNorm transformer block, as in BERT/RoBERTa."""
 
     def __init__(self, cfg: ModelConfig):
@@ -162,12 +177,13 @@ class Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, masks_only: bool = False) -> torch.Tensor:
         x = self.attention(x, batch, masks_only)                         # [T, E], or [M, E]
-        h = linear(x, self.ffn_in.weight, self.ffn_in.bias, self.activation)   # [., F]
-        h = linear(h, self.ffn_out.weight, self.ffn_out.bias)                  # [., E]
-        return add_layer_norm(x, F.dropout(h, self.dropout, self.training), self.ffn_norm)
+        h = linear(x, *self.weights(batch, "ffn_in"), self.activation)   # [., F]
+        h = linear(h, *self.weights(batch, "ffn_out"))                   # [., E]
+        return add_layer_norm(x, F.dropout(h, self.dropout, self.training), *self.weights(batch, "ffn_norm"),
+                              self.ffn_norm.eps)
 
 
-class MLMHead(nn.Module):
+class MLMHead(PairedModule):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
@@ -177,15 +193,17 @@ class MLMHead(nn.Module):
         # An untied decoder has its own matrix; a tied one reads the word embeddings.
         self.decoder = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
 
-    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor,
-                label_word_ids: torch.Tensor | None) -> torch.Tensor:
-        h = linear(x, self.dense.weight, self.dense.bias, self.activation)      # [M, E]
-        h = add_layer_norm(h, None, self.norm)
+    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor, label_word_ids: torch.Tensor | None,
+                batch: PackedBatch) -> torch.Tensor:
+        h = linear(x, *self.weights(batch, "dense"), self.activation)      # [M, E]
+        h = add_layer_norm(h, None, *self.weights(batch, "norm"), self.norm.eps)
         decoder = word_embeddings if self.decoder is None else self.decoder  # [V, E]
-        bias = self.bias
+        bias = self.bias                                                     # [V]
+        if batch.pair_seqs:  # a pair's trained ones: [2, V, E], [2, V]
+            decoder, bias = self.pair.get("decoder", decoder), self.pair.get("bias", bias)
         if label_word_ids is not None:
             # Classification needs C rows of the V-row decoder: skip the rest of the vocabulary.
-            decoder, bias = decoder[label_word_ids], bias[label_word_ids]     # [C, E], [C]
+            decoder, bias = decoder[..., label_word_ids, :], bias[..., label_word_ids]  # [C, E], [C]
         return linear(h, decoder, bias)                                 # [M, C] or [M, V]
 
 
@@ -208,7 +226,7 @@ class MaskedLM(nn.Module):
         # The head reads the <mask> rows only, so the last layer computes only those rows (and
         # every token's keys and values): exact, and most of a step's work above a cached trunk.
         x = layers[-1](x, batch, masks_only=True) if len(layers) else x[batch.mask_index]  # [M, E]
-        return self.head(x, self.embeddings.word.weight, label_word_ids)
+        return self.head(x, self.embeddings.word.weight, label_word_ids, batch)
 
     def modules_from(self, start_layer: int) -> list[nn.Module]:
         """The modules whose tensors forward() reads when it starts at `start_layer`: the

@@ -19,7 +19,7 @@ from torch import nn
 
 from zotune.engine.batch import pack
 from zotune.errors import UserError
-from zotune.model.roberta import LoRA, MaskedLM
+from zotune.model.roberta import LoRA, MaskedLM, PairedModule
 from zotune.optim.flat import FlatParameters
 
 SUBSETS = ("full", "bias", "lora", "prefix", "top:K")
@@ -112,13 +112,22 @@ def _attach_prefix(model: MaskedLM, layers, num_prefix: int, generator: torch.Ge
 
 
 def attach_pair_weights(model: MaskedLM, flat: FlatParameters) -> bool:
-    """Let MeZO run its +eps z and -eps z passes as one batch (PackedBatch.paired): each LoRA
-    and prefix module gets views of the theta + eps z copy of its tensors. Only for subsets
-    made of LoRA or prefix tensors, which the model can apply per half of a batch; any other
-    trainable tensor would need the whole model twice. Returns whether it attached them."""
-    if not all(".lora_" in name or ".prefix_" in name for name in flat.names):
-        return False
-    for name, view in flat.plus_views().items():
-        module_name, tensor_name = name.rsplit(".", 1)  # layers.3.attention.lora_q.A, layers.3.attention.prefix_k
-        model.get_submodule(module_name).plus[tensor_name] = view
+    """Let MeZO run its +eps z and -eps z passes as one batch (PackedBatch.paired): each
+    trainable tensor's pair (FlatParameters.pair_views, which adds flat's second buffer) goes
+    to the nearest module above it that can run a pair (PairedModule: the layers, their
+    attention, LoRA and the head). The embeddings cannot: a subset that trains them (`full`,
+    `bias` on every layer) gets nothing. Returns whether it attached them."""
+    owners = {}
+    for name in flat.names:
+        path = name.split(".")
+        for cut in range(len(path) - 1, 0, -1):
+            module = model.get_submodule(".".join(path[:cut]))
+            if isinstance(module, PairedModule):
+                owners[name] = (module, ".".join(path[cut:]))  # (attention, "qkv.weight"), (lora_q, "A")
+                break
+        else:
+            return False
+    for name, view in flat.pair_views().items():
+        module, key = owners[name]
+        module.pair[key] = view
     return True
