@@ -9,8 +9,8 @@ so one direction costs 3 sweeps over the parameters, not 4 (2 with a second buff
 With a second buffer (FlatParameters.add_plus) a direction's first sweep writes θ + εz there
 and θ − εz in place in one pass (sweep.perturb_apart): two sweeps a direction instead of three,
 the same bits. The + pass then reads the second buffer (FlatParameters.reading_plus). Paired
-(`paired=True`, LoRA and prefix subsets), `loss_fn` returns [L+, L−] from one forward over the
-batch twice (PackedBatch.paired), its first half reading θ + εz from that buffer.
+(`paired=True`, subsets that leave the embeddings frozen), `loss_fn` returns [L+, L−] from one
+forward over the batch twice (PackedBatch.paired), its first half reading θ + εz from that buffer.
 
 A step whose loss is NaN or Inf (any L+ or L−) is skipped: the sweeps still run, but every
 update coefficient is zero, so the last sweep only restores θ (issue 7). The choice is made
