@@ -67,14 +67,16 @@ class PairedModule(nn.Module):
         super().__init__()
         self.pair: dict[str, torch.Tensor] = {}
 
+    def read(self, batch: PackedBatch, name: str, own: torch.Tensor) -> torch.Tensor:
+        """`own`, this module's tensor `name`, as `batch` reads it: in a pair, its [2, ...] pair
+        if it trains (engine/linear.py and engine/norm.py take either)."""
+        return self.pair.get(name, own) if batch.pair_seqs else own
+
     def weights(self, batch: PackedBatch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight and bias of submodule `name` (an nn.Linear or nn.LayerNorm) as `batch`
-        reads them: in a pair, the [2, ...] pair of each trained one (engine/linear.py and
-        engine/norm.py take either)."""
+        reads them (read)."""
         module = getattr(self, name)
-        if not batch.pair_seqs:
-            return module.weight, module.bias
-        return self.pair.get(f"{name}.weight", module.weight), self.pair.get(f"{name}.bias", module.bias)
+        return self.read(batch, f"{name}.weight", module.weight), self.read(batch, f"{name}.bias", module.bias)
 
 
 class LoRA(PairedModule):
@@ -154,8 +156,8 @@ class Attention(PairedModule):
         prefix_k = prefix_v = None
         if self.prefix_k is not None:
             # [P, N, D]; in a pair [2, P, N, D], the first half attending to the +eps z prefix
-            prefix_k = split(self.pair["prefix_k"] if batch.pair_seqs else self.prefix_k)
-            prefix_v = split(self.pair["prefix_v"] if batch.pair_seqs else self.prefix_v)
+            prefix_k = split(self.read(batch, "prefix_k", self.prefix_k))
+            prefix_v = split(self.read(batch, "prefix_v", self.prefix_v))
         attended = varlen_attention(split(q), split(k), split(v), batch, prefix_k, prefix_v,
                                     self.attention_dropout if self.training else 0.0, masks_only)  # [T or M, N, D]
         attended = linear(attended.flatten(1), *self.weights(batch, "out"))  # [T or M, E]
@@ -197,10 +199,9 @@ class MLMHead(PairedModule):
                 batch: PackedBatch) -> torch.Tensor:
         h = linear(x, *self.weights(batch, "dense"), self.activation)      # [M, E]
         h = add_layer_norm(h, None, *self.weights(batch, "norm"), self.norm.eps)
-        decoder = word_embeddings if self.decoder is None else self.decoder  # [V, E]
-        bias = self.bias                                                     # [V]
-        if batch.pair_seqs:  # a pair's trained ones: [2, V, E], [2, V]
-            decoder, bias = self.pair.get("decoder", decoder), self.pair.get("bias", bias)
+        # [V, E] and [V] (in a pair, [2, V, E] and [2, V] where they train)
+        decoder = word_embeddings if self.decoder is None else self.read(batch, "decoder", self.decoder)
+        bias = self.read(batch, "bias", self.bias)
         if label_word_ids is not None:
             # Classification needs C rows of the V-row decoder: skip the rest of the vocabulary.
             decoder, bias = decoder[..., label_word_ids, :], bias[..., label_word_ids]  # [C, E], [C]
