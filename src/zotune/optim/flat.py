@@ -62,7 +62,9 @@ class FlatParameters:
             p.data = view  # the model's Parameter now reads and writes the buffer
 
     def _views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
-        return [buffer[o : o + s.numel()].view(s) for o, s in zip(self.offsets, self.shapes)]
+        """Each tensor's view of `buffer` [numel], or of both buffers [2, numel] (then [2, *shape])."""
+        lead = buffer.shape[:-1]
+        return [buffer[..., o : o + s.numel()].view(*lead, *s) for o, s in zip(self.offsets, self.shapes)]
 
     def add_plus(self) -> None:
         """A second buffer, `plus`, of the same layout. MeZO's first sweep of a direction then
@@ -87,8 +89,7 @@ class FlatParameters:
         """Each named tensor at theta + eps z and as it is, [2, *shape]: views of both buffers
         (add_plus), no copy."""
         self.add_plus()
-        return {name: self._both[:, o : o + s.numel()].view(2, *s)
-                for name, o, s in zip(self.names, self.offsets, self.shapes)}
+        return dict(zip(self.names, self._views(self._both[:, :self.numel])))
 
     @contextmanager
     def reading_plus(self):
