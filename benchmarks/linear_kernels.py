@@ -1,4 +1,4 @@
-"""The few-rows matmul (engine/linear.py) on a GPU against cuBLAS (F.linear, TF32), for the
+"""The few-rows matmul (layers/linear.py) on a GPU against cuBLAS (F.linear, TF32), for the
 shapes of RoBERTa-large's last layer and head above a cached trunk: R <mask> rows times a
 float32 weight. Such a matmul is bound by reading the weight, so the table also gives the
 weight's bytes over the time (GB/s). Calls are timed as a MeZO step makes them, inside a CUDA
@@ -13,7 +13,7 @@ import torch
 
 from common import back_to_back_ms
 
-from zotune.engine import linear as few_rows
+from zotune.layers import linear as few_rows
 
 # (name, K, N): query/output projections and the head's dense layer, key+value, the feed-forward pair.
 SHAPES = [("q / out / head", 1024, 1024), ("k+v", 1024, 2048), ("ffn_in", 1024, 4096), ("ffn_out", 4096, 1024)]

@@ -89,3 +89,15 @@ def test_a_dead_rank_stops_the_others_with_a_clear_error(tmp_path, tiny_mlm_dir)
     assert procs[0].returncode == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "another rank probably died" in lines[0], err
+
+
+def test_each_rank_computes_on_its_own_gpu():
+    # Under torchrun on CUDA, rank r's model, label words and graphs go to cuda:LOCAL_RANK, chosen
+    # before anything is placed (Session.build); a single process keeps the device it was given.
+    from zotune.distributed import rank_device
+
+    cuda = torch.device("cuda")
+    for rank in range(4):
+        assert rank_device(cuda, {"WORLD_SIZE": "4", "LOCAL_RANK": str(rank)}) == torch.device("cuda", rank)
+    assert rank_device(cuda, {}) == cuda
+    assert rank_device(torch.device("cpu"), {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == torch.device("cpu")

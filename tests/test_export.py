@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from zotune.cli import main
 from zotune.config import TrainConfig
-from zotune.engine.batch import pack
+from zotune.layers.batch import pack
 from zotune.errors import UserError
 from zotune.evaluate import accuracy, load_tokenizer
 from zotune.export import export, rebuild

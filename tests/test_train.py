@@ -10,7 +10,8 @@ from tests.conftest import ON_GPU
 from zotune.config import TrainConfig
 from zotune.errors import UserError
 from zotune.model.loading import load_model
-from zotune.train import _window_means, batch_indices, train
+from zotune.records import window_means as _window_means
+from zotune.train import batch_indices, train
 
 SUMMARY_FIELDS = {"steps", "forward_passes", "tokens_computed", "padding_tokens_avoided", "wall_time_s",
                   "steps_per_s", "peak_memory_bytes", "dev_accuracy", "test_accuracy", "cache"}
@@ -55,21 +56,17 @@ def test_same_seed_same_trajectory_bit_for_bit(tmp_path, tiny_mlm_dir):
 
 @pytest.mark.parametrize("trainable", ["lora", "bias", "prefix", "top:1"])
 def test_frozen_parameters_are_never_touched(tmp_path, tiny_mlm_dir, trainable):
-    from zotune.evaluate import build
-    from zotune.optim.flat import FlatParameters
     from zotune.optim.mezo import mezo_step
-    from zotune.optim.subsets import no_weight_decay, select_trainable
+    from zotune.session import Session
 
-    prompted = build(str(tiny_mlm_dir), "sst2", device="cpu")
-    model = prompted.runner.model
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    chosen = select_trainable(model, trainable)
-    flat = FlatParameters(chosen, lambda n, p: no_weight_decay(n))
-    batch = prompted.runner.pack([prompted.prompt.encode(("a fine film ",)), prompted.prompt.encode(("dull ",))])
+    before = {n: p.detach().clone() for n, p in load_model(tiny_mlm_dir).named_parameters()}
+    session = Session.build(TrainConfig(model=str(tiny_mlm_dir), trainable=trainable, device="cpu", pair=False))
+    model, chosen, flat, runner = session.model, session.trainable, session.flat, session.runner
+    batch = runner.pack([session.prompt.encode(("a fine film ",)), session.prompt.encode(("dull ",))])
     labels = torch.tensor([1, 0])
     with torch.inference_mode():
         for step in range(3):
-            mezo_step(flat, lambda: prompted.runner.loss(batch, labels), [step], 1e-2, 1e-2, 0.1)
+            mezo_step(flat, lambda: runner.loss(batch, labels), [step], 1e-2, 1e-2, 0.1)
     names = {n for n, _ in chosen}
     for n, p in model.named_parameters():
         if n not in names and n in before:
@@ -152,7 +149,7 @@ def test_a_second_buffer_saves_a_sweep_and_changes_no_bit(tmp_path, tiny_mlm_dir
     # (optim/sweep.py perturb_apart); n-SPSA and weight decay cover the restores between directions.
     options = dict(trainable=trainable, n_spsa=2, weight_decay=0.1, pair=False)
     kept, a = _run(tmp_path, tiny_mlm_dir, "kept", **options)
-    monkeypatch.setattr("zotune.train.SECOND_BUFFER_SHARE", 0.0)
+    monkeypatch.setattr("zotune.session.SECOND_BUFFER_SHARE", 0.0)
     swept, b = _run(tmp_path, tiny_mlm_dir, "swept", **options)
     assert (kept["sweeps_per_direction"], swept["sweeps_per_direction"]) == (2, 3)
     assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()

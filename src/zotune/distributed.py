@@ -15,6 +15,7 @@ instead of hanging.
 """
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -68,12 +69,21 @@ def _collective(op, *args) -> None:
                         f"{str(exc).splitlines()[0][:120]}); another rank probably died, see its log") from None
 
 
+def rank_device(device: torch.device, env: Mapping[str, str] = os.environ) -> torch.device:
+    """The device this process computes on: under torchrun (WORLD_SIZE > 1) on CUDA, its own
+    GPU, cuda:LOCAL_RANK; otherwise `device`. Chosen before anything is placed on a device."""
+    if device.type == "cuda" and int(env.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", int(env.get("LOCAL_RANK", "0")))
+    return device
+
+
 def init_from_env(device: torch.device, timeout_s: float) -> Group | None:
-    """Join the process group torchrun describes in the environment; None when not launched so."""
+    """Join the process group torchrun describes in the environment; None when not launched so.
+    `device` is rank_device's: on CUDA it becomes this process's current device."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return Group(dist.get_rank(), dist.get_world_size())

@@ -11,6 +11,7 @@ import torch
 
 from zotune.engine.runner import ModelRunner, resolve_device
 from zotune.errors import UserError
+from zotune.files import write_text_atomic
 from zotune.model.loading import load_model, resolve_model_dir
 from zotune.tasks.data import Example
 from zotune.tasks.tasks import TASKS, Task
@@ -41,16 +42,23 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+def load_prompt(model: str, task_name: str, tokenizer: str | None = None, template: str | None = None,
+                label_words: str | None = None, max_length: int | None = None) -> tuple[Task, PromptTemplate]:
+    """The task and its prompt (template, label words, truncation) over the model's tokenizer."""
+    task = get_task(task_name)
+    tok = load_tokenizer(resolve_model_dir(model), tokenizer)
+    words = parse_label_words(label_words, list(task.label_words)) if label_words else task.label_words
+    return task, PromptTemplate(tok, template or task.template, words, max_length or task.max_length)
+
+
 def build(model: str, task_name: str, *, tokenizer: str | None = None, template: str | None = None,
           label_words: str | None = None, max_length: int | None = None, device: str = "auto",
           precision: str = "tf32", cuda_graphs: bool = True) -> Prompted:
-    task = get_task(task_name)
-    model_dir = resolve_model_dir(model)
-    tok = load_tokenizer(model_dir, tokenizer)
-    words = parse_label_words(label_words, list(task.label_words)) if label_words else task.label_words
-    prompt = PromptTemplate(tok, template or task.template, words, max_length or task.max_length)
-    runner = ModelRunner(load_model(model_dir), prompt.label_word_ids, prompt.mask_id, resolve_device(device),
-                         precision, cuda_graphs, tok.pad_token_id)
+    """A checkpoint as it is (nothing trains) behind a runner: what `eval` and `predict` score with."""
+    task, prompt = load_prompt(model, task_name, tokenizer, template, label_words, max_length)
+    where = resolve_device(device)
+    runner = ModelRunner(load_model(resolve_model_dir(model)).to(where), prompt.label_word_ids, prompt.mask_id, where,
+                         precision, cuda_graphs, prompt.tokenizer.pad_token_id)
     return Prompted(task, prompt, runner)
 
 
@@ -76,9 +84,6 @@ def accuracy(logits: torch.Tensor, examples: list[Example]) -> float | None:
 def write_predictions(path: Path, logits: torch.Tensor, examples: list[Example]) -> None:
     """One JSON line per example, in file order: label (null if unlabelled), pred, logits."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for example, row in zip(examples, logits.tolist()):
-            f.write(json.dumps({"label": example.label, "pred": int(max(range(len(row)), key=row.__getitem__)),
-                                "logits": row}) + "\n")
-    tmp.replace(path)  # never leave a half-written file under the final name
+    write_text_atomic(path, "".join(
+        json.dumps({"label": example.label, "pred": int(max(range(len(row)), key=row.__getitem__)), "logits": row})
+        + "\n" for example, row in zip(examples, logits.tolist())))

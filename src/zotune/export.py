@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 
 from zotune.config import TrainConfig, read_run_config
 from zotune.errors import UserError
-from zotune.model.loading import config_from_hf, load_model, resolve_model_dir, to_hf_state, weight_map
+from zotune.model.loading import config_from_hf, resolve_model_dir, to_hf_state, weight_map
 from zotune.model.roberta import MaskedLM
-from zotune.optim.subsets import SubsetOptions, select_trainable
+from zotune.session import load_trainable
 
 
 @dataclass
@@ -49,13 +49,9 @@ def rebuild(run_dir: str | Path) -> Rebuilt:
         raise UserError(f"{run_dir} has no best.safetensors (the run never reached a dev evaluation); "
                         f"train with --steps at least --eval-steps")
     model_dir = resolve_model_dir(cfg.model)
-    model = load_model(model_dir)  # a missing or broken checkpoint is a UserError
+    model, trainable = load_trainable(cfg)  # as the run built it: the same names and shapes
     hf_config = json.loads((model_dir / "config.json").read_text())
     _, architecture = config_from_hf(hf_config)
-    # The same options and seed as train.py, so LoRA's and the prefix's tensors get the same names and shapes.
-    trainable = select_trainable(model, cfg.trainable, SubsetOptions(
-        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, num_prefix=cfg.num_prefix, layers=cfg.layers,
-        seed=cfg.seed))
     try:
         state = load_file(weights)
     except Exception as exc:  # truncated or corrupted files raise several types

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from zotune.errors import UserError
+from zotune.files import write_atomic
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -98,10 +99,8 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
 
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    fig.savefig(tmp, dpi=110, format="png")
+    write_atomic(output, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    tmp.replace(output)
     return output
 
 

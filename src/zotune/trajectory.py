@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from zotune.config import ADDED_FIELDS
 from zotune.errors import UserError
+from zotune.files import save_tensors_atomic, write_text_atomic
 from zotune.model.loading import _weight_files, resolve_model_dir
 from zotune.optim.flat import FlatParameters
 from zotune.optim.mezo import replay_step
@@ -146,12 +146,7 @@ def read_log(run_dir: Path) -> tuple[dict, list[dict]]:
 
 def rewrite_log(run_dir: Path, header: dict, records: list[dict]):
     """Replace the log by header + records, atomically (temp file + rename)."""
-    tmp = Path(run_dir) / (LOG_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in [header, *records]))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(Path(run_dir) / LOG_NAME)
+    write_text_atomic(Path(run_dir) / LOG_NAME, "".join(json.dumps(r) + "\n" for r in [header, *records]), fsync=True)
 
 
 def check_header(header: dict, expected: dict, run_dir: Path):
@@ -175,9 +170,7 @@ def check_header(header: dict, expected: dict, run_dir: Path):
 
 def write_snapshot(run_dir: Path, flat: FlatParameters, step: int):
     """The trainable tensors after `step`, written atomically (temp file + rename)."""
-    tmp = Path(run_dir) / (SNAPSHOT_NAME + ".tmp")
-    save_file({n: t.cpu() for n, t in flat.state_dict().items()}, tmp, metadata={"step": str(step)})
-    tmp.replace(Path(run_dir) / SNAPSHOT_NAME)
+    save_tensors_atomic(Path(run_dir) / SNAPSHOT_NAME, flat.state_dict(), metadata={"step": str(step)})
 
 
 def read_snapshot(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]] | None:
@@ -209,8 +202,7 @@ def replay_run(run_dir: Path, output_dir: Path, model: str | None = None) -> dic
     """`zotune replay`: the fine-tuned trainable tensors from the base model and the log alone
     (no data, no forward passes), on the CPU, written to output_dir/trainable.safetensors."""
     from zotune.config import TrainConfig
-    from zotune.model.loading import load_model
-    from zotune.optim.subsets import SubsetOptions, no_weight_decay, select_trainable
+    from zotune.session import flatten, load_trainable
 
     run_dir = Path(run_dir)
     header, records = read_log(run_dir)
@@ -219,12 +211,8 @@ def replay_run(run_dir: Path, output_dir: Path, model: str | None = None) -> dic
     if model_hash != header["model_sha256"]:
         raise UserError(f"base model {cfg.model} is not the run's (sha256 {model_hash[:12]} != logged "
                         f"{header['model_sha256'][:12]}); pass --model with the original checkpoint")
-    net = load_model(resolve_model_dir(cfg.model))
-    # The same subset as the run: LoRA's A and the prefix initialisation come from cfg.seed.
-    trainable = select_trainable(net, cfg.trainable, SubsetOptions(
-        cfg.lora_rank, cfg.lora_alpha, cfg.num_prefix, cfg.layers, cfg.seed))
-    decay_exempt = (lambda name, p: False) if cfg.decay_all else (lambda name, p: no_weight_decay(name))
-    flat = FlatParameters(trainable, decay_exempt)
+    _, trainable = load_trainable(cfg)  # the run's subset: LoRA's A and the prefix come from cfg.seed
+    flat = flatten(trainable, cfg.decay_all)
     if make_header(header["config"], model_hash, flat)["layout"] != header["layout"]:
         raise UserError(f"the trainable tensors differ from the layout logged in {run_dir}; "
                         f"replay with the zotune version that wrote the run")
@@ -232,10 +220,8 @@ def replay_run(run_dir: Path, output_dir: Path, model: str | None = None) -> dic
         replay(flat, records, cfg.eps, cfg.weight_decay)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    out = output_dir / "trainable.safetensors"
-    tmp = output_dir / "trainable.safetensors.tmp"
-    save_file(flat.state_dict(), tmp, metadata={"step": str(len(records))})
-    tmp.replace(out)
+    out = save_tensors_atomic(output_dir / "trainable.safetensors", flat.state_dict(),
+                              metadata={"step": str(len(records))})
     return {"written": str(out), "tensors": len(flat.names), "parameters": flat.numel, "steps": len(records),
             "skipped_steps": sum(r["skipped"] for r in records), "trainable": cfg.trainable,
             "base_model": cfg.model}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import save_tiny_roberta
-from zotune.engine.batch import pack
+from zotune.layers.batch import pack
 from zotune.model.loading import load_model
 from zotune.optim.flat import FlatParameters
 from zotune.optim.subsets import SubsetOptions, attach_pair_weights, select_trainable

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, XLMRobertaConfig, XLMRobertaForMaskedLM
 
 from tests.conftest import save_tiny_roberta
-from zotune.engine.batch import pack
+from zotune.layers.batch import pack
 from zotune.model.loading import load_model
 
 MASK_ID = 5

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from zotune.config import DEFAULT_MODEL
-from zotune.engine.batch import pack
+from zotune.layers.batch import pack
 from zotune.model.loading import load_model
 
 

@@ -8,12 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-from zotune.evaluate import build, encode
-from zotune.optim.flat import FlatParameters
+from zotune.config import TrainConfig
+from zotune.evaluate import encode
 from zotune.optim.mezo import MezoStepper, direction_seed
-from zotune.optim.subsets import SubsetOptions, attach_pair_weights, no_weight_decay, select_trainable
+from zotune.session import Session
 from zotune.tasks.data import default_data_dir, load_split
-from zotune.train import add_second_buffer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -23,20 +22,13 @@ SETUPS = [("top:1", None, True, False), ("full", None, False, False), ("lora", (
 
 
 def _stepper(model_dir, trainable, layers, cache, paired, cuda_graphs=True):
-    prompted = build(str(model_dir), "sst2", device="cuda", cuda_graphs=cuda_graphs)
-    runner = prompted.runner
-    named = select_trainable(runner.model, trainable, SubsetOptions(layers=layers))
-    runner.model.cuda()
-    names = [n for n, _ in named]
-    if cache:
-        runner.enable_cache(names, 1 << 30)
-    flat = FlatParameters(named, lambda n, p: no_weight_decay(n))
-    if paired:
-        assert attach_pair_weights(runner.model, flat)
-        runner.enable_pairs(names)
-    add_second_buffer(flat, runner.model)  # as zotune train: top:1 reads its + pass from it, full does not
-    examples = load_split(prompted.task, default_data_dir(), 16, 42, "train")
-    sequences, labels = encode(prompted.prompt, examples), torch.tensor([e.label for e in examples], device="cuda")
+    # As zotune train builds it: top:1 reads its + pass from the second buffer, full does not.
+    session = Session.build(TrainConfig(model=str(model_dir), trainable=trainable, layers=layers, cache=cache,
+                                        pair=paired, device="cuda", cuda_graphs=cuda_graphs))
+    assert session.paired == paired
+    runner, flat = session.runner, session.flat
+    examples = load_split(session.task, default_data_dir(), 16, 42, "train")
+    sequences, labels = encode(session.prompt, examples), torch.tensor([e.label for e in examples], device="cuda")
     # Two batch shapes, alternating: each is captured once, then replayed with its own inputs.
     batches = [(runner.pack(sequences), labels), (runner.pack(sequences[:20]), labels[:20])]
     return runner, flat, MezoStepper(runner, flat, 1e-2, 0.1, paired), batches

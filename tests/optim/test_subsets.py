@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from zotune.engine.batch import pack
+from zotune.layers.batch import pack
 from zotune.errors import UserError
 from zotune.model.loading import load_model
 from zotune.optim.subsets import SubsetOptions, no_weight_decay, select_trainable

@@ -32,7 +32,7 @@ from itertools import accumulate
 import numpy as np
 import torch
 
-from zotune.engine.batch import PackedBatch, pack
+from zotune.layers.batch import PackedBatch, pack
 
 BLOCK_TOKENS = 16
 ZERO_ROW = 0  # block 0 of the pool holds zeros, never an entry: a CUDA graph's filler tokens read it

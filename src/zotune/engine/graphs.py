@@ -13,7 +13,7 @@ the head never reads. The filler tokens are computed, and counted as such by the
 Shapes seen in MeZO training repeat (k=16 trains on one batch), so captures are few. A MeZO
 pair (PackedBatch.paired) is padded half by half, each half followed by its own filler, so
 that each half is half of the graph's rows whatever the batch's token count: a pair's linear
-layers split the rows in the middle (engine/linear.py).
+layers split the rows in the middle (layers/linear.py).
 
 Inputs are copied into the graph's static buffers before a replay, unless the buffers already
 hold that very batch or tensor: MeZO replays the same batch for its ± passes, and at k=16 at
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from zotune.engine.batch import PackedBatch
+from zotune.layers.batch import PackedBatch
 from zotune.engine.cache import ZERO_ROW, PoolRows
 from zotune.model.roberta import MaskedLM
 
@@ -102,9 +102,10 @@ def _batch_views(words, padded: int, masks: int, with_rows: bool, int64):
 
 
 class GraphedForward:
-    def __init__(self, model: MaskedLM, label_word_ids: torch.Tensor, pad_token_id: int, autocast,
+    def __init__(self, model: MaskedLM, label_word_ids: torch.Tensor, pad_token_id: int, precision,
                  device: torch.device):
-        self.model, self.label_word_ids, self.autocast, self.device = model, label_word_ids, autocast, device
+        """`precision`: the runner's (engine/precision.py), entered around every capture."""
+        self.model, self.label_word_ids, self.precision, self.device = model, label_word_ids, precision, device
         self.pad_token_id = pad_token_id
         self.graphs: dict[tuple, _Graph] = {}
         self.weights: dict[int, _Weights] = {}  # by start layer
@@ -257,7 +258,7 @@ class GraphedForward:
         def forward():
             # The cache's rows are gathered here, inside the graph, straight from its pool.
             x = cache_pool.index_select(0, static_rows) if gathers else static_hidden
-            with self.autocast:
+            with self.precision:
                 return self.model(static, self.label_word_ids, hidden=x, start_layer=start_layer).float()
 
         # The real run, on a side stream: lazy initialisation must not happen during capture.

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from zotune.engine.batch import PackedBatch, pack
+from zotune.layers.batch import PackedBatch, pack
 from zotune.engine.cache import CacheStats, PoolRows, TrunkCache
 from zotune.engine.graphs import GraphedForward
+from zotune.engine.precision import Precision
 from zotune.errors import UserError
 from zotune.model.roberta import MaskedLM
 
@@ -29,12 +30,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lowest_perturbed_layer(trainable_names: list[str], num_layers: int) -> int | None:
+def lowest_perturbed_layer(model: MaskedLM, trainable_names: list[str]) -> int | None:
     """Index of the lowest layer holding a trainable tensor (num_layers if only the head
     trains); None if the embeddings train, since then no layer's input is fixed."""
-    if any(name.startswith("embeddings.") for name in trainable_names):
-        return None
-    return min((int(n.split(".")[1]) for n in trainable_names if n.startswith("layers.")), default=num_layers)
+    lowest = min(map(model.layer_of, trainable_names))
+    return None if lowest < 0 else lowest
 
 
 @dataclass
@@ -47,23 +47,17 @@ class RunnerStats:
     graph_filler_tokens: int = 0  # computed only to round a batch up to a CUDA-graph bucket
 
 
-PRECISIONS = ("tf32", "bf16")
-
-
 class ModelRunner:
-    """`precision` applies on CUDA (the CPU computes in float32): "tf32" runs matmuls on the
-    float32 weights in TF32; "bf16" autocasts them to bfloat16 per matmul. Either way the
-    weights stay float32, so MeZO's tiny updates are not rounded away."""
+    """`precision` (engine/precision.py) applies on CUDA: "tf32", "bf16" or the exact "float32",
+    set around each forward. The model must already be on `device` (Session.build moves it)."""
 
     def __init__(self, model: MaskedLM, label_word_ids: list[int], mask_token_id: int, device: torch.device,
                  precision: str = "tf32", cuda_graphs: bool = True, pad_token_id: int = 1):
-        if precision not in PRECISIONS:
-            raise UserError(f"unknown --precision {precision!r}; use {' or '.join(PRECISIONS)}")
-        self.model = model.to(device)
-        self.device = device
-        # No autocast weight cache: it would hold a bf16 copy of every weight for the whole pass.
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False,
-                                       enabled=device.type == "cuda" and precision == "bf16")
+        self.precision = Precision(precision, device)
+        if next(model.parameters()).device.type != device.type:
+            raise ValueError(f"the model is on {next(model.parameters()).device}, the runner on {device}: "
+                             "build runs through zotune.session.Session.build, which moves the model first")
+        self.model, self.device = model, device
         self.label_word_ids = torch.tensor(label_word_ids, device=device)     # [C]
         self.mask_token_id = mask_token_id
         self.stats = RunnerStats()
@@ -72,21 +66,18 @@ class ModelRunner:
         self.pair_start = 0  # layers below this run once for both halves of a MeZO pair (enable_pairs)
         self._last_packed: PackedBatch | None = None
         self._last_moved: tuple = (None, None)  # (a host batch, the same on the device), see on_device
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on float32 master weights
-        self.graphs = GraphedForward(self.model, self.label_word_ids, pad_token_id, self.autocast, device) \
+        self.graphs = GraphedForward(self.model, self.label_word_ids, pad_token_id, self.precision, device) \
             if device.type == "cuda" and cuda_graphs else None
 
     def enable_cache(self, trainable_names: list[str], budget_bytes: int, spill_to_host: bool = False) -> None:
         """Cache the hidden states below the lowest perturbed layer, where one exists."""
         cfg = self.model.config
-        start = lowest_perturbed_layer(trainable_names, cfg.num_layers)
+        start = lowest_perturbed_layer(self.model, trainable_names)
         if start is None:
             self.cache_status = ("off: the embeddings are perturbed, so every layer's input differs between the "
                                  "+eps and -eps passes and nothing below a perturbed tensor exists to reuse")
             return
-        frozen = [p for n, p in self.model.named_parameters()
-                  if n.startswith("embeddings.") or (n.startswith("layers.") and int(n.split(".")[1]) < start)]
+        frozen = [p for n, p in self.model.named_parameters() if self.model.layer_of(n) < start]
         hidden, ffn = cfg.hidden_size, cfg.intermediate_size
 
         def trunk_flops(length: int) -> int:
@@ -100,7 +91,7 @@ class ModelRunner:
     def enable_pairs(self, trainable_names: list[str]) -> None:
         """pair_loss may be used (the model has its pair weights, optim/subsets.py
         attach_pair_weights); the layers below the lowest perturbed one then run once per pair."""
-        self.pair_start = lowest_perturbed_layer(trainable_names, self.model.config.num_layers) or 0
+        self.pair_start = lowest_perturbed_layer(self.model, trainable_names) or 0
 
     def pack(self, sequences: list[list[int]]) -> PackedBatch:
         """The packed batch, on the host. A CUDA graph copies it into its own buffers in one
@@ -129,7 +120,7 @@ class ModelRunner:
             return self.graphs(run, hidden, start)[0]
         if isinstance(hidden, PoolRows):
             hidden = hidden.hidden
-        with self.autocast:
+        with self.precision:
             return self.model(self.on_device(run), self.label_word_ids, hidden=hidden, start_layer=start).float()
 
     def graphed(self, batch: PackedBatch, body, inputs: dict[str, torch.Tensor], passes: int,
@@ -176,11 +167,11 @@ class ModelRunner:
         hidden, start = None, 0
         if self.cache is not None and self._inference():
             start = self.cache.start_layer
-            with self.autocast:
+            with self.precision:
                 hidden = self.cache.hidden_states(batch, lambda sub: self.model.trunk(sub, start), uses=passes)
         elif pair and self.pair_start:
             start = self.pair_start
-            with self.autocast:
+            with self.precision:
                 hidden = self.model.trunk(self.on_device(batch), start)
         if pair and isinstance(hidden, PoolRows):  # the trunk is the same for both halves: run once
             hidden = hidden.twice

@@ -3,8 +3,8 @@
 One file, read top to bottom: config, embeddings, attention, layer, head, model.
 The model owns the maths; batching, device and dtype belong to the runner
 (engine/runner.py). There is no padding anywhere: tokens of all sequences are
-concatenated and attention is block-diagonal (engine/attention.py). The nn.Linear modules
-hold the weights (and their checkpoint names); the matmuls go through engine/linear.py, which
+concatenated and attention is block-diagonal (layers/attention.py). The nn.Linear modules
+hold the weights (and their checkpoint names); the matmuls go through layers/linear.py, which
 runs those of few rows, such as the last layer's <mask> rows, as a split-K kernel on CUDA.
 A MeZO pair (PackedBatch.paired) runs the batch twice over in one forward, its first half at
 θ + εz and its second at θ − εz: the modules holding trained tensors (PairedModule) then hand
@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zotune.engine.attention import varlen_attention
-from zotune.engine.batch import PackedBatch
-from zotune.engine.linear import ACTIVATIONS, linear
-from zotune.engine.norm import add_layer_norm
+from zotune.layers.attention import varlen_attention
+from zotune.layers.batch import PackedBatch
+from zotune.layers.linear import ACTIVATIONS, linear
+from zotune.layers.norm import add_layer_norm
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class PairedModule(nn.Module):
 
     def read(self, batch: PackedBatch, name: str, own: torch.Tensor) -> torch.Tensor:
         """`own`, this module's tensor `name`, as `batch` reads it: in a pair, its [2, ...] pair
-        if it trains (engine/linear.py and engine/norm.py take either)."""
+        if it trains (layers/linear.py and layers/norm.py take either)."""
         return self.pair.get(name, own) if batch.pair_seqs else own
 
     def weights(self, batch: PackedBatch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,6 +228,19 @@ class MaskedLM(nn.Module):
         # every token's keys and values): exact, and most of a step's work above a cached trunk.
         x = layers[-1](x, batch, masks_only=True) if len(layers) else x[batch.mask_index]  # [M, E]
         return self.head(x, self.embeddings.word.weight, label_word_ids, batch)
+
+    def layer_of(self, name: str) -> int:
+        """Where the parameter `name` sits in the forward order: -1 for the embeddings, i for
+        layer i (including the LoRA and prefix tensors attached to it), num_layers for the head.
+        The runner and the subsets ask this rather than parse names themselves."""
+        root, _, rest = name.partition(".")
+        if root == "embeddings":
+            return -1
+        if root == "layers":
+            return int(rest.split(".", 1)[0])
+        if root == "head":
+            return self.config.num_layers
+        raise KeyError(f"{name!r} is not a parameter name of this model")
 
     def modules_from(self, start_layer: int) -> list[nn.Module]:
         """The modules whose tensors forward() reads when it starts at `start_layer`: the

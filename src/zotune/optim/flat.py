@@ -85,6 +85,21 @@ class FlatParameters:
             for p, view in zip(self.parameters, self._buffer_views):
                 p.data = view
 
+    def to(self, device: torch.device) -> "FlatParameters":
+        """Move the buffer (and `plus`, as the one tensor they are rows of) to `device`, bit for
+        bit, and rebind every parameter to its view there. Pair views handed out before are
+        left behind: take them after the move."""
+        if self.plus is None:
+            self.buffer = self.buffer.to(device)
+        else:
+            self._both = self._both.to(device)
+            self.plus, self.buffer = self._both[0, :self.numel], self._both[1, :self.numel]
+            self._plus_views = self._views(self.plus)
+        self._buffer_views = self._views(self.buffer)
+        for p, view in zip(self.parameters, self._buffer_views):
+            p.data = view
+        return self
+
     def pair_views(self) -> dict[str, torch.Tensor]:
         """Each named tensor at theta + eps z and as it is, [2, *shape]: views of both buffers
         (add_plus), no copy."""

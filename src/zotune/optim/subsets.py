@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from zotune.engine.batch import pack
+from zotune.layers.batch import pack
 from zotune.errors import UserError
 from zotune.model.roberta import LoRA, MaskedLM, PairedModule
 from zotune.optim.flat import FlatParameters
@@ -40,6 +40,12 @@ def no_weight_decay(name: str) -> bool:
     return name.endswith("bias") or module.endswith("norm")  # norm, ffn_norm: every LayerNorm is named *norm
 
 
+def no_decay_names(trainable: list[tuple[str, nn.Parameter]], decay_all: bool = False) -> set[str]:
+    """The parameter groups, decided here once for MeZO (FlatParameters) and Adam alike: the
+    trainable tensors that take no weight decay (no_weight_decay), or none with decay_all."""
+    return set() if decay_all else {name for name, _ in trainable if no_weight_decay(name)}
+
+
 def select_trainable(model: MaskedLM, spec: str, options: SubsetOptions = SubsetOptions()
                      ) -> list[tuple[str, nn.Parameter]]:
     """Attach whatever the subset adds (LoRA, prefixes), freeze everything else, and return
@@ -48,7 +54,7 @@ def select_trainable(model: MaskedLM, spec: str, options: SubsetOptions = Subset
     layers = tuple(range(num_layers)) if options.layers is None else options.layers
     if any(i < 0 or i >= num_layers for i in layers):
         raise UserError(f"--layers {list(layers)} is outside this model's layers 0..{num_layers - 1}")
-    in_layers = lambda name: int(name.split(".")[1]) in layers  # noqa: E731  name = layers.{i}....
+    in_layers = lambda name: model.layer_of(name) in layers  # noqa: E731
     generator = torch.Generator().manual_seed(options.seed)
 
     if spec == "full":
@@ -56,7 +62,8 @@ def select_trainable(model: MaskedLM, spec: str, options: SubsetOptions = Subset
     elif spec == "bias":
         # With --layers, the embeddings' biases (below every layer) stay frozen too; the head's are kept.
         keep = lambda name: name.endswith("bias") and (  # noqa: E731
-            in_layers(name) if name.startswith("layers.") else options.layers is None or name.startswith("head."))
+            in_layers(name) or model.layer_of(name) == num_layers
+            or (options.layers is None and model.layer_of(name) < 0))
     elif spec == "lora":
         _attach_lora(model, layers, options, generator)
         keep = lambda name: ".lora_" in name  # noqa: E731
@@ -67,8 +74,7 @@ def select_trainable(model: MaskedLM, spec: str, options: SubsetOptions = Subset
         k = int(match.group(1))
         if not 1 <= k <= num_layers:
             raise UserError(f"--trainable top:{k} needs 1 <= K <= {num_layers} (this model's layer count)")
-        keep = lambda name: name.startswith("head.") or (  # noqa: E731
-            name.startswith("layers.") and int(name.split(".")[1]) >= num_layers - k)
+        keep = lambda name: model.layer_of(name) >= num_layers - k  # noqa: E731  (the head is num_layers)
     else:
         raise UserError(f"unknown --trainable {spec!r}; choose one of {', '.join(SUBSETS)} (e.g. top:4)")
 
@@ -111,22 +117,31 @@ def _attach_prefix(model: MaskedLM, layers, num_prefix: int, generator: torch.Ge
         attention.prefix_k, attention.prefix_v = (nn.Parameter(t) for t in key_values[i])
 
 
+def pair_owners(model: MaskedLM, names: list[str]) -> dict[str, tuple[PairedModule, str]] | None:
+    """For each trainable tensor, the nearest module above it that can run a pair and the
+    tensor's name there ((attention, "qkv.weight"), (lora_q, "A")); None if one has no such module."""
+    owners = {}
+    for name in names:
+        path = name.split(".")
+        for cut in range(len(path) - 1, 0, -1):
+            module = model.get_submodule(".".join(path[:cut]))
+            if isinstance(module, PairedModule):
+                owners[name] = (module, ".".join(path[cut:]))
+                break
+        else:
+            return None
+    return owners
+
+
 def attach_pair_weights(model: MaskedLM, flat: FlatParameters) -> bool:
     """Let MeZO run its +eps z and -eps z passes as one batch (PackedBatch.paired): each
     trainable tensor's pair (FlatParameters.pair_views, which adds flat's second buffer) goes
     to the nearest module above it that can run a pair (PairedModule: the layers, their
     attention, LoRA and the head). The embeddings cannot: a subset that trains them (`full`,
     `bias` on every layer) gets nothing. Returns whether it attached them."""
-    owners = {}
-    for name in flat.names:
-        path = name.split(".")
-        for cut in range(len(path) - 1, 0, -1):
-            module = model.get_submodule(".".join(path[:cut]))
-            if isinstance(module, PairedModule):
-                owners[name] = (module, ".".join(path[cut:]))  # (attention, "qkv.weight"), (lora_q, "A")
-                break
-        else:
-            return False
+    owners = pair_owners(model, flat.names)
+    if owners is None:
+        return False
     for name, view in flat.pair_views().items():
         module, key = owners[name]
         module.pair[key] = view

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zotune.engine import norm as fused
+from zotune.layers import norm as fused
 from tests.conftest import TRITON_DEVICES, run_triton_check
 
 # (tokens, hidden size, dtype of h): a power of two and not, one row and many, bf16 h as

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from zotune.engine.batch import pack
+from zotune.layers.batch import pack
 
 
 def test_pack_offsets_positions_and_masks():

@@ -17,7 +17,7 @@ D = head dim.
 import torch
 import torch.nn.functional as F
 
-from zotune.engine.batch import PackedBatch
+from zotune.layers.batch import PackedBatch
 
 try:
     import triton

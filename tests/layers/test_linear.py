@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zotune.engine import linear as fused
+from zotune.layers import linear as fused
 from tests.conftest import TRITON_DEVICES, run_triton_check
 
 # (rows, in features K, out features N, bias, activation, SMs to fill): one row up to the row

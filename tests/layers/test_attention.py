@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tests.conftest import ON_GPU, TRITON_DEVICES, run_triton_check
-from zotune.engine import attention
-from zotune.engine.attention import varlen_attention
-from zotune.engine.batch import pack
+from zotune.layers import attention
+from zotune.layers.attention import varlen_attention
+from zotune.layers.batch import pack
 
 
 def _dense_reference(q, k, v, seq_lens, prefix_k, prefix_v):
@@ -76,7 +76,7 @@ def test_a_pair_attends_to_the_prefix_of_its_half():
 
 def test_prefix_interleave_of_a_pair():
     # The rows the FlashAttention path builds: every sequence's prefix (its half's) before its tokens.
-    from zotune.engine.attention import _prepend_prefix
+    from zotune.layers.attention import _prepend_prefix
     q, k, v, batch, prefix_k, prefix_v, _ = _paired_case()
     k_full, _, cu_k = _prepend_prefix(k, v, prefix_k, prefix_v, batch)
     pieces = []

@@ -1,0 +1,109 @@
+"""RunRecords: what a run writes about itself besides its trajectory log.
+
+One object owns RUN/metrics.jsonl (a line per log point), the best dev accuracy and its
+weights (RUN/best.safetensors), the TensorBoard event files, the progress bar and
+RUN/summary.json, so the training loop only hands it numbers. Only rank 0 writes; the other
+ranks keep the same bookkeeping in memory.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from zotune.files import save_tensors_atomic, write_text_atomic
+
+
+class RunRecords:
+    def __init__(self, run_dir: Path, writes: bool, kept: list[dict], window: list, *, steps: int, first_step: int,
+                 progress: str, quiet: bool, tensorboard: bool, resumed: bool):
+        """`kept`: the metrics lines already written (a resumed run's, up to its first step);
+        `window`: the (loss, projected gradients) of the steps since the last of them."""
+        self.run_dir, self.writes = run_dir, writes
+        self.best = {"dev_accuracy": -1.0, "step": None}
+        for record in kept:  # best-dev selection goes on as if the run had never stopped
+            self._better(record.get("dev_accuracy"), record["step"])
+        self.window, self.logged_from = window, kept[-1]["step"] if kept else 0
+        self.metrics = open(run_dir / "metrics.jsonl" if writes else os.devnull, "w")
+        self.metrics.write("".join(json.dumps(r) + "\n" for r in kept))  # no gap, no duplicate after a resume
+        self.board = None
+        if tensorboard and writes:  # the same records as metrics.jsonl, for TensorBoard (RUN/tensorboard)
+            from torch.utils.tensorboard import SummaryWriter
+            self.board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=first_step + 1 if resumed else None)
+        self.progress = tqdm(total=steps, initial=first_step, disable=quiet or not writes, desc=progress, unit="step")
+
+    def add(self, loss: torch.Tensor, projected_grads: torch.Tensor | None) -> None:
+        """A step's loss and projected gradients, left on the device until the next log point."""
+        self.window.append((loss, projected_grads))
+        self.progress.update(1)
+
+    def offer(self, dev_accuracy: float, step: int, tensors: dict[str, torch.Tensor]) -> None:
+        """A dev evaluation; if strictly better than the best so far (MeZO's trainer keeps the
+        earliest best), its weights become best.safetensors."""
+        if self._better(dev_accuracy, step) and self.writes:
+            save_tensors_atomic(self.run_dir / "best.safetensors", tensors)
+
+    def _better(self, dev_accuracy: float | None, step: int) -> bool:
+        if dev_accuracy is None or dev_accuracy <= self.best["dev_accuracy"]:
+            return False
+        self.best.update(dev_accuracy=dev_accuracy, step=step)
+        return True
+
+    def log_point(self, step: int, lr: float, dev_accuracy: float | None, extra: dict) -> dict:
+        """The metrics line of `step`: the window's mean loss and projected gradient, the lr, and
+        the dev accuracy where one was measured; also to TensorBoard and the progress bar."""
+        loss, projected_grad = window_means(self.window)
+        record = {"step": step, "loss": loss, "projected_grad": projected_grad, "lr": lr}
+        if dev_accuracy is not None:
+            record["dev_accuracy"] = dev_accuracy
+        self.window, self.logged_from = [], step
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.board is not None:
+            for name, value in record.items():
+                if name != "step" and value is not None:
+                    self.board.add_scalar(name, value, step)
+        self.progress.set_postfix({"loss": f"{loss:.4f}", "dev": f"{self.best['dev_accuracy']:.3f}", **extra})
+        return record
+
+    def sync(self) -> None:
+        """metrics.jsonl to the disk (with the trajectory log's fsync)."""
+        if self.writes:
+            os.fsync(self.metrics.fileno())
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.board is not None:
+            self.board.close()
+        self.progress.close()
+
+    def write_summary(self, summary: dict) -> None:
+        if self.writes:
+            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def window_means(window: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[float, float | None]:
+    """Mean loss and mean projected gradient over a window of steps, each (loss, its projected
+    gradients [n], or None without MeZO), brought to the host in one transfer. A step's
+    gradients are averaged, then the steps summed, in float32 and in order: a figure does not
+    depend on where the window's values were (device, or the log of a resumed run)."""
+    values = torch.cat([t.reshape(-1) for step in window for t in step if t is not None]).cpu().numpy()
+    loss_sum = grad_sum = np.float32(0)
+    at = 0
+    for _, grads in window:
+        loss_sum += values[at]
+        if grads is not None:
+            grad_sum += np.add.accumulate(values[at + 1:at + 1 + grads.numel()])[-1] / np.float32(grads.numel())
+        at += 1 + (0 if grads is None else grads.numel())
+    has_grads = window[0][1] is not None
+    return float(loss_sum) / len(window), float(grad_sum) / len(window) if has_grads else None
+
+
+def kept_metrics(run_dir: Path, last_step: int) -> list[dict]:
+    """metrics.jsonl lines up to the resumed step (a torn last line dropped)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.is_file() else []
+    return [r for r in map(json.loads, lines) if r["step"] <= last_step]
