@@ -34,6 +34,16 @@ def sst2_train(prompt: PromptTemplate, k: int, seed: int = 42) -> tuple[list[lis
     return [prompt.encode(e.sentences) for e in examples], torch.tensor([e.label for e in examples])
 
 
+def session(trainable: str, base=None, **options):
+    """A zotune.session.Session as zotune train builds it (SST-2's prompt, the real RoBERTa
+    tokenizer), over `base` (default: a random RoBERTa-large on the GPU)."""
+    from zotune.config import TrainConfig
+    from zotune.session import Session
+    cfg = TrainConfig(model="random-roberta-large", tokenizer=str(REPO / "tokenizers/roberta"), task="sst2",
+                      trainable=trainable, device="cuda", **options)
+    return Session.build(cfg, random_roberta_large() if base is None else base)
+
+
 def random_roberta_large(device="cuda"):
     """zotune's MaskedLM with RoBERTa-large's config and BERT-style N(0, 0.02) weights."""
     from zotune.model.roberta import MaskedLM

@@ -19,13 +19,9 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import median_ms, random_roberta_large, sst2_prompt, sst2_train
+from common import median_ms, session, sst2_prompt, sst2_train
 
-from zotune.engine.runner import ModelRunner
-from zotune.optim.flat import FlatParameters
 from zotune.optim.mezo import MezoStepper, direction_seed
-from zotune.optim.subsets import SubsetOptions, attach_pair_weights, no_weight_decay, select_trainable
-from zotune.train import add_second_buffer
 
 FAMILIES = (("sweep (Philox)", ("_perturb_kernel", "_perturb_apart_kernel", "_restore_and_update_kernel")),
             ("few-rows matmul", ("_split_k_kernel",)),
@@ -49,19 +45,12 @@ def main():
     args = parser.parse_args()
     prompt = sst2_prompt()
     sequences, labels = sst2_train(prompt, args.k)
-    model = random_roberta_large()
-    trainable = select_trainable(model, args.trainable, SubsetOptions(layers=args.layers))
-    model.cuda()
-    runner = ModelRunner(model, prompt.label_word_ids, prompt.mask_id, torch.device("cuda"), args.precision,
-                         cuda_graphs=args.graphs)
-    if args.cache:
-        runner.enable_cache([n for n, _ in trainable], 1 << 30)
-    flat = FlatParameters(trainable, lambda n, p: no_weight_decay(n))
-    if args.pair:
-        if not attach_pair_weights(model, flat):
-            parser.error("--pair needs a subset that leaves the embeddings frozen")
-        runner.enable_pairs([n for n, _ in trainable])
-    add_second_buffer(flat, model)  # as zotune train decides: two sweeps a step
+    # As zotune train builds it (Session.build): the second buffer where it pays.
+    built = session(args.trainable, layers=args.layers, precision=args.precision, cuda_graphs=args.graphs,
+                    cache=args.cache, pair=args.pair)
+    if args.pair and not built.paired:
+        parser.error("--pair needs a subset that leaves the embeddings frozen")
+    runner, flat = built.runner, built.flat
     size = 32 if args.k == 16 else 64
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(0)).tolist()
     chunks = [sorted(order[s:s + size]) for s in range(0, len(order), size)]

@@ -8,7 +8,7 @@ each direction's ± passes as one batch, as `zotune train` does by default for t
 unpaired step without the cache, so the speed-up is that of both together.
 
 Every step runs as `zotune train` runs it (MezoStepper): one CUDA graph replay per step, and
-θ + εz kept in a second buffer where zotune train keeps one (train.add_second_buffer: every
+θ + εz kept in a second buffer where zotune train keeps one (session.add_second_buffer: every
 subset here), so a step sweeps the trainable tensors twice.
 
 The ideal speed-up counts layers only (24 run without the cache, K with it). It ignores the
@@ -29,14 +29,11 @@ import argparse
 
 import torch
 
-from common import back_to_back_ms, random_roberta_large, sst2_prompt, sst2_train
+from common import back_to_back_ms, session, sst2_prompt, sst2_train
 
-from zotune.engine.runner import ModelRunner
-from zotune.optim.flat import FlatParameters
+from zotune.engine.runner import lowest_perturbed_layer
 from zotune.optim.mezo import MezoStepper, direction_seed
-from zotune.optim.subsets import SubsetOptions, attach_pair_weights, no_weight_decay, select_trainable
 from zotune.optim.sweep import perturb, perturb_apart, restore_and_update, seed_tensor
-from zotune.train import add_second_buffer
 
 UPPER = (20, 21, 22, 23)
 # name for --only: (label, subset, layers, ± passes as one batch when cached)
@@ -66,26 +63,18 @@ def main():
             continue
         train_batches = epoch_batches(*sst2_train(prompt, k), batch_size)
         for label, spec, layers, paired in [SUBSETS[name] for name in args.only or SUBSETS]:
-            model = random_roberta_large()
-            trainable = select_trainable(model, spec, SubsetOptions(layers=layers))
-            model.cuda()
-            flat = FlatParameters(trainable, lambda n, p: no_weight_decay(n))
-            names = [n for n, _ in trainable]
-            if paired:
-                assert attach_pair_weights(model, flat)
-            add_second_buffer(flat, model)  # as zotune train decides: two sweeps a step
-            start = min(int(n.split(".")[1]) for n in names if n.startswith("layers."))
-            layers_run = model.config.num_layers - start
-            ideal = model.config.num_layers / layers_run
-            times, stats = {}, None
+            times, stats, built = {}, None, None
             for mode in ("no cache", "cache"):
                 cached = mode == "cache"
-                runner = ModelRunner(model, prompt.label_word_ids, prompt.mask_id, torch.device("cuda"))
-                if cached:
-                    runner.enable_cache(names, 4 << 30)
-                    if paired:
-                        runner.enable_pairs(names)
                 pair = cached and paired
+                # As zotune train builds it (Session.build): the second buffer where it pays.
+                built = session(spec, None if built is None else built.model, layers=layers, cache=cached, pair=pair,
+                                cache_budget="4G")
+                assert built.paired == pair
+                model, flat, runner = built.model, built.flat, built.runner
+                start = lowest_perturbed_layer(model, [n for n, _ in built.trainable])
+                layers_run = model.config.num_layers - start
+                ideal = model.config.num_layers / layers_run
                 stepper = MezoStepper(runner, flat, 1e-3, 0.0, pair)
                 packed = [(runner.pack(s), y) for s, y in train_batches]  # labels on the host, as in zotune train
                 counter = {"step": 0}
@@ -120,7 +109,7 @@ def main():
             speedup = off / times["cache"]
             rows.append((f"k={k}", batch_size, label, off, times["cache"], speedup,
                          ideal, speedup / ideal, sweep_ms, ideal_sweeps, speedup / ideal_sweeps, *stats))
-            del model, flat, runner, packed, stepper, sweeps
+            del built, model, flat, runner, packed, stepper, sweeps
             torch.cuda.empty_cache()
 
     print(f"\nTrunk cache, RoBERTa-large (random weights), SST-2 seed-42, on {torch.cuda.get_device_name()}")

@@ -10,18 +10,15 @@ gives every rank the projected gradient. Ideal scaling keeps steps/s constant as
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 
 import torch
 
-from common import random_roberta_large, sst2_prompt, sst2_train
+from common import random_roberta_large, session, sst2_train
 
-from zotune.distributed import init_from_env
-from zotune.engine.runner import ModelRunner
-from zotune.optim.flat import FlatParameters
+from zotune.distributed import rank_device
 from zotune.optim.mezo import direction_seed, mezo_step
 from zotune.train import batch_indices
 
@@ -29,14 +26,12 @@ PER_GPU = 64
 
 
 def worker(steps: int) -> None:
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    group = init_from_env(device, 300.0)
+    device = rank_device(torch.device("cuda"))
+    built = session("full", random_roberta_large(device), cache=False, pair=False, decay_all=True,
+                    batch_size=PER_GPU, dist_timeout=300.0)  # joins the group, as zotune train does
+    group, runner, flat = built.group, built.runner, built.flat
     world, rank = (1, 0) if group is None else (group.world, group.rank)
-    prompt = sst2_prompt()
-    sequences, labels = sst2_train(prompt, 512)
-    model = random_roberta_large(device)
-    runner = ModelRunner(model, prompt.label_word_ids, prompt.mask_id, device)
-    flat = FlatParameters(list(model.named_parameters()), lambda n, p: False)
+    sequences, labels = sst2_train(built.prompt, 512)
     combine = None if group is None else group.all_reduce_sum
 
     def step(i: int) -> None:

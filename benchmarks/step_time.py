@@ -26,11 +26,9 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from common import median_ms, random_roberta_large, sst2_prompt, sst2_train
+from common import median_ms, random_roberta_large, session, sst2_prompt, sst2_train
 
-from zotune.engine.runner import ModelRunner
 from zotune.model.loading import config_from_hf, to_hf_state
-from zotune.optim.flat import FlatParameters
 from zotune.optim.mezo import MezoStepper, direction_seed, mezo_step
 
 EPS, LR = 1e-3, 1e-6
@@ -115,8 +113,10 @@ def main():
                                         ("bf16", True, "CUDA graphs"), ("bf16", True, "graph per pass")):
             model = random_roberta_large()
             hf_state = {n: t.cpu() for n, t in to_hf_state(model.state_dict(), cfg, arch).items()}
-            runner = ModelRunner(model, prompt.label_word_ids, prompt.mask_id, torch.device("cuda"), precision,
-                                 cuda_graphs=graphs)
+            # As zotune train builds a full run (Session.build): flattened before the runner exists.
+            built = session("full", model, precision=precision, cuda_graphs=graphs, cache=False, pair=False,
+                            decay_all=True)
+            runner, flat = built.runner, built.flat
             packed = [(runner.pack(s), labels.cuda()) for s, labels in sample]
 
             def forward():
@@ -127,7 +127,6 @@ def main():
             forward_ms = median_ms(forward, args.steps)
             forward_peak = torch.cuda.max_memory_allocated()
 
-            flat = FlatParameters(list(model.named_parameters()), lambda n, p: False)
             stepper = MezoStepper(runner, flat, EPS, 0.0)
             torch.cuda.empty_cache()
             counter = {"step": 0}
@@ -145,7 +144,7 @@ def main():
             torch.cuda.reset_peak_memory_stats()
             step_ms = median_ms(zotune_step, args.steps, warmup=len(packed))  # every shape captured first
             zotune[f"{precision}, {mode}"] = (step_ms, torch.cuda.max_memory_allocated(), forward_ms, forward_peak)
-            del model, runner, flat, packed, stepper
+            del built, model, runner, flat, packed, stepper
             torch.cuda.empty_cache()
 
         # (a) the reference on the same weights, float32, TF32 off (its default) and on.

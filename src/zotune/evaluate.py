@@ -26,7 +26,7 @@ class Prompted:
     runner: ModelRunner
 
 
-def load_tokenizer(model_dir: Path, tokenizer: str | None):
+def load_tokenizer(model_dir: Path | None, tokenizer: str | None):
     from transformers import AutoTokenizer
     source = tokenizer or model_dir
     try:
@@ -46,7 +46,7 @@ def load_prompt(model: str, task_name: str, tokenizer: str | None = None, templa
                 label_words: str | None = None, max_length: int | None = None) -> tuple[Task, PromptTemplate]:
     """The task and its prompt (template, label words, truncation) over the model's tokenizer."""
     task = get_task(task_name)
-    tok = load_tokenizer(resolve_model_dir(model), tokenizer)
+    tok = load_tokenizer(None if tokenizer else resolve_model_dir(model), tokenizer)
     words = parse_label_words(label_words, list(task.label_words)) if label_words else task.label_words
     return task, PromptTemplate(tok, template or task.template, words, max_length or task.max_length)
 

@@ -57,12 +57,14 @@ class Session:
         return self.group is None or self.group.is_main
 
     @classmethod
-    def build(cls, cfg: TrainConfig) -> "Session":
+    def build(cls, cfg: TrainConfig, base: MaskedLM | None = None) -> "Session":
+        """`base`: a model to start from instead of cfg.model's checkpoint (the benchmarks'
+        random RoBERTa-large); with it, give cfg.tokenizer."""
         device = rank_device(resolve_device(cfg.device))
         group = init_from_env(device, cfg.dist_timeout)
         _check_group(cfg, group)
         task, prompt = load_prompt(cfg.model, cfg.task, cfg.tokenizer, cfg.template, cfg.label_words, cfg.max_length)
-        model, trainable = load_trainable(cfg)
+        model, trainable = load_trainable(cfg, base)
         flat, paired = None, False
         if cfg.optimizer == "mezo":
             flat = flatten(trainable, cfg.decay_all)
@@ -92,10 +94,10 @@ def _check_group(cfg: TrainConfig, group: Group | None) -> None:
         raise UserError(f"--batch-size {cfg.batch_size} is smaller than the {group.world} ranks sharing it")
 
 
-def load_trainable(cfg: TrainConfig) -> tuple[MaskedLM, list[tuple[str, nn.Parameter]]]:
+def load_trainable(cfg: TrainConfig, base: MaskedLM | None = None) -> tuple[MaskedLM, list[tuple[str, nn.Parameter]]]:
     """The base model with cfg's subset attached, on the CPU: what a run starts from (the same
     options and seed give LoRA's and the prefix's tensors the same names, shapes and values)."""
-    model = load_model(resolve_model_dir(cfg.model))  # a missing or broken checkpoint is a UserError
+    model = base if base is not None else load_model(resolve_model_dir(cfg.model))  # a bad checkpoint: UserError
     trainable = select_trainable(model, cfg.trainable, SubsetOptions(
         cfg.lora_rank, cfg.lora_alpha, cfg.num_prefix, cfg.layers, cfg.seed))
     return model, trainable
