@@ -62,6 +62,31 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_mlm_dir, args,
 @pytest.mark.parametrize("flags,pair,cache", [([], True, True), (["--no-pair", "--no-cache"], False, False)])
 def test_on_by_default_options_have_no_flags(monkeypatch, capsys, flags, pair, cache):
     configs = []
-    monkeypatch.setattr("zotune.train.train", lambda cfg, resume=False: configs.append(cfg) or {})
+    monkeypatch.setattr("zotune.train.train", lambda cfg, resume=False: configs.append(cfg) or SUMMARY)
     assert main(["train", "--trainable", "lora", "--quiet", *flags]) == 0
     assert (configs[0].trainable, configs[0].pair, configs[0].cache) == ("lora", pair, cache)
+
+
+SUMMARY = {"optimizer": "mezo", "trainable": "lora", "task": "sst2", "k": 16, "seed": 42, "dev_accuracy": 0.5,
+           "test_accuracy": 0.5, "zero_shot": None, "steps": 1, "best_step": 1, "wall_time_s": 1.0, "device": "cpu"}
+
+
+@pytest.mark.parametrize("flags", [[], ["--output-dir", "elsewhere"], ["--quiet"], ["--task", "sst2", "--seed", "42"]])
+def test_the_recipe_does_not_depend_on_other_flags(monkeypatch, capsys, flags):
+    # Today's demo unless --recipe names another: an unrelated flag never switches recipe.
+    from zotune.config import RECIPES
+    configs = []
+    monkeypatch.setattr("zotune.train.train", lambda cfg, resume=False: configs.append(cfg) or SUMMARY)
+    assert main(["train", *flags]) == 0
+    assert configs[0].recipe == "demo"
+    assert all(getattr(configs[0], name) == value for name, value in RECIPES["demo"].items())
+    assert main(["train", "--recipe", "mezo-paper", *flags]) == 0
+    assert (configs[1].lr, configs[1].eps, configs[1].batch_size, configs[1].steps, configs[1].eval_steps,
+            configs[1].trainable) == (1e-6, 1e-3, 64, 100_000, 10_000, "full")
+
+
+def test_help_shows_defaults_and_recipes(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "mezo-paper" in out and "(default: 1000)" in out and "float32" in out

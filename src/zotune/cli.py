@@ -6,73 +6,53 @@ A mistake the user can fix (UserError) prints one line and exits with code 2.
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import zotune
-from zotune.config import TrainConfig, read_run_config
+from zotune.config import DEFAULT_RECIPE, RECIPES, TrainConfig, read_run_config
 from zotune.errors import UserError
 
-# `zotune train` with no arguments: a short demonstration on 2 CPU cores with the
-# project's own pretrained model (models/zotune-roberta-small) and SST-2 k=16, seed 42.
-# LoRA keeps each sweep tiny on a CPU; lr and eps were chosen on this split's dev set.
-DEMO = dict(task="sst2", k=16, seed=42, trainable="lora", steps=300, lr=1e-2, eps=1e-2,
-            batch_size=32, eval_steps=50, device="cpu", output_dir="runs/demo", overwrite=True)
-
-
 def _train_parser(sub) -> argparse.ArgumentParser:
+    """`zotune train`: a flag per TrainConfig field, generated from its declaration."""
+    epilog = "recipes: " + "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+                                     for name, values in RECIPES.items())
     p = sub.add_parser("train", help="fine-tune with MeZO (or Adam) and report dev/test accuracy",
-                       argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="JSON file of TrainConfig fields; flags given here override it")
-    p.add_argument("--model", help="checkpoint directory or Hub id (default: models/zotune-roberta-small)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
-    p.add_argument("--task", help="sst2, sst5, trec, mnli, snli or rte")
-    p.add_argument("--k", type=int, help="examples per label in the k-shot split (16 or 512 shipped)")
-    p.add_argument("--seed", type=int, help="data split seed (13, 21, 42, 87, 100) and run seed")
-    p.add_argument("--data-dir", help="folder holding <TASK>/k-shot-1k-test/<k>-<seed>/ (default: data/)")
-    p.add_argument("--output-dir", help="run directory (default: runs/<task>-k<k>-<seed>-<optimizer>-<trainable>)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--optimizer", choices=["mezo", "adam"])
-    p.add_argument("--trainable", help="full, bias, lora, prefix or top:K")
-    p.add_argument("--layers", help="comma-separated layer indices for bias/lora/prefix, e.g. 20,21,22,23")
-    p.add_argument("--lora-rank", type=int)
-    p.add_argument("--lora-alpha", type=float)
-    p.add_argument("--num-prefix", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--eps", type=float, help="MeZO perturbation scale")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--decay-all", action="store_true", help="also decay biases and LayerNorm weights")
-    p.add_argument("--schedule", choices=["constant", "linear"])
-    p.add_argument("--n-spsa", type=int, help="perturbation directions per step, averaged")
-    p.add_argument("--directions-per-rank", type=int,
-                   help="under torchrun: each rank measures this many directions of its own (multi-direction "
-                        "SPSA) instead of splitting the batch (data parallel)")
-    p.add_argument("--sync-check", type=int, help="under torchrun: compare weight checksums every N steps (100)")
-    p.add_argument("--dist-timeout", type=float, help="under torchrun: seconds to wait for a dead rank (120)")
-    p.add_argument("--eval-steps", type=int)
-    p.add_argument("--log-steps", type=int)
-    p.add_argument("--eval-batch-size", type=int)
-    p.add_argument("--template", help="LM-BFF template, e.g. '*cls**sent_0*_It_was*mask*.*sep+*'")
-    p.add_argument("--label-words", help="'terrible,great' (in label order) or a JSON object label -> word")
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--no-cache", dest="cache", action="store_false",
-                   help="recompute the frozen layers below the trainable ones (results do not change)")
-    p.add_argument("--cache-budget", help="memory for cached hidden states, e.g. 512M or 2G (default 1G)")
-    p.add_argument("--cache-spill", action="store_true", help="on a GPU, evict cache entries to host memory")
-    p.add_argument("--no-pair", dest="pair", action="store_false",
-                   help="run each direction's +eps and -eps passes one by one, not as one batch")
-    p.add_argument("--device", help="auto, cpu or cuda")
-    p.add_argument("--precision", choices=["tf32", "bf16"], help="GPU matmul precision (weights stay float32)")
-    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="launch the forward kernel by kernel instead of replaying captured CUDA graphs")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--tensorboard", action="store_true", help="also log metrics for TensorBoard (RUN/tensorboard)")
-    p.add_argument("--log-every", type=int, help="fsync RUN/trajectory.jsonl every N steps (default 100)")
-    p.add_argument("--snapshot-every", type=int, help="snapshot the trainable tensors every N steps (default 1000)")
-    p.add_argument("--max-bad-steps", type=int, help="abort after N NaN/Inf-loss steps in a row (default 10)")
+                       argument_default=argparse.SUPPRESS, epilog=epilog)
+    p.add_argument("--recipe", choices=list(RECIPES),
+                   help=f"the named preset the run starts from (default: {DEFAULT_RECIPE}, whatever else is given)")
+    p.add_argument("--config", help="JSON file of TrainConfig fields over the recipe; flags override it")
     p.add_argument("--resume", metavar="RUN", help="continue the MeZO run in RUN (its config.json); no other flags")
+    for f in fields(TrainConfig):
+        if f.name == "recipe":
+            continue
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        shown = "from the recipe" if f.default is None and any(f.name in r for r in RECIPES.values()) else f.default
+        if f.name in RECIPES[DEFAULT_RECIPE]:
+            shown = f"{RECIPES[DEFAULT_RECIPE][f.name]} in {DEFAULT_RECIPE}"
+        if f.type is bool and f.default:
+            p.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
+                           help=f"{meta['help']}: turn off")
+        elif f.type is bool:
+            p.add_argument(flag, action="store_true", help=meta["help"])
+        else:
+            p.add_argument(flag, type=_field_type(f), choices=meta["choices"], help=f"{meta['help']} (default: {shown})")
     return p
+
+
+def _field_type(f):
+    """The argparse type of a config field: int, float or str (of `X | None`, X)."""
+    if f.name == "layers":
+        return _layers
+    kinds = getattr(f.type, "__args__", (f.type,))
+    return next(k for k in kinds if k in (int, float, str))
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(i) for i in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
 def _replay_parser(sub) -> argparse.ArgumentParser:
@@ -161,24 +141,20 @@ def _run_sweep(args, train_args: list[str]) -> None:
     print(result["table"])
 
 
-def _train_config(args: argparse.Namespace, given: list[str]) -> TrainConfig:
-    values = dict(DEMO) if not given else {}
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The recipe (demo unless --recipe names another), then --config, then the flags."""
+    values = {}
     if "config" in vars(args):
         try:
             values.update(json.loads(Path(args.config).read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"cannot read --config {args.config}: {exc}; give a JSON object of config fields") from None
-    if "layers" in options:
-        try:
-            options["layers"] = tuple(int(i) for i in options["layers"].split(","))
-        except ValueError:
-            raise UserError(f"--layers {options['layers']!r} is not a comma-separated list of integers") from None
-    values.update(options)
-    return TrainConfig.from_dict(values)
+    values.update({k: v for k, v in vars(args).items() if k not in ("command", "config", "recipe")})
+    return TrainConfig.from_recipe(getattr(args, "recipe", None) or values.pop("recipe", None) or DEFAULT_RECIPE,
+                                   values)
 
 
-def _run_train(args, given) -> None:
+def _run_train(args) -> None:
     from zotune.train import train
     if "resume" in vars(args):
         # The run's own config.json is the whole configuration: a flag could only diverge from it.
@@ -190,8 +166,22 @@ def _run_train(args, given) -> None:
         cfg.output_dir = args.resume
         summary = train(cfg, resume=True)
     else:
-        summary = train(_train_config(args, given))
-    print(json.dumps(summary, indent=2))
+        summary = train(_train_config(args))
+    print(result_lines(summary))
+
+
+def result_lines(summary: dict) -> str:
+    """A finished run in a few lines: zero-shot against fine-tuned accuracy, steps, time, where."""
+    zero = summary.get("zero_shot") or {}
+
+    def pair(split):
+        before = zero.get(f"{split}_accuracy")
+        return (f"{before:.3f} -> " if before is not None else "") + f"{summary[f'{split}_accuracy']:.3f}"
+    return (f"{summary['optimizer']} {summary['trainable']} on {summary['task']} k={summary['k']} "
+            f"seed {summary['seed']}: dev {pair('dev')}, test {pair('test')}"
+            f"{' (zero-shot -> fine-tuned)' if zero else ''}\n"
+            f"{summary['steps']} steps (best dev at step {summary['best_step']}) in {summary['wall_time_s']:.1f} s "
+            f"on {summary['device']}; run directory {summary.get('run_dir', '')}")
 
 
 def _run_replay(args) -> None:
@@ -264,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "train":
-            _run_train(args, argv[1:])
+            _run_train(args)
         elif args.command == "eval":
             _run_eval(args)
         elif args.command == "replay":

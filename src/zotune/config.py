@@ -1,11 +1,20 @@
-"""Run configuration. Defaults are the MeZO paper's recipe for RoBERTa-large
-(princeton-nlp/MeZO medium_models/mezo.sh: k=16, batch 64, lr 1e-6, eps 1e-3,
-100,000 steps, dev evaluation every 10,000 steps, constant schedule, no weight decay),
-so a run with no overrides reproduces the paper's setting.
+"""Run configuration: every field declared once (the CLI's flags are generated from them, see
+cli.py), and the named recipes a run starts from.
+
+Recipes (--recipe; `demo` unless another is named, whatever else is given):
+  demo        a short LoRA MeZO run on 2 CPU cores with the project's own model, SST-2 k=16,
+              seed 42: what `zotune train` with no arguments runs (lr and eps chosen on this
+              split's dev set)
+  mezo-paper  the MeZO paper's recipe for RoBERTa-large (princeton-nlp/MeZO
+              medium_models/mezo.sh: batch 64, lr 1e-6, eps 1e-3, 100,000 steps, dev every
+              10,000, constant schedule, no weight decay, every parameter)
+  ft-paper    the backprop baseline, LM-BFF's fine-tuning recipe (AdamW, lr 1e-5, batch 8,
+              1,000 steps, linear decay), the "FT" column of the MeZO paper
+Precedence: field defaults < recipe < --config JSON < flags.
 """
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from zotune.errors import UserError
@@ -13,63 +22,85 @@ from zotune.errors import UserError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO_ROOT / "models" / "zotune-roberta-small"
 
-# The backprop baseline follows LM-BFF's fine-tuning recipe (AdamW, lr 1e-5, batch 8,
-# 1,000 steps, linear decay), the "FT" column of the MeZO paper. Fields left at None
-# take the optimizer's default.
-OPTIMIZER_DEFAULTS = {
-    "mezo": dict(lr=1e-6, batch_size=64, steps=100_000, eval_steps=10_000, schedule="constant"),
-    "adam": dict(lr=1e-5, batch_size=8, steps=1_000, eval_steps=100, schedule="linear"),
+RECIPES = {
+    "demo": dict(optimizer="mezo", task="sst2", k=16, seed=42, trainable="lora", steps=300, lr=1e-2, eps=1e-2,
+                 batch_size=32, eval_steps=50, schedule="constant", device="cpu"),
+    "mezo-paper": dict(optimizer="mezo", trainable="full", lr=1e-6, eps=1e-3, batch_size=64, steps=100_000,
+                       eval_steps=10_000, schedule="constant", weight_decay=0.0),
+    "ft-paper": dict(optimizer="adam", trainable="full", lr=1e-5, batch_size=8, steps=1_000, eval_steps=100,
+                     schedule="linear", weight_decay=0.0),
 }
+DEFAULT_RECIPE = "demo"
+# A TrainConfig built in code without a recipe takes its optimizer's paper recipe for these.
+_PER_OPTIMIZER = ("lr", "batch_size", "steps", "eval_steps", "schedule")
+OPTIMIZER_DEFAULTS = {"mezo": {k: RECIPES["mezo-paper"][k] for k in _PER_OPTIMIZER},
+                      "adam": {k: RECIPES["ft-paper"][k] for k in _PER_OPTIMIZER}}
+
+
+def option(default, help: str, choices: tuple | None = None, flag: str | None = None):
+    """A config field with its --help text (and choices, or a flag name other than --<name>)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
 
 
 @dataclass
 class TrainConfig:
-    model: str = str(DEFAULT_MODEL)
-    tokenizer: str | None = None        # default: the model directory's tokenizer
-    task: str = "sst2"
-    k: int = 16
-    seed: int = 42                      # data split seed (LM-BFF's k-seed folder) and run seed
-    data_dir: str | None = None         # default: the repo's data/ (env ZOTUNE_DATA_DIR overrides)
-    output_dir: str | None = None       # default: runs/<task>-k<k>-<seed>-<optimizer>-<trainable>
-    optimizer: str = "mezo"             # mezo | adam
-    trainable: str = "full"             # full | bias | lora | prefix | top:K
-    layers: tuple[int, ...] | None = None
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    num_prefix: int = 5
-    steps: int | None = None
-    lr: float | None = None
-    eps: float = 1e-3
-    batch_size: int | None = None
-    weight_decay: float = 0.0
-    decay_all: bool = False             # also decay biases and LayerNorm weights (MeZO excludes them)
-    schedule: str | None = None         # constant | linear
-    n_spsa: int = 1                     # directions per step, averaged
+    recipe: str | None = option(None, "the named recipe the values started from (printed, not used)",
+                                tuple(RECIPES))
+    model: str = option(str(DEFAULT_MODEL), "checkpoint directory or Hub id")
+    tokenizer: str | None = option(None, "tokenizer directory (default: the model's)")
+    task: str = option("sst2", "sst2, sst5, trec, mnli, snli or rte")
+    k: int = option(16, "examples per label in the k-shot split (16 or 512 shipped)")
+    seed: int = option(42, "data split seed (LM-BFF's 13, 21, 42, 87, 100) and run seed")
+    data_dir: str | None = option(None, "folder holding <TASK>/k-shot-1k-test/<k>-<seed>/ (default: data/, "
+                                        "or $ZOTUNE_DATA_DIR)")
+    output_dir: str | None = option(None, "run directory (default: runs/<task>-k<k>-<seed>-<optimizer>-<trainable>)")
+    optimizer: str = option("mezo", "MeZO (forward only) or Adam (backprop baseline)", ("mezo", "adam"))
+    trainable: str = option("full", "full, bias, lora, prefix or top:K")
+    layers: tuple[int, ...] | None = option(None, "comma-separated layers for bias/lora/prefix, e.g. 20,21,22,23")
+    lora_rank: int = option(8, "LoRA rank")
+    lora_alpha: float = option(16.0, "LoRA alpha")
+    num_prefix: int = option(5, "prefix tokens per layer")
+    steps: int | None = option(None, "optimizer steps")
+    lr: float | None = option(None, "learning rate")
+    eps: float = option(1e-3, "MeZO perturbation scale")
+    batch_size: int | None = option(None, "examples per step")
+    weight_decay: float = option(0.0, "weight decay (not on biases and LayerNorm weights)")
+    decay_all: bool = option(False, "also decay biases and LayerNorm weights (MeZO excludes them)")
+    schedule: str | None = option(None, "learning-rate schedule", ("constant", "linear"))
+    n_spsa: int = option(1, "perturbation directions per step, averaged")
     # Under torchrun: None = data parallel (the batch is split across ranks); d = each rank
     # measures d directions of its own on the whole batch (N ranks: N*d-direction SPSA).
-    directions_per_rank: int | None = None
-    sync_check: int = 100               # compare a weight checksum across ranks every N steps
-    dist_timeout: float = 120.0         # seconds a collective waits for a dead rank before failing
-    eval_steps: int | None = None
-    log_steps: int = 10
-    log_every: int = 100                # fsync RUN/trajectory.jsonl at least this often (steps)
-    snapshot_every: int = 1000          # atomic RUN/snapshot.safetensors of the trainable tensors, for --resume
-    max_bad_steps: int = 10             # abort after this many NaN/Inf-loss steps in a row
-    eval_batch_size: int = 64
-    template: str | None = None         # LM-BFF syntax, e.g. *cls**sent_0*_It_was*mask*.*sep+*
-    label_words: str | None = None      # "terrible,great" or a JSON mapping label -> word
-    max_length: int | None = None
-    cache: bool = True                  # reuse the frozen trunk's hidden states where the subset allows
-    cache_budget: str = "1G"            # bytes of hidden states the cache may hold (K, M, G suffixes)
-    cache_spill: bool = False           # on a GPU, evict to host memory instead of dropping
-    pair: bool = True                   # run each direction's ± passes as one batch where the subset allows
-                                        # it (all but those training the embeddings, such as full)
-    device: str = "auto"
-    precision: str = "tf32"             # on CUDA: tf32 matmuls on float32 weights, or bf16 autocast
-    cuda_graphs: bool = True            # on CUDA: replay captured forward passes (no launch overhead)
-    quiet: bool = False
-    tensorboard: bool = False           # also log the metrics for TensorBoard under RUN/tensorboard
-    overwrite: bool = False
+    directions_per_rank: int | None = option(None, "under torchrun: each rank measures this many directions of "
+                                                   "its own instead of splitting the batch")
+    sync_check: int = option(100, "under torchrun: compare weight checksums every N steps")
+    dist_timeout: float = option(120.0, "under torchrun: seconds a collective waits for a dead rank")
+    eval_steps: int | None = option(None, "dev evaluation every N steps")
+    log_steps: int = option(10, "a metrics line every N steps")
+    log_every: int = option(100, "fsync RUN/trajectory.jsonl every N steps")
+    snapshot_every: int = option(1000, "snapshot the trainable tensors every N steps, for --resume")
+    max_bad_steps: int = option(10, "abort after N NaN/Inf-loss steps in a row")
+    eval_batch_size: int = option(64, "sequences per evaluation forward")
+    template: str | None = option(None, "LM-BFF template, e.g. '*cls**sent_0*_It_was*mask*.*sep+*'")
+    label_words: str | None = option(None, "'terrible,great' (in label order) or a JSON object label -> word")
+    max_length: int | None = option(None, "truncate prompts to this many tokens")
+    cache: bool = option(True, "reuse the frozen trunk's hidden states (results do not change)")
+    cache_budget: str = option("1G", "memory for cached hidden states, e.g. 512M or 2G")
+    cache_spill: bool = option(False, "on a GPU, evict cache entries to host memory")
+    pair: bool = option(True, "run each direction's +eps and -eps passes as one batch where the subset allows")
+    device: str = option("auto", "auto, cpu or cuda")
+    precision: str = option("tf32", "GPU matmul precision; the weights stay float32",
+                            ("tf32", "bf16", "float32"))
+    cuda_graphs: bool = option(True, "on CUDA, replay captured forward passes")
+    quiet: bool = option(False, "no progress bar")
+    tensorboard: bool = option(False, "also log metrics for TensorBoard (RUN/tensorboard)")
+    overwrite: bool = option(False, "replace an existing run directory")
+
+    @classmethod
+    def from_recipe(cls, name: str, values: dict) -> "TrainConfig":
+        """The recipe `name` with `values` over it."""
+        if name not in RECIPES:
+            raise UserError(f"unknown --recipe {name!r}; choose one of {', '.join(RECIPES)}")
+        return cls.from_dict({**RECIPES[name], "recipe": name, **values})
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZER_DEFAULTS:
@@ -139,7 +170,7 @@ def parse_bytes(text: str) -> int:
 
 # Fields added after runs were already being written, with the value that reproduces a run
 # written before each existed (its config.json and trajectory log lack the field).
-ADDED_FIELDS = {"pair": False}
+ADDED_FIELDS = {"pair": False, "recipe": None}
 
 
 def read_run_config(run_dir: str | Path) -> TrainConfig:

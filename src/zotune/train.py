@@ -75,6 +75,8 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
     splits = {s: load_split(session.task, data_dir, cfg.k, cfg.seed, s) for s in ("train", "dev", "test")}
     sequences = {s: encode(session.prompt, examples) for s, examples in splits.items()}
     run_dir = Path(cfg.output_dir)
+    if session.is_main:
+        print(announcement(cfg, session), flush=True)
     logged = trajectory.read_log(run_dir) if resume else None  # fails before anything is written
     if not resume and session.is_main:
         _prepare_run_dir(cfg)
@@ -95,6 +97,15 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
                              progress=f"{cfg.optimizer} {cfg.task}", quiet=cfg.quiet, tensorboard=cfg.tensorboard,
                              resumed=resume)
     return Run(cfg, session, run_dir, splits, sequences, step_fn, log, run_records, first_step, records)
+
+
+def announcement(cfg: TrainConfig, session: Session) -> str:
+    """The line a run starts with: its recipe and the values that define it."""
+    subset = cfg.trainable + (f" (layers {','.join(map(str, cfg.layers))})" if cfg.layers else "")
+    return (f"zotune train: recipe {cfg.recipe or '(none)'}: {cfg.optimizer} {subset} on {cfg.task} k={cfg.k} "
+            f"seed {cfg.seed}, {cfg.steps} steps, lr {cfg.lr:g}, eps {cfg.eps:g}, batch {cfg.batch_size}, "
+            f"dev every {cfg.eval_steps}; {sum(p.numel() for _, p in session.trainable):,} trainable parameters "
+            f"on {session.device} ({cfg.precision}); run directory {cfg.output_dir}")
 
 
 def _open_trajectory(session: Session, run_dir: Path, logged) -> tuple[trajectory.TrajectoryWriter, list[dict]]:
@@ -222,7 +233,7 @@ def finish(run: Run, started: float, train_time: float, resume: bool) -> dict:
         "steps_per_s": (cfg.steps - run.first_step) / train_time if train_time > 0 else 0.0,
         "peak_memory_bytes": peak_memory_bytes(device), "device": _device_name(device),
         "dev_accuracy": dev_accuracy, "test_accuracy": test_accuracy,
-        "cache": session.runner.cache_stats(),
+        "cache": session.runner.cache_stats(), "run_dir": str(run.run_dir),
     }
     if session.flat is not None:
         summary["sweeps_per_direction"] = 2 if session.flat.plus is not None else 3  # see session.add_second_buffer

@@ -152,7 +152,7 @@ def rewrite_log(run_dir: Path, header: dict, records: list[dict]):
 def check_header(header: dict, expected: dict, run_dir: Path):
     """A resume must continue the same run: same config (where the run lives aside), same base
     weights, same trainable layout. Each difference is a one-line UserError."""
-    skip = {"output_dir", "overwrite", "quiet"}
+    skip = {"output_dir", "overwrite", "quiet", "recipe"}
     logged = {k: v for k, v in {**ADDED_FIELDS, **header["config"]}.items() if k not in skip}
     now = {k: v for k, v in expected["config"].items() if k not in skip}
     if logged != now:
