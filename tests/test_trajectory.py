@@ -45,6 +45,7 @@ def test_replay_rebuilds_the_final_weights_bit_for_bit(tmp_path, tiny_mlm_dir, c
     assert header["config"] == TrainConfig(**header["config"]).to_dict()
     assert [r["step"] for r in records] == list(range(1, 13))
     assert all(len(r["seeds"]) == len(r["grads"]) == header["config"]["n_spsa"] for r in records)
+    capsys.readouterr()  # the training run's own lines
     assert main(["replay", str(run), "--output", str(tmp_path / "out")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["written"] == str(tmp_path / "out" / "trainable.safetensors") and report["steps"] == 12
