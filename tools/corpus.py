@@ -1,6 +1,6 @@
-"""Build the unlabeled pretraining corpus for zotune's small RoBERTa MLM (issue 3).
+"""Build the unlabeled pretraining corpus for zotune's small RoBERTa MLM (issues 3 and 19).
 
-Only training-split text of the shipped tasks goes in, and no labels:
+Two kinds of text go in, and no labels. First, the training-split text of the shipped tasks:
 
   SST-2   glue/train_full.tsv             sentences (GLUE train: phrases of the SST train trees)
   SST     trees/train.txt                 leaf words of each PTB tree, PTB escapes undone
@@ -15,7 +15,15 @@ decorative. The match key (`match_key`) lowercases, undoes PTB escapes and keeps
 [a-z0-9]: stricter than "same after case/whitespace", so tokenisation differences such as
 "wo n't" / "won't" or "\\/" / "/" cannot hide a duplicate.
 
-    python tools/corpus.py --out corpus.txt     # writes one line per sentence, prints counts
+Second, real English at scale: the 100,000 IMDB reviews of the Large Movie Review Dataset
+(Maas et al., ACL 2011; see ../shared/corpus/SOURCES.md for the copy and its processing),
+one review per line, read from the path given. A review is dropped if its match key CONTAINS
+the key of any dev or test sentence of any task (`drop_reviews_with_heldout`), not only if it
+equals one. Held-out keys under MIN_CONTAINED_CHARS characters are matched whole-line only:
+keys such as "good" or "abadday" occur inside countless unrelated reviews.
+
+    python tools/corpus.py --out corpus.txt                                # task sentences only
+    python tools/corpus.py --imdb ../shared/corpus/imdb_reviews.txt.xz     # also count the reviews
 """
 
 from __future__ import annotations
@@ -24,9 +32,12 @@ import argparse
 import csv
 import gzip
 import io
+import lzma
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -39,6 +50,7 @@ NLI_TASKS = ("MNLI", "SNLI", "RTE")
 _LEAF = re.compile(r"\((?:\d+) ([^()\s]+)\)")  # "(2 word)": a leaf of an SST PTB tree
 _SPACES = re.compile(r"\s+")
 _NOT_ALNUM = re.compile(r"[^a-z0-9]+")
+MIN_CONTAINED_CHARS = 16  # held-out keys at least this long are searched for inside reviews
 
 
 def undo_ptb(text: str) -> str:
@@ -149,6 +161,7 @@ class CorpusStats:
     duplicates: int = 0                                      # exact repeats dropped (after clean)
     removed: dict[str, int] = field(default_factory=dict)   # task -> lines removed as its dev/test text
     lines: int = 0
+    reviews_removed: dict[str, int] = field(default_factory=dict)  # task -> IMDB reviews holding its text
 
     def table(self) -> str:
         rows = [f"{'source':32s} {'read':>7s} {'kept':>7s}"]
@@ -157,6 +170,10 @@ class CorpusStats:
         rows.append("removed as dev/test text: " + ", ".join(f"{t} {n}" for t, n in self.removed.items())
                     + f" (total {sum(self.removed.values())})")
         rows.append(f"corpus lines: {self.lines}")
+        if self.reviews_removed:
+            rows.append("IMDB reviews removed for containing dev/test text, by task: " + ", ".join(
+                f"{t} {n}" for t, n in self.reviews_removed.items())
+                + f" ({self.raw['IMDB reviews'] - self.kept['IMDB reviews']} reviews)")
         return "\n".join(rows)
 
 
@@ -192,11 +209,76 @@ def build_corpus() -> tuple[list[str], CorpusStats]:
     return lines, stats
 
 
+# ---------------------------------------------------------------- IMDB reviews
+
+def read_reviews(path: Path) -> list[str]:
+    """One review per line of the (optionally xz-compressed) corpus file."""
+    opener = lzma.open if path.suffix == ".xz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [line for line in f.read().splitlines() if line.strip()]
+
+
+def _window_hashes(text: np.ndarray, width: int) -> np.ndarray:
+    """A polynomial hash (mod 2**64) of every `width`-byte window of text: [len(text) - width + 1]."""
+    n = len(text) - width + 1
+    h = np.zeros(max(n, 0), dtype=np.uint64)
+    with np.errstate(over="ignore"):  # wrapping is the modulus
+        for j in range(width):
+            h = h * np.uint64(1099511628211) + text[j:j + n]
+    return h
+
+
+def reviews_containing(review_keys: list[str], held: set[str], width: int = MIN_CONTAINED_CHARS) -> dict[int, str]:
+    """Index of each review whose key contains a held-out key of >= width characters -> that key.
+
+    Every window of the joined review keys is hashed once; windows whose hash equals that of a
+    held-out key's first `width` characters are candidates, checked by comparing the bytes, so a
+    hash collision can only cost time, never a wrong answer.
+    """
+    joined = "|".join(review_keys).encode("ascii")  # keys hold [a-z0-9] only: '|' never matches
+    starts = np.cumsum([0] + [len(k) + 1 for k in review_keys[:-1]])
+    long_keys = [k for k in held if len(k) >= width]
+    anchors: dict[int, list[str]] = {}
+    anchor_hashes = _window_hashes(np.frombuffer("|".join(k[:width] for k in long_keys).encode("ascii"),
+                                                 dtype=np.uint8).astype(np.uint64), width)
+    for key, h in zip(long_keys, anchor_hashes[::width + 1]):
+        anchors.setdefault(int(h), []).append(key)
+    table = np.array(sorted(anchors), dtype=np.uint64)
+    hashes = _window_hashes(np.frombuffer(joined, dtype=np.uint8).astype(np.uint64), width)
+    slot = np.minimum(np.searchsorted(table, hashes), len(table) - 1)
+    found: dict[int, str] = {}
+    for pos in np.nonzero(table[slot] == hashes)[0]:
+        for key in anchors[int(hashes[pos])]:
+            if joined.startswith(key.encode("ascii"), pos):
+                found.setdefault(int(np.searchsorted(starts, pos, side="right") - 1), key)
+    return found
+
+
+def drop_reviews_with_heldout(reviews: list[str], stats: CorpusStats) -> list[str]:
+    """The reviews that contain no dev or test sentence of any task (counts go to stats)."""
+    keys = [match_key(r) for r in reviews]
+    held = heldout_keys()
+    everything = set().union(*held.values())
+    hits = reviews_containing(keys, everything)
+    for i, k in enumerate(keys):  # short held-out keys: only a review that IS the sentence
+        if i not in hits and k in everything:
+            hits[i] = k
+    stats.raw["IMDB reviews"] = len(reviews)
+    stats.kept["IMDB reviews"] = len(reviews) - len(hits)
+    # A review counts for every task that has the sentence it holds (SST-2's test sentences
+    # are SST's too), so these add up to more than the reviews dropped.
+    stats.reviews_removed = {t: sum(key in ks for key in hits.values()) for t, ks in held.items()}
+    return [r for i, r in enumerate(reviews) if i not in hits]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="write the corpus here, one sentence per line")
+    ap.add_argument("--imdb", type=Path, help="also read and decontaminate the IMDB reviews (not written)")
     args = ap.parse_args()
     lines, stats = build_corpus()
+    if args.imdb:
+        drop_reviews_with_heldout(read_reviews(args.imdb), stats)
     print(stats.table())
     if args.out:
         args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")

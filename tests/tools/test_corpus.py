@@ -1,6 +1,8 @@
 """The pretraining corpus holds no dev/test sentence and no label (issue 3)."""
 
+import random
 import re
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +66,39 @@ def test_tree_leaves_and_ptb_escapes():
     assert corpus._LEAF.findall(line) == ["-LRB-", "Singer\\/composer", "is", "great"]
     assert corpus.clean(" ".join(corpus._LEAF.findall(line))) == "( Singer/composer is great"
     assert corpus.match_key("It 's  GREAT -LRB- really -RRB- .") == corpus.match_key("it's great (really).")
+
+
+# ---------------------------------------------------------------- IMDB reviews (issue 19)
+
+IMDB = Path(__file__).resolve().parents[3] / "shared" / "corpus" / "imdb_reviews.txt.xz"
+
+
+def test_reviews_containing_finds_planted_keys_only():
+    keys = ["xxabcdefghijklmnopqrzz", "nothinghereatall", "qq0123456789abcdefxy", "0123456789abcde"]
+    held = {"abcdefghijklmnopq", "0123456789abcdef", "short", "zzzzzzzzzzzzzzzzzzzz"}
+    assert corpus.reviews_containing(keys, held) == {0: "abcdefghijklmnopq", 2: "0123456789abcdef"}
+
+
+def test_review_that_holds_a_test_sentence_is_dropped():
+    sentence = corpus._tsv_columns(corpus.DATA / "SST-2/glue/dev.tsv.gz", ("sentence",))[0]
+    stats = corpus.CorpusStats()
+    reviews = ["A fine film.", f"Well. {sentence.upper()} That is all.", "Bad film, really bad."]
+    assert corpus.drop_reviews_with_heldout(reviews, stats) == [reviews[0], reviews[2]]
+    assert stats.reviews_removed["SST-2"] == 1 and stats.kept["IMDB reviews"] == 2
+    assert stats.reviews_removed["sst-5"] == 1  # an SST-2 test sentence is an SST test sentence too
+
+
+@pytest.mark.skipif(not IMDB.exists(), reason="no ../shared/corpus (the corpus is not in the repository)")
+def test_no_kept_review_contains_a_heldout_sentence():
+    """The hashed search against plain str.find over every kept review, for a sample of held-out
+    sentences of every task (all of them would take minutes), plus the ones it removed."""
+    stats = corpus.CorpusStats()
+    kept = corpus.drop_reviews_with_heldout(corpus.read_reviews(IMDB), stats)
+    assert stats.raw["IMDB reviews"] == 100_000 and len(kept) == stats.kept["IMDB reviews"] == 96_111
+    text = "|".join(corpus.match_key(r) for r in kept)
+    rng = random.Random(0)
+    for task, keys in corpus.heldout_keys().items():
+        long_keys = sorted(k for k in keys if len(k) >= corpus.MIN_CONTAINED_CHARS)
+        for key in rng.sample(long_keys, min(100, len(long_keys))):
+            assert text.find(key) < 0, (task, key)
+    assert sum(stats.reviews_removed.values()) >= 100_000 - 96_111 and stats.reviews_removed["SST-2"] > 0
