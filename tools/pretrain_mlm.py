@@ -1,21 +1,31 @@
-"""Pretrain zotune's default model: a small RoBERTa masked LM, from scratch (issue 3).
+"""Pretrain zotune's default model: a small RoBERTa masked LM, from scratch (issues 3 and 19).
 
 transformers' `RobertaForMaskedLM` is used for pretraining only; zotune's own engine is for MeZO.
-Recipe: the real RoBERTa BPE tokenizer (vocab 50265), RoBERTa's dynamic masking (15 % of
-non-special tokens; of those 80 % <mask>, 10 % a random token, 10 % unchanged; redrawn every
-step), AdamW (betas 0.9/0.98, eps 1e-6, as RoBERTa), linear warmup then linear or cosine
-decay, bf16 autocast on GPU, decoder tied to the word embeddings. The corpus is
-tools/corpus.py's: training-split text only, one sentence per example (the downstream prompt
-wraps one sentence, so the model never sees long packed blocks).
+Recipe: the real RoBERTa BPE tokenizer (vocab 50265); RoBERTa's FULL-SENTENCES input (documents
+concatenated, each ended by </s>, cut into blocks of `block` tokens that start with <s>; no
+padding, so every step has the same shapes); dynamic masking redrawn every step, 15 % of each
+block's non-special tokens (exactly round(0.15 * (block - 1)) a row, so the MLM head's input
+has a fixed shape too; of those 80 % <mask>, 10 % a random token, 10 % unchanged); AdamW (betas
+0.9/0.98, eps 1e-6, as RoBERTa), linear warmup then linear or cosine decay, bf16 autocast on a
+GPU, decoder tied to the word embeddings.
 
-At the end it scores zero-shot SST-2 with the LM-BFF prompt `<s> {sentence} It was <mask> . </s>`,
-' great' (372) vs ' terrible' (6587), on k-shot 16-42/dev.tsv (32), 512-42/dev.tsv (1024;
-the model-selection set: held out of the corpus, unlike the test set it is fair to pick on)
-and glue/dev.tsv (the 872-sentence SST-2 test set of LM-BFF/MeZO).
+The corpus (tools/corpus.py): the shipped tasks' training-split sentences, plus, with --corpus,
+the 100,000 IMDB reviews of the Large Movie Review Dataset (Maas et al., ACL 2011; see
+../shared/corpus/SOURCES.md), minus every review that contains a dev or test sentence.
 
-    python tools/pretrain_mlm.py --out models/zotune-roberta-small      # GPU, < 10 min on an H100
-    python tools/pretrain_mlm.py --smoke --out /tmp/smoke               # CPU, seconds
-    python tools/pretrain_mlm.py --sweep h256l2,h192l8 --out /tmp/sweep # presets in parallel, one table
+At every evaluation it scores zero-shot SST-2 with the LM-BFF prompt
+`<s> {sentence} It was <mask> . </s>`, ' great' (372) vs ' terrible' (6587), on k-shot
+512-42/dev.tsv (1024; the model-selection set, held out of the corpus) and glue/dev.tsv (the
+872-sentence SST-2 test set of MeZO): accuracy as is, the AUC of logit(' great') -
+logit(' terrible'), and the accuracy with the threshold on that difference fitted on 512-42/dev.
+
+    python tools/pretrain_mlm.py --corpus ../shared/corpus/imdb_reviews.txt.xz --out DIR   # GPU
+    python tools/pretrain_mlm.py --smoke --out /tmp/smoke                                   # CPU, seconds
+    python tools/pretrain_mlm.py --sweep h256l8,h256l6 --corpus ... --set end_time=T --out DIR  # in parallel
+
+With `end_time` (seconds since the epoch) instead of a fixed step count, a run times its steps
+for `calibration_s` seconds (never past the warmup) and then fixes its step count so that
+training ends by then; the count is recorded, and `--set steps=N` repeats the schedule exactly.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -38,31 +49,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus as corpus_mod  # noqa: E402  (tools/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = REPO / "tokenizers" / "roberta"
+# The repository's one copy of the RoBERTa BPE files (provenance in data/SOURCES.md): the
+# shipped model's tokenizer.json. The script reads it before it writes a model anywhere.
+TOKENIZER_DIR = REPO / "models" / "zotune-roberta-small"
 DATA = REPO / "data"
 
 BOS, PAD, EOS, UNK, MASK = 0, 1, 2, 3, 50264
 VOCAB = 50265
-GREAT, TERRIBLE = 372, 6587  # ' great', ' terrible' (tokenizers/roberta, see data/SOURCES.md)
-MAX_CHECKPOINT_BYTES = 30_000_000  # issue 3: "a checkpoint of at most 30 MB"
+GREAT, TERRIBLE = 372, 6587  # ' great', ' terrible' (see data/SOURCES.md)
+MAX_CHECKPOINT_BYTES = 45_000_000  # issue 19: "the model directory at most 45 MB (float16 safetensors)"
 
 
 @dataclass
 class PretrainConfig:
-    # Architecture. The 50265 x hidden word embedding dominates the size budget: at hidden 256
-    # it alone is 12.9M params = 25.7 MB in float16, leaving ~2M params for the encoder. The
-    # defaults are the shipped model's (preset h256l2): the sweep in models/zotune-roberta-small/
-    # README.md found every size at chance zero-shot, and this one is best on 512-42/dev and the
-    # cheapest to run (2 layers) on zotune's CPU default path.
+    # Architecture. The 50265 x hidden word embedding dominates the size budget (12.9M params,
+    # 25.7 MB in float16 at hidden 256), so depth is cheaper in bytes than width.
     hidden: int = 256
-    layers: int = 2
+    layers: int = 6
     heads: int = 4
     ffn: int = 1024
     dropout: float = 0.1
-    max_len: int = 128           # tokens per example incl. <s> </s>; longer lines are cut
+    block: int = 128             # tokens per training row, <s> included
     # Optimisation (RoBERTa's AdamW betas/eps; lr and batch for a model this small).
-    steps: int = 10_000
-    batch_size: int = 256        # sentences per step
+    steps: int = 20_000
+    end_time: float = 0.0        # > 0: fit `steps` so that training ends by this time (epoch seconds)
+    calibration_s: float = 45.0  # seconds of steps timed before `steps` is fitted to end_time
+    overrun_s: float = 90.0      # training stops this long after end_time whatever the schedule says
+    batch_size: int = 256        # rows per step
     lr: float = 1e-3
     warmup_steps: int = 1_000
     schedule: str = "linear"     # "linear" or "cosine" decay after warmup, to 0
@@ -70,12 +83,9 @@ class PretrainConfig:
     clip: float = 1.0
     mask_prob: float = 0.15
     seed: int = 0
-    # Each step, a line is encoded with a leading space with this probability. Without it a
-    # line's first word is the space-less BPE token ("great", not " great" = 372), so the
-    # label words would lose the many phrases that start with them (SST-2 phrases often do).
-    prefix_space_prob: float = 0.5
-    eval_every: int = 2_500      # zero-shot dev accuracy during training (log only; the last step is kept)
-    max_lines: int = 0           # 0 = whole corpus; the smoke mode uses a slice
+    eval_every: int = 2_000      # zero-shot dev/test scores during training (log only; the last step is kept)
+    max_docs: int = 0            # 0 = every document; the smoke mode uses a slice
+    compile: bool = False        # torch.compile the training step (shapes are static)
 
     def n_params(self) -> int:
         """Parameters saved in the checkpoint (tied decoder counted once)."""
@@ -85,17 +95,18 @@ class PretrainConfig:
         head = h * h + h + 2 * h + VOCAB               # dense, LayerNorm, output bias
         return emb + self.layers * layer + head
 
+    def masked_per_row(self) -> int:
+        return round(self.mask_prob * (self.block - 1))
+
 
 PRESETS: dict[str, dict] = {
     # name: overrides of PretrainConfig. fp16 size = 2 bytes x n_params().
-    "h256l2": dict(hidden=256, layers=2, heads=4, ffn=1024),
-    "h256l3f512": dict(hidden=256, layers=3, heads=4, ffn=512),
-    "h224l4": dict(hidden=224, layers=4, heads=4, ffn=896),
-    "h192l8": dict(hidden=192, layers=8, heads=3, ffn=768),  # 8 layers: 1.5x slower than h256l2 per step
-    "h192l10": dict(hidden=192, layers=10, heads=3, ffn=768),
-    "h128l8": dict(hidden=128, layers=8, heads=2, ffn=512),
+    "h256l8": dict(hidden=256, layers=8, heads=4, ffn=1024),
+    "h256l6": dict(hidden=256, layers=6, heads=4, ffn=1024),
+    "h256l4": dict(hidden=256, layers=4, heads=4, ffn=1024),
+    "h256l2": dict(hidden=256, layers=2, heads=4, ffn=1024),  # the issue-3 model's size
     "smoke": dict(hidden=32, layers=1, heads=2, ffn=64, steps=30, batch_size=16, warmup_steps=5,
-                  eval_every=0, max_lines=2_000),
+                  eval_every=0, max_docs=2_000, block=32),
 }
 
 
@@ -108,55 +119,41 @@ def load_tokenizer():
     return tok
 
 
-def encode_corpus(lines: list[str], tok, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lines -> ids [2, N, max_len] (padded with <pad>) and lengths [N]; each row is <s> line </s>.
-
-    Variant 0 is the line as is, variant 1 the line with a leading space (see prefix_space_prob).
-    lengths is the longer of the two, so a batch cut to it fits either.
-    """
-    ids = np.full((2, len(lines), max_len), PAD, dtype=np.int64)
-    lengths = np.zeros(len(lines), dtype=np.int64)
-    for v, texts in enumerate((lines, [" " + l for l in lines])):
-        enc = tok(texts, add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"]
-        for i, e in enumerate(enc):
-            ids[v, i, : len(e)] = e
-            lengths[i] = max(lengths[i], len(e))
-    return ids, lengths
+def load_documents(imdb: Path | None, max_docs: int, seed: int) -> tuple[list[str], corpus_mod.CorpusStats]:
+    """Task sentences and (with a path) the decontaminated IMDB reviews, shuffled together."""
+    docs, stats = corpus_mod.build_corpus()
+    if imdb is not None:
+        docs = docs + corpus_mod.drop_reviews_with_heldout(corpus_mod.read_reviews(imdb), stats)
+    order = np.random.default_rng(seed).permutation(len(docs))
+    docs = [docs[i] for i in order]
+    return (docs[:max_docs] if max_docs else docs), stats
 
 
-def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """One shuffled epoch of row indices, batched so that rows of similar length go together.
-
-    Shuffle, cut into pools of 50 batches, sort each pool by length, batch, shuffle the batches:
-    random batches with little padding (sentence lengths here run from 3 to 128 tokens).
-    """
-    order = rng.permutation(len(lengths))
-    pool = 50 * batch_size
-    batches = []
-    for start in range(0, len(order), pool):
-        chunk = order[start : start + pool]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
+def pack_blocks(docs: list[str], tok, block: int) -> np.ndarray:
+    """FULL-SENTENCES blocks: every document's tokens then </s>, concatenated, cut into rows of
+    block - 1 tokens, each led by <s>: [N, block] int32 (the ragged tail is dropped)."""
+    encoded = tok(docs, add_special_tokens=False)["input_ids"]
+    stream = np.fromiter((t for ids in encoded for t in (*ids, EOS)), dtype=np.int32)
+    n = len(stream) // (block - 1)
+    rows = stream[: n * (block - 1)].reshape(n, block - 1)
+    return np.concatenate([np.full((n, 1), BOS, dtype=np.int32), rows], axis=1)
 
 
-def mask_tokens(ids: torch.Tensor, prob: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoBERTa's masking: pick `prob` of the non-special tokens; 80 % -> <mask>, 10 % -> random, 10 % kept.
+def mask_tokens(ids: torch.Tensor, n_masked: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RoBERTa's masking, `n_masked` positions a row: 80 % -> <mask>, 10 % -> random, 10 % kept.
 
-    ids: [B, L]. Returns (inputs [B, L], labels [B, L] with -100 where nothing is predicted).
-    Random tokens are drawn from the ordinary vocabulary (ids 4..50263), as fairseq zeroes
-    the weights of special symbols.
+    ids: [B, L]. Returns inputs [B, L], the picked positions [B, n_masked] (never <s>, </s> or
+    <pad>) and their labels [B, n_masked]. Random tokens come from the ordinary vocabulary
+    (ids 4..50263), as fairseq zeroes the weights of special symbols.
     """
     special = (ids == BOS) | (ids == PAD) | (ids == EOS)
-    u = torch.rand(ids.shape, device=ids.device, generator=gen)
-    picked = (u < prob) & ~special
-    labels = torch.where(picked, ids, torch.full_like(ids, -100))
-    v = torch.rand(ids.shape, device=ids.device, generator=gen)
-    random_ids = torch.randint(4, MASK, ids.shape, device=ids.device, generator=gen)
-    inputs = torch.where(picked & (v < 0.8), torch.full_like(ids, MASK), ids)
-    inputs = torch.where(picked & (v >= 0.8) & (v < 0.9), random_ids, inputs)
-    return inputs, labels
+    score = torch.rand(ids.shape, device=ids.device, generator=gen).masked_fill(special, -1.0)
+    picked = score.topk(n_masked, dim=1).indices                                   # [B, n]
+    labels = ids.gather(1, picked)
+    v = torch.rand(picked.shape, device=ids.device, generator=gen)
+    random_ids = torch.randint(4, MASK, picked.shape, device=ids.device, generator=gen, dtype=ids.dtype)
+    new = torch.where(v < 0.8, torch.full_like(labels, MASK), torch.where(v < 0.9, random_ids, labels))
+    return ids.scatter(1, picked, new), picked, labels
 
 
 # ---------------------------------------------------------------- zero-shot prompt scorer
@@ -173,9 +170,8 @@ def prompt_ids(sentence: str, tok) -> list[int]:
 
 
 @torch.no_grad()
-def zero_shot(model, tok, sentences: list[str], labels: list[int], device, batch: int = 256) -> dict:
-    """Accuracy of argmax(' terrible', ' great') at <mask>, the share predicted ' great', and the
-    AUC of logit(' great') - logit(' terrible') against the label (signal that a bias can hide)."""
+def great_minus_terrible(model, tok, sentences: list[str], device, batch: int = 256) -> torch.Tensor:
+    """logit(' great') - logit(' terrible') at <mask> of each sentence's prompt: [N] float32, CPU."""
     was_training = model.training
     model.eval()
     diffs = []
@@ -191,23 +187,47 @@ def zero_shot(model, tok, sentences: list[str], labels: list[int], device, batch
         at_mask = logits[ids == MASK].float()                                  # [B, V]
         diffs.append((at_mask[:, GREAT] - at_mask[:, TERRIBLE]).cpu())
     model.train(was_training)
-    diff = torch.cat(diffs)
-    pred = (diff > 0).long()
-    gold = torch.tensor(labels)
+    return torch.cat(diffs)
+
+
+def auc(diff: torch.Tensor, gold: torch.Tensor) -> float:
+    """Area under the ROC curve of diff as a score for label 1 (ties count a half)."""
     pos, neg = diff[gold == 1], diff[gold == 0]
-    auc = ((pos[:, None] > neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean()).item()
-    return {"acc": (pred == gold).float().mean().item(), "great_share": pred.float().mean().item(),
-            "auc": auc, "n": len(labels)}
+    return ((pos[:, None] > neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean()).item()
+
+
+def fit_threshold(diff: torch.Tensor, gold: torch.Tensor) -> float:
+    """The threshold t (predict ' great' where diff > t) of best accuracy on these labels: the
+    midpoints between neighbouring scores, and one below the lowest, are the candidates."""
+    values = diff.sort().values
+    cuts = torch.cat([values[:1] - 1, (values[1:] + values[:-1]) / 2])
+    accs = [((diff > t).long() == gold).float().mean().item() for t in cuts.tolist()]
+    return cuts[int(np.argmax(accs))].item()
+
+
+def zero_shot(model, tok, sets: dict[str, tuple[list[str], list[int]]], device) -> dict:
+    """Per set: accuracy of argmax(' terrible', ' great') at <mask>, the share predicted ' great',
+    the AUC of the logit difference (signal that a bias can hide), and the accuracy with the
+    threshold fitted on the selection set (SELECTION; never on the test set)."""
+    diffs = {k: great_minus_terrible(model, tok, s, device) for k, (s, _) in sets.items()}
+    golds = {k: torch.tensor(l) for k, (_, l) in sets.items()}
+    threshold = fit_threshold(diffs[SELECTION], golds[SELECTION])
+    return {k: {"acc": ((d > 0).long() == golds[k]).float().mean().item(),
+                "great_share": (d > 0).float().mean().item(), "auc": auc(d, golds[k]),
+                "acc_dev_threshold": ((d > threshold).long() == golds[k]).float().mean().item(),
+                "n": len(d)} for k, d in diffs.items()}
+
+
+SELECTION, TEST = "512-42/dev", "glue/dev (test)"
 
 
 def eval_sets(small: bool) -> dict[str, tuple[list[str], list[int]]]:
     sets = {
-        "16-42/dev": read_sst2(DATA / "SST-2/k-shot-1k-test/16-42/dev.tsv.gz"),
-        "512-42/dev": read_sst2(DATA / "SST-2/k-shot-1k-test/512-42/dev.tsv.gz"),
-        "glue/dev (test)": read_sst2(DATA / "SST-2/glue/dev.tsv.gz"),
+        SELECTION: read_sst2(DATA / "SST-2/k-shot-1k-test/512-42/dev.tsv.gz"),
+        TEST: read_sst2(DATA / "SST-2/glue/dev.tsv.gz"),
     }
     if small:  # smoke runs: 64 sentences a set
-        sets = {k: (s[:64], l[:64]) for k, (s, l) in sets.items()}
+        sets = {k: (s[:: len(s) // 64][:64], l[:: len(l) // 64][:64]) for k, (s, l) in sets.items()}
     return sets
 
 
@@ -232,96 +252,125 @@ def build_model(cfg: PretrainConfig):
 def lr_factor(step: int, cfg: PretrainConfig) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return 1.0 - t if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def train(cfg: PretrainConfig, device: torch.device, log=print) -> tuple[object, dict]:
-    t0 = time.time()
-    torch.manual_seed(cfg.seed)  # weight init only; masking and batching use their own generators
-    tok = load_tokenizer()
-    lines, stats = corpus_mod.build_corpus()
-    if cfg.max_lines:
-        lines = lines[: cfg.max_lines]
-    ids_np, lengths = encode_corpus(lines, tok, cfg.max_len)
-    n_tokens = int((ids_np[0] != PAD).sum())
-    log(stats.table())
-    log(f"corpus: {len(lines)} sentences, {n_tokens} tokens incl. <s></s> "
-        f"(mean {lengths.mean():.1f}, max {lengths.max()}); prep {time.time() - t0:.1f}s")
+def mlm_loss(model, inputs: torch.Tensor, picked: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy at the picked positions only: the 50265-way projection over every position
+    would cost more than the encoder. inputs [B, L], picked and labels [B, n]."""
+    hidden = model.roberta(input_ids=inputs).last_hidden_state                          # [B, L, H]
+    rows = hidden.gather(1, picked[..., None].expand(-1, -1, hidden.shape[-1]))         # [B, n, H]
+    logits = model.lm_head(rows)                                                         # [B, n, V]
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().long())
 
-    model = build_model(cfg).to(device)
-    ids_all = torch.from_numpy(ids_np).to(device)  # [2, N, max_len], on the device once
+
+def make_optimizer(model, cfg: PretrainConfig, device: torch.device):
     decay = [p for p in model.parameters() if p.ndim >= 2]     # matrices and embeddings
     no_decay = [p for p in model.parameters() if p.ndim < 2]   # biases and LayerNorm gains
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda",
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    sets = eval_sets(small=cfg.max_lines > 0)
-    log(f"model: {cfg.n_params() / 1e6:.2f}M params, fp16 {2 * cfg.n_params() / 1e6:.1f} MB; "
-        f"{cfg.steps} steps x {cfg.batch_size} sentences = {cfg.steps * cfg.batch_size / len(lines):.1f} epochs")
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
 
-    batches: list[np.ndarray] = []
+
+def prepare(cfg: PretrainConfig, imdb: Path | None, log) -> tuple[object, np.ndarray, dict]:
+    t0 = time.time()
+    tok = load_tokenizer()
+    docs, stats = load_documents(imdb, cfg.max_docs, cfg.seed)
+    blocks = pack_blocks(docs, tok, cfg.block)
+    log(stats.table())
+    log(f"corpus: {len(docs)} documents, {blocks.size} tokens in {len(blocks)} blocks of {cfg.block}; "
+        f"prep {time.time() - t0:.1f}s")
+    info = {"documents": len(docs), "tokens": int(blocks.size), "blocks": len(blocks),
+            "stats": dataclasses.asdict(stats), "imdb": str(imdb) if imdb else None}
+    return tok, blocks, info
+
+
+def train(cfg: PretrainConfig, device: torch.device, imdb: Path | None = None, log=print) -> tuple[object, dict]:
+    torch.manual_seed(cfg.seed)  # weight init only; masking and batching use their own generators
+    tok, blocks_np, corpus_info = prepare(cfg, imdb, log)
+    model = build_model(cfg).to(device)
+    blocks = torch.from_numpy(blocks_np).to(device)  # [N, block], on the device once
+    opt, sched = make_optimizer(model, cfg, device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    sets = eval_sets(small=cfg.max_docs > 0)
+    step_fn = torch.compile(mlm_loss) if cfg.compile else mlm_loss
+    n_masked = cfg.masked_per_row()
+    log(f"model: {cfg.n_params() / 1e6:.2f}M params, fp16 {2 * cfg.n_params() / 1e6:.1f} MB; "
+        f"batch {cfg.batch_size} x {cfg.block} tokens, {n_masked} masked a row")
+
+    order = torch.empty(0, dtype=torch.long, device=device)
     loss_sum = torch.zeros((), device=device)
-    history, last_losses = [], []
+    history, last_losses, t_calibrated, fitted, stopped_early = [], [], None, False, None
     model.train()
     t_train = time.time()
-    for step in range(cfg.steps):
-        if not batches:
-            batches = epoch_batches(lengths, cfg.batch_size, rng)
-        rows = batches.pop()
-        width = int(lengths[rows].max())                     # known on the host: no sync
-        variant = torch.from_numpy((rng.random(len(rows)) < cfg.prefix_space_prob).astype(np.int64))
-        rows_d = torch.from_numpy(rows).to(device, non_blocking=True)
-        ids = ids_all[variant.to(device, non_blocking=True), rows_d, :width]  # [B, L]
-        inputs, labels = mask_tokens(ids, cfg.mask_prob, gen)
+    step = 0
+    while step < cfg.steps:
+        if len(order) < cfg.batch_size:  # a fresh permutation each epoch; the tail rows wait for the next
+            order = torch.randperm(len(blocks), device=device, generator=gen)
+        rows, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        inputs, picked, labels = mask_tokens(blocks[rows].long(), n_masked, gen)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            hidden = model.roberta(input_ids=inputs, attention_mask=ids != PAD).last_hidden_state  # [B, L, H]
-            picked = labels != -100
-            # The 50265-way projection runs on the ~15 % picked positions only; over every position
-            # it would cost more than the whole encoder. (The boolean index syncs with the host
-            # once a step, as M is data-dependent: cheap next to the step at these sizes.)
-            logits = model.lm_head(hidden[picked])            # [M, V]
-        loss = F.cross_entropy(logits.float(), labels[picked])
+            loss = step_fn(model, inputs, picked, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         loss_sum += loss.detach()
+        step += 1
 
-        done = step + 1
-        if done % 500 == 0 or done == cfg.steps:
-            n = 500 if done % 500 == 0 else done % 500
+        if cfg.end_time and step == 20:  # compilation and warm-up done: time from here
+            sync(device)
+            t_calibrated = time.time()
+        elif cfg.end_time and t_calibrated and not fitted and (
+                time.time() - t_calibrated >= cfg.calibration_s or step == cfg.warmup_steps - 1):
+            sync(device)  # fitted inside the warmup, so `--set steps=N` later repeats the schedule
+            per_step = (time.time() - t_calibrated) / (step - 20)
+            cfg.steps = max(cfg.warmup_steps, step + int((cfg.end_time - time.time()) / per_step))
+            fitted = True
+            log(f"calibrated: {1e3 * per_step:.1f} ms a step -> {cfg.steps} steps by the end time")
+        if cfg.end_time and time.time() > cfg.end_time + cfg.overrun_s:
+            log(f"stopped at step {step} of {cfg.steps}: {cfg.overrun_s:.0f} s past the end time")
+            stopped_early = step
+            cfg.steps = step
+        if step % 500 == 0 or step == cfg.steps:
+            n = 500 if step % 500 == 0 else step % 500
             mean = loss_sum.item() / n
             loss_sum.zero_()
             last_losses.append(mean)
-            log(f"step {done:6d}  loss {mean:.4f}  lr {sched.get_last_lr()[0]:.2e}  {time.time() - t_train:6.1f}s")
-        if cfg.eval_every and (done % cfg.eval_every == 0) and done != cfg.steps:
-            accs = {k: zero_shot(model, tok, s, l, device)["acc"] for k, (s, l) in sets.items()}
-            history.append({"step": done, **accs})
-            log(f"  zero-shot @ {done}: " + "  ".join(f"{k} {v:.3f}" for k, v in accs.items()))
+            log(f"step {step:6d}  loss {mean:.4f}  lr {sched.get_last_lr()[0]:.2e}  {time.time() - t_train:6.1f}s")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            scores = zero_shot(model, tok, sets, device)
+            history.append({"step": step, "loss": last_losses[-1] if last_losses else None, **scores})
+            log(f"  zero-shot @ {step}: " + "  ".join(
+                f"{k} acc {v['acc']:.3f} auc {v['auc']:.3f} cal {v['acc_dev_threshold']:.3f}" for k, v in scores.items()))
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     train_s = time.time() - t_train
-    results = {k: zero_shot(model, tok, s, l, device) for k, (s, l) in sets.items()}
-    history.append({"step": cfg.steps, **{k: v["acc"] for k, v in results.items()}})
+    results = zero_shot(model, tok, sets, device)
+    history.append({"step": cfg.steps, "loss": last_losses[-1], **results})
     metrics = {
         "config": dataclasses.asdict(cfg),
         "n_params": cfg.n_params(),
-        "corpus": {"sentences": len(lines), "tokens": n_tokens, "stats": dataclasses.asdict(stats)},
+        "corpus": corpus_info,
         "final_mlm_loss": last_losses[-1],   # mean over the last 500 training steps (masked tokens)
         "zero_shot": results,
         "history": history,
         "train_s": train_s,
+        "tokens_seen": cfg.steps * cfg.batch_size * cfg.block,
+        "stopped_early_at": stopped_early,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "torch": torch.__version__,
     }
     return model, metrics
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------- saving
@@ -330,26 +379,66 @@ def save(model, metrics: dict, out: Path, shard: str, t_start: float) -> None:
     """HF format: config, float16 safetensors shards, tokenizer files, model card."""
     out.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu", dtype=torch.float16)
-    # The 50265 x H embedding is one tensor; transformers never splits a tensor, so at H >= 146
-    # its shard is bigger than `shard` (it warns); the rest shard as asked.
+    # The 50265 x H embedding is one tensor; transformers never splits a tensor, so its shard is
+    # bigger than `shard`; the rest shard as asked.
     model.save_pretrained(out, max_shard_size=shard)
     load_tokenizer().save_pretrained(out)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     assert size <= MAX_CHECKPOINT_BYTES, f"checkpoint {size} B > {MAX_CHECKPOINT_BYTES} B"
     metrics["checkpoint_bytes"] = size
     metrics["wall_s"] = time.time() - t_start  # everything up to here; the card is written last
-    (out / "README.md").write_text(model_card(metrics), encoding="utf-8")
     (out / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
 
 
-def model_card(m: dict) -> str:
-    c, st, zs = m["config"], m["corpus"]["stats"], m["zero_shot"]
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def history_table(m: dict) -> str:
+    """Markdown rows: step, MLM loss, then acc / AUC / dev-threshold acc of each eval set."""
+    sets = list(m["zero_shot"])
+    head = "| step | MLM loss | " + " | ".join(f"{k} acc | AUC | acc, dev threshold" for k in sets) + " |"
+    rule = "|---|---|" + "---|---|---|" * len(sets)
+    rows = [f"| {h['step']} | {h['loss']:.3f} | " + " | ".join(
+        f"{pct(h[k]['acc'])} | {h[k]['auc']:.3f} | {pct(h[k]['acc_dev_threshold'])}" for k in sets) + " |"
+        for h in m["history"] if h.get("loss") is not None]
+    return "\n".join([head, rule, *rows])
+
+
+def rescore_on_cpu(out: Path) -> dict:
+    """The saved float16 checkpoint reloaded on the CPU in float32 and scored again."""
+    from transformers import AutoModelForMaskedLM
+    model = AutoModelForMaskedLM.from_pretrained(out, dtype=torch.float32).eval()
+    return zero_shot(model, load_tokenizer(), eval_sets(small=False), torch.device("cpu"))
+
+
+def write_card(out: Path, sweep_json: Path | None, fewshot_md: Path | None) -> None:
+    """Rescore the model in `out` on the CPU and write its card from pretrain_metrics.json, the
+    sweep that chose it (sweep.json) and a fine-tuning results section (Markdown), if given."""
+    metrics_path = out / "pretrain_metrics.json"
+    m = json.loads(metrics_path.read_text())
+    m["zero_shot_reloaded_cpu"] = rescore_on_cpu(out)
+    if sweep_json:
+        m["selection"] = {name: {k: r[k] for k in ("config", "n_params", "final_mlm_loss", "zero_shot", "history",
+                                                    "train_s", "device")}
+                          for name, r in json.loads(sweep_json.read_text()).items()}
+    metrics_path.write_text(json.dumps(m, indent=1), encoding="utf-8")
+    results = fewshot_md.read_text() if fewshot_md else "Not measured yet.\n"
+    (out / "README.md").write_text(model_card(m, results), encoding="utf-8")
+
+
+def model_card(m: dict, results: str) -> str:
+    c, st = m["config"], m["corpus"]["stats"]
     src = "\n".join(f"| {s} | {st['raw'][s]} | {st['kept'].get(s, 0)} |" for s in st["raw"])
     removed = ", ".join(f"{t} {n}" for t, n in st["removed"].items())
-    zrows = "\n".join(f"| {k} | {v['n']} | {100 * v['acc']:.1f} | {100 * v['great_share']:.1f} |" for k, v in zs.items())
-    hist = "\n".join(
-        f"| {h['step']} | " + " | ".join(f"{100 * h[k]:.1f}" for k in zs) + " |" for h in m["history"]
-    )
+    reviews_removed = ", ".join(f"{t} {n}" for t, n in st.get("reviews_removed", {}).items())
+    zs = m["zero_shot_reloaded_cpu"]
+    zrows = "\n".join(f"| {k} | {v['n']} | {pct(v['acc'])} | {pct(v['great_share'])} | {v['auc']:.3f} | "
+                      f"{pct(v['acc_dev_threshold'])} |" for k, v in zs.items())
+    selection = "\n\n".join(
+        f"**{name}** ({r['n_params'] / 1e6:.2f}M parameters, {r['config']['layers']} layers, "
+        f"{r['config']['steps']} steps in {r['train_s']:.0f} s, final MLM loss {r['final_mlm_loss']:.3f}):\n\n"
+        + history_table(r) for name, r in m.get("selection", {}).items())
     return f"""---
 license: mit
 language: en
@@ -359,105 +448,95 @@ pipeline_tag: fill-mask
 # zotune-roberta-small
 
 zotune's default model: a small RoBERTa-architecture masked LM pretrained from scratch by
-`tools/pretrain_mlm.py` (issue 3), because no pretrained masked LM can be downloaded where zotune
-is developed. It is a stand-in for roberta-large, made to show MeZO learning on a tiny budget; do
-not expect roberta-large numbers from it.
+`tools/pretrain_mlm.py` (issue 19) on real English, because no pretrained masked LM can be
+downloaded where zotune is developed. It is a stand-in for roberta-large: small enough to
+fine-tune on two CPU cores, good enough that MeZO's effect shows. Do not expect roberta-large
+numbers from it.
 
 ## Architecture and size
 
 `RobertaForMaskedLM`: hidden {c['hidden']}, {c['layers']} layers, {c['heads']} heads, FFN {c['ffn']},
-max positions 514 (trained on examples of up to {c['max_len']} tokens, so positions past that are
-untrained), decoder tied to the word embeddings, the real RoBERTa BPE tokenizer (vocab 50265,
-`<s>`=0 `<pad>`=1 `</s>`=2 `<mask>`=50264). {m['n_params'] / 1e6:.2f}M parameters, of which
-{50265 * c['hidden'] / 1e6:.2f}M are the word embedding; weights stored as float16 safetensors,
-{m['checkpoint_bytes'] / 1e6:.1f} MB. (The word embedding is a single tensor, so its shard is larger
-than the 14 MB shard size asked for.)
+max positions 514 (trained on blocks of {c['block']} tokens, so positions past that are untrained),
+decoder tied to the word embeddings, the real RoBERTa BPE tokenizer (vocab 50265, `<s>`=0
+`<pad>`=1 `</s>`=2 `<mask>`=50264). {m['n_params'] / 1e6:.2f}M parameters, of which
+{50265 * c['hidden'] / 1e6:.2f}M are the word embedding; float16 safetensors,
+{m['checkpoint_bytes'] / 1e6:.1f} MB (the word embedding is one tensor, so its shard is larger than
+the 14 MB asked for).
 
 ## Corpus
 
-Unlabeled training-split text only, built by `tools/corpus.py`, one sentence per example:
-{m['corpus']['sentences']} sentences, {m['corpus']['tokens']} tokens (with `<s>`/`</s>`).
+Built by `tools/corpus.py` and `load_documents` in the script: {m['corpus']['documents']} documents,
+{m['corpus']['tokens']} tokens in {m['corpus']['blocks']} blocks of {c['block']}.
 
-| source | sentences read | kept (new, not dev/test) |
+| source | read | kept |
 |---|---|---|
 {src}
 
-Exact duplicates dropped: {st['duplicates']}. **Decontamination:** every line whose key
-(lowercased, PTB escapes undone, only a-z0-9 kept) equals that of a dev or test sentence of any
-task was removed: {removed} (total {sum(st['removed'].values())}). Held-out text covers SST-2
-glue/dev (the 872-sentence test set), glue/test and all k-shot dev/test files; sst-5 original
-dev/test, the SST dev/test trees and all k-shot dev/test files; TREC test and k-shot dev/test;
-MNLI/SNLI/RTE k-shot dev/test. The k-shot dev files are drawn from the same train pools, which is
-why so many SST, sst-5, TREC and RTE train sentences go: the union of the five 512-shot dev
-splits covers most of those small train sets. `tests/tools/test_corpus.py` checks that no SST-2
-or sst-5 dev/test sentence is in the corpus.
+- **IMDB reviews**: the 100,000 reviews of the Large Movie Review Dataset (Maas et al., ACL 2011;
+  text only, no labels), from `../shared/corpus/imdb_reviews.txt.xz` (its SOURCES.md says where
+  the copy comes from and how it was processed; it is not in this repository). A review is
+  dropped if its match key (lowercased, PTB escapes undone, only a-z0-9 kept) *contains* the key of
+  any dev or test sentence of the six tasks that is at least 16 characters long, or equals a
+  shorter one: {st['raw']['IMDB reviews'] - st['kept']['IMDB reviews']} reviews (by task, a review counting
+  for each task that has its sentence: {reviews_removed}).
+- **Task training text**: one sentence per document; exact duplicates dropped
+  ({st['duplicates']}), and every line whose key equals that of a dev or test sentence of any task
+  removed: {removed}.
+- `tests/tools/test_corpus.py` checks both filters, the containment one against a brute-force
+  search.
 
 ## Pretraining
 
-RoBERTa's recipe at small scale: dynamic masking redrawn every step (15 % of non-special tokens;
-80 % `<mask>`, 10 % random, 10 % unchanged), AdamW (lr {c['lr']}, betas 0.9/0.98, eps 1e-6,
-weight decay {c['weight_decay']} on matrices), {c['warmup_steps']} warmup steps then {c['schedule']}
-decay to 0, gradient clipping {c['clip']}, dropout {c['dropout']}, bf16 autocast.
-{c['steps']} steps x {c['batch_size']} sentences
-({c['steps'] * c['batch_size'] / m['corpus']['sentences']:.0f} epochs). Final MLM loss (mean over the
-last 500 steps, masked tokens): **{m['final_mlm_loss']:.3f}**.
+RoBERTa's recipe at small scale: FULL-SENTENCES blocks, dynamic masking redrawn every step
+({c['mask_prob']:.0%} of each block's non-special tokens; 80 % `<mask>`, 10 % random, 10 % unchanged),
+AdamW (lr {c['lr']}, betas 0.9/0.98, eps 1e-6, weight decay {c['weight_decay']} on matrices),
+{c['warmup_steps']} warmup steps then {c['schedule']} decay to 0, gradient clipping {c['clip']},
+dropout {c['dropout']}, bf16 autocast, `torch.compile`. {c['steps']} steps x {c['batch_size']} blocks of
+{c['block']} tokens ({m['tokens_seen'] / 1e9:.2f}B tokens, {m['tokens_seen'] / m['corpus']['tokens']:.0f} epochs);
+the step count was fitted to a time budget after the first 45 s (`end_time`), and
+`--set steps={c['steps']}` repeats the schedule. Final MLM loss (mean over the last 500 steps,
+masked tokens): **{m['final_mlm_loss']:.3f}**.
 
-Device: {m['device']} (torch {m['torch']}). Wall time {m['wall_s']:.0f} s for the whole script
-(corpus, tokenisation, training {m['train_s']:.0f} s, evaluation, saving).{(chr(10) * 2 + m['note']) if m.get('note') else ''}
+Device: {m['device']} (torch {m['torch']}), sharing the GPU with the other run of the sweep below.
+Training {m['train_s']:.0f} s; {m['wall_s']:.0f} s for the whole script (corpus, tokenisation, training,
+evaluation, saving).
 
 ## Zero-shot SST-2
 
-Prompt `<s> {{sentence}} It was <mask> . </s>` (LM-BFF's SST-2 template), prediction =
-argmax of the logits of ' great' (372) and ' terrible' (6587) at `<mask>`, no calibration.
-512-42/dev was the model-selection set when the size and recipe were chosen; glue/dev is the test
-set and was not used to choose.
+Prompt `<s> {{sentence}} It was <mask> . </s>` (LM-BFF's SST-2 template), prediction = the larger
+logit of ' great' (372) and ' terrible' (6587) at `<mask>`. The checkpoint reloaded on the CPU in
+float32 (`pretrain_metrics.json`, `zero_shot_reloaded_cpu`). AUC is that of logit(' great') -
+logit(' terrible') against the label; "dev threshold" predicts ' great' where that difference
+exceeds the threshold of best accuracy on 512-42/dev, the model-selection set (never fitted on
+the test set).
 
-| eval set | sentences | accuracy % | predicted ' great' % |
-|---|---|---|---|
+| eval set | sentences | accuracy % | predicted ' great' % | AUC | accuracy with the dev threshold % |
+|---|---|---|---|---|---|
 {zrows}
 
-During training (accuracy %):
+This scorer strips each sentence; zotune's prompts keep the data's trailing space (as LM-BFF's
+code does), a lone ' ' token before ' It', so `zotune eval` gives a little less (70.3 % on the
+test set against 72.1 % here, both float32 on a CPU).
 
-| step | {' | '.join(zs)} |
-|---|{'---|' * len(zs)}
-{hist}
+## How the size was chosen
 
-{selection_section(m)}## MeZO / fine-tuning results
+Two sizes trained at once on one GPU for the same 15-minute budget, each taking about half of
+it; the one with the better selection-set accuracy (512-42/dev, threshold fitted on it) ships.
+Curves (accuracy %, as scored during training in bf16; in these, a bug since fixed put the
+dev threshold one dev sentence off the best cut):
 
-Pending: SST-2 test accuracy, mean (std) over data seeds 13, 21, 42, 87, 100, for zero-shot, MeZO
-(full), MeZO (LoRA) and Adam fine-tuning at k=16 and k=512 will be added here.
+{selection}
 
+## MeZO / fine-tuning results
+
+{results}
 ## Reproduce
 
-    python tools/pretrain_mlm.py --out models/zotune-roberta-small
-"""
-
-
-def selection_section(m: dict) -> str:
-    """The sweep that chose the size, if the metrics carry one (added when the card is written)."""
-    if not m.get("selection"):
-        return ""
-    num = lambda x, fmt: "–" if x is None or math.isnan(x) else format(x, fmt)  # noqa: E731
-    rows = "\n".join(
-        f"| {r['run']} | {r['sweep']} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['prefix_space_prob']} | "
-        f"{num(r['loss'], '.3f')} | {num(100 * r['dev_acc'], '.1f')} | {num(r['dev_auc'], '.3f')} | "
-        f"{num(100 * r['test_acc'], '.1f')} | {num(r['test_auc'], '.3f')} | {num(100 * r['great_share'], '.1f')} |"
-        for r in m["selection"]
-    )
-    return f"""## How the size was chosen
-
-Sweep on {m['device']}, six runs at a time sharing the one GPU, batch 256 sentences, lr 1e-3,
-linear decay, dropout 0.1 unless named. dev = 512-42/dev (1024 sentences, held out of the corpus;
-the selection set), test = glue/dev (872). AUC is that of logit(' great') - logit(' terrible')
-against the label: it shows signal that a bias towards one word hides. "prefix space" is
-`prefix_space_prob`, the share of lines encoded with a leading space (sweep 1 had none).
-
-| run | sweep | params | steps | prefix space | MLM loss | dev acc % | dev AUC | test acc % | test AUC | test ' great' % |
-|---|---|---|---|---|---|---|---|---|---|---|
-{rows}
-
-{m.get('selection_note', '')}
-
+    python tools/pretrain_mlm.py --sweep h256l8:compile=true,h256l6:compile=true \\
+        --corpus ../shared/corpus/imdb_reviews.txt.xz --set end_time=$(( $(date +%s) + 900 )) \\
+        --set eval_every=1500 --out out/pt
+    python tools/pretrain_mlm.py --card models/zotune-roberta-small --sweep-json out/pt/sweep.json \\
+        --results results.md
 """
 
 
@@ -470,10 +549,10 @@ def run_dir(name: str) -> str:
 def sweep(names: list[str], out: Path, extra: list[str], deadline_s: float) -> None:
     """Run presets as parallel processes on one GPU; print a table.
 
-    Each run saves its model under out/<name>/; out/best.txt names the best on 512-42/dev (the
-    model-selection set), out/sweep.json holds every run's metrics. Runs still going after
-    deadline_s are killed (their logs, with the timings, stay in out/sweep.log). A preset may
-    carry overrides after ':', e.g. "h224l4:seed=1:dropout=0.2".
+    Each run saves its model under out/<name>/; out/best.txt names the best on the selection set
+    (512-42/dev accuracy with a threshold fitted on it), out/sweep.json holds every run's
+    metrics. Runs still going after deadline_s are killed (their logs stay in out/<name>.log). A
+    preset may carry overrides after ':', e.g. "h256l8:seed=1:lr=2e-3".
     """
     out.mkdir(parents=True, exist_ok=True)
     procs = {}
@@ -481,8 +560,8 @@ def sweep(names: list[str], out: Path, extra: list[str], deadline_s: float) -> N
         preset, *overrides = name.split(":")
         sets = [a for kv in overrides for a in ("--set", kv)]
         cmd = [sys.executable, __file__, "--preset", preset, "--out", str(out / run_dir(name)), *extra, *sets,
-               "--metrics", str(out / f"{name}.json")]
-        procs[name] = subprocess.Popen(cmd, stdout=open(out / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+               "--metrics", str(out / f"{run_dir(name)}.json")]
+        procs[name] = subprocess.Popen(cmd, stdout=open(out / f"{run_dir(name)}.log", "w"), stderr=subprocess.STDOUT)
     t_end = time.time() + deadline_s
     for name, p in procs.items():
         try:
@@ -490,68 +569,77 @@ def sweep(names: list[str], out: Path, extra: list[str], deadline_s: float) -> N
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-    with open(out / "sweep.log", "w") as f:
-        for name in names:
-            f.write(f"===== {name}\n" + (out / f"{name}.log").read_text())
-            (out / f"{name}.log").unlink()
-    print(f"{'run':26s} {'params':>7s} {'MB':>5s} {'steps':>6s} {'loss':>6s} {'16-42dev':>8s} "
-          f"{'512-42dev':>9s} {'auc':>5s} {'glue/dev':>8s} {'auc':>5s} {'great%':>6s} {'wall_s':>6s}")
+    print(f"{'run':24s} {'params':>7s} {'steps':>6s} {'loss':>6s} {'dev acc':>7s} {'auc':>5s} {'cal':>5s} "
+          f"{'test acc':>8s} {'auc':>5s} {'cal':>5s} {'great%':>6s} {'train_s':>7s}")
     done = {}
     for name in names:
-        path = out / f"{name}.json"
+        path = out / f"{run_dir(name)}.json"
         if not path.exists():
-            print(f"{name:26s} FAILED or killed at the deadline (see sweep.log)")
+            print(f"{name:24s} FAILED or killed at the deadline (see {run_dir(name)}.log)")
             continue
         m = done[name] = json.loads(path.read_text())
-        path.unlink()
-        z = m["zero_shot"]
-        d, t = z["512-42/dev"], z["glue/dev (test)"]
-        print(f"{name:26s} {m['n_params'] / 1e6:6.2f}M {2 * m['n_params'] / 1e6:5.1f} {m['config']['steps']:6d} "
-              f"{m['final_mlm_loss']:6.3f} {z['16-42/dev']['acc']:8.3f} {d['acc']:9.3f} {d['auc']:5.3f} "
-              f"{t['acc']:8.3f} {t['auc']:5.3f} {100 * t['great_share']:6.1f} {m['wall_s']:6.0f}")
-        print("   history (512-42/dev / glue/dev acc): "
-              + "  ".join(f"{h['step']}:{h['512-42/dev']:.3f}/{h['glue/dev (test)']:.3f}" for h in m["history"]))
+        d, t = m["zero_shot"][SELECTION], m["zero_shot"][TEST]
+        print(f"{name:24s} {m['n_params'] / 1e6:6.2f}M {m['config']['steps']:6d} {m['final_mlm_loss']:6.3f} "
+              f"{d['acc']:7.3f} {d['auc']:5.3f} {d['acc_dev_threshold']:5.3f} {t['acc']:8.3f} {t['auc']:5.3f} "
+              f"{t['acc_dev_threshold']:5.3f} {100 * t['great_share']:6.1f} {m['train_s']:7.0f}")
     (out / "sweep.json").write_text(json.dumps(done, indent=1))
     if done:
-        best = max(done, key=lambda n: done[n]["zero_shot"]["512-42/dev"]["acc"])
+        best = max(done, key=lambda n: done[n]["zero_shot"][SELECTION]["acc_dev_threshold"])
         (out / "best.txt").write_text(run_dir(best) + "\n")
-        print(f"best on 512-42/dev: {best}")
+        print(f"best on {SELECTION} (accuracy, threshold fitted on it): {best}")
     print(f"device: {', '.join({m['device'] for m in done.values()}) or '?'}")
+
+
+def parse_config(preset: str | None, overrides: list[str]) -> PretrainConfig:
+    cfg = PretrainConfig(**PRESETS.get(preset, {})) if preset else PretrainConfig()
+    for kv in overrides:
+        key, value = kv.split("=", 1)
+        field_type = type(getattr(cfg, key))
+        setattr(cfg, key, value.lower() in ("1", "true") if field_type is bool else field_type(value))
+    if 2 * cfg.n_params() > MAX_CHECKPOINT_BYTES:
+        sys.exit(f"config {cfg} gives {2 * cfg.n_params() / 1e6:.1f} MB in float16, over "
+                 f"{MAX_CHECKPOINT_BYTES / 1e6:.0f} MB; make it smaller")
+    if cfg.end_time and cfg.warmup_steps <= 40:
+        sys.exit("end_time needs warmup_steps > 40: the step count is fitted inside the warmup")
+    return cfg
 
 
 def main() -> None:
     t_start = time.time()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "models" / "zotune-roberta-small")
+    ap.add_argument("--corpus", type=Path, default=None,
+                    help="imdb_reviews.txt.xz (../shared/corpus; see its SOURCES.md); without it, task text only")
     ap.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)}")
-    ap.add_argument("--smoke", action="store_true", help="tiny model, few steps, CPU: checks the script end to end")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, few steps: checks the script end to end")
+    ap.add_argument("--device", default="auto", help="auto (a GPU if there is one, except with --smoke), cpu or cuda")
     ap.add_argument("--sweep", default=None, help="comma-separated presets to run in parallel (GPU)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a PretrainConfig field")
-    ap.add_argument("--deadline", type=float, default=540.0, help="sweep: kill runs still going after this many seconds")
+    ap.add_argument("--deadline", type=float, default=1800.0, help="sweep: kill runs still going after this many seconds")
     ap.add_argument("--shard-size", default="14MB")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--metrics", type=Path, default=None, help="also write the metrics JSON here")
+    ap.add_argument("--card", type=Path, default=None, help="rescore this saved model on the CPU and write its card")
+    ap.add_argument("--sweep-json", type=Path, default=None, help="with --card: the sweep that chose the model")
+    ap.add_argument("--results", type=Path, default=None, help="with --card: the fine-tuning results (Markdown)")
     args = ap.parse_args()
+
+    if args.card:
+        write_card(args.card, args.sweep_json, args.results)
+        return
 
     if args.sweep:
         extra = [a for kv in args.set for a in ("--set", kv)]
+        if args.corpus:
+            extra += ["--corpus", str(args.corpus)]
         sweep(args.sweep.split(","), args.out, extra, args.deadline)
         return
 
-    preset = "smoke" if args.smoke else args.preset
-    cfg = PretrainConfig(**PRESETS.get(preset, {})) if preset else PretrainConfig()
-    for kv in args.set:
-        key, value = kv.split("=", 1)
-        field_type = type(getattr(cfg, key))
-        setattr(cfg, key, field_type(value))
-    if 2 * cfg.n_params() > MAX_CHECKPOINT_BYTES:
-        sys.exit(f"config {cfg} gives {2 * cfg.n_params() / 1e6:.1f} MB in float16, over 30 MB; make it smaller")
-
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = parse_config("smoke" if args.smoke else args.preset, args.set)
+    auto = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    device = torch.device(auto if args.device == "auto" else args.device)
     print(f"config: {dataclasses.asdict(cfg)}; device: {device}", flush=True)
-    model, metrics = train(cfg, device, log=lambda s: print(s, flush=True))
+    model, metrics = train(cfg, device, args.corpus, log=lambda s: print(s, flush=True))
     if not args.no_save:
         save(model, metrics, args.out, "1MB" if args.smoke else args.shard_size, t_start)
         print(f"saved {args.out} ({metrics['checkpoint_bytes'] / 1e6:.1f} MB of safetensors)")
@@ -559,7 +647,8 @@ def main() -> None:
     if args.metrics:
         args.metrics.write_text(json.dumps(metrics, indent=1))
     for k, v in metrics["zero_shot"].items():
-        print(f"zero-shot {k:16s} acc {v['acc']:.3f}  great {v['great_share']:.3f}  (n={v['n']})")
+        print(f"zero-shot {k:16s} acc {v['acc']:.3f}  auc {v['auc']:.3f}  acc (dev threshold) "
+              f"{v['acc_dev_threshold']:.3f}  great {v['great_share']:.3f}  (n={v['n']})")
     print(f"final MLM loss {metrics['final_mlm_loss']:.4f}; device {metrics['device']}; "
           f"train {metrics['train_s']:.0f}s; wall {metrics['wall_s']:.0f}s")
 

@@ -1,13 +1,16 @@
-"""tools/pretrain_mlm.py: masking recipe, size accounting, and an end-to-end CPU smoke run."""
+"""tools/pretrain_mlm.py: packing, masking recipe, size accounting, and an end-to-end CPU smoke run."""
 
 import json
+import lzma
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import corpus
 import pretrain_mlm as P
 
 REPO = Path(__file__).resolve().parents[2]
@@ -15,23 +18,34 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_masking_follows_roberta_recipe():
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, P.MASK, (512, 128), generator=gen)
-    ids[:, 0], ids[:, 100], ids[:, 101:] = P.BOS, P.EOS, P.PAD
-    inputs, labels = P.mask_tokens(ids, 0.15, gen)
-    picked = labels != -100
-    special = (ids == P.BOS) | (ids == P.EOS) | (ids == P.PAD)
-    assert not (picked & special).any() and (inputs[special] == ids[special]).all()
-    assert (labels[picked] == ids[picked]).all() and (inputs[~picked] == ids[~picked]).all()
-    n = picked.sum().item()
-    assert abs(n / (~special).sum().item() - 0.15) < 0.005
-    to_mask = (inputs[picked] == P.MASK).sum().item() / n
-    kept = (inputs[picked] == ids[picked]).sum().item() / n
-    assert abs(to_mask - 0.8) < 0.01 and abs(kept - 0.1) < 0.01  # the rest (~10 %) are random tokens
-    assert ((inputs >= 4) & (inputs < P.MASK) | special | (inputs == P.MASK)).all()
+    ids = torch.randint(4, P.MASK, (2048, 128), generator=gen)
+    ids[:, 0], ids[:, 60] = P.BOS, P.EOS
+    inputs, picked, labels = P.mask_tokens(ids, 19, gen)
+    assert picked.shape == labels.shape == (2048, 19)
+    assert all(len(set(row.tolist())) == 19 for row in picked[:64])        # distinct positions a row
+    assert not ((picked == 0) | (picked == 60)).any()                       # never <s> or </s>
+    assert (labels == ids.gather(1, picked)).all()
+    changed = torch.zeros_like(ids, dtype=torch.bool).scatter(1, picked, True)
+    assert (inputs[~changed] == ids[~changed]).all()
+    got = inputs.gather(1, picked)
+    to_mask = (got == P.MASK).float().mean().item()
+    kept = (got == labels).float().mean().item()
+    assert abs(to_mask - 0.8) < 0.01 and abs(kept - 0.1) < 0.01            # the rest (~10 %) are random tokens
+    assert ((got >= 4) & (got < P.MASK) | (got == P.MASK)).all()
+
+
+def test_pack_blocks_is_full_sentences():
+    tok = P.load_tokenizer()
+    docs = ["A first review, long enough to run over one block.", "Short.", "A third one here."]
+    blocks = P.pack_blocks(docs, tok, 8)
+    assert blocks.dtype == np.int32 and blocks.shape[1] == 8 and (blocks[:, 0] == P.BOS).all()
+    stream = [t for d in docs for t in (*tok.encode(d, add_special_tokens=False), P.EOS)]
+    assert blocks[:, 1:].ravel().tolist() == stream[: blocks[:, 1:].size]  # in order, cut every 7, tail dropped
+    assert len(stream) - blocks[:, 1:].size < 7
 
 
 @pytest.mark.parametrize("preset", [p for p in P.PRESETS if p != "smoke"])
-def test_presets_fit_30mb_and_count_matches_transformers(preset):
+def test_presets_fit_45mb_and_count_matches_transformers(preset):
     cfg = P.PretrainConfig(**P.PRESETS[preset])
     assert 2 * cfg.n_params() <= P.MAX_CHECKPOINT_BYTES
     if preset == "h256l2":
@@ -39,12 +53,10 @@ def test_presets_fit_30mb_and_count_matches_transformers(preset):
 
 
 def test_default_config_is_the_shipped_models():
-    shipped = REPO / "models" / "zotune-roberta-small" / "config.json"
-    if not shipped.exists():
-        pytest.skip("no shipped model")
-    c, cfg = json.loads(shipped.read_text()), P.PretrainConfig()
+    c, cfg = json.loads((REPO / "models" / "zotune-roberta-small" / "config.json").read_text()), P.PretrainConfig()
     assert (c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["intermediate_size"]) == (
         cfg.hidden, cfg.layers, cfg.heads, cfg.ffn)
+    assert 2 * cfg.n_params() <= P.MAX_CHECKPOINT_BYTES
 
 
 def test_prompt_ids_are_lm_bff_sst2_template():
@@ -54,10 +66,26 @@ def test_prompt_ids_are_lm_bff_sst2_template():
     assert tok.decode(ids) == "<s>it 's a charming journey . It was<mask>.</s>"
 
 
+def test_threshold_and_auc():
+    diff, gold = torch.tensor([-2.0, -1.0, 0.5, 1.0, 3.0]), torch.tensor([0, 0, 0, 1, 1])
+    t = P.fit_threshold(diff, gold)
+    assert ((diff > t).long() == gold).all()                  # 0.5 < t < 1.0 separates them
+    assert P.auc(diff, gold) == 1.0 and P.auc(-diff, gold) == 0.0
+    assert P.auc(torch.zeros(4), torch.tensor([0, 1, 0, 1])) == 0.5
+
+
 def test_smoke_run_end_to_end(tmp_path):
+    """Task text plus a small IMDB-format file (one review holds an SST-2 test sentence), a card."""
+    test_sentence = corpus._tsv_columns(corpus.DATA / "SST-2/glue/dev.tsv.gz", ("sentence",))[5]
+    reviews = ["I liked it a lot, the acting was good.", "Meh. " + test_sentence.upper() + " Really.",
+               "Not my kind of film, too long by half."] * 10
+    imdb = tmp_path / "reviews.txt.xz"
+    with lzma.open(imdb, "wt", encoding="utf-8") as f:
+        f.write("\n".join(reviews) + "\n")
     out = tmp_path / "model"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "pretrain_mlm.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    run = lambda *a: subprocess.run([sys.executable, str(REPO / "tools" / "pretrain_mlm.py"), *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=600)
+    proc = run("--smoke", "--corpus", str(imdb), "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "zero-shot glue/dev (test)" in proc.stdout
     from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -68,7 +96,15 @@ def test_smoke_run_end_to_end(tmp_path):
     assert tok.mask_token_id == P.MASK and tok("hi").input_ids[0] == P.BOS
     ids = torch.tensor([P.prompt_ids("a fine film .", tok)])
     assert model(input_ids=ids).logits.shape == (1, ids.shape[1], P.VOCAB)
-    card = (out / "README.md").read_text()
-    assert "## MeZO / fine-tuning results" in card and "Pending" in card
     metrics = json.loads((out / "pretrain_metrics.json").read_text())
-    assert metrics["corpus"]["sentences"] == 2000 and metrics["device"] == "CPU"
+    stats = metrics["corpus"]["stats"]
+    assert stats["raw"]["IMDB reviews"] == 30 and stats["kept"]["IMDB reviews"] == 20
+    assert stats["reviews_removed"]["SST-2"] == 10
+    assert metrics["corpus"]["documents"] == 2000 and metrics["device"] == "CPU"
+
+    proc = run("--card", str(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    card = (out / "README.md").read_text()
+    assert "## MeZO / fine-tuning results" in card and "Not measured yet" in card
+    rescored = json.loads((out / "pretrain_metrics.json").read_text())["zero_shot_reloaded_cpu"]
+    assert set(rescored) == {P.SELECTION, P.TEST} and rescored[P.TEST]["n"] == 872
