@@ -18,12 +18,12 @@ from zotune.tasks.data import default_data_dir, load_split  # noqa: E402
 from zotune.tasks.tasks import TASKS  # noqa: E402
 from zotune.tasks.templates import PromptTemplate  # noqa: E402
 
-ROBERTA_LARGE = json.loads((REPO / "tokenizers/roberta/config.json").read_text())
+ROBERTA_LARGE = json.loads((REPO / "benchmarks/roberta-large-config.json").read_text())
 
 
 def sst2_prompt() -> PromptTemplate:
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenizers/roberta")
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "models/zotune-roberta-small")
     task = TASKS["sst2"]
     return PromptTemplate(tokenizer, task.template, task.label_words, task.max_length)
 
@@ -39,7 +39,7 @@ def session(trainable: str, base=None, **options):
     tokenizer), over `base` (default: a random RoBERTa-large on the GPU)."""
     from zotune.config import TrainConfig
     from zotune.session import Session
-    cfg = TrainConfig(model="random-roberta-large", tokenizer=str(REPO / "tokenizers/roberta"), task="sst2",
+    cfg = TrainConfig(model="random-roberta-large", tokenizer=str(REPO / "models/zotune-roberta-small"), task="sst2",
                       trainable=trainable, device="cuda", **options)
     return Session.build(cfg, random_roberta_large() if base is None else base)
 

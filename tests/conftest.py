@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import RobertaConfig, RobertaForMaskedLM
 
-ROBERTA_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "tokenizers" / "roberta"
+ROBERTA_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "models" / "zotune-roberta-small"  # the one copy of the RoBERTa BPE files
 
 
 def save_tiny_roberta(path, *, vocab_size=60, hidden=32, layers=2, heads=4, tie=True, seed=0,

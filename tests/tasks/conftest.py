@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "tokenizers" / "roberta"
+TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "models" / "zotune-roberta-small"
 
 
 @pytest.fixture(scope="session")
