@@ -33,7 +33,7 @@ def load_tokenizer(model_dir: Path | None, tokenizer: str | None):
         return AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # missing files raise OSError, ValueError or TypeError depending on the version
         raise UserError(f"cannot load a tokenizer from {source} ({type(exc).__name__}); "
-                        f"pass --tokenizer DIR (e.g. tokenizers/roberta)") from None
+                        f"pass --tokenizer DIR (e.g. models/zotune-roberta-small)") from None
 
 
 def get_task(name: str) -> Task:
@@ -87,3 +87,21 @@ def write_predictions(path: Path, logits: torch.Tensor, examples: list[Example])
     write_text_atomic(path, "".join(
         json.dumps({"label": example.label, "pred": int(max(range(len(row)), key=row.__getitem__)), "logits": row})
         + "\n" for example, row in zip(examples, logits.tolist())))
+
+
+def dev_threshold_accuracy(dev_logits: torch.Tensor, dev_examples: list[Example], logits: torch.Tensor,
+                           examples: list[Example]) -> float:
+    """Accuracy of a two-class prompt with its decision threshold fitted on a labelled dev set:
+    predict label 1 where logit1 - logit0 exceeds the threshold of best dev accuracy (the
+    midpoints between neighbouring dev scores, and one below the lowest, are the candidates;
+    the first best wins). Zero-shot 'calibrated on dev', beside the raw argmax."""
+    if dev_logits.shape[-1] != 2:
+        raise UserError("a dev-fitted threshold needs a two-class task")
+    dev_score = dev_logits[:, 1] - dev_logits[:, 0]
+    dev_labels = torch.tensor([e.label for e in dev_examples])
+    values = dev_score.sort().values
+    cuts = torch.cat([values[:1] - 1, (values[1:] + values[:-1]) / 2])
+    correct = ((dev_score[None, :] > cuts[:, None]).long() == dev_labels[None, :]).sum(1)   # [cuts]
+    threshold = cuts[int(correct.argmax())]
+    predicted = (logits[:, 1] - logits[:, 0] > threshold).long()
+    return int((predicted == torch.tensor([e.label for e in examples])).sum()) / len(examples)
