@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from zotune.errors import UserError
+from zotune.errors import UserError, require
 from zotune.files import write_atomic
 
 
@@ -51,7 +51,7 @@ def _series(records: list[dict], key: str, transform=lambda v: v) -> tuple[list[
 
 
 def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    import matplotlib
+    matplotlib = require("matplotlib", "plot", "zotune plot")
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
