@@ -100,7 +100,7 @@ class TrainConfig:
     @classmethod
     def from_recipe(cls, name: str, values: dict) -> "TrainConfig":
         """The recipe `name` with `values` over it."""
-        if name not in RECIPES:
+        if not isinstance(name, str) or name not in RECIPES:
             raise UserError(f"unknown --recipe {name!r}; choose one of {', '.join(RECIPES)}")
         return cls.from_dict({**RECIPES[name], "recipe": name, **values})
 

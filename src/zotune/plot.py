@@ -22,11 +22,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):  # a run killed mid-write leaves a partial last line
                 break
             raise UserError(f"{path}:{number} is not a JSON line; the metrics log is damaged") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise UserError(f"{path}:{number} is not a metrics line (no step); the metrics log is damaged")
+        records.append(record)
     if not records:
         raise UserError(f"{path} is empty; the run logged no step yet")
     return records

@@ -122,12 +122,11 @@ def kept_metrics(run_dir: Path, last_step: int) -> list[dict]:
     damaged line is a UserError, never carried into the resumed run."""
     path = run_dir / "metrics.jsonl"
     lines = path.read_text().split("\n")[:-1] if path.is_file() else []
-    kept = []
+    kept, previous = [], 0
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-            ok = (isinstance(record, dict) and _is_int(record.get("step"))
-                  and (not kept or record["step"] > kept[-1]["step"])
+            ok = (isinstance(record, dict) and _is_int(record.get("step")) and record["step"] > previous
                   and all(_is_number(record.get(key), optional=key != "lr")
                           for key in ("loss", "projected_grad", "lr", "dev_accuracy")))
         except (json.JSONDecodeError, TypeError):
@@ -135,6 +134,7 @@ def kept_metrics(run_dir: Path, last_step: int) -> list[dict]:
         if not ok:
             raise UserError(f"{path}:{number} is not a metrics line of this run; restore the file or delete it "
                             f"(dev history before step {last_step} is then lost)")
+        previous = record["step"]
         if record["step"] <= last_step:
             kept.append(record)
     return kept

@@ -94,7 +94,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> tuple[ModelConfig, 
         architectures = [architectures]
     known = [a for a in architectures if a in ARCHITECTURES]
     if not known:
-        raise UserError(f"unsupported architecture {architectures or hf.get('model_type')}; "
+        raise UserError(f"{source}: unsupported architecture {architectures or hf.get('model_type')}; "
                         f"zotune loads {', '.join(ARCHITECTURES)}")
     architecture = known[0]
     bad = [k for k in _REQUIRED_KEYS if not isinstance(hf.get(k), int) or isinstance(hf[k], bool) or hf[k] < 1]
