@@ -167,6 +167,7 @@ def test_kills_at_many_instants_of_resumes_lose_nothing(tmp_path, tiny_mlm_dir):
     deadline = time.monotonic() + 300
     while _logged_steps(killed) < 12 and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert victim.poll() is None, victim.communicate()[1]
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     rng = random.Random()
