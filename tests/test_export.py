@@ -140,7 +140,8 @@ def test_prefix_runs_are_a_clear_user_error(tmp_path, runs):
     run = tmp_path / "prefix"  # the check reads config.json only, before any weights
     run.mkdir()
     cfg = json.loads((runs["lora"][0] / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({**cfg, "trainable": "prefix"}))
+    # The LoRA run's rank and alpha go back to their defaults: a prefix config with them is now refused.
+    (run / "config.json").write_text(json.dumps({**cfg, "trainable": "prefix", "lora_rank": 8, "lora_alpha": 16.0}))
     with pytest.raises(UserError, match="prefix-tuning runs cannot be exported"):
         export(run, tmp_path / "out")
     assert not (tmp_path / "out").exists()

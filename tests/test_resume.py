@@ -150,3 +150,73 @@ def test_a_run_written_before_a_config_field_existed_still_resumes(tmp_path, tin
     assert cfg.pair is False
     assert train(cfg, resume=True)["resumed_from_step"] == 3
     assert _same(whole / "final.safetensors", old / "final.safetensors")
+
+
+def test_kills_at_many_instants_of_resumes_lose_nothing(tmp_path, tiny_mlm_dir):
+    # Issue 21: a resume killed during its start-up (before its first log point) used to leave
+    # metrics.jsonl empty. Kill resumes at instants spread over start-up, the log and metrics
+    # rewrites, steps and snapshot writes (one every 5 steps); each kill must leave every
+    # metrics line the run had, and the run must still end bit-identical.
+    def args(run):
+        a = _train_args(tiny_mlm_dir, run, steps=150)
+        a[a.index("--snapshot-every") + 1] = "5"
+        return a
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    reference = _zotune(*args(whole))
+    victim = _zotune(*args(killed))
+    deadline = time.monotonic() + 300
+    while _logged_steps(killed) < 12 and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert victim.poll() is None, victim.communicate()[1]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    rng = random.Random()
+    instants = [0.3 * i + rng.uniform(0, 0.3) for i in range(1, 25, 2)]  # seconds after the start: ~0.3 .. 7.5
+    for instant in instants:
+        metrics = (killed / "metrics.jsonl").read_text()
+        before = metrics[:metrics.rfind("\n") + 1]  # its complete lines
+        resumed = _zotune("train", "--resume", str(killed))
+        try:
+            resumed.wait(timeout=instant)
+        except subprocess.TimeoutExpired:
+            resumed.send_signal(signal.SIGKILL)
+        _, err = resumed.communicate()
+        assert resumed.returncode in (0, -signal.SIGKILL), (instant, err)
+        assert (killed / "metrics.jsonl").read_text().startswith(before), instant
+        if resumed.returncode == 0:
+            break
+    else:
+        last = _zotune("train", "--resume", str(killed))
+        _, err = last.communicate(timeout=300)
+        assert last.returncode == 0, err
+    assert reference.wait(timeout=300) == 0
+    for name in ("final.safetensors", "best.safetensors"):
+        assert _same(whole / name, killed / name), (name, instants)
+    assert (whole / "metrics.jsonl").read_text() == (killed / "metrics.jsonl").read_text(), instants
+    records = [(run / LOG_NAME).read_text().splitlines()[1:] for run in (whole, killed)]
+    assert records[0] == records[1], instants
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (whole, killed)]
+    assert (summaries[0]["best_step"], summaries[0]["test_accuracy"]) == (summaries[1]["best_step"],
+                                                                           summaries[1]["test_accuracy"])
+
+
+def test_sigterm_keeps_every_step_and_resumes(tmp_path, tiny_mlm_dir):
+    # What kill, Docker and Slurm send: handled like Ctrl-C, with its own line and exit status.
+    run = tmp_path / "run"
+    args = _train_args(tiny_mlm_dir, run, steps=150)
+    args[args.index("--log-every") + 1] = "1000"  # only the exit path's flush puts the steps on disk
+    victim = _zotune(*args)
+    deadline = time.monotonic() + 300
+    while not (run / "metrics.jsonl").exists() or (run / "metrics.jsonl").read_text().count("\n") < 3:
+        assert victim.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGTERM)
+    _, err = victim.communicate(timeout=60)
+    lines = err.strip().splitlines()
+    assert victim.returncode == 143 and len(lines) == 1 and "terminated" in lines[0], err
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert _logged_steps(run) >= metrics[-1]["step"] >= 15
+    resumed = _zotune("train", "--resume", str(run))
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert json.loads((run / "summary.json").read_text())["steps"] == 150

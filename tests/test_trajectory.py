@@ -129,3 +129,36 @@ def test_k_larger_than_the_data_names_the_folders_that_exist(tmp_path, tiny_mlm_
     with pytest.raises(UserError, match=r"--k 1000 --seed 42.*k-seed folders there: 16-100, 16-13"):
         _run(tmp_path, tiny_mlm_dir, "k", k=1000)
     assert not (tmp_path / "k").exists()
+
+
+def test_a_bad_streak_between_log_points_still_aborts(tmp_path, tiny_mlm_dir, monkeypatch):
+    # Steps 2-5 are bad, step 6 is good again: at the log point (step 8) the current streak is 0,
+    # but 4 steps in a row were bad (issue 21: every step counts, not only those at log points).
+    _nan_loss_at(monkeypatch, lambda call: 2 * 1 <= call < 2 * 5)
+    with pytest.raises(UserError, match="4 bad steps in a row"):
+        _run(tmp_path, tiny_mlm_dir, "run", max_bad_steps=3, log_steps=8, eval_steps=8, steps=16, pair=False)
+
+
+def test_adam_counts_bad_steps_too(tmp_path, tiny_mlm_dir, monkeypatch):
+    _nan_loss_at(monkeypatch, lambda call: call >= 2)  # one call a step: steps 3.. are bad
+    with pytest.raises(UserError, match=r"6 bad steps in a row \(NaN or Inf loss\) up to step 8"):
+        _run(tmp_path, tiny_mlm_dir, "run", optimizer="adam", max_bad_steps=3, log_steps=4, steps=20, lr=1e-3)
+
+
+@pytest.mark.parametrize("trainable", ["prefix", "lora"])
+def test_the_initial_trainable_tensors_are_pinned(tmp_path, tiny_mlm_dir, trainable):
+    # The header holds the sha256 of the initial tensors (the prefix's come from a forward pass);
+    # replay and resume rebuild them and refuse to go on from other bits.
+    _, run = _run(tmp_path, tiny_mlm_dir, "run", trainable=trainable, steps=4)
+    header, records = trajectory.read_log(run)
+    assert len(header["initial_sha256"]) == 64
+    trajectory.replay_run(run, tmp_path / "out")
+    assert _same(load_file(run / "final.safetensors"), load_file(tmp_path / "out" / "trainable.safetensors"))
+    header["initial_sha256"] = "0" * 64
+    trajectory.rewrite_log(run, header, records)
+    with pytest.raises(UserError, match="initial trainable tensors"):
+        trajectory.replay_run(run, tmp_path / "again")
+    (run / "summary.json").unlink()
+    from zotune.config import read_run_config
+    with pytest.raises(UserError, match="initial trainable tensors"):
+        train(read_run_config(run), resume=True)

@@ -5,13 +5,41 @@ A mistake the user can fix (UserError) prints one line and exits with code 2.
 
 import argparse
 import json
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 import zotune
-from zotune.config import DEFAULT_RECIPE, RECIPES, TrainConfig, read_run_config
+from zotune.config import DEFAULT_RECIPE, RECIPES, TrainConfig, read_json_object, read_run_config
 from zotune.errors import UserError
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error style: one line on stderr and exit code 2, no usage block."""
+
+    def error(self, message):
+        command = self.prog.removeprefix("zotune").strip()
+        self.exit(2, f"zotune: error: {command + ': ' if command else ''}{message}; see {self.prog} --help\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, Docker, Slurm), raised where the process is: the same exit path as Ctrl-C,
+    so a run flushes its logs (train's `finally`) and can be resumed."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _at_least_1(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
 
 def _train_parser(sub) -> argparse.ArgumentParser:
     """`zotune train`: a flag per TrainConfig field, generated from its declaration."""
@@ -75,13 +103,13 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--data", help="a file in the task's format; default: the k-shot test split")
     p.add_argument("--data-dir")
-    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--k", type=_at_least_1, default=16)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--template")
     p.add_argument("--label-words")
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=_at_least_1)
+    p.add_argument("--batch-size", type=_at_least_1, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--predictions", help="write one JSON line per example here")
     p.add_argument("--output", help="write {accuracy, n} here")
@@ -104,7 +132,7 @@ def _predict_parser(sub) -> argparse.ArgumentParser:
                    help="a sentence (repeat for more); for two-sentence tasks separate them with a tab")
     p.add_argument("--template")
     p.add_argument("--label-words")
-    p.add_argument("--max-length", type=int)
+    p.add_argument("--max-length", type=_at_least_1)
     p.add_argument("--device", default="auto")
     return p
 
@@ -124,7 +152,7 @@ def _sweep_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lrs", required=True, help="comma-separated learning rates, e.g. 1e-6,1e-7")
     p.add_argument("--trainable", default="full", help="comma-separated subsets, e.g. full,lora,top:4")
     p.add_argument("--devices", default="auto", help="auto (every GPU, else the CPU), cpu, or GPU indices 0,1")
-    p.add_argument("--runs-per-device", type=int, default=1,
+    p.add_argument("--runs-per-device", type=_at_least_1, default=1,
                    help="runs sharing each device at a time (default 1; more keeps a GPU busy with a small model)")
     return p
 
@@ -145,10 +173,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     """The recipe (demo unless --recipe names another), then --config, then the flags."""
     values = {}
     if "config" in vars(args):
-        try:
-            values.update(json.loads(Path(args.config).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"cannot read --config {args.config}: {exc}; give a JSON object of config fields") from None
+        values.update(read_json_object(args.config, "give --config a JSON object of config fields"))
     values.update({k: v for k, v in vars(args).items() if k not in ("command", "config", "recipe")})
     return TrainConfig.from_recipe(getattr(args, "recipe", None) or values.pop("recipe", None) or DEFAULT_RECIPE,
                                    values)
@@ -220,7 +245,15 @@ def _run_export(args) -> None:
 def _run_predict(args) -> None:
     import torch
     from zotune.config import DEFAULT_MODEL
-    from zotune.evaluate import build, predict
+    from zotune.evaluate import build, get_task, predict
+    # Each --text must be an example of the task: its sentences tab-separated, none empty.
+    wanted = len(get_task(args.task).text_columns)
+    for text in args.text:
+        parts = text.split("\t")
+        if len(parts) != wanted or not all(p.strip() for p in parts):
+            raise UserError(f"--text {text!r}: task {args.task} takes {wanted} "
+                            f"{'sentences per --text, separated by a tab' if wanted > 1 else 'sentence per --text'}"
+                            f", none empty")
     prompted = build(args.model or str(DEFAULT_MODEL), args.task, tokenizer=args.tokenizer,
                      template=args.template, label_words=args.label_words, max_length=args.max_length,
                      device=args.device)
@@ -240,7 +273,7 @@ def _run_plot(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="zotune", description=zotune.__doc__)
+    parser = _Parser(prog="zotune", description=zotune.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _eval_parser(sub)
@@ -252,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "sweep":  # only a sweep forwards flags (to its runs)
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    previous = None
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # not if an embedding program has its own
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: signals stay the embedding program's
+        pass
     try:
         if args.command == "train":
             _run_train(args)
@@ -270,9 +309,19 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"zotune: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system's answer (a path that is a file, no permission, a full disk)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"zotune: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("zotune: terminated (SIGTERM); what was computed is on disk", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("zotune: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

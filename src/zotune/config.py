@@ -16,6 +16,8 @@ Precedence: field defaults < recipe < --config JSON < flags.
 """
 
 import json
+import math
+import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -100,11 +102,13 @@ class TrainConfig:
     @classmethod
     def from_recipe(cls, name: str, values: dict) -> "TrainConfig":
         """The recipe `name` with `values` over it."""
-        if name not in RECIPES:
+        if not isinstance(name, str) or name not in RECIPES:
             raise UserError(f"unknown --recipe {name!r}; choose one of {', '.join(RECIPES)}")
         return cls.from_dict({**RECIPES[name], "recipe": name, **values})
 
     def __post_init__(self):
+        for f in fields(self):  # a --config file can hold any JSON value: check each against its declaration
+            setattr(self, f.name, _checked(f, getattr(self, f.name)))
         if self.optimizer not in OPTIMIZER_DEFAULTS:
             raise UserError(f"unknown --optimizer {self.optimizer!r}; use mezo or adam")
         for name, value in OPTIMIZER_DEFAULTS[self.optimizer].items():
@@ -128,15 +132,33 @@ class TrainConfig:
             (self.snapshot_every >= 1, f"--snapshot-every {self.snapshot_every} must be at least 1"),
             (self.max_bad_steps >= 1, f"--max-bad-steps {self.max_bad_steps} must be at least 1"),
             (self.k >= 1, f"--k {self.k} must be at least 1"),
+            (self.seed >= 0, f"--seed {self.seed} is negative; give 0 or more"),
+            (self.lora_rank >= 1, f"--lora-rank {self.lora_rank} must be at least 1"),
+            (self.lora_alpha > 0, f"--lora-alpha {self.lora_alpha} must be positive"),
+            (self.num_prefix >= 1, f"--num-prefix {self.num_prefix} must be at least 1"),
+            (self.max_length is None or self.max_length >= 1, f"--max-length {self.max_length} must be at least 1"),
+            (self.layers is None or len(self.layers) > 0, "--layers is empty; name at least one layer"),
             (self.schedule in ("constant", "linear"), f"unknown --schedule {self.schedule!r}; use constant or linear"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        self._check_subset_options()
         self.cache_budget_bytes = parse_bytes(self.cache_budget)
         if self.output_dir is None:
             name = f"{self.task}-k{self.k}-{self.seed}-{self.optimizer}-{self.trainable.replace(':', '')}"
             self.output_dir = str(Path("runs") / name)
+
+    def _check_subset_options(self):
+        """An option of a subset other than the chosen one would be silently ignored: refuse it."""
+        subset = self.trainable.split(":")[0]
+        if self.layers is not None and subset in ("full", "top"):
+            raise UserError(f"--layers applies to bias, lora and prefix, not --trainable {self.trainable}; drop it")
+        for name, owner in (("lora_rank", "lora"), ("lora_alpha", "lora"), ("num_prefix", "prefix")):
+            default = next(f.default for f in fields(self) if f.name == name)
+            if getattr(self, name) != default and not subset.startswith(owner):
+                raise UserError(f"--{name.replace('_', '-')} applies to --trainable {owner} only, not "
+                                f"{self.trainable}; drop it")
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -149,9 +171,39 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        if values.get("layers") is not None:
-            values = {**values, "layers": tuple(values["layers"])}
         return cls(**values)
+
+
+def _checked(f, value):
+    """`value` if it is what field `f` declares (an int may stand for a float, a whole float for
+    an int, a list for the layers tuple); else a UserError naming the field. Floats must be finite."""
+    kinds = f.type.__args__ if isinstance(f.type, types.UnionType) else (f.type,)
+    name = "--" + f.name.replace("_", "-")
+    if value is None and type(None) in kinds:
+        return value
+    if bool in kinds:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{name} must be true or false, not {value!r}")
+    if int in kinds and not isinstance(value, bool) and isinstance(value, (int, float)):
+        if isinstance(value, float) and not value.is_integer():
+            raise UserError(f"{name} {value!r} must be a whole number")
+        return int(value)
+    if float in kinds and not isinstance(value, bool) and isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise UserError(f"{name} {value!r} must be a finite number")
+        return float(value)
+    if str in kinds and isinstance(value, str):
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        return value
+    if f.name == "layers" and isinstance(value, (list, tuple)) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in value):
+        return tuple(value)
+    wanted = " or ".join("null" if k is type(None) else "a list of integers" if k is not str and f.name == "layers"
+                         else {int: "an integer", float: "a number", str: "a string"}[k] for k in kinds)
+    raise UserError(f"{name} must be {wanted}, not {json.dumps(value, default=repr)}")
 
 
 def parse_bytes(text: str) -> int:
@@ -165,6 +217,8 @@ def parse_bytes(text: str) -> int:
             value = float(text)
     except ValueError:
         raise UserError(f"--cache-budget {text!r} is not a size; write e.g. 512M or 2G") from None
+    if not math.isfinite(value):
+        raise UserError(f"--cache-budget {text!r} is not a finite size; write e.g. 512M or 2G")
     if value < 0:
         raise UserError(f"--cache-budget {text!r} is negative")
     return int(value)
@@ -181,7 +235,16 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
     if not Path(run_dir).is_dir():
         raise UserError(f"cannot read run directory {run_dir}: it does not exist; "
                         "pass the --output-dir of a zotune train run")
+    return TrainConfig.from_dict({**ADDED_FIELDS, **read_json_object(path, "pass the --output-dir of a zotune train run")})
+
+
+def read_json_object(path: str | Path, fix: str) -> dict:
+    """A JSON file that must hold one object (a run's config.json, a --config file); anything
+    else is a UserError ending with `fix`."""
     try:
-        return TrainConfig.from_dict({**ADDED_FIELDS, **json.loads(path.read_text())})
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}; pass the --output-dir of a zotune train run") from None
+        values = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}; {fix}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} holds a JSON {type(values).__name__}, not an object of config fields; {fix}")
+    return values

@@ -12,7 +12,7 @@ import torch
 from zotune.engine.runner import ModelRunner, resolve_device
 from zotune.errors import UserError
 from zotune.files import write_text_atomic
-from zotune.model.loading import load_model, resolve_model_dir
+from zotune.model.loading import load_model, read_hf_config, resolve_model_dir
 from zotune.tasks.data import Example
 from zotune.tasks.tasks import TASKS, Task
 from zotune.tasks.templates import PromptTemplate, parse_label_words
@@ -46,7 +46,10 @@ def load_prompt(model: str, task_name: str, tokenizer: str | None = None, templa
                 label_words: str | None = None, max_length: int | None = None) -> tuple[Task, PromptTemplate]:
     """The task and its prompt (template, label words, truncation) over the model's tokenizer."""
     task = get_task(task_name)
-    tok = load_tokenizer(None if tokenizer else resolve_model_dir(model), tokenizer)
+    model_dir = None if tokenizer else resolve_model_dir(model)
+    if model_dir is not None:  # a broken checkpoint is named as such, not blamed on its tokenizer
+        read_hf_config(model_dir)
+    tok = load_tokenizer(model_dir, tokenizer)
     words = parse_label_words(label_words, list(task.label_words)) if label_words else task.label_words
     return task, PromptTemplate(tok, template or task.template, words, max_length or task.max_length)
 

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zotune.config import TrainConfig, read_run_config
-from zotune.errors import UserError
+from zotune.errors import UserError, require
 from zotune.model.loading import config_from_hf, resolve_model_dir, to_hf_state, weight_map
 from zotune.model.roberta import MaskedLM
 from zotune.session import load_trainable
@@ -51,7 +51,7 @@ def rebuild(run_dir: str | Path) -> Rebuilt:
     model_dir = resolve_model_dir(cfg.model)
     model, trainable = load_trainable(cfg)  # as the run built it: the same names and shapes
     hf_config = json.loads((model_dir / "config.json").read_text())
-    _, architecture = config_from_hf(hf_config)
+    _, architecture = config_from_hf(hf_config, str(model_dir / "config.json"))
     try:
         state = load_file(weights)
     except Exception as exc:  # truncated or corrupted files raise several types
@@ -118,7 +118,10 @@ def peft_adapter(rebuilt: Rebuilt) -> tuple[dict, dict[str, torch.Tensor]]:
 def export(run_dir: str | Path, output: str | Path, merge_lora: bool = False) -> str:
     """Write the run's fine-tuned model to `output` (which must not hold files yet); returns
     the format written: "huggingface" or "peft"."""
-    if read_run_config(run_dir).trainable == "prefix":
+    trainable = read_run_config(run_dir).trainable
+    if trainable == "lora" and not merge_lora:
+        require("peft", "peft", "exporting a LoRA run as a PEFT adapter (or pass --merge-lora)")
+    if trainable == "prefix":
         raise UserError("prefix-tuning runs cannot be exported: transformers and PEFT have no format for "
                         "key/value prefixes on a RoBERTa masked LM; evaluate the run with zotune instead")
     output = Path(output)

@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from zotune.errors import UserError
+from zotune.errors import UserError, require
 from zotune.files import write_atomic
 
 
@@ -22,11 +22,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):  # a run killed mid-write leaves a partial last line
                 break
             raise UserError(f"{path}:{number} is not a JSON line; the metrics log is damaged") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise UserError(f"{path}:{number} is not a metrics line (no step); the metrics log is damaged")
+        records.append(record)
     if not records:
         raise UserError(f"{path} is empty; the run logged no step yet")
     return records
@@ -51,7 +54,7 @@ def _series(records: list[dict], key: str, transform=lambda v: v) -> tuple[list[
 
 
 def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    import matplotlib
+    matplotlib = require("matplotlib", "plot", "zotune plot")
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 

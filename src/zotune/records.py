@@ -7,6 +7,7 @@ ranks keep the same bookkeeping in memory.
 """
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from zotune.errors import UserError
 from zotune.files import save_tensors_atomic, write_text_atomic
 
 
@@ -27,8 +29,11 @@ class RunRecords:
         for record in kept:  # best-dev selection goes on as if the run had never stopped
             self._better(record.get("dev_accuracy"), record["step"])
         self.window, self.logged_from = window, kept[-1]["step"] if kept else 0
-        self.metrics = open(run_dir / "metrics.jsonl" if writes else os.devnull, "w")
-        self.metrics.write("".join(json.dumps(r) + "\n" for r in kept))  # no gap, no duplicate after a resume
+        self.bad_streak = self.worst_streak = 0  # Adam's steps with a non-finite loss, in a row
+        path = run_dir / "metrics.jsonl"
+        if writes:  # replaced whole (a kill at any instant leaves the old file or the new one), then appended to
+            write_text_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept), fsync=True)
+        self.metrics = open(path if writes else os.devnull, "a")  # no gap, no duplicate after a resume
         self.board = None
         if tensorboard and writes:  # the same records as metrics.jsonl, for TensorBoard (RUN/tensorboard)
             from torch.utils.tensorboard import SummaryWriter
@@ -55,12 +60,18 @@ class RunRecords:
     def log_point(self, step: int, lr: float, dev_accuracy: float | None, extra: dict) -> dict:
         """The metrics line of `step`: the window's mean loss and projected gradient, the lr, and
         the dev accuracy where one was measured; also to TensorBoard and the progress bar."""
+        if self.window[0][1] is None:  # Adam: no trajectory log counts its bad steps, so count them here
+            for ok in torch.isfinite(torch.stack([loss.reshape(()) for loss, _ in self.window])).tolist():
+                self.bad_streak = 0 if ok else self.bad_streak + 1
+                self.worst_streak = max(self.worst_streak, self.bad_streak)
         loss, projected_grad = window_means(self.window)
-        record = {"step": step, "loss": loss, "projected_grad": projected_grad, "lr": lr}
+        # JSON has no NaN or Infinity: a non-finite mean is written as null (the log keeps the bits).
+        record = {"step": step, "loss": _finite_or_none(loss), "projected_grad": _finite_or_none(projected_grad),
+                  "lr": lr}
         if dev_accuracy is not None:
             record["dev_accuracy"] = dev_accuracy
         self.window, self.logged_from = [], step
-        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.write(json.dumps(record, allow_nan=False) + "\n")
         self.metrics.flush()
         if self.board is not None:
             for name, value in record.items():
@@ -85,6 +96,10 @@ class RunRecords:
             write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
 def window_means(window: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[float, float | None]:
     """Mean loss and mean projected gradient over a window of steps, each (loss, its projected
     gradients [n], or None without MeZO), brought to the host in one transfer. A step's
@@ -103,7 +118,33 @@ def window_means(window: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tupl
 
 
 def kept_metrics(run_dir: Path, last_step: int) -> list[dict]:
-    """metrics.jsonl lines up to the resumed step (a torn last line dropped)."""
+    """metrics.jsonl lines up to the resumed step (a torn last line dropped), each checked: a
+    damaged line is a UserError, never carried into the resumed run."""
     path = run_dir / "metrics.jsonl"
     lines = path.read_text().split("\n")[:-1] if path.is_file() else []
-    return [r for r in map(json.loads, lines) if r["step"] <= last_step]
+    kept, previous = [], 0
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            ok = (isinstance(record, dict) and _is_int(record.get("step")) and record["step"] > previous
+                  and all(_is_number(record.get(key), optional=key != "lr")
+                          for key in ("loss", "projected_grad", "lr", "dev_accuracy")))
+        except (json.JSONDecodeError, TypeError):
+            ok = False
+        if not ok:
+            raise UserError(f"{path}:{number} is not a metrics line of this run; restore the file or delete it "
+                            f"(dev history before step {last_step} is then lost)")
+        previous = record["step"]
+        if record["step"] <= last_step:
+            kept.append(record)
+    return kept
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value, optional: bool) -> bool:
+    if value is None:
+        return optional
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -11,6 +11,7 @@ around the work, memory from the CUDA allocator or the OS.
 """
 
 import json
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -22,10 +23,10 @@ import torch
 from safetensors.torch import load_file
 
 from zotune import trajectory
-from zotune.config import TrainConfig
-from zotune.errors import UserError
+from zotune.config import TrainConfig, read_json_object
+from zotune.errors import UserError, require
 from zotune.evaluate import accuracy, encode, predict
-from zotune.files import save_tensors_atomic
+from zotune.files import save_tensors_atomic, write_text_atomic
 from zotune.optim.mezo import MezoStepper, direction_seed
 from zotune.optim.schedule import SCHEDULES
 from zotune.optim.subsets import no_decay_names
@@ -70,14 +71,21 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 def setup(cfg: TrainConfig, resume: bool) -> Run:
     if resume and cfg.optimizer != "mezo":
         raise UserError("--resume continues MeZO runs only (an Adam run keeps no trajectory log); start it again")
+    run_dir = Path(cfg.output_dir)
+    if not resume:
+        check_output_dir(cfg)
+    if cfg.tensorboard:
+        require("torch.utils.tensorboard", "tensorboard", "--tensorboard")
     session = Session.build(cfg)
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     splits = {s: load_split(session.task, data_dir, cfg.k, cfg.seed, s) for s in ("train", "dev", "test")}
     sequences = {s: encode(session.prompt, examples) for s, examples in splits.items()}
-    run_dir = Path(cfg.output_dir)
     if session.is_main:
         print(announcement(cfg, session), flush=True)
-    logged = trajectory.read_log(run_dir) if resume else None  # fails before anything is written
+    kept = []
+    logged = trajectory.read_log(run_dir) if resume else None  # every record read is checked before any write
+    if resume:
+        kept = kept_metrics(run_dir, min(len(logged[1]), cfg.steps))
     if not resume and session.is_main:
         _prepare_run_dir(cfg)
     log, records = None, []
@@ -88,7 +96,6 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
     if resume and first_step == cfg.steps and (run_dir / "summary.json").is_file():
         log.close()
         return Run(cfg, session, run_dir, splits, sequences, step_fn, log, None, first_step, records)
-    kept = kept_metrics(run_dir, first_step) if resume else []
     # A resumed run rebuilds the window since the last metrics line from the log's float32 values.
     logged_from = kept[-1]["step"] if kept else 0
     window = [(trajectory.from_hex([r["loss"]])[0].to(session.device), trajectory.from_hex(r["grads"]).to(session.device))
@@ -174,8 +181,9 @@ def _log_point(run: Run, done: int, lr: float) -> None:
         run.records.offer(dev, done, dict(run.session.trainable))
     extra = {} if runner.cache is None else {"cache_hits": f"{runner.cache.stats.report()['hit_rate']:.1%}"}
     run.records.log_point(done, lr, dev, extra)
-    if run.log is not None and run.log.bad_streak >= cfg.max_bad_steps:
-        raise UserError(f"{run.log.bad_streak} bad steps in a row (NaN or Inf loss) up to step {done}; "
+    streak = (run.log or run.records).worst_streak  # the longest streak at any step, not only at this one
+    if streak >= cfg.max_bad_steps:
+        raise UserError(f"{streak} bad steps in a row (NaN or Inf loss) up to step {done}; "
                         f"progress is kept in {run.run_dir} (best.safetensors, trajectory.jsonl); "
                         f"lower --lr or --eps, or raise --max-bad-steps")
 
@@ -279,16 +287,42 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prepare_run_dir(cfg: TrainConfig) -> Path:
+# What a run directory may hold: what zotune writes there (and its temporary files, NAME.tmp).
+RUN_FILES = {"config.json", "metrics.jsonl", "summary.json", "best.safetensors", "final.safetensors", "run.png",
+             "tensorboard", trajectory.LOG_NAME, trajectory.SNAPSHOT_NAME}
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Before any work: the run directory can be created and written, and --overwrite replaces
+    only a zotune run, never a directory of something else (a model checkpoint, a home)."""
     run_dir = Path(cfg.output_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--output-dir {run_dir} is a file; pass a directory")
+    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())  # "." always exists
+    if not existing.is_dir():
+        raise UserError(f"--output-dir {run_dir} is under {existing}, which is a file; pass another --output-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output-dir {run_dir}: {existing} is not writable; pass another --output-dir")
+    if run_dir != existing or not any(run_dir.iterdir()):
+        return
+    if not cfg.overwrite:
         raise UserError(f"output directory {run_dir} already holds a run; pass --overwrite, another --output-dir, "
                         f"or --resume {run_dir}")
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp"))
+    if foreign or not (run_dir / "config.json").is_file() or not set(
+            read_json_object(run_dir / "config.json", "pass another --output-dir")) <= set(TrainConfig.__dataclass_fields__):
+        what = f"it holds {', '.join(foreign[:3])}" if foreign else "its config.json is not a zotune run's"
+        raise UserError(f"--overwrite replaces zotune runs only, and {run_dir} is not one ({what}); "
+                        f"pass another --output-dir")
+
+
+def _prepare_run_dir(cfg: TrainConfig) -> Path:
+    run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "summary.json", "best.safetensors", "final.safetensors",
                   trajectory.LOG_NAME, trajectory.SNAPSHOT_NAME):
         (run_dir / stale).unlink(missing_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    write_text_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2, allow_nan=False) + "\n")
     return run_dir
 
 

@@ -9,17 +9,21 @@ to skip most of the replay).
 
 Format (JSON lines, append-only, version 1):
   line 1  {"format": "zotune-trajectory", "version": 1, "config": TrainConfig.to_dict(),
-           "model_sha256": ..., "layout": [[name, shape, decay], ...], "numel": N, "n_decay": D}
+           "model_sha256": ..., "layout": [[name, shape, decay], ...], "numel": N, "n_decay": D,
+           "initial_sha256": sha256 of the initial trainable tensors (float32 bytes in layout order)}
   then    {"step": s, "seeds": [...], "grads": ["3c23d70a", ...], "lr": 0.01, "loss": "3f317218",
            "skipped": false}   one per optimizer step, s = 1, 2, ... (the update count after it)
 grads and loss are float32 bit patterns in hex, so they round-trip exactly (a decimal float
 would need care); lr is the Python float the step used (JSON floats round-trip exactly).
-A last line without its newline is a write cut short by a kill and is ignored.
+A last line without its newline is a write cut short by a kill and is ignored; any other
+damaged line is an error (read_log checks every field of every record).
 """
 
 import hashlib
 import json
+import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +35,7 @@ from zotune.errors import UserError
 from zotune.files import save_tensors_atomic, write_text_atomic
 from zotune.model.loading import _weight_files, resolve_model_dir
 from zotune.optim.flat import FlatParameters
-from zotune.optim.mezo import replay_step
+from zotune.optim.mezo import direction_seed, replay_step
 
 FORMAT, VERSION = "zotune-trajectory", 1
 LOG_NAME, SNAPSHOT_NAME = "trajectory.jsonl", "snapshot.safetensors"
@@ -50,10 +54,23 @@ def model_sha256(model: str) -> str:
 
 
 def make_header(config: dict, model_hash: str, flat: FlatParameters) -> dict:
+    """`flat` must hold the initial trainable tensors: their sha256 is pinned too (LoRA's A and
+    the prefix are computed, and a replay must start from the very same bits)."""
     decay = [offset < flat.n_decay for offset in flat.offsets]
     layout = [[name, list(shape), d] for name, shape, d in zip(flat.names, flat.shapes, decay)]
     return {"format": FORMAT, "version": VERSION, "config": config, "model_sha256": model_hash,
-            "layout": layout, "numel": flat.numel, "n_decay": flat.n_decay}
+            "layout": layout, "numel": flat.numel, "n_decay": flat.n_decay,
+            "initial_sha256": hashlib.sha256(flat.buffer.detach().cpu().numpy().tobytes()).hexdigest()}
+
+
+def check_initial(header: dict, expected: dict, run_dir: Path):
+    """The initial trainable tensors built now must be the logged run's, bit for bit (logs
+    written before this field existed are not checked)."""
+    logged = header.get("initial_sha256")
+    if logged is not None and logged != expected["initial_sha256"]:
+        raise UserError(f"the initial trainable tensors built here differ from those {run_dir} started from "
+                        f"(sha256 {expected['initial_sha256'][:12]} != logged {logged[:12]}); this zotune or torch "
+                        f"builds the subset differently, use the version that wrote the run")
 
 
 def to_hex(values: torch.Tensor) -> list[str]:
@@ -75,7 +92,7 @@ class TrajectoryWriter:
             path.write_text(json.dumps(header) + "\n")
         self.file = open(path if path is not None else os.devnull, "a")
         self.pending = []  # (step, seeds, lr, grads [n] on the device, loss 0-dim on the device)
-        self.bad_streak = 0
+        self.bad_streak = self.worst_streak = 0
         self.bad_total = 0
 
     def add(self, step: int, seeds: list[int], lr: float, grads: torch.Tensor, loss: torch.Tensor):
@@ -84,6 +101,7 @@ class TrajectoryWriter:
     def count(self, record: dict):
         """Bad-step bookkeeping, also used to recount a resumed run's records."""
         self.bad_streak = self.bad_streak + 1 if record["skipped"] else 0
+        self.worst_streak = max(self.worst_streak, self.bad_streak)  # a streak between log points counts too
         self.bad_total += record["skipped"]
 
     def write(self):
@@ -129,19 +147,50 @@ def read_log(run_dir: Path) -> tuple[dict, list[dict]]:
         header = json.loads(complete[0])
     except (IndexError, json.JSONDecodeError):
         raise UserError(f"{path} has no readable header; the run cannot be resumed or replayed") from None
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
         raise UserError(f"{path} is not a {FORMAT} version {VERSION} log; replay it with the zotune that wrote it")
+    if not (isinstance(header.get("config"), dict) and isinstance(header.get("model_sha256"), str)
+            and isinstance(header.get("layout"), list) and isinstance(header["config"].get("seed"), int)):
+        raise UserError(f"{path} line 1 is not a complete header; the run cannot be resumed or replayed")
     records = []
     for number, line in enumerate(complete[1:], start=2):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise UserError(f"{path} line {number} is corrupted; the log cannot be trusted past step "
-                            f"{len(records)}") from None
-        if record["step"] != len(records) + 1:
-            raise UserError(f"{path} line {number} holds step {record['step']}, expected {len(records) + 1}")
+            record = None
+        problem = _record_problem(record, len(records) + 1, header["config"]["seed"], records[0] if records else None)
+        if problem:
+            raise UserError(f"{path} line {number} is corrupted ({problem}); the log cannot be trusted past step "
+                            f"{len(records)}: restore it, or cut it to its first {len(records) + 1} lines to "
+                            f"resume from step {len(records)}")
         records.append(record)
     return header, records
+
+
+_HEX_WORD = re.compile(r"[0-9a-f]{8}")
+
+
+def _record_problem(record, step: int, run_seed: int, first: dict | None) -> str | None:
+    """What is wrong with a step record, or None: every field of every record is checked, the
+    seeds against the run's (a pure function of seed, step and direction)."""
+    if not isinstance(record, dict) or set(record) != {"step", "seeds", "grads", "lr", "loss", "skipped"}:
+        return "not a step record"
+    if record["step"] != step or isinstance(record["step"], bool):
+        return f"holds step {record['step']!r}, expected {step}"
+    seeds, grads = record["seeds"], record["grads"]
+    if not isinstance(seeds, list) or not seeds or (first is not None and len(seeds) != len(first["seeds"])):
+        return "bad seeds"
+    if seeds != [direction_seed(run_seed, step - 1, j) for j in range(len(seeds))]:
+        return "seeds are not this run's"
+    if not isinstance(grads, list) or len(grads) != len(seeds) or not all(
+            isinstance(w, str) and _HEX_WORD.fullmatch(w) for w in [*grads, record["loss"]]):
+        return "bad grads or loss"
+    lr = record["lr"]
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
+        return "bad lr"
+    if not isinstance(record["skipped"], bool):
+        return "bad skipped"
+    return None
 
 
 def rewrite_log(run_dir: Path, header: dict, records: list[dict]):
@@ -166,6 +215,7 @@ def check_header(header: dict, expected: dict, run_dir: Path):
     if header["layout"] != expected["layout"]:
         raise UserError(f"the trainable tensors differ from the logged layout in {run_dir}; "
                         f"this zotune selects a different subset, use the version that wrote the run")
+    check_initial(header, expected, run_dir)
 
 
 def write_snapshot(run_dir: Path, flat: FlatParameters, step: int):
@@ -177,8 +227,12 @@ def read_snapshot(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]] | None:
     path = Path(run_dir) / SNAPSHOT_NAME
     if not path.is_file():
         return None
-    with safe_open(path, "pt") as f:
-        return int(f.metadata()["step"]), {name: f.get_tensor(name) for name in f.keys()}
+    try:
+        with safe_open(path, "pt") as f:
+            return int((f.metadata() or {})["step"]), {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # truncated or corrupted files raise several types
+        raise UserError(f"cannot read {path} ({type(exc).__name__}); the snapshot is damaged: delete it and resume "
+                        f"again (the trajectory log alone rebuilds the run, more slowly)") from None
 
 
 def replay(flat: FlatParameters, records: list[dict], eps: float, weight_decay: float):
@@ -213,9 +267,11 @@ def replay_run(run_dir: Path, output_dir: Path, model: str | None = None) -> dic
                         f"{header['model_sha256'][:12]}); pass --model with the original checkpoint")
     _, trainable = load_trainable(cfg)  # the run's subset: LoRA's A and the prefix come from cfg.seed
     flat = flatten(trainable, cfg.decay_all)
-    if make_header(header["config"], model_hash, flat)["layout"] != header["layout"]:
+    expected = make_header(header["config"], model_hash, flat)
+    if expected["layout"] != header["layout"]:
         raise UserError(f"the trainable tensors differ from the layout logged in {run_dir}; "
                         f"replay with the zotune version that wrote the run")
+    check_initial(header, expected, run_dir)
     with torch.inference_mode():
         replay(flat, records, cfg.eps, cfg.weight_decay)
     output_dir = Path(output_dir)

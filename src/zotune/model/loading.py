@@ -81,13 +81,29 @@ def weight_map(cfg: ModelConfig, architecture: str) -> list[tuple[str, str, int 
     return rows
 
 
-def config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
+# config.json keys that size the model: each a positive integer.
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "max_position_embeddings")
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> tuple[ModelConfig, str]:
+    if not isinstance(hf, dict):
+        raise UserError(f"{source} holds a JSON {type(hf).__name__}, not a model config; re-save the checkpoint")
     architectures = hf.get("architectures") or []
+    if not isinstance(architectures, list):
+        architectures = [architectures]
     known = [a for a in architectures if a in ARCHITECTURES]
     if not known:
-        raise UserError(f"unsupported architecture {architectures or hf.get('model_type')}; "
+        raise UserError(f"{source}: unsupported architecture {architectures or hf.get('model_type')}; "
                         f"zotune loads {', '.join(ARCHITECTURES)}")
     architecture = known[0]
+    bad = [k for k in _REQUIRED_KEYS if not isinstance(hf.get(k), int) or isinstance(hf[k], bool) or hf[k] < 1]
+    if bad:
+        raise UserError(f"{source} lacks a positive integer {', '.join(bad)}; the checkpoint's config is incomplete, "
+                        f"re-save it with save_pretrained")
+    if hf["hidden_size"] % hf["num_attention_heads"]:
+        raise UserError(f"{source}: hidden_size {hf['hidden_size']} is not a multiple of num_attention_heads "
+                        f"{hf['num_attention_heads']}")
     is_bert = ARCHITECTURES[architecture][1] == "bert"
     cfg = ModelConfig(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
@@ -106,6 +122,9 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     """A local directory, or a Hub id downloaded through huggingface_hub where a network exists."""
     path = Path(name_or_path)
     if path.is_dir():
+        if any((path / name).is_file() for name in ("trajectory.jsonl", "metrics.jsonl", "summary.json")):
+            raise UserError(f"{name_or_path} is a zotune run directory, not a checkpoint; write one with "
+                            f"`zotune export {name_or_path} --output DIR` and pass DIR")
         return path
     if path.exists():
         raise UserError(f"--model {name_or_path} is a file; pass the checkpoint directory")
@@ -126,10 +145,7 @@ def read_checkpoint(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise UserError(f"{model_dir} has no config.json; pass a Hugging Face checkpoint directory")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {config_path}: {exc}; the file is corrupted, re-save the checkpoint") from None
+    hf_config = read_hf_config(model_dir)
     files = _weight_files(model_dir)
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
@@ -143,6 +159,20 @@ def read_checkpoint(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise UserError(f"cannot read weights {file}: {type(exc).__name__}: {str(exc)[:120]}; "
                             f"the file is truncated or corrupted, re-download or re-save it") from None
     return hf_config, tensors
+
+
+def read_hf_config(model_dir: Path) -> dict:
+    """The checkpoint's config.json, checked (config_from_hf) before anything else is read, so
+    a bad one is reported as itself, not as the tokenizer or weights it breaks."""
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{model_dir} has no config.json; pass a Hugging Face checkpoint directory")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {config_path}: {exc}; the file is corrupted, re-save the checkpoint") from None
+    config_from_hf(hf_config, str(config_path))
+    return hf_config
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
@@ -202,7 +232,7 @@ def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig, architecture: 
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> MaskedLM:
     hf_config, tensors = read_checkpoint(model_dir)
-    cfg, architecture = config_from_hf(hf_config)
+    cfg, architecture = config_from_hf(hf_config, str(model_dir / "config.json"))
     state = to_zotune_state(tensors, cfg, architecture, str(model_dir))
     with torch.device("meta"):
         model = MaskedLM(cfg)
