@@ -49,6 +49,7 @@ class Run:
     first_step: int                     # 0, or where a resumed run goes on
     logged: list[dict]                  # a resumed run's trajectory records
     eval_seconds: float = 0.0           # dev evaluations inside the loop, kept out of train_time_s
+    zero_shot: dict | None = None       # dev and test accuracy before the first step
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -59,6 +60,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     run = setup(cfg, resume)
     if run.records is None:  # a finished run: nothing to do
         return json.loads((run.run_dir / "summary.json").read_text())
+    run.zero_shot = before_training(run, resume)
     try:
         train_time = loop(run)
     finally:  # every exit path, Ctrl-C and errors included: what was computed reaches the disk
@@ -106,13 +108,29 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
     return Run(cfg, session, run_dir, splits, sequences, step_fn, log, run_records, first_step, records)
 
 
+def before_training(run: Run, resume: bool) -> dict | None:
+    """Dev and test accuracy of the weights before the first step (the checkpoint itself for
+    full, top:K, bias and LoRA, whose B starts at zero; with prefix, its initial rows), so the
+    result can say what training added. Stored in the run directory for a resume to report;
+    the runner's counters restart afterwards, so the summary counts the run's own work."""
+    path = run.run_dir / ZERO_SHOT_NAME
+    if resume:
+        return read_json_object(path, "delete it to resume without zero-shot scores") if path.is_file() else None
+    scores = {f"{split}_accuracy": score(run, split) for split in ("dev", "test")}
+    run.session.runner.start_counting()
+    if run.session.is_main:
+        write_text_atomic(path, json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
 def announcement(cfg: TrainConfig, session: Session) -> str:
     """The line a run starts with: its recipe and the values that define it."""
     subset = cfg.trainable + (f" (layers {','.join(map(str, cfg.layers))})" if cfg.layers else "")
     return (f"zotune train: recipe {cfg.recipe or '(none)'}: {cfg.optimizer} {subset} on {cfg.task} k={cfg.k} "
             f"seed {cfg.seed}, {cfg.steps} steps, lr {cfg.lr:g}, eps {cfg.eps:g}, batch {cfg.batch_size}, "
             f"dev every {cfg.eval_steps}; {sum(p.numel() for _, p in session.trainable):,} trainable parameters "
-            f"on {session.device} ({cfg.precision}); run directory {cfg.output_dir}")
+            f"on {session.device} ({cfg.precision if session.device.type == 'cuda' else 'float32'}); "
+            f"run directory {cfg.output_dir}")
 
 
 def _open_trajectory(session: Session, run_dir: Path, logged) -> tuple[trajectory.TrajectoryWriter, list[dict]]:
@@ -241,7 +259,7 @@ def finish(run: Run, started: float, train_time: float, resume: bool) -> dict:
         "steps_per_s": (cfg.steps - run.first_step) / train_time if train_time > 0 else 0.0,
         "peak_memory_bytes": peak_memory_bytes(device), "device": _device_name(device),
         "dev_accuracy": dev_accuracy, "test_accuracy": test_accuracy,
-        "cache": session.runner.cache_stats(), "run_dir": str(run.run_dir),
+        "cache": session.runner.cache_stats(), "run_dir": str(run.run_dir), "zero_shot": run.zero_shot,
     }
     if session.flat is not None:
         summary["sweeps_per_direction"] = 2 if session.flat.plus is not None else 3  # see session.add_second_buffer
@@ -288,8 +306,9 @@ def _synchronize(device: torch.device) -> None:
 
 
 # What a run directory may hold: what zotune writes there (and its temporary files, NAME.tmp).
+ZERO_SHOT_NAME = "zero_shot.json"
 RUN_FILES = {"config.json", "metrics.jsonl", "summary.json", "best.safetensors", "final.safetensors", "run.png",
-             "tensorboard", trajectory.LOG_NAME, trajectory.SNAPSHOT_NAME}
+             "tensorboard", ZERO_SHOT_NAME, trajectory.LOG_NAME, trajectory.SNAPSHOT_NAME}
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
@@ -319,7 +338,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
 def _prepare_run_dir(cfg: TrainConfig) -> Path:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "summary.json", "best.safetensors", "final.safetensors",
+    for stale in ("metrics.jsonl", "summary.json", "best.safetensors", "final.safetensors", ZERO_SHOT_NAME,
                   trajectory.LOG_NAME, trajectory.SNAPSHOT_NAME):
         (run_dir / stale).unlink(missing_ok=True)
     write_text_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2, allow_nan=False) + "\n")

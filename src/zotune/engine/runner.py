@@ -179,6 +179,12 @@ class ModelRunner:
             hidden = torch.cat([hidden, hidden])
         return run, hidden, start
 
+    def start_counting(self) -> None:
+        """Every counter from zero (the cache keeps what it holds): what a run counts starts here."""
+        self.stats = RunnerStats()
+        if self.cache is not None:
+            self.cache.stats = CacheStats(bytes_held=self.cache.stats.bytes_held)
+
     def cache_stats(self) -> dict:
         report = (self.cache.stats if self.cache is not None else CacheStats()).report()
         return {**report, "status": self.cache_status}
