@@ -46,7 +46,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "src"))  # zotune, installed or not
 import corpus as corpus_mod  # noqa: E402  (tools/ is not a package)
+from zotune.evaluate import fit_threshold  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # The repository's one copy of the RoBERTa BPE files (provenance in data/SOURCES.md): the
@@ -194,15 +196,6 @@ def auc(diff: torch.Tensor, gold: torch.Tensor) -> float:
     """Area under the ROC curve of diff as a score for label 1 (ties count a half)."""
     pos, neg = diff[gold == 1], diff[gold == 0]
     return ((pos[:, None] > neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean()).item()
-
-
-def fit_threshold(diff: torch.Tensor, gold: torch.Tensor) -> float:
-    """The threshold t (predict ' great' where diff > t) of best accuracy on these labels: the
-    midpoints between neighbouring scores, and one below the lowest, are the candidates."""
-    values = diff.sort().values
-    cuts = torch.cat([values[:1] - 1, (values[1:] + values[:-1]) / 2])
-    accs = [((diff > t).long() == gold).float().mean().item() for t in cuts.tolist()]
-    return cuts[int(np.argmax(accs))].item()
 
 
 def zero_shot(model, tok, sets: dict[str, tuple[list[str], list[int]]], device) -> dict:

@@ -92,19 +92,21 @@ def write_predictions(path: Path, logits: torch.Tensor, examples: list[Example])
         + "\n" for example, row in zip(examples, logits.tolist())))
 
 
+def fit_threshold(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """The threshold t of best accuracy for predicting label 1 where score > t: the midpoints
+    between neighbouring scores, and one below the lowest, are the candidates; the first best wins."""
+    values = scores.sort().values
+    cuts = torch.cat([values[:1] - 1, (values[1:] + values[:-1]) / 2])
+    correct = ((scores[None, :] > cuts[:, None]).long() == labels[None, :]).sum(1)   # [cuts]
+    return cuts[int(correct.argmax())].item()
+
+
 def dev_threshold_accuracy(dev_logits: torch.Tensor, dev_examples: list[Example], logits: torch.Tensor,
                            examples: list[Example]) -> float:
-    """Accuracy of a two-class prompt with its decision threshold fitted on a labelled dev set:
-    predict label 1 where logit1 - logit0 exceeds the threshold of best dev accuracy (the
-    midpoints between neighbouring dev scores, and one below the lowest, are the candidates;
-    the first best wins). Zero-shot 'calibrated on dev', beside the raw argmax."""
+    """Accuracy of a two-class prompt with its decision threshold on logit1 - logit0 fitted on a
+    labelled dev set (fit_threshold): zero-shot "calibrated on dev", beside the raw argmax."""
     if dev_logits.shape[-1] != 2:
         raise UserError("a dev-fitted threshold needs a two-class task")
-    dev_score = dev_logits[:, 1] - dev_logits[:, 0]
-    dev_labels = torch.tensor([e.label for e in dev_examples])
-    values = dev_score.sort().values
-    cuts = torch.cat([values[:1] - 1, (values[1:] + values[:-1]) / 2])
-    correct = ((dev_score[None, :] > cuts[:, None]).long() == dev_labels[None, :]).sum(1)   # [cuts]
-    threshold = cuts[int(correct.argmax())]
+    threshold = fit_threshold(dev_logits[:, 1] - dev_logits[:, 0], torch.tensor([e.label for e in dev_examples]))
     predicted = (logits[:, 1] - logits[:, 0] > threshold).long()
     return int((predicted == torch.tensor([e.label for e in examples])).sum()) / len(examples)

@@ -68,7 +68,7 @@ def test_prompt_ids_are_lm_bff_sst2_template():
 
 def test_threshold_and_auc():
     diff, gold = torch.tensor([-2.0, -1.0, 0.5, 1.0, 3.0]), torch.tensor([0, 0, 0, 1, 1])
-    t = P.fit_threshold(diff, gold)
+    t = P.fit_threshold(diff, gold)  # zotune.evaluate.fit_threshold, as the tool imports it
     assert ((diff > t).long() == gold).all()                  # 0.5 < t < 1.0 separates them
     assert P.auc(diff, gold) == 1.0 and P.auc(-diff, gold) == 0.0
     assert P.auc(torch.zeros(4), torch.tensor([0, 1, 0, 1])) == 0.5
