@@ -1,11 +1,16 @@
 """SST-2 test accuracy of a model: zero-shot, MeZO (full), MeZO (LoRA) and Adam fine-tuning,
-at k=16 and k=512, mean (std) over LM-BFF's five data seeds, with the learning rate of each
-cell chosen from a small grid by mean dev accuracy (the MeZO and LM-BFF protocol; never by
-test). Every run is a `zotune train` process started by `zotune.grid.run_grid`; several share a
-GPU at a time, since a small model leaves a run host-bound. Prints a Markdown table and writes
-it, with every run's numbers, to --output as JSON.
+at k=16 and k=512, mean (std) over LM-BFF's five data seeds, each cell aggregated over a small
+lr grid by dev accuracy (never by test) in two ways (zotune.grid): the paper's, the best-dev
+run of each seed over the whole grid (MeZO's gather_result.py), and zotune's, one lr per cell
+by mean dev. Every run is a `zotune train` process started by `zotune.grid.run_grid`; several
+share a GPU at a time, since a small model leaves a run host-bound. Prints a Markdown table
+and writes it, with every run's numbers, to --output as JSON.
 
     python tools/fewshot_table.py --device cuda --runs-per-device 8
+    python tools/fewshot_table.py --aggregate-only --runs-dir runs/fewshot   # finished runs only
+
+--aggregate-only runs nothing and writes nothing under --runs-dir: it aggregates the grids
+found there (<method>-<subset>-k<k>/<run>/summary.json) and leaves out zero-shot.
 """
 
 import argparse
@@ -23,7 +28,7 @@ sys.path.insert(0, SRC)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))  # for the run processes
 
 from zotune.evaluate import accuracy, build, encode, predict  # noqa: E402
-from zotune.grid import local_devices, run_grid  # noqa: E402
+from zotune.grid import aggregate_dir, local_devices, run_grid  # noqa: E402
 from zotune.tasks.data import default_data_dir, load_split  # noqa: E402
 
 SEEDS = (13, 21, 42, 87, 100)
@@ -42,6 +47,31 @@ def mean_std(values) -> str:
     return f"{100 * statistics.mean(values):.1f} ({100 * statistics.pstdev(values):.1f})"
 
 
+def grid_dir(runs_dir: Path, name: str, trainable: str, k: int) -> Path:
+    return runs_dir / f"{name.split()[0]}-{trainable}-k{k}"
+
+
+def cell_row(aggregate: dict, lrs, flags: dict) -> dict:
+    """One (method, k) cell of the table from a subset's two aggregates (zotune.grid.aggregate)."""
+    paper, zotune = aggregate["paper"], aggregate["zotune"]
+    settings = (f"{flags['steps']} steps, batch {flags['batch_size']}"
+                + (f", eps {flags['eps']:g}" if flags["optimizer"] == "mezo" else "")
+                + f", lr grid {{{', '.join(f'{lr:g}' for lr in sorted(lrs))}}}")
+    return {"paper": paper["test"], "zotune": zotune["test"], "paper_lrs": dict(zip(paper["seeds"], paper["lr"])),
+            "zotune_lr": zotune["lr"], "zotune_dev": zotune["dev"], "settings": settings}
+
+
+def table(rows: dict, ks: list[int]) -> str:
+    """Each k in two columns, the paper's aggregate first; zero-shot has no lr to choose."""
+    head = ["method"] + [f"k={k} {rule}" for k in ks for rule in ("paper", "zotune")] + [f"settings k={k}" for k in ks]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, by_k in rows.items():
+        accuracies = [mean_std(by_k[k][rule]) if k in by_k else "" for k in ks for rule in ("paper", "zotune")]
+        settings = [by_k[k]["settings"] if k in by_k else "" for k in ks]
+        lines.append("| " + " | ".join([name, *accuracies, *settings]) + " |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="models/zotune-roberta-small")
@@ -52,48 +82,58 @@ def main():
     parser.add_argument("--mezo-steps", type=int, help="override the MeZO step count (e.g. a short CPU run)")
     parser.add_argument("--output", default="runs/fewshot_table.json")
     parser.add_argument("--runs-dir", default="runs/fewshot")
+    parser.add_argument("--aggregate-only", action="store_true",
+                        help="run nothing: aggregate the finished grids under --runs-dir (no zero-shot row)")
     args = parser.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
+    runs_dir = Path(args.runs_dir)
     started = time.perf_counter()
-    zero = build(args.model, "sst2", device=args.device)
-    device_name = torch.cuda.get_device_name() if zero.runner.device.type == "cuda" else "cpu"
-    devices = local_devices("cpu" if zero.runner.device.type == "cpu" else "auto")
-    rows = {"zero-shot": {}}
-    for k in ks:
-        tests = [load_split(zero.task, default_data_dir(), k, seed, "test") for seed in SEEDS]
-        rows["zero-shot"][k] = ([accuracy(predict(zero.runner, encode(zero.prompt, t), 64), t) for t in tests], "")
-    del zero
+    rows, models, devices_seen = {}, set() if args.aggregate_only else {args.model}, set()
+    if not args.aggregate_only:
+        zero = build(args.model, "sst2", device=args.device)
+        devices_seen.add(torch.cuda.get_device_name() if zero.runner.device.type == "cuda" else "cpu")
+        devices = local_devices("cpu" if zero.runner.device.type == "cpu" else "auto")
+        rows["zero-shot"] = {}
+        for k in ks:
+            tests = [load_split(zero.task, default_data_dir(), k, seed, "test") for seed in SEEDS]
+            accuracies = [accuracy(predict(zero.runner, encode(zero.prompt, t), 64), t) for t in tests]
+            rows["zero-shot"][k] = {"paper": accuracies, "zotune": accuracies, "settings": ""}
+        del zero
     for name in args.methods.split(","):
         trainable, lrs, flags = METHODS[name]
         if args.mezo_steps and flags["optimizer"] == "mezo":
             flags = {**flags, "steps": args.mezo_steps, "eval_steps": max(1, args.mezo_steps // 6)}
         for k in ks:
             flags_k = {"batch_size": 32 if k == 16 else 64, **flags}
-            train_args = ["--model", args.model, "--task", "sst2", "--k", str(k)]
-            for flag, value in flags_k.items():
-                option = flag.replace("_", "-")
-                train_args += [f"--no-{option}"] if value is False else [f"--{option}", str(value)]
-            result = run_grid(Path(args.runs_dir) / f"{name.split()[0]}-{trainable}-k{k}", list(SEEDS), list(lrs),
-                              [trainable], train_args, devices, quiet=True, runs_per_device=args.runs_per_device)
-            best = result["best_lr"][trainable]
-            cell = next(c for c in result["cells"] if c["lr"] == best)
-            settings = (f"lr {best:g} of {{{', '.join(f'{lr:g}' for lr in lrs)}}} (dev {mean_std(cell['dev'])}), "
-                        f"{flags_k['steps']} steps, batch {flags_k['batch_size']}"
-                        + (f", eps {flags_k['eps']:g}" if "eps" in flags_k else ""))
-            rows.setdefault(name, {})[k] = (cell["test"], settings)
-            print(f"{name} k={k}: test {mean_std(cell['test'])} with {settings}", flush=True)
+            folder = grid_dir(runs_dir, name, trainable, k)
+            if args.aggregate_only:
+                if not folder.is_dir():
+                    print(f"{name} k={k}: no runs in {folder}", flush=True)
+                    continue
+                result = aggregate_dir(folder)
+                flags_k, lrs = result["config"], {c["lr"] for c in result["cells"]}  # what the runs used
+                models.add(flags_k["model"])
+                devices_seen.update(result["devices"])
+            else:
+                train_args = ["--model", args.model, "--task", "sst2", "--k", str(k)]
+                for flag, value in flags_k.items():
+                    option = flag.replace("_", "-")
+                    train_args += [f"--no-{option}"] if value is False else [f"--{option}", str(value)]
+                result = run_grid(folder, list(SEEDS), list(lrs), [trainable], train_args, devices, quiet=True,
+                                  runs_per_device=args.runs_per_device)
+            row = rows.setdefault(name, {})[k] = cell_row(result["aggregates"][trainable], lrs, flags_k)
+            print(f"{name} k={k}: test {mean_std(row['paper'])} by the paper's rule (best-dev run per seed, lrs "
+                  f"{row['paper_lrs']}), {mean_std(row['zotune'])} by zotune's (lr {row['zotune_lr']:g}, dev "
+                  f"{mean_std(row['zotune_dev'])}); {row['settings']}", flush=True)
 
-    lines = ["| method | " + " | ".join(f"k={k}" for k in ks) + " | " + " | ".join(f"settings k={k}" for k in ks) + " |",
-             "|---|" + "---|" * (2 * len(ks))]
-    for name, by_k in rows.items():
-        lines.append(f"| {name} | " + " | ".join(mean_std(by_k[k][0]) for k in ks) + " | "
-                     + " | ".join(by_k[k][1] for k in ks) + " |")
-    table = "\n".join(lines)
-    print(f"\nSST-2 test accuracy (872 sentences), mean (std) over seeds {SEEDS}, model {args.model}, "
-          f"on {device_name} ({time.perf_counter() - started:.0f} s in all)\n{table}")
+    text = table(rows, ks)
+    device_name = ", ".join(sorted(devices_seen))
+    print(f"\nSST-2 test accuracy (872 sentences), mean (std) over seeds {SEEDS}, model {', '.join(sorted(models))}, "
+          f"on {device_name} ({time.perf_counter() - started:.0f} s in all). paper: the best-dev run of each "
+          f"seed over the lr grid (MeZO's gather_result.py); zotune: one lr per cell by mean dev.\n{text}")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(
-        {"device": device_name, "table": table, "runs": {n: {k: v[0] for k, v in r.items()} for n, r in rows.items()}},
+        {"device": device_name, "table": text, "runs": rows},
         indent=2) + "\n")
 
 
