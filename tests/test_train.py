@@ -83,6 +83,33 @@ def test_adam_baseline_trains_with_backprop(tmp_path, tiny_mlm_dir):
     assert any(not torch.equal(best[n], base[n]) for n in best if n in base)
 
 
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1e-3])
+def test_adam_clips_the_gradient_norm_before_each_step(tiny_mlm_dir, monkeypatch, max_grad_norm):
+    from zotune.session import Session
+    from zotune.train import _adam_stepper
+
+    norms = []  # the trainable tensors' total gradient norm as AdamW sees it
+    adam_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return adam_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    assert TrainConfig(optimizer="adam").max_grad_norm == 1.0  # the reference's HF Trainer default
+    cfg = TrainConfig(model=str(tiny_mlm_dir), optimizer="adam", trainable="full", device="cpu", lr=1e-3,
+                      max_grad_norm=max_grad_norm)
+    session = Session.build(cfg)
+    step_fn = _adam_stepper(cfg, session)
+    sequences = [session.prompt.encode(("a fine film ",)), session.prompt.encode(("dull ",))]
+    for i in range(2):
+        step_fn(i, sequences, torch.tensor([1, 0]), cfg.lr)
+    if max_grad_norm:
+        assert norms == pytest.approx([max_grad_norm] * 2, rel=1e-4)
+    else:
+        assert min(norms) > 1e-2  # unclipped, far above the limit the other case sets
+
+
 def test_batches_are_epoch_permutations_sorted_within_a_batch():
     assert all(batch_indices(10, batch, 0, step) == list(range(10)) for batch in (10, 64) for step in range(3))
     seen = [batch_indices(10, 4, 0, step) for step in range(3)]  # one epoch: 4 + 4 + 2
