@@ -54,7 +54,7 @@ def test_same_seed_same_trajectory_bit_for_bit(tmp_path, tiny_mlm_dir):
     assert all(torch.equal(wa[n], wb[n]) for n in wa)
 
 
-@pytest.mark.parametrize("trainable", ["lora", "bias", "prefix", "top:1"])
+@pytest.mark.parametrize("trainable", ["lora", "lora+head", "bias", "prefix", "top:1"])
 def test_frozen_parameters_are_never_touched(tmp_path, tiny_mlm_dir, trainable):
     from zotune.optim.mezo import mezo_step
     from zotune.session import Session

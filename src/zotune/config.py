@@ -55,7 +55,7 @@ class TrainConfig:
                                         "or $ZOTUNE_DATA_DIR)")
     output_dir: str | None = option(None, "run directory (default: runs/<task>-k<k>-<seed>-<optimizer>-<trainable>)")
     optimizer: str = option("mezo", "MeZO (forward only) or Adam (backprop baseline)", ("mezo", "adam"))
-    trainable: str = option("full", "full, bias, lora, prefix or top:K")
+    trainable: str = option("full", "full, bias, lora, lora+head (the MeZO paper's LoRA), prefix or top:K")
     layers: tuple[int, ...] | None = option(None, "comma-separated layers for bias/lora/prefix, e.g. 20,21,22,23")
     lora_rank: int = option(8, "LoRA rank")
     lora_alpha: float = option(16.0, "LoRA alpha")
