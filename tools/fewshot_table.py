@@ -9,13 +9,16 @@ and writes it, with every run's numbers, to --output as JSON.
     python tools/fewshot_table.py --device cuda --runs-per-device 8
     python tools/fewshot_table.py --aggregate-only --runs-dir runs/fewshot   # finished runs only
 
---aggregate-only runs nothing and writes nothing under --runs-dir: it aggregates the grids
-found there (<method>-<subset>-k<k>/<run>/summary.json) and leaves out zero-shot.
+--aggregate-only runs nothing and writes nothing under --runs-dir: it aggregates every grid
+found there (<name>-k<k>/<run>/summary.json and config.json, e.g. MeZO-full-k16, or one of
+another subset such as MeZO-lora+head-k16, shown under its folder's name), with the settings
+the runs recorded, and leaves out zero-shot; --methods does not apply.
 """
 
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -61,6 +64,27 @@ def cell_row(aggregate: dict, lrs, flags: dict) -> dict:
             "zotune_lr": zotune["lr"], "zotune_dev": zotune["dev"], "settings": settings}
 
 
+def finished_grids(runs_dir: Path, ks: list[int]) -> list[tuple[str, int, Path]]:
+    """(row name, k, folder) of every grid folder <name>-k<k> under runs_dir: the methods'
+    names where the folder is one of theirs, else the folder's name without -k<k>."""
+    known = {grid_dir(runs_dir, name, trainable, k).name: name
+             for name, (trainable, _, _) in METHODS.items() for k in ks}
+    grids = []
+    for folder in sorted(runs_dir.iterdir()):
+        match = re.fullmatch(r"(.+)-k(\d+)", folder.name)
+        if folder.is_dir() and match and int(match.group(2)) in ks:
+            grids.append((known.get(folder.name, match.group(1)), int(match.group(2)), folder))
+    order = list(METHODS)  # the methods first, in their order, then the other folders
+    return sorted(grids, key=lambda g: (order.index(g[0]) if g[0] in order else len(order), g[0], g[1]))
+
+
+def report(rows: dict, name: str, k: int, row: dict) -> None:
+    rows.setdefault(name, {})[k] = row
+    print(f"{name} k={k}: test {mean_std(row['paper'])} by the paper's rule (best-dev run per seed, lrs "
+          f"{row['paper_lrs']}), {mean_std(row['zotune'])} by zotune's (lr {row['zotune_lr']:g}, dev "
+          f"{mean_std(row['zotune_dev'])}); {row['settings']}", flush=True)
+
+
 def table(rows: dict, ks: list[int]) -> str:
     """Each k in two columns, the paper's aggregate first; zero-shot has no lr to choose."""
     head = ["method"] + [f"k={k} {rule}" for k in ks for rule in ("paper", "zotune")] + [f"settings k={k}" for k in ks]
@@ -83,13 +107,24 @@ def main():
     parser.add_argument("--output", default="runs/fewshot_table.json")
     parser.add_argument("--runs-dir", default="runs/fewshot")
     parser.add_argument("--aggregate-only", action="store_true",
-                        help="run nothing: aggregate the finished grids under --runs-dir (no zero-shot row)")
+                        help="run nothing: aggregate every finished grid under --runs-dir (no zero-shot row)")
     args = parser.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     runs_dir = Path(args.runs_dir)
     started = time.perf_counter()
-    rows, models, devices_seen = {}, set() if args.aggregate_only else {args.model}, set()
-    if not args.aggregate_only:
+    rows, models, devices_seen = {}, set(), set()
+    if args.aggregate_only:
+        for name, k, folder in finished_grids(runs_dir, ks):
+            result = aggregate_dir(folder)
+            flags_k = result["config"]  # what the runs used
+            models.add(flags_k["model"])
+            devices_seen.update(result["devices"])
+            for trainable, both in result["aggregates"].items():
+                row_name = name if len(result["aggregates"]) == 1 else f"{name} ({trainable})"
+                lrs = {c["lr"] for c in result["cells"] if c["trainable"] == trainable}
+                report(rows, row_name, k, cell_row(both, lrs, flags_k))
+    else:
+        models.add(args.model)
         zero = build(args.model, "sst2", device=args.device)
         devices_seen.add(torch.cuda.get_device_name() if zero.runner.device.type == "cuda" else "cpu")
         devices = local_devices("cpu" if zero.runner.device.type == "cpu" else "auto")
@@ -99,32 +134,19 @@ def main():
             accuracies = [accuracy(predict(zero.runner, encode(zero.prompt, t), 64), t) for t in tests]
             rows["zero-shot"][k] = {"paper": accuracies, "zotune": accuracies, "settings": ""}
         del zero
-    for name in args.methods.split(","):
-        trainable, lrs, flags = METHODS[name]
-        if args.mezo_steps and flags["optimizer"] == "mezo":
-            flags = {**flags, "steps": args.mezo_steps, "eval_steps": max(1, args.mezo_steps // 6)}
-        for k in ks:
-            flags_k = {"batch_size": 32 if k == 16 else 64, **flags}
-            folder = grid_dir(runs_dir, name, trainable, k)
-            if args.aggregate_only:
-                if not folder.is_dir():
-                    print(f"{name} k={k}: no runs in {folder}", flush=True)
-                    continue
-                result = aggregate_dir(folder)
-                flags_k, lrs = result["config"], {c["lr"] for c in result["cells"]}  # what the runs used
-                models.add(flags_k["model"])
-                devices_seen.update(result["devices"])
-            else:
+        for name in args.methods.split(","):
+            trainable, lrs, flags = METHODS[name]
+            if args.mezo_steps and flags["optimizer"] == "mezo":
+                flags = {**flags, "steps": args.mezo_steps, "eval_steps": max(1, args.mezo_steps // 6)}
+            for k in ks:
+                flags_k = {"batch_size": 32 if k == 16 else 64, **flags}
                 train_args = ["--model", args.model, "--task", "sst2", "--k", str(k)]
                 for flag, value in flags_k.items():
                     option = flag.replace("_", "-")
                     train_args += [f"--no-{option}"] if value is False else [f"--{option}", str(value)]
-                result = run_grid(folder, list(SEEDS), list(lrs), [trainable], train_args, devices, quiet=True,
-                                  runs_per_device=args.runs_per_device)
-            row = rows.setdefault(name, {})[k] = cell_row(result["aggregates"][trainable], lrs, flags_k)
-            print(f"{name} k={k}: test {mean_std(row['paper'])} by the paper's rule (best-dev run per seed, lrs "
-                  f"{row['paper_lrs']}), {mean_std(row['zotune'])} by zotune's (lr {row['zotune_lr']:g}, dev "
-                  f"{mean_std(row['zotune_dev'])}); {row['settings']}", flush=True)
+                result = run_grid(grid_dir(runs_dir, name, trainable, k), list(SEEDS), list(lrs), [trainable],
+                                  train_args, devices, quiet=True, runs_per_device=args.runs_per_device)
+                report(rows, name, k, cell_row(result["aggregates"][trainable], lrs, flags_k))
 
     text = table(rows, ks)
     device_name = ", ".join(sorted(devices_seen))
