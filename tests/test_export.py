@@ -34,6 +34,7 @@ def runs(tmp_path_factory, tiny_mlm_dir):
         "top1": dict(trainable="top:1"),
         "lora": dict(trainable="lora", lora_rank=4, lora_alpha=8.0),
         "lora_upper": dict(trainable="lora", layers=(1,), lora_rank=2, lora_alpha=6.0),
+        "lora_head": dict(trainable="lora+head", lora_rank=4, lora_alpha=8.0),
     }.items():
         cfg = TrainConfig(**{**dict(model=str(tiny_mlm_dir), steps=2, eval_steps=2, log_steps=1, quiet=True,
                                     device="cpu", output_dir=str(root / name), lr=5e-2, eps=1e-2,
@@ -76,7 +77,7 @@ def _assert_weights_moved(run, model_dir):
     assert moved or lora_b, "training left the weights where they started; raise the test's lr"
 
 
-@pytest.mark.parametrize("name", ["full", "bias", "top1"])
+@pytest.mark.parametrize("name", ["full", "bias", "top1", "lora_head"])
 def test_huggingface_export_matches_zotune_logits(tmp_path, runs, tiny_mlm_dir, name):
     from transformers import AutoModelForMaskedLM
     run, _ = runs[name]
@@ -121,6 +122,20 @@ def test_peft_adapter_matches_zotune_logits(tmp_path, runs, tiny_mlm_dir, name):
     assert export(run, tmp_path / "merged", merge_lora=True) == "huggingface"
     merged = AutoModelForMaskedLM.from_pretrained(tmp_path / "merged").eval()
     _assert_close(_hf_logits(merged, prompt, seqs), want)
+
+
+def test_lora_head_exports_an_untied_checkpoint(tmp_path, runs, tiny_mlm_dir):
+    from transformers import AutoModelForMaskedLM
+    run, _ = runs["lora_head"]
+    assert "head.decoder" in load_file(run / "best.safetensors")
+    assert export(run, tmp_path / "hf") == "huggingface"  # LoRA merged: PEFT's adapter has no trained head
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is False
+    hf = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    base = AutoModelForMaskedLM.from_pretrained(tiny_mlm_dir).eval()
+    # The input embeddings are the base model's; the decoder is the trained one.
+    assert torch.equal(hf.roberta.embeddings.word_embeddings.weight, base.roberta.embeddings.word_embeddings.weight)
+    assert not torch.equal(hf.lm_head.decoder.weight, hf.roberta.embeddings.word_embeddings.weight)
+    assert torch.equal(hf.lm_head.decoder.weight, rebuild(run).model.head.decoder)
 
 
 def test_rebuilt_model_reproduces_the_runs_dev_accuracy(runs):

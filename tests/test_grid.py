@@ -1,8 +1,14 @@
 """`zotune sweep`: a grid of real runs, one table with mean (std) per cell and the best lr by dev."""
 
 import json
+import statistics
+
+import numpy as np
+import pytest
 
 from zotune.cli import main
+from zotune.errors import UserError
+from zotune.grid import Cell, aggregate, aggregate_dir, paper_aggregate
 
 
 def test_sweep_runs_the_grid_and_picks_lr_by_dev(tmp_path, tiny_mlm_dir, capsys):
@@ -19,7 +25,70 @@ def test_sweep_runs_the_grid_and_picks_lr_by_dev(tmp_path, tiny_mlm_dir, capsys)
     best = max(result["cells"], key=lambda c: sum(c["dev"]))
     assert result["best_lr"]["top:1"] == best["lr"]
     assert "| top:1 |" in (out / "results.md").read_text()
+    both = result["aggregates"]["top:1"]  # the paper's aggregate and zotune's, side by side
+    assert both["zotune"]["lr"] == best["lr"] and both["paper"]["seeds"] == [13, 42]
+    assert "paper's rule" in (out / "results.md").read_text()
     # A second call finds every run finished and only rewrites the table.
     capsys.readouterr()
     assert main(args) == 0
     assert "done " not in capsys.readouterr().out
+
+
+def _finished_run(grid, trainable, lr, seed, dev, test, **config):
+    """A run folder as `zotune train` leaves it, with only the fields the aggregates read."""
+    cell = Cell(trainable, lr, seed)
+    (grid / cell.name).mkdir(parents=True)
+    (grid / cell.name / "config.json").write_text(json.dumps(
+        {"model": "m", "task": "sst2", "k": 16, "optimizer": "mezo", "trainable": trainable, "lr": lr, "seed": seed,
+         "steps": 10, "eps": 1e-3, "batch_size": 4, **config}))
+    (grid / cell.name / "summary.json").write_text(json.dumps({"dev_accuracy": dev, "test_accuracy": test,
+                                                               "device": "cpu"}))
+    return cell
+
+
+# Seeds 1 and 2 do best at lr 1e-3, seed 3 at 1e-2; 1e-3 has the better mean dev (0.767 against 0.733).
+GRID = {(1e-3, 1): (0.9, 0.70), (1e-3, 2): (0.9, 0.72), (1e-3, 3): (0.5, 0.40),
+        (1e-2, 1): (0.8, 0.60), (1e-2, 2): (0.8, 0.61), (1e-2, 3): (0.6, 0.65)}
+
+
+def test_paper_and_zotune_aggregates_differ_where_the_rules_do(tmp_path):
+    cells = [_finished_run(tmp_path, "full", lr, seed, dev, test) for (lr, seed), (dev, test) in GRID.items()]
+    result = aggregate(tmp_path, cells)["aggregates"]["full"]
+    # zotune: one lr for every seed, the best by mean dev.
+    assert result["zotune"]["lr"] == 1e-3 and result["zotune"]["test"] == [0.70, 0.72, 0.40]
+    # MeZO's gather_result.py: each seed's best-dev run over the whole grid.
+    paper = result["paper"]
+    assert paper["seeds"] == [1, 2, 3] and paper["lr"] == [1e-3, 1e-3, 1e-2]
+    assert paper["test"] == [0.70, 0.72, 0.65] and paper["runs_per_seed"] == [2, 2, 2]
+    assert paper["test_mean"] == pytest.approx(statistics.mean([0.70, 0.72, 0.65]))
+    assert paper["test_std"] == pytest.approx(float(np.std([0.70, 0.72, 0.65])))  # population std, as numpy's
+    assert result["zotune"]["test_mean"] == pytest.approx(0.60667, abs=1e-5)
+
+
+def test_paper_aggregate_breaks_dev_ties_by_run_name(tmp_path):
+    # Equal dev: gather_result.py keeps the first of the runs sorted by output_dir.
+    runs = {Cell("lora", 1e-2, 5): {"dev_accuracy": 0.8, "test_accuracy": 0.5},
+            Cell("lora", 1e-3, 5): {"dev_accuracy": 0.8, "test_accuracy": 0.9}}
+    assert sorted(c.name for c in runs)[0] == "lora-lr0.001-seed5"
+    assert paper_aggregate(runs)["test"] == [0.9]
+
+
+def test_aggregate_dir_reads_finished_runs_and_writes_nothing(tmp_path):
+    for (lr, seed), (dev, test) in GRID.items():
+        _finished_run(tmp_path, "full", lr, seed, dev, test)
+    (tmp_path / "full-lr0.1-seed1").mkdir()  # unfinished: no summary.json, left out
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = aggregate_dir(tmp_path)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert result["aggregates"]["full"]["paper"]["test"] == [0.70, 0.72, 0.65]
+    assert result["config"]["k"] == 16 and len(result["cells"]) == 2
+    assert "paper's rule" in result["table"] and "zotune's rule" in result["table"]
+
+
+def test_aggregate_dir_refuses_a_mixed_folder(tmp_path):
+    _finished_run(tmp_path, "full", 1e-3, 1, 0.9, 0.7)
+    _finished_run(tmp_path, "full", 1e-3, 2, 0.9, 0.7, k=512)
+    with pytest.raises(UserError, match=r"differs .* in \['k'\]"):
+        aggregate_dir(tmp_path)
+    with pytest.raises(UserError, match="no finished run"):
+        aggregate_dir(tmp_path / "full-lr0.001-seed1")

@@ -1,16 +1,24 @@
 """SST-2 test accuracy of a model: zero-shot, MeZO (full), MeZO (LoRA) and Adam fine-tuning,
-at k=16 and k=512, mean (std) over LM-BFF's five data seeds, with the learning rate of each
-cell chosen from a small grid by mean dev accuracy (the MeZO and LM-BFF protocol; never by
-test). Every run is a `zotune train` process started by `zotune.grid.run_grid`; several share a
-GPU at a time, since a small model leaves a run host-bound. Prints a Markdown table and writes
-it, with every run's numbers, to --output as JSON.
+at k=16 and k=512, mean (std) over LM-BFF's five data seeds, each cell aggregated over a small
+lr grid by dev accuracy (never by test) in two ways (zotune.grid): the paper's, the best-dev
+run of each seed over the whole grid (MeZO's gather_result.py), and zotune's, one lr per cell
+by mean dev. Every run is a `zotune train` process started by `zotune.grid.run_grid`; several
+share a GPU at a time, since a small model leaves a run host-bound. Prints a Markdown table
+and writes it, with every run's numbers, to --output as JSON.
 
     python tools/fewshot_table.py --device cuda --runs-per-device 8
+    python tools/fewshot_table.py --aggregate-only --runs-dir runs/fewshot   # finished runs only
+
+--aggregate-only runs nothing and writes nothing under --runs-dir: it aggregates every grid
+found there (<name>-k<k>/<run>/summary.json and config.json, e.g. MeZO-full-k16, or one of
+another subset such as MeZO-lora+head-k16, shown under its folder's name), with the settings
+the runs recorded, and leaves out zero-shot; --methods does not apply.
 """
 
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -23,7 +31,7 @@ sys.path.insert(0, SRC)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))  # for the run processes
 
 from zotune.evaluate import accuracy, build, encode, predict  # noqa: E402
-from zotune.grid import local_devices, run_grid  # noqa: E402
+from zotune.grid import aggregate_dir, local_devices, run_grid  # noqa: E402
 from zotune.tasks.data import default_data_dir, load_split  # noqa: E402
 
 SEEDS = (13, 21, 42, 87, 100)
@@ -42,6 +50,52 @@ def mean_std(values) -> str:
     return f"{100 * statistics.mean(values):.1f} ({100 * statistics.pstdev(values):.1f})"
 
 
+def grid_dir(runs_dir: Path, name: str, trainable: str, k: int) -> Path:
+    return runs_dir / f"{name.split()[0]}-{trainable}-k{k}"
+
+
+def cell_row(aggregate: dict, lrs, flags: dict) -> dict:
+    """One (method, k) cell of the table from a subset's two aggregates (zotune.grid.aggregate)."""
+    paper, zotune = aggregate["paper"], aggregate["zotune"]
+    settings = (f"{flags['steps']} steps, batch {flags['batch_size']}"
+                + (f", eps {flags['eps']:g}" if flags["optimizer"] == "mezo" else "")
+                + f", lr grid {{{', '.join(f'{lr:g}' for lr in sorted(lrs))}}}")
+    return {"paper": paper["test"], "zotune": zotune["test"], "paper_lrs": dict(zip(paper["seeds"], paper["lr"])),
+            "zotune_lr": zotune["lr"], "zotune_dev": zotune["dev"], "settings": settings}
+
+
+def finished_grids(runs_dir: Path, ks: list[int]) -> list[tuple[str, int, Path]]:
+    """(row name, k, folder) of every grid folder <name>-k<k> under runs_dir: the methods'
+    names where the folder is one of theirs, else the folder's name without -k<k>."""
+    known = {grid_dir(runs_dir, name, trainable, k).name: name
+             for name, (trainable, _, _) in METHODS.items() for k in ks}
+    grids = []
+    for folder in sorted(runs_dir.iterdir()):
+        match = re.fullmatch(r"(.+)-k(\d+)", folder.name)
+        if folder.is_dir() and match and int(match.group(2)) in ks:
+            grids.append((known.get(folder.name, match.group(1)), int(match.group(2)), folder))
+    order = list(METHODS)  # the methods first, in their order, then the other folders
+    return sorted(grids, key=lambda g: (order.index(g[0]) if g[0] in order else len(order), g[0], g[1]))
+
+
+def report(rows: dict, name: str, k: int, row: dict) -> None:
+    rows.setdefault(name, {})[k] = row
+    print(f"{name} k={k}: test {mean_std(row['paper'])} by the paper's rule (best-dev run per seed, lrs "
+          f"{row['paper_lrs']}), {mean_std(row['zotune'])} by zotune's (lr {row['zotune_lr']:g}, dev "
+          f"{mean_std(row['zotune_dev'])}); {row['settings']}", flush=True)
+
+
+def table(rows: dict, ks: list[int]) -> str:
+    """Each k in two columns, the paper's aggregate first; zero-shot has no lr to choose."""
+    head = ["method"] + [f"k={k} {rule}" for k in ks for rule in ("paper", "zotune")] + [f"settings k={k}" for k in ks]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, by_k in rows.items():
+        accuracies = [mean_std(by_k[k][rule]) if k in by_k else "" for k in ks for rule in ("paper", "zotune")]
+        settings = [by_k[k]["settings"] if k in by_k else "" for k in ks]
+        lines.append("| " + " | ".join([name, *accuracies, *settings]) + " |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="models/zotune-roberta-small")
@@ -52,48 +106,56 @@ def main():
     parser.add_argument("--mezo-steps", type=int, help="override the MeZO step count (e.g. a short CPU run)")
     parser.add_argument("--output", default="runs/fewshot_table.json")
     parser.add_argument("--runs-dir", default="runs/fewshot")
+    parser.add_argument("--aggregate-only", action="store_true",
+                        help="run nothing: aggregate every finished grid under --runs-dir (no zero-shot row)")
     args = parser.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
+    runs_dir = Path(args.runs_dir)
     started = time.perf_counter()
-    zero = build(args.model, "sst2", device=args.device)
-    device_name = torch.cuda.get_device_name() if zero.runner.device.type == "cuda" else "cpu"
-    devices = local_devices("cpu" if zero.runner.device.type == "cpu" else "auto")
-    rows = {"zero-shot": {}}
-    for k in ks:
-        tests = [load_split(zero.task, default_data_dir(), k, seed, "test") for seed in SEEDS]
-        rows["zero-shot"][k] = ([accuracy(predict(zero.runner, encode(zero.prompt, t), 64), t) for t in tests], "")
-    del zero
-    for name in args.methods.split(","):
-        trainable, lrs, flags = METHODS[name]
-        if args.mezo_steps and flags["optimizer"] == "mezo":
-            flags = {**flags, "steps": args.mezo_steps, "eval_steps": max(1, args.mezo_steps // 6)}
+    rows, models, devices_seen = {}, set(), set()
+    if args.aggregate_only:
+        for name, k, folder in finished_grids(runs_dir, ks):
+            result = aggregate_dir(folder)
+            flags_k = result["config"]  # what the runs used
+            models.add(flags_k["model"])
+            devices_seen.update(result["devices"])
+            for trainable, both in result["aggregates"].items():
+                row_name = name if len(result["aggregates"]) == 1 else f"{name} ({trainable})"
+                lrs = {c["lr"] for c in result["cells"] if c["trainable"] == trainable}
+                report(rows, row_name, k, cell_row(both, lrs, flags_k))
+    else:
+        models.add(args.model)
+        zero = build(args.model, "sst2", device=args.device)
+        devices_seen.add(torch.cuda.get_device_name() if zero.runner.device.type == "cuda" else "cpu")
+        devices = local_devices("cpu" if zero.runner.device.type == "cpu" else "auto")
+        rows["zero-shot"] = {}
         for k in ks:
-            flags_k = {"batch_size": 32 if k == 16 else 64, **flags}
-            train_args = ["--model", args.model, "--task", "sst2", "--k", str(k)]
-            for flag, value in flags_k.items():
-                option = flag.replace("_", "-")
-                train_args += [f"--no-{option}"] if value is False else [f"--{option}", str(value)]
-            result = run_grid(Path(args.runs_dir) / f"{name.split()[0]}-{trainable}-k{k}", list(SEEDS), list(lrs),
-                              [trainable], train_args, devices, quiet=True, runs_per_device=args.runs_per_device)
-            best = result["best_lr"][trainable]
-            cell = next(c for c in result["cells"] if c["lr"] == best)
-            settings = (f"lr {best:g} of {{{', '.join(f'{lr:g}' for lr in lrs)}}} (dev {mean_std(cell['dev'])}), "
-                        f"{flags_k['steps']} steps, batch {flags_k['batch_size']}"
-                        + (f", eps {flags_k['eps']:g}" if "eps" in flags_k else ""))
-            rows.setdefault(name, {})[k] = (cell["test"], settings)
-            print(f"{name} k={k}: test {mean_std(cell['test'])} with {settings}", flush=True)
+            tests = [load_split(zero.task, default_data_dir(), k, seed, "test") for seed in SEEDS]
+            accuracies = [accuracy(predict(zero.runner, encode(zero.prompt, t), 64), t) for t in tests]
+            rows["zero-shot"][k] = {"paper": accuracies, "zotune": accuracies, "settings": ""}
+        del zero
+        for name in args.methods.split(","):
+            trainable, lrs, flags = METHODS[name]
+            if args.mezo_steps and flags["optimizer"] == "mezo":
+                flags = {**flags, "steps": args.mezo_steps, "eval_steps": max(1, args.mezo_steps // 6)}
+            for k in ks:
+                flags_k = {"batch_size": 32 if k == 16 else 64, **flags}
+                train_args = ["--model", args.model, "--task", "sst2", "--k", str(k)]
+                for flag, value in flags_k.items():
+                    option = flag.replace("_", "-")
+                    train_args += [f"--no-{option}"] if value is False else [f"--{option}", str(value)]
+                result = run_grid(grid_dir(runs_dir, name, trainable, k), list(SEEDS), list(lrs), [trainable],
+                                  train_args, devices, quiet=True, runs_per_device=args.runs_per_device)
+                report(rows, name, k, cell_row(result["aggregates"][trainable], lrs, flags_k))
 
-    lines = ["| method | " + " | ".join(f"k={k}" for k in ks) + " | " + " | ".join(f"settings k={k}" for k in ks) + " |",
-             "|---|" + "---|" * (2 * len(ks))]
-    for name, by_k in rows.items():
-        lines.append(f"| {name} | " + " | ".join(mean_std(by_k[k][0]) for k in ks) + " | "
-                     + " | ".join(by_k[k][1] for k in ks) + " |")
-    table = "\n".join(lines)
-    print(f"\nSST-2 test accuracy (872 sentences), mean (std) over seeds {SEEDS}, model {args.model}, "
-          f"on {device_name} ({time.perf_counter() - started:.0f} s in all)\n{table}")
+    text = table(rows, ks)
+    device_name = ", ".join(sorted(devices_seen))
+    print(f"\nSST-2 test accuracy (872 sentences), mean (std) over seeds {SEEDS}, model {', '.join(sorted(models))}, "
+          f"on {device_name} ({time.perf_counter() - started:.0f} s in all). paper: the best-dev run of each "
+          f"seed over the lr grid (MeZO's gather_result.py); zotune: one lr per cell by mean dev.\n{text}")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(
-        {"device": device_name, "table": table, "runs": {n: {k: v[0] for k, v in r.items()} for n, r in rows.items()}},
+        {"device": device_name, "table": text, "runs": rows},
         indent=2) + "\n")
 
 

@@ -145,7 +145,8 @@ def _plot_parser(sub) -> argparse.ArgumentParser:
 
 
 def _sweep_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("sweep", help="a grid of runs (seeds x lrs x subsets), one table with mean (std) per cell",
+    p = sub.add_parser("sweep", help="a grid of runs (seeds x lrs x subsets): mean (std) per cell, and the "
+                                     "paper's and zotune's aggregates",
                        epilog="Any other flag is passed to every `zotune train` run, e.g. --task sst2 --k 16 --steps 1000.")
     p.add_argument("--output-dir", required=True, help="one folder per run inside, plus results.md and results.json")
     p.add_argument("--seeds", default="13,21,42,87,100", help="data seeds (default: LM-BFF's five)")

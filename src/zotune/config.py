@@ -59,7 +59,7 @@ class TrainConfig:
                                         "or $ZOTUNE_DATA_DIR)")
     output_dir: str | None = option(None, "run directory (default: runs/<task>-k<k>-<seed>-<optimizer>-<trainable>)")
     optimizer: str = option("mezo", "MeZO (forward only) or Adam (backprop baseline)", ("mezo", "adam"))
-    trainable: str = option("full", "full, bias, lora, prefix or top:K")
+    trainable: str = option("full", "full, bias, lora, lora+head (the MeZO paper's LoRA), prefix or top:K")
     layers: tuple[int, ...] | None = option(None, "comma-separated layers for bias/lora/prefix, e.g. 20,21,22,23")
     lora_rank: int = option(8, "LoRA rank")
     lora_alpha: float = option(16.0, "LoRA alpha")
@@ -70,6 +70,8 @@ class TrainConfig:
     batch_size: int | None = option(None, "examples per step")
     weight_decay: float = option(0.0, "weight decay (not on biases and LayerNorm weights)")
     decay_all: bool = option(False, "also decay biases and LayerNorm weights (MeZO excludes them)")
+    max_grad_norm: float = option(1.0, "Adam: clip the gradients' total norm to this before each step, as "
+                                       "the reference's HF Trainer does (0: off); MeZO ignores it")
     schedule: str | None = option(None, "learning-rate schedule", ("constant", "linear"))
     n_spsa: int = option(1, "perturbation directions per step, averaged")
     # Under torchrun: None = data parallel (the batch is split across ranks); d = each rank
@@ -121,6 +123,7 @@ class TrainConfig:
             (self.lr >= 0, f"--lr {self.lr} is negative; MeZO and Adam need lr >= 0"),
             (self.eps > 0, f"--eps {self.eps} must be positive (MeZO perturbs by eps * z)"),
             (self.weight_decay >= 0, f"--weight-decay {self.weight_decay} is negative"),
+            (self.max_grad_norm >= 0, f"--max-grad-norm {self.max_grad_norm} is negative; give 0 (off) or more"),
             (self.n_spsa >= 1, f"--n-spsa {self.n_spsa} must be at least 1"),
             (self.directions_per_rank is None or self.directions_per_rank >= 1,
              f"--directions-per-rank {self.directions_per_rank} must be at least 1"),
@@ -226,7 +229,7 @@ def parse_bytes(text: str) -> int:
 
 # Fields added after runs were already being written, with the value that reproduces a run
 # written before each existed (its config.json and trajectory log lack the field).
-ADDED_FIELDS = {"pair": False, "recipe": None}
+ADDED_FIELDS = {"pair": False, "recipe": None, "max_grad_norm": 0.0}
 
 
 def read_run_config(run_dir: str | Path) -> TrainConfig:

@@ -11,6 +11,8 @@ names match), and RUN/best.safetensors loaded into it, strictly.
   lora                a PEFT adapter directory (adapter_config.json, adapter_model.safetensors)
                       for peft.PeftModel.from_pretrained(base, DIR), or with merge_lora a full
                       checkpoint with the update folded into the query/value weights;
+  lora+head           a full checkpoint as for lora with merge_lora, whose head is the trained
+                      one and whose decoder is its own (config.json: tie_word_embeddings false);
   prefix              nothing: neither transformers nor PEFT has a format for key/value
                       prefixes on a RoBERTa masked LM, so it is a UserError.
 """
@@ -151,8 +153,11 @@ def _write_huggingface(rebuilt: Rebuilt, out: Path) -> None:
     from zotune.evaluate import load_tokenizer
     state = merged_state(rebuilt.model)
     hf_state = to_hf_state(state, rebuilt.model.config, rebuilt.architecture)
-    # The base config.json as it is (architectures, vocabulary, tying); the weights are float32.
+    # The base config.json as it is (architectures, vocabulary), untied if the run untied the
+    # decoder; the weights are float32.
     hf_config = dict(rebuilt.hf_config)
+    if not rebuilt.model.config.tie_word_embeddings:  # lora+head trained a decoder of its own
+        hf_config["tie_word_embeddings"] = False
     for key in ("dtype", "torch_dtype"):  # transformers 5 and 4 names
         if key in hf_config:
             hf_config[key] = "float32"

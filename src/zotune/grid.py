@@ -2,9 +2,15 @@
 x trainable subsets, each cell a normal `zotune train` run in its own process, one run per GPU
 at a time (or one after another on the CPU); `runs_per_device` > 1 shares each device between
 that many runs, which keeps a GPU busy when the model is small and a run is host-bound.
-Results: one table with mean and std over seeds per (subset, lr), the best lr of each subset
-chosen by mean dev accuracy (never by test), as Markdown and JSON. Finished runs (a
-summary.json exists) are not run again, so an interrupted sweep continues where it stopped.
+Results, as Markdown and JSON: one table with mean and std over seeds per (subset, lr), and
+two aggregates per subset, both choosing by dev accuracy (never by test):
+  paper    MeZO's rule (princeton-nlp/MeZO medium_models/tools/gather_result.py): for each
+           seed, the run with the best dev accuracy over the whole lr grid; the mean and
+           population std of those runs' test accuracies. What the MeZO paper's tables report.
+  zotune   one lr per subset, the one with the best mean dev accuracy over seeds; the mean and
+           population std of that lr's test accuracies.
+Finished runs (a summary.json exists) are not run again, so an interrupted sweep continues
+where it stopped; `aggregate_dir` aggregates a folder of finished runs without running any.
 """
 
 import itertools
@@ -30,6 +36,10 @@ class Cell:
     @property
     def name(self) -> str:
         return f"{self.trainable.replace(':', '')}-lr{self.lr:g}-seed{self.seed}"
+
+
+# The config fields every run of one grid shares (aggregate_dir checks them).
+GRID_SHARED = ("model", "task", "k", "optimizer", "steps", "eps", "batch_size", "schedule", "weight_decay")
 
 
 def run_grid(output_dir: Path, seeds: list[int], lrs: list[float], subsets: list[str], train_args: list[str],
@@ -83,29 +93,95 @@ def run_grid(output_dir: Path, seeds: list[int], lrs: list[float], subsets: list
 
 
 def write_table(output_dir: Path, cells: list[Cell]) -> dict:
+    """Aggregate the finished `cells` under `output_dir`, and write results.md and results.json there."""
+    result = aggregate(output_dir, cells)
+    (output_dir / "results.md").write_text(result["table"] + "\n")
+    (output_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def aggregate(output_dir: Path, cells: list[Cell]) -> dict:
+    """The per-(subset, lr) table and both aggregates of finished runs; writes nothing."""
+    runs = {cell: json.loads((output_dir / cell.name / "summary.json").read_text()) for cell in cells}
     rows = {}
-    for cell in cells:
-        summary = json.loads((output_dir / cell.name / "summary.json").read_text())
-        row = rows.setdefault((cell.trainable, cell.lr), {"dev": [], "test": []})
+    for cell, summary in runs.items():
+        row = rows.setdefault((cell.trainable, cell.lr), {"dev": [], "test": [], "seeds": []})
         row["dev"].append(summary["dev_accuracy"])
         row["test"].append(summary["test_accuracy"])
+        row["seeds"].append(cell.seed)
     best = {}
     for (trainable, lr), row in rows.items():
         if trainable not in best or statistics.mean(row["dev"]) > statistics.mean(rows[(trainable, best[trainable])]["dev"]):
             best[trainable] = lr
+    aggregates = {}
+    for trainable, lr in best.items():
+        row = rows[(trainable, lr)]
+        zotune = {"lr": lr, "seeds": row["seeds"], "dev": row["dev"], "test": row["test"],
+                  **_mean_std(row["test"])}
+        aggregates[trainable] = {"paper": paper_aggregate({c: s for c, s in runs.items() if c.trainable == trainable}),
+                                 "zotune": zotune}
 
-    def cell_text(values):
-        return f"{100 * statistics.mean(values):.1f} ({100 * statistics.pstdev(values):.1f})"
-    lines = ["| trainable | lr | dev acc | test acc | seeds | best lr (by dev) |", "|---|---|---|---|---|---|"]
+    lines = ["| trainable | lr | dev acc | test acc | seeds | best lr (by mean dev) |", "|---|---|---|---|---|---|"]
     for (trainable, lr), row in rows.items():
-        lines.append(f"| {trainable} | {lr:g} | {cell_text(row['dev'])} | {cell_text(row['test'])} "
+        lines.append(f"| {trainable} | {lr:g} | {_text(row['dev'])} | {_text(row['test'])} "
                      f"| {len(row['dev'])} | {'yes' if best[trainable] == lr else ''} |")
-    table = "\n".join(lines)
-    result = {"table": table, "best_lr": best,
-              "cells": [{"trainable": t, "lr": lr, **row} for (t, lr), row in rows.items()]}
-    (output_dir / "results.md").write_text(table + "\n")
-    (output_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    lines += ["", "| trainable | test acc, paper's rule (best-dev run per seed) | lr per seed "
+                  "| test acc, zotune's rule (one lr by mean dev) | lr |", "|---|---|---|---|---|"]
+    for trainable, both in aggregates.items():
+        paper, zotune = both["paper"], both["zotune"]
+        per_seed = ", ".join(f"{seed}: {lr:g}" for seed, lr in zip(paper["seeds"], paper["lr"]))
+        lines.append(f"| {trainable} | {_text(paper['test'])} | {per_seed} "
+                     f"| {_text(zotune['test'])} | {zotune['lr']:g} |")
+    return {"table": "\n".join(lines), "best_lr": best,
+            "cells": [{"trainable": t, "lr": lr, **row} for (t, lr), row in rows.items()],
+            "aggregates": aggregates, "devices": sorted({str(s.get("device")) for s in runs.values()})}
+
+
+def paper_aggregate(runs: dict[Cell, dict]) -> dict:
+    """MeZO's aggregate of one subset's grid (gather_result.py): for each seed, the run with the
+    best dev accuracy over every lr, ties going to the first run name in sorted order as there
+    (its runs are sorted by output_dir); then the mean and population std (numpy's std) of the
+    chosen runs' test accuracies. `runs`: cell -> its summary.json."""
+    by_seed: dict[int, list[Cell]] = {}
+    for cell in sorted(runs, key=lambda c: c.name):
+        by_seed.setdefault(cell.seed, []).append(cell)
+    chosen = [max(cells, key=lambda c: runs[c]["dev_accuracy"]) for _, cells in sorted(by_seed.items())]
+    test = [runs[c]["test_accuracy"] for c in chosen]
+    return {"seeds": [c.seed for c in chosen], "lr": [c.lr for c in chosen],
+            "dev": [runs[c]["dev_accuracy"] for c in chosen], "test": test,
+            "runs_per_seed": [len(by_seed[c.seed]) for c in chosen], **_mean_std(test)}
+
+
+def aggregate_dir(grid_dir: Path) -> dict:
+    """Both aggregates of a folder of finished runs (each <run>/summary.json and config.json, as
+    a sweep writes them), read only: it writes nothing there. Unfinished runs are left out; the
+    runs must share everything but lr and seed (one task, k, optimizer...), which the result
+    holds as "config"."""
+    grid_dir = Path(grid_dir)
+    cells, shared = [], None
+    for summary in sorted(grid_dir.glob("*/summary.json")):
+        config = json.loads((summary.parent / "config.json").read_text())
+        cell = Cell(config["trainable"], float(config["lr"]), int(config["seed"]))
+        if cell.name != summary.parent.name:
+            raise UserError(f"{summary.parent} holds the run {cell.name} (its config.json); "
+                            "rename it or move it out of the grid")
+        rest = {k: v for k, v in config.items() if k in GRID_SHARED}
+        if shared is not None and rest != shared:
+            raise UserError(f"{summary.parent} differs from the other runs of {grid_dir} in "
+                            f"{sorted(k for k in rest if rest[k] != shared.get(k))}; aggregate one grid at a time")
+        shared = rest
+        cells.append(cell)
+    if not cells:
+        raise UserError(f"{grid_dir} holds no finished run (no <run>/summary.json); pass a sweep's --output-dir")
+    return {**aggregate(grid_dir, cells), "config": shared}
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"test_mean": statistics.mean(values), "test_std": statistics.pstdev(values)}
+
+
+def _text(values: list[float]) -> str:
+    return f"{100 * statistics.mean(values):.1f} ({100 * statistics.pstdev(values):.1f})"
 
 
 def local_devices(spec: str) -> list[str]:

@@ -377,6 +377,7 @@ def _adam_stepper(cfg: TrainConfig, session: Session):
     groups = [{"params": [p for n, p in trainable if n not in exempt], "weight_decay": cfg.weight_decay},
               {"params": [p for n, p in trainable if n in exempt], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    params = [p for _, p in trainable]
 
     def step_fn(step, sequences, labels, lr):
         for param_group in optimizer.param_groups:
@@ -385,6 +386,8 @@ def _adam_stepper(cfg: TrainConfig, session: Session):
         with runner.precision:  # the backward pass's matmuls in the run's precision too
             loss = runner.loss(runner.pack(sequences), labels.to(runner.device, non_blocking=True))
             loss.backward()
+        if cfg.max_grad_norm > 0:  # HF Trainer's max_grad_norm, which the MeZO/LM-BFF fine-tuning runs keep at 1.0
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         runner.model.eval()

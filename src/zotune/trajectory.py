@@ -42,8 +42,7 @@ LOG_NAME, SNAPSHOT_NAME = "trajectory.jsonl", "snapshot.safetensors"
 
 
 def model_sha256(model: str) -> str:
-    """sha256 over the checkpoint's weight files (names and bytes), read in 1 MiB blocks:
-    ~0.1 s for the shipped 30 MB model, a few seconds for roberta-large."""
+    """sha256 over the checkpoint's weight files (names and bytes), read in 1 MiB blocks."""
     digest = hashlib.sha256()
     for file in _weight_files(resolve_model_dir(model)):
         digest.update(file.name.encode() + b"\0")

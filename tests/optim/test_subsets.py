@@ -52,6 +52,29 @@ def test_lora_starts_at_the_base_model(tiny_roberta_dir):
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".lora_" not in n)
 
 
+def test_lora_head_trains_lora_and_the_head_with_a_decoder_of_its_own(tiny_roberta_dir):
+    # The MeZO paper's LoRA: only the base model (roberta.*) is frozen, and its prompt model's
+    # LM head has a decoder of its own, untied from the word embeddings.
+    model = load_model(tiny_roberta_dir)
+    before, embeddings = _logits(model), model.embeddings.word.weight.detach().clone()
+    names = [n for n, _ in select_trainable(model, "lora+head", SubsetOptions(lora_rank=4, lora_alpha=8))]
+    head = ["head.bias", "head.decoder", "head.dense.weight", "head.dense.bias", "head.norm.weight", "head.norm.bias"]
+    assert [n for n in names if ".lora_" not in n] == head
+    assert {n.rsplit(".", 2)[-2] for n in names if ".lora_" in n} == {"lora_q", "lora_v"}
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n not in names)
+    assert not model.config.tie_word_embeddings
+    decoder = model.head.decoder
+    assert torch.equal(decoder, embeddings) and decoder.data_ptr() != model.embeddings.word.weight.data_ptr()
+    assert torch.equal(_logits(model), before)  # a copy of the tied decoder, and LoRA's B = 0
+    with torch.no_grad():
+        decoder.add_(1.0)  # the decoder trains alone: the input embeddings stay as they were
+    assert torch.equal(model.embeddings.word.weight, embeddings)
+    assert not torch.equal(_logits(model), before)
+    # --layers restricts LoRA, never the head.
+    upper = [n for n, _ in select_trainable(load_model(tiny_roberta_dir), "lora+head", SubsetOptions(layers=(1,)))]
+    assert not any(n.startswith("layers.0.") for n in upper) and set(head) <= set(upper)
+
+
 def test_lora_is_reproducible_from_the_seed(tiny_roberta_dir):
     a = dict(select_trainable(load_model(tiny_roberta_dir), "lora", SubsetOptions(seed=3)))
     b = dict(select_trainable(load_model(tiny_roberta_dir), "lora", SubsetOptions(seed=3)))

@@ -102,7 +102,7 @@ class TrunkCache:
 
     def _frozen_version(self) -> tuple:
         # _version counts in-place writes; data_ptr changes when a tensor is rebound. (map over
-        # the C accessors: ~20 % less host time than a generator, and this runs at every lookup.)
+        # the C accessors takes less host time than a generator, and this runs at every lookup.)
         return (*map(torch.Tensor.data_ptr, self.frozen), *map(_VERSION, self.frozen))
 
     def hidden_states(self, batch: PackedBatch, trunk: Callable[[PackedBatch], torch.Tensor],

@@ -25,9 +25,9 @@ trunk cache come as their pool rows (engine/cache.py, PoolRows): the rows travel
 transfer and the graph gathers them from the pool itself, so a batch of cache hits costs the
 host no launch of its own. A body's other inputs (labels, a step's seeds and learning rate)
 are copied one by one. The outputs are copied out of the graph's buffers, which are valid
-only until the next replay of any graph (they share one memory pool). (One transfer for the
-body's inputs and one copy for all its outputs were tried on an H200, 2026-11-28: its host
-took no less time for them than for the copies they replaced.)
+only until the next replay of any graph (they share one memory pool). (Merging the body's
+inputs into one transfer, and its outputs into one copy, saves the host no time: kept simple,
+see benchmarks/RESULTS.md.)
 
 The first call of a shape runs the body for real, then captures it: capturing records kernels
 without running them, and the warm-up run (which compiles kernels and initialises libraries
@@ -76,8 +76,7 @@ class _Graph:
 @dataclass
 class _Weights:
     """The tensors a forward from one start layer reads (MaskedLM.modules_from), listed once:
-    walking the module tree costs more than a cached step's GPU work (~1 ms for the whole of
-    RoBERTa-large). `addresses` is what _addresses() gave then, before the first capture."""
+    walking the module tree costs more host time than a cached step's GPU work. `addresses` is what _addresses() gave then, before the first capture."""
     modules: list[torch.nn.Module]
     params: list[torch.Tensor]
     addresses: tuple[int, ...]
@@ -268,10 +267,10 @@ class GraphedForward:
             outputs = body(forward, static_inputs)
         torch.cuda.current_stream().wait_stream(side)
         # Python's cycle collector may free a dropped runner's graphs or their memory pool at
-        # any allocation, and those CUDA calls, made during a capture, end it (the likely cause
-        # of two failed captures in benchmarks/reuse.py, which drops a runner per row,
-        # 2026-11-28). Hold it off until the capture ends. (Not gc.collect() first: ~0.25 s a
-        # capture under transformers' imports, 2-5 s of a zotune train run on an H100 host.)
+        # any allocation, and those CUDA calls, made during a capture, end it (a caller that
+        # drops runners, as benchmarks/reuse.py does per row, triggers it). Hold it off until the
+        # capture ends. (Not gc.collect() first: a full collection at every capture is slow
+        # once transformers is imported.)
         collecting = gc.isenabled()
         gc.disable()
         try:

@@ -6,9 +6,9 @@ sequences, for prefix tuning), so no padding token is ever computed. In a MeZO p
 prefix[0] (theta + eps z), the others to prefix[1].
 
 With `masks_only` (the last layer, model/roberta.py) there is one query per sequence, at its
-<mask>. On CUDA a Triton kernel computes those in float32, one program per (query, head): the
-FlashAttention call it replaces cost ~15 us plus ~10 us of bf16 casts on an H100 for what is
-a few dot products a head.
+<mask>. On CUDA a Triton kernel computes those in float32, one program per (query, head): a
+FlashAttention call, with its bf16 casts, costs far more than the few dot products a head that
+this is.
 
 Shape notation: T = packed tokens, B = sequences, M = <mask> queries, P = prefix length, N = heads,
 D = head dim.
@@ -95,9 +95,9 @@ def _prefix_rows_of_each_sequence(prefix, batch):
     return torch.cat([prefix[0].repeat(batch.pair_seqs, 1, 1), prefix[1].repeat(n_seq - batch.pair_seqs, 1, 1)])
 
 
-# Keys a step of the mask-query kernel's loop. Compiled for sm_90 (Triton 3.6, 4 warps, not
-# timed), 64 keys took 255 registers a thread at D = 64 and spilled at D = 128; 32 take ~170,
-# and RoBERTa prompts of ~19 tokens still need one step.
+# Keys a step of the mask-query kernel's loop: 64 keys spill registers at D = 128 on sm_90 (the
+# register counts are in benchmarks/RESULTS.md); 32 do not, and a RoBERTa prompt of ~19 tokens
+# still needs one step.
 KEYS_BLOCK = 32
 
 

@@ -7,10 +7,9 @@ latency. Here each program takes a BLOCK_N-column block of N and a contiguous sh
 that the programs of all SMs stream the weight together. Each writes its share's partial sums;
 the last program of a column block to finish (an arrival counter tells it) adds the shares up
 in split order, whichever program that is, so the same inputs give the same bits, then adds
-the bias and applies the activation. One launch: a separate summing kernel cost ~3 us a matmul
-on an H100. Against cuBLAS (benchmarks/linear_kernels.py, H100) it is 1.0-1.5x as fast on most
-of these shapes and 5-10% slower on the 1024 -> 4096 one; in a cached top:1 step these matmuls
-went from 0.136 to 0.099 ms. `_linear_torch` is its reference: the CPU path, the path under
+the bias and applies the activation. One launch: a separate summing kernel would add a launch
+to every matmul. benchmarks/linear_kernels.py times it against cuBLAS (benchmarks/RESULTS.md).
+`_linear_torch` is its reference: the CPU path, the path under
 autograd (the backprop baseline), the path for many rows (where cuBLAS's own tiles fill the
 GPU), and what the tests compare the kernel with.
 
@@ -40,9 +39,9 @@ ACTIVATIONS = {
 # Up to this many rows the matmul is bound by reading the weight; the whole row block is one
 # tile (BLOCK_R) of the kernel, whose accumulator must fit the registers.
 MAX_ROWS = 128
-# Measured on an H100 (benchmarks/linear_kernels.py, RESULTS.md): 32-column blocks beat 64 at
-# every shape; 2 programs a SM beat 1 up to 64 rows, and 1 beat 2 at 128, where each program's
-# taller x tile already keeps enough loads in flight.
+# Chosen with benchmarks/linear_kernels.py (benchmarks/RESULTS.md): 32-column blocks, and 2
+# programs a SM up to 64 rows but 1 above, where each program's taller x tile already keeps
+# enough loads in flight.
 BLOCK_N, BLOCK_K = 32, 64
 PROGRAMS_PER_SM = 2  # up to 64 rows; half as many above
 
@@ -66,8 +65,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
         return _linear_triton(x, weight, bias, activation, dtype, precision, _sm_count(x.device))
     # Many rows, paired: a GEMM per half, each with its bias fused. (A batched GEMM, baddbmm, has
-    # no bias epilogue: its bias is copied out first. In a top:1 step on an H200, with the pair's
-    # weights then off 16-byte alignment, it took 0.077 ms against 0.032 ms for the two.)
+    # no bias epilogue, so its bias is copied out first, and it is the slower of the two:
+    # benchmarks/RESULTS.md.)
     return _linear_torch(x, weight, bias, activation)
 
 
@@ -175,7 +174,7 @@ if triton is not None:
             if tl.atomic_add(arrivals_ptr + block, 1, sem="acq_rel") == SPLITS - 1:
                 y = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
                 # In split order, whichever program arrived last; unrolled, so that the loads are in
-                # flight together (a loop waited for each in turn: ~1 us a split).
+                # flight together (a loop waits for each in turn).
                 for s in tl.static_range(SPLITS):
                     y += tl.load(partials_ptr + s * rows * n + tile, mask=inside, other=0.0, cache_modifier=".cg")
                 _finish(y, b_ptr, out_ptr, cols, n, tile, inside, HAS_BIAS, ACTIVATION)

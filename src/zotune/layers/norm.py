@@ -3,7 +3,7 @@ into one kernel on CUDA.
 
 Unfused, each is an add kernel and a layer_norm kernel over [T, E]: 96 launches per
 RoBERTa-large forward, and on a few hundred packed tokens each is bound by launch latency,
-not by memory (issue 4's profile: 0.85 ms of a 9 ms step on an H200). The Triton kernel
+not by memory (issue 4's profile, benchmarks/RESULTS.md). The Triton kernel
 reads both inputs once and normalises one row per program, in float32. `_add_layer_norm_torch`
 is its reference: the CPU path, the path under autograd (the backprop baseline), and what the
 tests compare the kernel with.

@@ -226,6 +226,10 @@ def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig, architecture: 
     out = {}
     for hf, zt, index in weight_map(cfg, architecture):
         out[hf] = state[zt] if index is None else state[zt].chunk(3)[index]
+        if not cfg.tie_word_embeddings and hf in _DECODER_BIAS:
+            # An untied HF head reads its decoder Linear's own bias (transformers 5 does not tie
+            # it to the head's): write the one bias under both names.
+            out[_DECODER_BIAS[hf]] = out[hf].clone()
     return {name: t.contiguous() for name, t in out.items()}
 
 

@@ -16,7 +16,7 @@ P = prefix length, R = LoRA rank.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -241,6 +241,13 @@ class MaskedLM(nn.Module):
         if root == "head":
             return self.config.num_layers
         raise KeyError(f"{name!r} is not a parameter name of this model")
+
+    def untie_decoder(self) -> None:
+        """Give the head a decoder of its own, a copy of the word embeddings (the logits do not
+        change), so that training one leaves the other as it is. Already untied: nothing to do."""
+        if self.head.decoder is None:
+            self.head.decoder = nn.Parameter(self.embeddings.word.weight.detach().clone())
+            self.config = replace(self.config, tie_word_embeddings=False)
 
     def modules_from(self, start_layer: int) -> list[nn.Module]:
         """The modules whose tensors forward() reads when it starts at `start_layer`: the

@@ -75,8 +75,8 @@ class FlatParameters:
         pair is a view (pair_views) that one kernel reads."""
         if self.plus is None:
             # Rows a multiple of 256 bytes apart: a tensor's view then starts as aligned as it did
-            # in the buffer (an odd numel put every weight off 16 bytes, and cuBLAS then took its
-            # unaligned kernels: a top:4 step 40 % slower on an H200, 2026-11-28).
+            # in the buffer (an odd numel would put every weight off 16 bytes, and cuBLAS then
+            # takes its slower unaligned kernels).
             row = -(-self.numel // 64) * 64
             both = torch.empty(2, row, dtype=self.buffer.dtype, device=self.buffer.device)
             both[1, :self.numel].copy_(self.buffer)

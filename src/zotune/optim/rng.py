@@ -110,9 +110,8 @@ def check_seed(seed: int):
 # Counters per pass. Ops on [2, BLOCK] tensors (32768 elements, ATen's grain size) run on the
 # calling thread, all but the sqrt (MKL VML, grain 2048): with more threads each of the ~150 ops
 # per block would be a parallel region, and on a busy machine one descheduled thread stalls them
-# all (20 ms per 1M elements became 50 ms to seconds on two loaded cores). The temporaries
-# (256 KiB) also stay in cache and are recycled by malloc; whole-slice temporaries went back to
-# the OS and page-faulted in again on every op, which cost as much as the arithmetic.
+# all. The temporaries (256 KiB) also stay in cache and are recycled by malloc; whole-slice
+# temporaries would go back to the OS and page-fault in again on every op.
 BLOCK = 1 << 14
 
 
@@ -156,7 +155,7 @@ def _box_muller(radius_words: torch.Tensor, angle_words: torch.Tensor, out_cos: 
     cos_f = _horner(y, COS_SERIES)
     sin_f = _horner(y, SIN_SERIES).mul_(f)
     # Rotate by q quarter turns, (cos, sin) -> (-sin, cos) each. The selects are arithmetic
-    # (x*1 + y*0 is exactly x, as neither is 0) because torch.where is ~20x slower on CPU.
+    # (x*1 + y*0 is exactly x, as neither is 0) because torch.where is much slower on CPU.
     swap = (q & 1).float()
     keep = 1.0 - swap
     cos_t = (cos_f * keep).add_(sin_f * swap)

@@ -4,6 +4,12 @@ Spec strings, decided once at build time:
   full        every parameter (the MeZO paper's main setting)
   bias        bias terms only (BitFit, Ben Zaken et al. 2022)
   lora        rank-R updates on query and value (Hu et al. 2021), A random and B zero
+  lora+head   lora, and the MLM head with a decoder of its own: the MeZO paper's LoRA setting.
+              MeZO's LoRA runs (medium_models/run.py, --apply_lora) freeze only the
+              roberta.* base weights, so the LM head trains too, and the head of its RoBERTa
+              prompt model (src/models.py, RobertaModelForPromptFinetuning) is not tied to the
+              word embeddings; here the decoder starts as a copy of them (so nothing changes
+              at step 0) and trains on its own. Plain `lora` trains the LoRA matrices only.
   prefix      P key/value rows per layer (Li & Liang 2021), initialised from the real
               activations of random tokens, as MeZO's medium_models/src/prefix.py does
   top:K       the top K layers and the MLM head (its tied decoder is the input embedding,
@@ -22,7 +28,7 @@ from zotune.errors import UserError
 from zotune.model.roberta import LoRA, MaskedLM, PairedModule
 from zotune.optim.flat import FlatParameters
 
-SUBSETS = ("full", "bias", "lora", "prefix", "top:K")
+SUBSETS = ("full", "bias", "lora", "lora+head", "prefix", "top:K")
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,10 @@ def select_trainable(model: MaskedLM, spec: str, options: SubsetOptions = Subset
     elif spec == "lora":
         _attach_lora(model, layers, options, generator)
         keep = lambda name: ".lora_" in name  # noqa: E731
+    elif spec == "lora+head":
+        _attach_lora(model, layers, options, generator)
+        model.untie_decoder()
+        keep = lambda name: ".lora_" in name or model.layer_of(name) == num_layers  # noqa: E731  (the head)
     elif spec == "prefix":
         _attach_prefix(model, layers, options.num_prefix, generator)
         keep = lambda name: ".prefix_" in name  # noqa: E731

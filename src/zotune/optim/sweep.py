@@ -166,7 +166,7 @@ def _restore_and_update_torch(buf, n_decay, restore_seed, eps, seeds, coefs, dec
 # _normal_block, a transcription of rng.normal. The torch path is the reference the tests
 # compare against, bit for bit.
 
-BLOCK = 2048  # elements per program, 512 Philox counters: 8% faster MeZO steps than 1024 or 4096 on an H200
+BLOCK = 2048  # elements per program, 512 Philox counters: faster MeZO steps than 1024 or 4096 (RESULTS.md)
 
 
 def _perturb_triton(buf: torch.Tensor, seed: torch.Tensor, scale: float, times: int):
