@@ -26,8 +26,11 @@ def _dense_reference(q, k, v, seq_lens, prefix_k, prefix_v):
     return torch.einsum("nts,snd->tnd", scores.softmax(-1), v.double())
 
 
+# varlen_attention as the CPU runs it, and the exact-float32 CUDA path's logic (a mask from
+# cu_seqlens, the prefix rows) run on the CPU.
+@pytest.mark.parametrize("path", [varlen_attention, attention._dense_float32])
 @pytest.mark.parametrize("num_prefix", [0, 3])
-def test_varlen_matches_block_diagonal_dense(num_prefix):
+def test_varlen_matches_block_diagonal_dense(num_prefix, path):
     torch.manual_seed(0)
     seq_lens = [1, 7, 3, 12]
     batch = pack([[5] + [1] * (n - 1) for n in seq_lens], 5, 2)
@@ -35,7 +38,7 @@ def test_varlen_matches_block_diagonal_dense(num_prefix):
     prefix_k = prefix_v = None
     if num_prefix:
         prefix_k, prefix_v = torch.randn(num_prefix, 4, 8), torch.randn(num_prefix, 4, 8)
-    got = varlen_attention(q, k, v, batch, prefix_k, prefix_v)
+    got = path(q, k, v, batch, prefix_k, prefix_v)
     want = _dense_reference(q, k, v, seq_lens, prefix_k, prefix_v)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
@@ -62,21 +65,6 @@ def test_each_precision_picks_its_attention_kernel(precision, kernel):
         assert attention.attention_kernel("cuda", True, 0.0, exact) == "mask-queries"  # float32 in every mode
         assert attention.attention_kernel("cuda", False, 0.1, exact) == "per-sequence"
         assert attention.attention_kernel("cpu", False, 0.0, exact) == "per-sequence"
-
-
-@pytest.mark.parametrize("num_prefix", [0, 3])
-def test_dense_float32_matches_block_diagonal_dense(num_prefix):
-    # The exact-float32 CUDA path's logic (mask from cu_seqlens, prefix rows), run on the CPU.
-    torch.manual_seed(0)
-    seq_lens = [1, 7, 3, 12]
-    batch = pack([[5] + [1] * (n - 1) for n in seq_lens], 5, 2)
-    q, k, v = (torch.randn(sum(seq_lens), 4, 8) for _ in range(3))
-    prefix_k = prefix_v = None
-    if num_prefix:
-        prefix_k, prefix_v = torch.randn(num_prefix, 4, 8), torch.randn(num_prefix, 4, 8)
-    got = attention._dense_float32(q, k, v, batch, prefix_k, prefix_v)
-    want = _dense_reference(q, k, v, seq_lens, prefix_k, prefix_v)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_dense_float32_pair_attends_to_the_prefix_of_its_half():
