@@ -71,3 +71,34 @@ def test_cuda_graph_replays_match_eager_forward(tiny_mlm_dir):
             got = graphed.runner.logits(graphed.runner.pack(sequences))
             torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)  # TF32 kernels may differ by shape
     assert graphed.runner.graphs.captures == 3
+
+
+@pytest.mark.parametrize("trainable", ["prefix", "lora"])
+def test_a_gpu_run_replays_on_the_cpu_bit_for_bit(tmp_path, tiny_mlm_dir, trainable):
+    # Issue 21: a prefix run trained on a GPU replayed on the CPU to other weights (7e-4),
+    # because its initial tensors came from a device-dependent forward pass. Session.build now
+    # computes them on the CPU, and the log pins their sha256. The replay then owes nothing to
+    # the GPU's arithmetic: it applies the logged g_j with the sweeps, whose torch and Triton
+    # paths give the same bits (optim/sweep.py, tests/optim/test_sweep_triton.py), with z the
+    # same on both devices (the first test here). So the tolerance is zero.
+    from safetensors.torch import load_file
+
+    from zotune import trajectory
+    from zotune.session import flatten, load_trainable
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(model=str(tiny_mlm_dir), device="cuda", steps=20, eval_steps=20, log_steps=5,
+                      trainable=trainable, lr=1e-2, eps=1e-2, batch_size=16, quiet=True, output_dir=str(run))
+    train(cfg)
+    header, records = trajectory.read_log(run)
+    assert len(records) == 20
+    on_cpu = flatten(load_trainable(TrainConfig.from_dict({**header["config"], "device": "cpu"}))[1], cfg.decay_all)
+    initial = on_cpu.state_dict()
+    assert trajectory.make_header(header["config"], header["model_sha256"], on_cpu)["initial_sha256"] \
+        == header["initial_sha256"]
+    trajectory.replay_run(run, tmp_path / "out")
+    final, replayed = load_file(run / "final.safetensors"), load_file(tmp_path / "out" / "trainable.safetensors")
+    assert final.keys() == replayed.keys() == initial.keys()
+    differences = {n: (final[n] - replayed[n]).abs().max().item() for n in final}
+    assert all(torch.equal(final[n], replayed[n]) for n in final), differences
+    assert any(not torch.equal(final[n], initial[n].cpu()) for n in final)  # the run did move the weights

@@ -2,10 +2,13 @@
 The mask-query kernel runs in Triton's interpreter in a subprocess without CUDA, because
 TRITON_INTERPRET must be set before the kernel is defined."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
 from tests.conftest import ON_GPU, TRITON_DEVICES, run_triton_check
+from zotune.engine.precision import Precision
 from zotune.layers import attention
 from zotune.layers.attention import varlen_attention
 from zotune.layers.batch import pack
@@ -23,8 +26,11 @@ def _dense_reference(q, k, v, seq_lens, prefix_k, prefix_v):
     return torch.einsum("nts,snd->tnd", scores.softmax(-1), v.double())
 
 
+# varlen_attention as the CPU runs it, and the exact-float32 CUDA path's logic (a mask from
+# cu_seqlens, the prefix rows) run on the CPU.
+@pytest.mark.parametrize("path", [varlen_attention, attention._dense_float32])
 @pytest.mark.parametrize("num_prefix", [0, 3])
-def test_varlen_matches_block_diagonal_dense(num_prefix):
+def test_varlen_matches_block_diagonal_dense(num_prefix, path):
     torch.manual_seed(0)
     seq_lens = [1, 7, 3, 12]
     batch = pack([[5] + [1] * (n - 1) for n in seq_lens], 5, 2)
@@ -32,15 +38,46 @@ def test_varlen_matches_block_diagonal_dense(num_prefix):
     prefix_k = prefix_v = None
     if num_prefix:
         prefix_k, prefix_v = torch.randn(num_prefix, 4, 8), torch.randn(num_prefix, 4, 8)
-    got = varlen_attention(q, k, v, batch, prefix_k, prefix_v)
+    got = path(q, k, v, batch, prefix_k, prefix_v)
     want = _dense_reference(q, k, v, seq_lens, prefix_k, prefix_v)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@contextmanager
+def _tf32(allowed: bool):
+    """The switch the precision contexts set (engine/precision.py), which picks the kernel."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # Precision sets the switch without a GPU too
+@pytest.mark.parametrize("precision, kernel", [("tf32", "flash-bf16"), ("bf16", "flash-bf16"),
+                                               ("float32", "dense-float32")])
+def test_each_precision_picks_its_attention_kernel(precision, kernel):
+    # The decision alone, checkable without CUDA: a CUDA run's precision context sets the switch.
+    with Precision(precision, torch.device("cuda")):
+        exact = not torch.backends.cuda.matmul.allow_tf32
+        assert attention.attention_kernel("cuda", False, 0.0, exact) == kernel
+        assert attention.attention_kernel("cuda", True, 0.0, exact) == "mask-queries"  # float32 in every mode
+        assert attention.attention_kernel("cuda", False, 0.1, exact) == "per-sequence"
+        assert attention.attention_kernel("cpu", False, 0.0, exact) == "per-sequence"
+
+
+def test_dense_float32_pair_attends_to_the_prefix_of_its_half():
+    q, k, v, batch, prefix_k, prefix_v, want = _paired_case()
+    torch.testing.assert_close(attention._dense_float32(q, k, v, batch, prefix_k, prefix_v), want,
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("num_prefix", [0, 3])
-def test_flash_varlen_matches_reference_on_gpu(num_prefix):
+@pytest.mark.parametrize("tf32", [True, False])
+def test_varlen_matches_reference_on_gpu(num_prefix, tf32):
     torch.manual_seed(0)
     seq_lens = [1, 7, 3, 12, 100]
     batch = pack([[5] + [1] * (n - 1) for n in seq_lens], 5, 2).to("cuda")
@@ -48,10 +85,12 @@ def test_flash_varlen_matches_reference_on_gpu(num_prefix):
     prefix_k = prefix_v = None
     if num_prefix:
         prefix_k, prefix_v = (torch.randn(num_prefix, 4, 64, device="cuda") for _ in range(2))
-    got = varlen_attention(q, k, v, batch, prefix_k, prefix_v)
+    with _tf32(tf32):
+        got = varlen_attention(q, k, v, batch, prefix_k, prefix_v)
     want = _dense_reference(q.cpu(), k.cpu(), v.cpu(), seq_lens,
                             None if prefix_k is None else prefix_k.cpu(), None if prefix_v is None else prefix_v.cpu())
-    assert (got.cpu().double() - want).norm() / want.norm() < 1e-2  # FlashAttention computes in bf16
+    error = ((got.cpu().double() - want).norm() / want.norm()).item()
+    assert error < (1e-2 if tf32 else 1e-5), error  # FlashAttention computes in bf16; "float32" in float32
 
 
 def _paired_case(device="cpu", head_dim=8):
@@ -88,10 +127,13 @@ def test_prefix_interleave_of_a_pair():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_flash_varlen_pair_matches_reference_on_gpu():
+@pytest.mark.parametrize("tf32", [True, False])
+def test_varlen_pair_matches_reference_on_gpu(tf32):
     q, k, v, batch, prefix_k, prefix_v, want = _paired_case("cuda", head_dim=64)
-    got = varlen_attention(q, k, v, batch, prefix_k, prefix_v).cpu()
-    assert (got - want).norm() / want.norm() < 1e-2  # FlashAttention computes in bf16
+    with _tf32(tf32):
+        got = varlen_attention(q, k, v, batch, prefix_k, prefix_v).cpu()
+    error = ((got - want).norm() / want.norm()).item()
+    assert error < (1e-2 if tf32 else 1e-5), error  # FlashAttention computes in bf16
 
 
 @pytest.mark.parametrize("device", ["cpu", ON_GPU])

@@ -2,16 +2,19 @@
 work (never as a global switch). The weights stay float32 in every mode, so MeZO's tiny updates
 are not rounded away; the CPU computes in float32 whatever the choice.
 
-  tf32     float32 weights, TF32 matmuls (cuBLAS and the few-row Triton kernel); attention in
-           bf16 (FlashAttention's varlen kernel) — the default
-  bf16     bf16 autocast per matmul (no weight cache: it would hold a bf16 copy of every weight)
-  float32  TF32 off: every matmul (cuBLAS and the few-row Triton kernel) in IEEE float32.
-           The full-sequence attention below the last layer stays FlashAttention's bf16 kernel
-           (layers/attention.py): it has no float32 variant that a CUDA graph can replay.
+  tf32     float32 weights, TF32 matmuls (cuBLAS and the few-row Triton kernel); attention
+           over all tokens in bf16 (FlashAttention's varlen kernel), the last layer's <mask>
+           queries in float32 — the default
+  bf16     bf16 autocast per matmul (no weight cache: it would hold a bf16 copy of every
+           weight); attention as in tf32
+  float32  exact float32: TF32 off, every matmul (cuBLAS and the few-row Triton kernel) in IEEE
+           float32, and attention over all tokens in float32 too (a block-diagonal masked SDPA,
+           layers/attention.py), at the cost of its [N, T, T] scores. What `--precision float32`
+           changes against tf32 is measured by benchmarks/precision_gap.py.
 
-The matmul layers read the choice where they run: layers/linear.py follows
-torch.backends.cuda.matmul.allow_tf32, as cuBLAS does, which this context sets on entry and
-restores on exit.
+The layers read the choice where they run: layers/linear.py and layers/attention.py
+(attention_kernel) follow torch.backends.cuda.matmul.allow_tf32, as cuBLAS does, which this
+context sets on entry and restores on exit.
 """
 
 import torch

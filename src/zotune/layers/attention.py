@@ -10,6 +10,11 @@ With `masks_only` (the last layer, model/roberta.py) there is one query per sequ
 FlashAttention call, with its bf16 casts, costs far more than the few dot products a head that
 this is.
 
+Which kernel runs (attention_kernel) follows the run's precision (engine/precision.py) the way
+layers/linear.py does, through torch.backends.cuda.matmul.allow_tf32, which the precision
+context sets: off ("float32") means exact float32 attention too, on ("tf32", "bf16") allows
+FlashAttention's bf16 kernel for the queries over all tokens.
+
 Shape notation: T = packed tokens, B = sequences, M = <mask> queries, P = prefix length, N = heads,
 D = head dim.
 """
@@ -32,11 +37,29 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: P
     """softmax(q kᵀ / sqrt(D)) v within each sequence. q, k, v: [T, N, D] -> [T, N, D].
     With `masks_only`, q is [M, N, D], the query at each sequence's <mask> (one per sequence,
     in order), and so is the output."""
-    if q.is_cuda and dropout_p == 0.0:
-        if masks_only:
-            return _mask_queries_triton(q, k, v, batch, prefix_k, prefix_v)
+    kernel = attention_kernel(q.device.type, masks_only, dropout_p, not torch.backends.cuda.matmul.allow_tf32)
+    if kernel == "mask-queries":
+        return _mask_queries_triton(q, k, v, batch, prefix_k, prefix_v)
+    if kernel == "flash-bf16":
         return _flash_varlen(q, k, v, batch, prefix_k, prefix_v)
+    if kernel == "dense-float32":
+        return _dense_float32(q, k, v, batch, prefix_k, prefix_v)
     return _per_sequence(q, k, v, batch, prefix_k, prefix_v, dropout_p, masks_only)
+
+
+def attention_kernel(device_type: str, masks_only: bool, dropout_p: float, exact_float32: bool) -> str:
+    """The kernel that computes attention:
+      "per-sequence"   the CPU, and attention dropout anywhere: one float32 SDPA call a sequence
+      "mask-queries"   CUDA, the last layer's <mask> queries: the Triton kernel, float32
+      "flash-bf16"     CUDA, queries over all tokens, TF32 allowed: FlashAttention varlen, bf16
+      "dense-float32"  CUDA, queries over all tokens, exact float32 (--precision float32): one
+                       SDPA call (the math kernel) under a block-diagonal mask, float32
+    `exact_float32`: TF32 is off (the "float32" precision)."""
+    if device_type != "cuda" or dropout_p != 0.0:
+        return "per-sequence"
+    if masks_only:
+        return "mask-queries"
+    return "dense-float32" if exact_float32 else "flash-bf16"
 
 
 def _per_sequence(q, k, v, batch, prefix_k, prefix_v, dropout_p, masks_only):
@@ -68,6 +91,33 @@ def _flash_varlen(q, k, v, batch, prefix_k, prefix_v):
         max_k += prefix_k.shape[-3]
     out = varlen_attn(q, k, v, batch.cu_seqlens, cu_k, batch.max_seqlen, max_k)
     return out.to(dtype)
+
+
+def _dense_float32(q, k, v, batch, prefix_k, prefix_v):
+    # Exact float32 on CUDA (issue 19): FlashAttention has no float32 kernel, and the reference
+    # path's per-sequence split reads the host's sequence lengths, which a CUDA graph replaying
+    # other batches of its bucket does not have. This reads only cu_seqlens, on the device:
+    # all T queries against all keys, masked to each query's own sequence (and its prefix).
+    # The math kernel's matmuls follow allow_tf32, off here, so they run in IEEE float32; its
+    # [N, T, T + B*P] scores cost memory that the bf16 kernel avoids.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cu_k = batch.cu_seqlens
+    if prefix_k is not None:
+        k, v, cu_k = _prepend_prefix(k, v, prefix_k.to(k.dtype), prefix_v.to(v.dtype), batch)
+    allowed = _sequence_of_rows(batch.cu_seqlens, q.shape[0])[:, None] == _sequence_of_rows(cu_k, k.shape[0])[None, :]
+    with sdpa_kernel(SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(                            # [N, T, D]
+            q.float().transpose(0, 1), k.float().transpose(0, 1), v.float().transpose(0, 1), attn_mask=allowed)
+    return out.transpose(0, 1).to(q.dtype)                              # [T, N, D]
+
+
+def _sequence_of_rows(cu_seqlens: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows]: the sequence each packed row belongs to (rows = cu_seqlens[-1], given so that
+    nothing reads the device)."""
+    n_seq = cu_seqlens.shape[0] - 1
+    return torch.repeat_interleave(torch.arange(n_seq, device=cu_seqlens.device), torch.diff(cu_seqlens),
+                                   output_size=rows)
 
 
 def _prepend_prefix(k, v, prefix_k, prefix_v, batch):
