@@ -92,3 +92,49 @@ def test_aggregate_dir_refuses_a_mixed_folder(tmp_path):
         aggregate_dir(tmp_path)
     with pytest.raises(UserError, match="no finished run"):
         aggregate_dir(tmp_path / "full-lr0.001-seed1")
+
+
+def _job(tmp_path, model_dir, steps):
+    from zotune.grid import Job
+    args = ("--model", str(model_dir), "--steps", str(steps), "--eval-steps", "10", "--log-steps", "5",
+            "--snapshot-every", "10", "--log-every", "5", "--batch-size", "8", "--eps", "1e-2")
+    return Job(tmp_path / "grid", Cell("lora", 1e-2, 13), args)
+
+
+def test_run_jobs_resumes_an_unfinished_mezo_run(tmp_path, tiny_mlm_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from zotune.grid import resumable, run_jobs
+    from zotune.trajectory import LOG_NAME
+    job = _job(tmp_path, tiny_mlm_dir, 40)
+    command = [sys.executable, "-m", "zotune", "train", *job.train_args, "--trainable", "lora", "--lr", "0.01",
+               "--seed", "13", "--output-dir", str(job.run_dir), "--quiet", "--device", "cpu"]
+    victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    log = job.run_dir / LOG_NAME
+    while (not log.exists() or log.read_text().count("\n") < 12) and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert resumable(job.run_dir) and not (job.run_dir / "summary.json").exists()
+    assert run_jobs([job], ["cpu"], quiet=True, keep_weights=False) == []
+    summary = json.loads((job.run_dir / "summary.json").read_text())
+    assert summary["resumed_from_step"] >= 11 and summary["steps"] == 40
+    assert not list(job.run_dir.glob("*.safetensors"))  # keep_weights=False
+
+
+def test_run_jobs_stops_at_the_deadline(tmp_path, tiny_mlm_dir):
+    import time
+
+    from zotune.grid import run_jobs
+    job = _job(tmp_path, tiny_mlm_dir, 10_000_000)
+    started = time.monotonic()
+    assert run_jobs([job], ["cpu"], quiet=True, deadline=started + 2) == [job]
+    assert time.monotonic() - started < 60 and not (job.run_dir / "summary.json").exists()
+    assert run_jobs([job], ["cpu"], quiet=True, deadline=time.monotonic()) == [job]  # nothing starts past it

@@ -72,3 +72,16 @@ def test_plot_errors_are_one_line(tmp_path, capsys):
         assert message in err and err.count("\n") == 1, err
     with pytest.raises(UserError):
         plot_run(tmp_path / "nope")
+
+
+def test_dev_curves_mean_band_and_lines(tmp_path):
+    from zotune.plot import plot_dev_curves
+    runs = []
+    for seed in range(3):  # dev at steps 20, 40, 60; a seed with an extra step is cut to the shared ones
+        run = _fake_run(tmp_path / f"run{seed}", steps=60 + 20 * (seed == 0))
+        runs.append(run)
+    out = plot_dev_curves({"MeZO (full), lr 1e-5": runs, "MeZO (LoRA+head), lr 1e-3": runs[1:]},
+                          {"zero-shot": 0.6, "Adam (full)": 0.7}, tmp_path / "pic" / "dev.png", "title")
+    _assert_png(out)
+    with pytest.raises(UserError, match="no runs"):
+        plot_dev_curves({"x": []}, {}, tmp_path / "y.png", "t")

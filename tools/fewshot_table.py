@@ -1,18 +1,34 @@
-"""SST-2 test accuracy of a model: zero-shot, MeZO (full), MeZO (LoRA) and Adam fine-tuning,
-at k=16 and k=512, mean (std) over LM-BFF's five data seeds, each cell aggregated over a small
-lr grid by dev accuracy (never by test) in two ways (zotune.grid): the paper's, the best-dev
-run of each seed over the whole grid (MeZO's gather_result.py), and zotune's, one lr per cell
-by mean dev. Every run is a `zotune train` process started by `zotune.grid.run_grid`; several
-share a GPU at a time, since a small model leaves a run host-bound. Prints a Markdown table
-and writes it, with every run's numbers, to --output as JSON.
+"""The few-shot accuracy table of issue 19: test accuracy of a model on SST-2, SST-5, TREC,
+MNLI, SNLI and RTE at k=16 and k=512, mean (std) over LM-BFF's five data seeds, for zero-shot
+(raw; for two-class tasks also with the threshold fitted on each seed's dev set), MeZO (full),
+MeZO (LoRA), MeZO (LoRA+head: the MeZO paper's LoRA, which also trains the LM head), MeZO
+(prefix) and Adam (full). Each cell is aggregated over its lr grid by dev accuracy (never by
+test) in two ways (zotune.grid): the paper's, the best-dev run of each seed over the whole
+grid (MeZO's gather_result.py), and zotune's, one lr per cell by mean dev.
 
-    python tools/fewshot_table.py --device cuda --runs-per-device 8
-    python tools/fewshot_table.py --aggregate-only --runs-dir runs/fewshot   # finished runs only
+Every run is a `zotune train` process; all the runs of a call share one pool
+(zotune.grid.run_jobs), longest first, several to a GPU since a small model leaves a run
+host-bound. Two protocols:
+  table       the six tasks, the methods and grids of METHODS (5,000 MeZO steps)
+  mezo-paper  SST-2 only, the MeZO paper's: 100,000 steps, eps 1e-3, batch 64, MeZO (full) and
+              MeZO (LoRA+head), three lrs each scaled to this model (PAPER_METHODS)
+
+Chunks: `--deadline S` stops the call S seconds after it started (runs still going get
+SIGTERM and stay resumable), aggregates what is complete and prints the table last. The same
+command again skips finished runs and continues each unfinished MeZO run bit-identically
+(`zotune train --resume`); an Adam run, or one killed before its log began, starts again. To
+continue on a fresh machine, bring back --runs-dir (the --bundle holds its small files: the
+finished runs, which is all the grid needs to skip them; unfinished runs then start again).
+
+    python tools/fewshot_table.py --plan --runs-per-device 12 --steps-per-s 315 --overhead-s 7
+    python tools/fewshot_table.py --device cuda --runs-per-device 12 --deadline 540 \\
+        --bundle $OUT/runs.tgz --output $OUT/fewshot_table.json
+    python tools/fewshot_table.py --aggregate-only --plot sst2.png   # finished runs only
 
 --aggregate-only runs nothing and writes nothing under --runs-dir: it aggregates every grid
-found there (<name>-k<k>/<run>/summary.json and config.json, e.g. MeZO-full-k16, or one of
-another subset such as MeZO-lora+head-k16, shown under its folder's name), with the settings
-the runs recorded, and leaves out zero-shot; --methods does not apply.
+found there (<task>/<name>-k<k>/<run>/summary.json and config.json, e.g. sst2/MeZO-full-k16,
+or a folder of another name, shown under that name), with the settings the runs recorded,
+and the zero-shot rows a run of the tool stored there.
 """
 
 import argparse
@@ -21,142 +37,332 @@ import os
 import re
 import statistics
 import sys
+import tarfile
 import time
 from pathlib import Path
-
-import torch
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 sys.path.insert(0, SRC)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))  # for the run processes
 
-from zotune.evaluate import accuracy, build, encode, predict  # noqa: E402
-from zotune.grid import aggregate_dir, local_devices, run_grid  # noqa: E402
-from zotune.tasks.data import default_data_dir, load_split  # noqa: E402
+from zotune.grid import Cell, Job, aggregate_dir, local_devices, run_jobs  # noqa: E402
 
+TASKS = ("sst2", "sst5", "trec", "mnli", "snli", "rte")
+TWO_CLASS = ("sst2", "rte")  # where a dev-fitted threshold applies
 SEEDS = (13, 21, 42, 87, 100)
-# name -> (trainable subset, lr grid, other `zotune train` flags). MeZO's batch is 32 at k=16
-# (the whole 32-example training set) and 64 at k=512, as in the MeZO paper; Adam's is LM-BFF's 8.
+KS = (16, 512)
+# name -> (trainable subset, lr grid, other `zotune train` flags). MeZO's batch is the paper's 64,
+# the whole training set where that is smaller (k=16 of two or three classes); Adam's is LM-BFF's 8.
+# The grids reach lower than session 11's (1e-5.. full, 3e-3.. LoRA): there every MeZO (full)
+# k=16 run peaked at its first dev evaluation and LoRA's best lr was the grid's smallest. Prefix:
+# the eps of MeZO's medium_models prefix runs (1e-1), lr around theirs (1e-2). Dev every 250
+# MeZO steps; a metrics line every 50 keeps the logs small enough to bring back (--bundle).
+MEZO = dict(optimizer="mezo", steps=5000, eval_steps=250, log_steps=50, batch_size=64)
 METHODS = {
-    "MeZO (full)": ("full", (1e-5, 3e-5, 1e-4), dict(optimizer="mezo", eps=1e-3, steps=5000, eval_steps=500)),
-    # Unpaired ± passes, as the card's table was measured (pairing became the default later).
-    "MeZO (LoRA)": ("lora", (3e-3, 1e-2, 3e-2), dict(optimizer="mezo", eps=1e-2, steps=5000, eval_steps=500,
-                                                    pair=False)),
-    "Adam (full)": ("full", (3e-5, 1e-4), dict(optimizer="adam", steps=1000, eval_steps=100, batch_size=8)),
+    "MeZO (full)": ("full", (3e-6, 1e-5, 3e-5), dict(MEZO, eps=1e-3)),
+    "MeZO (LoRA)": ("lora", (1e-3, 3e-3, 1e-2), dict(MEZO, eps=1e-2)),
+    "MeZO (LoRA+head)": ("lora+head", (1e-3, 3e-3, 1e-2), dict(MEZO, eps=1e-2)),
+    "MeZO (prefix)": ("prefix", (1e-3, 1e-2, 3e-2), dict(MEZO, eps=1e-1)),
+    "Adam (full)": ("full", (1e-5, 3e-5, 1e-4), dict(optimizer="adam", steps=1000, eval_steps=100, batch_size=8)),
 }
+# The MeZO paper's SST-2 protocol (medium_models/mezo.sh: 100,000 steps, batch 64, eps 1e-3,
+# constant lr; RoBERTa-large's grid 1e-7..1e-5). Scaled to this model: at 5,000 steps its best
+# lrs were 1e-5 (full) and 3e-3 (LoRA, eps 1e-2), and 20 times the steps want smaller ones.
+PAPER = dict(optimizer="mezo", steps=100_000, eval_steps=1000, log_steps=100, batch_size=64, eps=1e-3)
+PAPER_METHODS = {
+    "MeZO (full)": ("full", (1e-6, 3e-6, 1e-5), PAPER),
+    "MeZO (LoRA+head)": ("lora+head", (1e-4, 3e-4, 1e-3), PAPER),
+}
+PROTOCOLS = {"table": (TASKS, METHODS), "mezo-paper": (("sst2",), PAPER_METHODS)}
+ZERO_SHOT = "zero_shot.json"
 
 
 def mean_std(values) -> str:
     return f"{100 * statistics.mean(values):.1f} ({100 * statistics.pstdev(values):.1f})"
 
 
-def grid_dir(runs_dir: Path, name: str, trainable: str, k: int) -> Path:
-    return runs_dir / f"{name.split()[0]}-{trainable}-k{k}"
+def task_dir(runs_dir: Path, protocol: str, task: str) -> Path:
+    return runs_dir / (task if protocol == "table" else f"{task}-{protocol}")
+
+
+def grid_dir(folder: Path, name: str, trainable: str, k: int) -> Path:
+    return folder / f"{name.split()[0]}-{trainable}-k{k}"
+
+
+def settings_text(flags: dict, lrs) -> str:
+    return (f"{flags['steps']} steps, batch {flags['batch_size']}"
+            + (f", eps {flags['eps']:g}" if flags["optimizer"] == "mezo" else "")
+            + (f", dev every {flags['eval_steps']}" if flags.get("eval_steps") else "")
+            + f", lr grid {{{', '.join(f'{lr:g}' for lr in sorted(lrs))}}}")
 
 
 def cell_row(aggregate: dict, lrs, flags: dict) -> dict:
     """One (method, k) cell of the table from a subset's two aggregates (zotune.grid.aggregate)."""
     paper, zotune = aggregate["paper"], aggregate["zotune"]
-    settings = (f"{flags['steps']} steps, batch {flags['batch_size']}"
-                + (f", eps {flags['eps']:g}" if flags["optimizer"] == "mezo" else "")
-                + f", lr grid {{{', '.join(f'{lr:g}' for lr in sorted(lrs))}}}")
     return {"paper": paper["test"], "zotune": zotune["test"], "paper_lrs": dict(zip(paper["seeds"], paper["lr"])),
-            "zotune_lr": zotune["lr"], "zotune_dev": zotune["dev"], "settings": settings}
+            "zotune_lr": zotune["lr"], "zotune_dev": zotune["dev"], "settings": settings_text(flags, lrs)}
 
 
-def finished_grids(runs_dir: Path, ks: list[int]) -> list[tuple[str, int, Path]]:
-    """(row name, k, folder) of every grid folder <name>-k<k> under runs_dir: the methods'
-    names where the folder is one of theirs, else the folder's name without -k<k>."""
-    known = {grid_dir(runs_dir, name, trainable, k).name: name
-             for name, (trainable, _, _) in METHODS.items() for k in ks}
+def plan(protocol: str, tasks: list[str], ks: list[int], methods: list[str], runs_dir: Path,
+         model: str) -> list[tuple[str, int, str, Job]]:
+    """(task, k, method, job) of every run the selection asks for, longest first."""
+    jobs = []
+    for task in tasks:
+        for name in methods:
+            trainable, lrs, flags = PROTOCOLS[protocol][1][name]
+            for k in ks:
+                args = ["--model", model, "--task", task, "--k", str(k)]
+                for flag, value in flags.items():
+                    args += [f"--{flag.replace('_', '-')}", str(value)]
+                folder = grid_dir(task_dir(runs_dir, protocol, task), name, trainable, k)
+                jobs += [(task, k, name, Job(folder, Cell(trainable, lr, seed), tuple(args)))
+                         for lr in lrs for seed in SEEDS]
+    return sorted(jobs, key=lambda j: -_steps(j[3]))  # stable: the table's order among equals
+
+
+def _steps(job: Job) -> int:
+    return int(job.train_args[job.train_args.index("--steps") + 1])
+
+
+def steps_left(job: Job) -> int:
+    """Steps the run still has to take: all of them, none if finished, or those after its last
+    metrics line if it is a MeZO run to resume (zotune.grid.resumable)."""
+    from zotune.grid import resumable
+    if (job.run_dir / "summary.json").exists():
+        return 0
+    if resumable(job.run_dir):
+        lines = (job.run_dir / "metrics.jsonl").read_text().splitlines() if (job.run_dir / "metrics.jsonl").exists() else []
+        for line in reversed(lines):
+            try:
+                return _steps(job) - int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return _steps(job)
+
+
+def print_plan(jobs: list[Job], workers: int, steps_per_s: float | None, overhead_s: float | None) -> None:
+    """The run count, and an estimate of the wall time from a measured speed where one is given:
+    (steps left / steps_per_s + overhead_s) summed over the runs to go, over the concurrent runs.
+    steps_per_s: one run's speed while `workers` runs share the devices (session 11: 315 steps/s,
+    MeZO full at k=16/512 on SST-2 with 12 runs sharing an H100); overhead_s: a run's wall time
+    outside its steps (start, capture, evaluations; 7 s there). Other subsets, tasks (the NLI
+    prompts are twice as long) and Adam differ: measure before trusting a figure."""
+    left = [(job, steps_left(job)) for job in jobs]
+    to_go = [(job, n) for job, n in left if not (job.run_dir / "summary.json").exists()]
+    resumes = sum(1 for job, n in to_go if n < _steps(job))
+    print(f"plan: {len(jobs)} runs, {len(jobs) - len(to_go)} finished, {len(to_go)} to go ({resumes} to resume), "
+          f"{sum(n for _, n in to_go):,} steps to go; {workers} at a time", flush=True)
+    if steps_per_s:
+        estimate = sum(n / steps_per_s + (overhead_s or 0) for _, n in to_go) / workers
+        print(f"plan: about {estimate:.0f} s of wall time at {steps_per_s:g} steps/s a run"
+              f"{f' and {overhead_s:g} s a run besides' if overhead_s else ' (no per-run overhead given)'}, "
+              f"{workers} runs at a time", flush=True)
+
+
+def zero_shot_rows(model: str, tasks: list[str], ks: list[int], device: str, runs_dir: Path) -> dict:
+    """task -> row name -> k -> per-seed test accuracies, computed once and kept in
+    runs_dir/zero_shot.json (a later chunk reads them back)."""
+    import torch
+    from zotune.evaluate import accuracy, build, dev_threshold_accuracy, encode, predict
+    from zotune.tasks.data import default_data_dir, load_split
+    path = runs_dir / ZERO_SHOT
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    if stored.get("model") != model:
+        stored = {"model": model, "tasks": {}}
+    for task in tasks:
+        have = stored["tasks"].setdefault(task, {})
+        if all(str(k) in have.get("zero-shot", {}) for k in ks):
+            continue
+        zero = build(model, task, device=device)
+        stored["device"] = torch.cuda.get_device_name() if zero.runner.device.type == "cuda" else "cpu"
+        for k in ks:
+            raw, fitted = [], []
+            for seed in SEEDS:
+                dev, test = (load_split(zero.task, default_data_dir(), k, seed, s) for s in ("dev", "test"))
+                dev_logits, test_logits = (predict(zero.runner, encode(zero.prompt, x), 64) for x in (dev, test))
+                raw.append(accuracy(test_logits, test))
+                if task in TWO_CLASS:
+                    fitted.append(dev_threshold_accuracy(dev_logits, dev, test_logits, test))
+            have.setdefault("zero-shot", {})[str(k)] = raw
+            if fitted:
+                have.setdefault("zero-shot, threshold fitted on the seed's dev set", {})[str(k)] = fitted
+        del zero
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stored, indent=2) + "\n")
+    return stored
+
+
+def finished_grids(folder: Path, ks: list[int], names: dict) -> list[tuple[str, int, Path]]:
+    """(row name, k, grid folder) of every folder <name>-k<k> under a task's folder whose runs
+    are all finished: the methods' names where the folder is one of theirs, else its name."""
     grids = []
-    for folder in sorted(runs_dir.iterdir()):
-        match = re.fullmatch(r"(.+)-k(\d+)", folder.name)
-        if folder.is_dir() and match and int(match.group(2)) in ks:
-            grids.append((known.get(folder.name, match.group(1)), int(match.group(2)), folder))
-    order = list(METHODS)  # the methods first, in their order, then the other folders
+    for grid in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = re.fullmatch(r"(.+)-k(\d+)", grid.name)
+        if grid.is_dir() and match and int(match.group(2)) in ks and any(grid.glob("*/summary.json")):
+            if any(not (run / "summary.json").exists() for run in grid.iterdir() if run.is_dir()):
+                continue  # a grid still running: not a table cell yet
+            grids.append((names.get(grid.name, match.group(1)), int(match.group(2)), grid))
+    order = list(METHODS)
     return sorted(grids, key=lambda g: (order.index(g[0]) if g[0] in order else len(order), g[0], g[1]))
 
 
-def report(rows: dict, name: str, k: int, row: dict) -> None:
-    rows.setdefault(name, {})[k] = row
-    print(f"{name} k={k}: test {mean_std(row['paper'])} by the paper's rule (best-dev run per seed, lrs "
-          f"{row['paper_lrs']}), {mean_std(row['zotune'])} by zotune's (lr {row['zotune_lr']:g}, dev "
-          f"{mean_std(row['zotune_dev'])}); {row['settings']}", flush=True)
+def collect(runs_dir: Path, protocol: str, tasks: list[str], ks: list[int]) -> tuple[dict, set, set]:
+    """task -> row -> k -> cell, from the complete grids and the stored zero-shot rows; and the
+    models and devices the runs recorded."""
+    stored = json.loads((runs_dir / ZERO_SHOT).read_text()) if (runs_dir / ZERO_SHOT).exists() else {}
+    methods = PROTOCOLS[protocol][1]
+    rows, models, devices = {}, set(), set()
+    for task in tasks:
+        by_row = rows.setdefault(task, {})
+        for name, by_k in stored.get("tasks", {}).get(task, {}).items():
+            for k in ks:
+                if str(k) in by_k:
+                    by_row.setdefault(name, {})[k] = {"paper": by_k[str(k)], "zotune": by_k[str(k)], "settings": "-"}
+        if stored.get("tasks", {}).get(task):
+            models.add(stored["model"])
+            devices.add(stored.get("device", "?"))
+        names = {grid_dir(Path(), name, trainable, k).name: name for name, (trainable, _, _) in methods.items()
+                 for k in ks}
+        for name, k, folder in finished_grids(task_dir(runs_dir, protocol, task), ks, names):
+            result = aggregate_dir(folder)
+            flags = result["config"]
+            models.add(flags["model"])
+            devices.update(result["devices"])
+            for trainable, both in result["aggregates"].items():
+                lrs = {c["lr"] for c in result["cells"] if c["trainable"] == trainable}
+                row = cell_row(both, lrs, {**flags, "eval_steps": None})
+                by_row.setdefault(name, {})[k] = row
+                print(f"{task} {name} k={k}: test {mean_std(row['paper'])} by the paper's rule (lrs "
+                      f"{row['paper_lrs']}), {mean_std(row['zotune'])} by zotune's (lr {row['zotune_lr']:g}, dev "
+                      f"{mean_std(row['zotune_dev'])}); {row['settings']}", flush=True)
+    return rows, models, devices
 
 
-def table(rows: dict, ks: list[int]) -> str:
+def table(by_row: dict, ks: list[int]) -> str:
     """Each k in two columns, the paper's aggregate first; zero-shot has no lr to choose."""
     head = ["method"] + [f"k={k} {rule}" for k in ks for rule in ("paper", "zotune")] + [f"settings k={k}" for k in ks]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for name, by_k in rows.items():
+    for name, by_k in by_row.items():
         accuracies = [mean_std(by_k[k][rule]) if k in by_k else "" for k in ks for rule in ("paper", "zotune")]
         settings = [by_k[k]["settings"] if k in by_k else "" for k in ks]
         lines.append("| " + " | ".join([name, *accuracies, *settings]) + " |")
     return "\n".join(lines)
 
 
+def bundle(runs_dir: Path, path: Path) -> None:
+    """The small files of every run under runs_dir (summary.json, config.json, metrics.jsonl,
+    zero_shot.json) in one .tgz: what the table and the plot read, and what a
+    later chunk needs to skip finished runs; no weights, snapshots or trajectory logs."""
+    keep = {"summary.json", "config.json", "metrics.jsonl", ZERO_SHOT}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for file in sorted(runs_dir.rglob("*")):
+            if file.is_file() and file.name in keep:
+                tar.add(file, arcname=str(file.relative_to(runs_dir.parent)))
+
+
+def plot(runs_dir: Path, protocol: str, output: Path) -> Path:
+    """SST-2 dev accuracy against steps at k=512 for MeZO (full) and the protocol's LoRA, each at
+    zotune's chosen lr, with zero-shot (the runs' own dev scores before step 1) and Adam's final
+    dev accuracy (the table protocol's grid) as lines."""
+    from zotune.plot import plot_dev_curves
+    folder = task_dir(runs_dir, protocol, "sst2")
+    curves = {}
+    for name in ("MeZO (full)", "MeZO (LoRA+head)"):  # issue 19's picture: full and the paper's LoRA
+        trainable = PROTOCOLS[protocol][1][name][0]
+        grid = grid_dir(folder, name, trainable, 512)
+        result = aggregate_dir(grid)
+        lr = result["best_lr"][trainable]
+        curves[f"{name}, lr {lr:g}"] = [grid / Cell(trainable, lr, seed).name for seed in result["aggregates"][trainable]["zotune"]["seeds"]]
+    runs = [run for dirs in curves.values() for run in dirs]
+    zero = [json.loads((run / "summary.json").read_text())["zero_shot"]["dev_accuracy"] for run in runs[:len(SEEDS)]]
+    lines = {"zero-shot": statistics.mean(zero)}
+    adam = grid_dir(task_dir(runs_dir, "table", "sst2"), "Adam (full)", "full", 512)
+    if any(adam.glob("*/summary.json")):
+        best = aggregate_dir(adam)["aggregates"]["full"]["zotune"]
+        lines[f"Adam (full), lr {best['lr']:g}"] = statistics.mean(best["dev"])
+    steps = json.loads((runs[0] / "config.json").read_text())["steps"]
+    return plot_dev_curves(curves, lines, output, f"SST-2 k=512, {steps:,} MeZO steps: dev accuracy, mean and "
+                                                 f"std over {len(SEEDS)} seeds at zotune's chosen lr")
+
+
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/zotune-roberta-small")
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="table")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (every visible GPU)")
     parser.add_argument("--runs-per-device", type=int, default=1)
-    parser.add_argument("--ks", default="16,512")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
+    parser.add_argument("--tasks", help=f"comma-separated subset of {', '.join(TASKS)} (default: the protocol's)")
+    parser.add_argument("--ks", default=",".join(map(str, KS)))
+    parser.add_argument("--methods", help="comma-separated subset of the protocol's methods (default: all)")
     parser.add_argument("--mezo-steps", type=int, help="override the MeZO step count (e.g. a short CPU run)")
+    parser.add_argument("--deadline", type=float, help="stop after this many seconds (runs stay resumable)")
+    parser.add_argument("--plan", action="store_true", help="print the run count (and --steps-per-s estimate) only")
+    parser.add_argument("--steps-per-s", type=float, help="measured steps/s of one run while the runs share a GPU")
+    parser.add_argument("--overhead-s", type=float, help="measured wall seconds of one run outside its steps")
+    parser.add_argument("--keep-weights", action="store_true", help="keep finished runs' *.safetensors")
     parser.add_argument("--output", default="runs/fewshot_table.json")
     parser.add_argument("--runs-dir", default="runs/fewshot")
-    parser.add_argument("--aggregate-only", action="store_true",
-                        help="run nothing: aggregate every finished grid under --runs-dir (no zero-shot row)")
+    parser.add_argument("--bundle", help="also write the runs' small files to this .tgz")
+    parser.add_argument("--plot", help="write the SST-2 k=512 dev-accuracy picture to this PNG")
+    parser.add_argument("--aggregate-only", action="store_true", help="run nothing: aggregate finished grids")
     args = parser.parse_args()
+    started = time.monotonic()
+    protocol_tasks, methods = PROTOCOLS[args.protocol]
+    tasks = args.tasks.split(",") if args.tasks else list(protocol_tasks)
+    names = args.methods.split(",") if args.methods else list(methods)
     ks = [int(k) for k in args.ks.split(",")]
+    for value, known, what in [(tasks, protocol_tasks, "--tasks"), (names, methods, "--methods")]:
+        if set(value) - set(known):
+            parser.error(f"{what} {sorted(set(value) - set(known))} not in protocol {args.protocol}: {', '.join(known)}")
     runs_dir = Path(args.runs_dir)
-    started = time.perf_counter()
-    rows, models, devices_seen = {}, set(), set()
-    if args.aggregate_only:
-        for name, k, folder in finished_grids(runs_dir, ks):
-            result = aggregate_dir(folder)
-            flags_k = result["config"]  # what the runs used
-            models.add(flags_k["model"])
-            devices_seen.update(result["devices"])
-            for trainable, both in result["aggregates"].items():
-                row_name = name if len(result["aggregates"]) == 1 else f"{name} ({trainable})"
-                lrs = {c["lr"] for c in result["cells"] if c["trainable"] == trainable}
-                report(rows, row_name, k, cell_row(both, lrs, flags_k))
-    else:
-        models.add(args.model)
-        zero = build(args.model, "sst2", device=args.device)
-        devices_seen.add(torch.cuda.get_device_name() if zero.runner.device.type == "cuda" else "cpu")
-        devices = local_devices("cpu" if zero.runner.device.type == "cpu" else "auto")
-        rows["zero-shot"] = {}
-        for k in ks:
-            tests = [load_split(zero.task, default_data_dir(), k, seed, "test") for seed in SEEDS]
-            accuracies = [accuracy(predict(zero.runner, encode(zero.prompt, t), 64), t) for t in tests]
-            rows["zero-shot"][k] = {"paper": accuracies, "zotune": accuracies, "settings": ""}
-        del zero
-        for name in args.methods.split(","):
-            trainable, lrs, flags = METHODS[name]
-            if args.mezo_steps and flags["optimizer"] == "mezo":
-                flags = {**flags, "steps": args.mezo_steps, "eval_steps": max(1, args.mezo_steps // 6)}
-            for k in ks:
-                flags_k = {"batch_size": 32 if k == 16 else 64, **flags}
-                train_args = ["--model", args.model, "--task", "sst2", "--k", str(k)]
-                for flag, value in flags_k.items():
-                    option = flag.replace("_", "-")
-                    train_args += [f"--no-{option}"] if value is False else [f"--{option}", str(value)]
-                result = run_grid(grid_dir(runs_dir, name, trainable, k), list(SEEDS), list(lrs), [trainable],
-                                  train_args, devices, quiet=True, runs_per_device=args.runs_per_device)
-                report(rows, name, k, cell_row(result["aggregates"][trainable], lrs, flags_k))
-
-    text = table(rows, ks)
-    device_name = ", ".join(sorted(devices_seen))
-    print(f"\nSST-2 test accuracy (872 sentences), mean (std) over seeds {SEEDS}, model {', '.join(sorted(models))}, "
-          f"on {device_name} ({time.perf_counter() - started:.0f} s in all). paper: the best-dev run of each "
-          f"seed over the lr grid (MeZO's gather_result.py); zotune: one lr per cell by mean dev.\n{text}")
+    devices = local_devices("cpu" if args.device == "cpu" else "auto")
+    workers = len(devices) * args.runs_per_device
+    jobs = plan(args.protocol, tasks, ks, names, runs_dir, args.model)
+    if args.mezo_steps:
+        jobs = [(t, k, n, Job(j.output_dir, j.cell, _with_steps(j.train_args, args.mezo_steps))) for t, k, n, j in jobs]
+    if not args.aggregate_only:
+        print_plan([j for *_, j in jobs], workers, args.steps_per_s, args.overhead_s)
+        for name in names:
+            trainable, lrs, flags = methods[name]
+            print(f"plan: {name}: {trainable}, {settings_text(flags, lrs)}, k {ks}, seeds {SEEDS}", flush=True)
+    if args.plan:
+        return
+    if not args.aggregate_only:
+        zero_shot_rows(args.model, tasks, ks, args.device, runs_dir)
+        deadline = started + args.deadline if args.deadline else None
+        left = run_jobs([j for *_, j in jobs], devices, quiet=True, runs_per_device=args.runs_per_device,
+                        deadline=deadline, keep_weights=args.keep_weights)
+        if left:
+            print(f"deadline: {len(left)} of {len(jobs)} runs unfinished; the same command continues them", flush=True)
+    rows, models, devices_seen = collect(runs_dir, args.protocol, tasks, ks)
+    if args.plot:
+        print(f"picture: {plot(runs_dir, args.protocol, Path(args.plot))}", flush=True)
+    if args.bundle:
+        bundle(runs_dir, Path(args.bundle))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    device_name = ", ".join(sorted(devices_seen))
     Path(args.output).write_text(json.dumps(
-        {"device": device_name, "table": text, "runs": rows},
-        indent=2) + "\n")
+        {"protocol": args.protocol, "device": device_name, "models": sorted(models),
+         "tables": {task: table(by_row, ks) for task, by_row in rows.items()},
+         "runs": rows}, indent=2) + "\n")
+    print(f"\nTest accuracy, mean (std) over seeds {SEEDS}, protocol {args.protocol}, model "
+          f"{', '.join(sorted(models))}, on {device_name} ({time.monotonic() - started:.0f} s in all). paper: "
+          "the best-dev run of each seed over the lr grid (MeZO's gather_result.py); zotune: one lr per cell by "
+          "mean dev. MeZO (LoRA) trains the LoRA matrices only; MeZO (LoRA+head), the paper's, also the LM head.")
+    for task, by_row in rows.items():
+        print(f"\n{task}\n{table(by_row, ks)}")
+
+
+def _with_steps(train_args: tuple[str, ...], steps: int) -> tuple[str, ...]:
+    """The MeZO flags with another step count, dev evaluated six times and logged at each."""
+    if "mezo" not in train_args:
+        return train_args
+    values = dict(zip(train_args[::2], train_args[1::2]))
+    eval_steps = max(1, steps // 6)
+    values.update({"--steps": str(steps), "--eval-steps": str(eval_steps), "--log-steps": str(eval_steps)})
+    return tuple(x for pair in values.items() for x in pair)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,12 @@ two aggregates per subset, both choosing by dev accuracy (never by test):
            population std of those runs' test accuracies. What the MeZO paper's tables report.
   zotune   one lr per subset, the one with the best mean dev accuracy over seeds; the mean and
            population std of that lr's test accuracies.
-Finished runs (a summary.json exists) are not run again, so an interrupted sweep continues
-where it stopped; `aggregate_dir` aggregates a folder of finished runs without running any.
+Finished runs (a summary.json exists) are not run again, and an unfinished MeZO run whose
+trajectory log has its header is continued with `zotune train --resume` (bit-identical to an
+uninterrupted run), so an interrupted sweep loses nothing; any other unfinished run starts again.
+`run_jobs` takes a deadline: at it, the runs still going get SIGTERM (they flush their logs and
+stay resumable) and no new one starts, so a sweep fits a wall-clock limit and the same command
+continues it. `aggregate_dir` aggregates a folder of finished runs without running any.
 """
 
 import itertools
@@ -19,7 +23,9 @@ import os
 import statistics
 import subprocess
 import sys
+import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, Queue
@@ -42,21 +48,58 @@ class Cell:
 GRID_SHARED = ("model", "task", "k", "optimizer", "steps", "eps", "batch_size", "schedule", "weight_decay")
 
 
+@dataclass(frozen=True)
+class Job:
+    """One run of a grid: the cell, its grid folder and the `zotune train` flags it shares."""
+    output_dir: Path
+    cell: Cell
+    train_args: tuple[str, ...]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.cell.name
+
+
 def run_grid(output_dir: Path, seeds: list[int], lrs: list[float], subsets: list[str], train_args: list[str],
              devices: list[str], quiet: bool = False, runs_per_device: int = 1) -> dict:
     """Run every cell (skipping finished ones) on `devices` ("cpu" or CUDA indices), then
     write and return the results table."""
     if not seeds or not lrs or not subsets:
         raise UserError("--seeds, --lrs and --trainable each need at least one value")
-    if runs_per_device < 1:
-        raise UserError(f"--runs-per-device {runs_per_device} must be at least 1")
     output_dir.mkdir(parents=True, exist_ok=True)
     cells = [Cell(t, lr, s) for t, lr, s in itertools.product(subsets, lrs, seeds)]
+    run_jobs([Job(output_dir, cell, tuple(train_args)) for cell in cells], devices, quiet, runs_per_device)
+    return write_table(output_dir, cells)
+
+
+def resumable(run_dir: Path) -> bool:
+    """Whether `zotune train --resume` can continue this unfinished run: a MeZO run whose
+    trajectory log has its header line (a run killed before writing it has nothing to keep)."""
+    from zotune.trajectory import LOG_NAME
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        with open(run_dir / LOG_NAME) as log:
+            header = json.loads(log.readline())
+    except (OSError, ValueError):
+        return False
+    return config.get("optimizer") == "mezo" and isinstance(header, dict) and "config" in header
+
+
+def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_device: int = 1,
+             deadline: float | None = None, keep_weights: bool = True) -> list[Job]:
+    """Run the unfinished `jobs`, in the order given, `runs_per_device` at a time on each of
+    `devices`. `deadline` (time.monotonic()): no run starts after it, and the runs still going
+    at it get SIGTERM. `keep_weights` False: a finished run's *.safetensors are deleted (a grid
+    of full-model runs fills a disk). Returns the jobs left unfinished by the deadline."""
+    if runs_per_device < 1:
+        raise UserError(f"--runs-per-device {runs_per_device} must be at least 1")
     todo: Queue = Queue()
-    for cell in cells:
-        if not (output_dir / cell.name / "summary.json").exists():
-            todo.put(cell)
+    for job in jobs:
+        if not (job.run_dir / "summary.json").exists():
+            job.output_dir.mkdir(parents=True, exist_ok=True)
+            todo.put(job)
     failures: list[str] = []
+    stopped: list[Job] = []
     workers = len(devices) * runs_per_device
     # Each run would start a CPU thread per core; several runs at once then oversubscribe the
     # cores many times over (a run on a shared GPU is host-bound and slows to a crawl).
@@ -64,23 +107,35 @@ def run_grid(output_dir: Path, seeds: list[int], lrs: list[float], subsets: list
 
     def worker(device: str):
         while True:
+            if deadline is not None and time.monotonic() >= deadline:
+                return
             try:
-                cell = todo.get_nowait()  # not empty() then get(): another worker may take the last cell between
+                job = todo.get_nowait()  # not empty() then get(): another worker may take the last cell between
             except Empty:
                 return
             env = {"OMP_NUM_THREADS": threads_per_run, **os.environ}  # the user's setting wins
             if device != "cpu":
                 env["CUDA_VISIBLE_DEVICES"] = device  # the run sees its GPU only
-            command = [sys.executable, "-m", "zotune", "train", *train_args, "--trainable", cell.trainable,
-                       "--lr", str(cell.lr), "--seed", str(cell.seed), "--output-dir", str(output_dir / cell.name),
-                       "--overwrite", "--quiet", "--device", "cpu" if device == "cpu" else "cuda"]
-            log = output_dir / f"{cell.name}.log"
-            with open(log, "w") as out:
-                code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-            if code != 0:
-                failures.append(f"{cell.name} (exit {code}, see {log})")
-            elif not quiet:
-                print(f"done {cell.name} on {device}", flush=True)
+            cell, run_dir = job.cell, job.run_dir
+            if resumable(run_dir):  # its config.json holds every setting, device and --quiet included
+                command = [sys.executable, "-m", "zotune", "train", "--resume", str(run_dir)]
+            else:
+                command = [sys.executable, "-m", "zotune", "train", *job.train_args, "--trainable", cell.trainable,
+                           "--lr", str(cell.lr), "--seed", str(cell.seed), "--output-dir", str(run_dir),
+                           "--overwrite", "--quiet", "--device", "cpu" if device == "cpu" else "cuda"]
+            log = job.output_dir / f"{cell.name}.log"
+            with open(log, "a") as out:  # a resumed run's output follows the first attempt's
+                code = _call(command, out, env, deadline)
+            if code is None:
+                stopped.append(job)
+            elif code != 0:
+                failures.append(f"{run_dir} (exit {code}, see {log})")
+            else:
+                if not keep_weights:
+                    for weights in run_dir.glob("*.safetensors"):
+                        weights.unlink()
+                if not quiet:
+                    print(f"done {run_dir} on {device}", flush=True)
 
     pool = [threading.Thread(target=worker, args=(d,)) for d in devices for _ in range(runs_per_device)]
     for thread in pool:
@@ -89,7 +144,24 @@ def run_grid(output_dir: Path, seeds: list[int], lrs: list[float], subsets: list
         thread.join()
     if failures:
         raise UserError(f"{len(failures)} run(s) failed: {'; '.join(failures[:3])}")
-    return write_table(output_dir, cells)
+    return stopped + list(todo.queue)
+
+
+def _call(command: list[str], out, env: dict, deadline: float | None) -> int | None:
+    """The run's exit code, or None where the deadline stopped it: SIGTERM first, which
+    `zotune train` takes like Ctrl-C (logs flushed, resumable); SIGKILL if it has not ended a
+    minute later, which a MeZO run also survives (its log never runs ahead of its steps)."""
+    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        return process.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        return None
 
 
 def write_table(output_dir: Path, cells: list[Cell]) -> dict:

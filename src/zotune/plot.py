@@ -1,4 +1,5 @@
-"""`zotune plot RUN`: one PNG of a run's metrics.jsonl against the step.
+"""`zotune plot RUN`: one PNG of a run's metrics.jsonl against the step; and `plot_dev_curves`,
+dev accuracy against the step over the seeds of a grid (tools/fewshot_table.py --plot).
 
 Three panels: training loss (the logged values faint, an exponential moving average on top),
 |projected gradient| on a log scale (MeZO's (L+ - L-) / 2eps; absent for Adam runs, whose log
@@ -7,6 +8,7 @@ holds null there, so the panel is left out), and dev accuracy at each evaluation
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 from zotune.errors import UserError, require
@@ -101,6 +103,46 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
         ax.grid(alpha=0.3)
 
     fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(output, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return output
+
+
+def plot_dev_curves(curves: dict[str, list[Path]], lines: dict[str, float], output: str | Path,
+                    title: str) -> Path:
+    """Dev accuracy against the step, one curve per entry of `curves` (label -> the run
+    directories of its seeds): the mean over the seeds at each evaluation step all of them
+    logged, and a band of one population std either side; each entry of `lines` (label ->
+    accuracy) a horizontal line, e.g. zero-shot and Adam's final dev accuracy."""
+    matplotlib = require("matplotlib", "plot", "tools/fewshot_table.py --plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colours = iter(["tab:blue", "tab:orange", "tab:purple", "tab:brown"])
+    for label, run_dirs in curves.items():
+        if not run_dirs:
+            raise UserError(f"no runs for the curve {label!r}")
+        series = [dict(zip(*_series(read_metrics(run), "dev_accuracy"))) for run in run_dirs]
+        steps = sorted(set.intersection(*(set(s) for s in series)))
+        if not steps:
+            raise UserError(f"the runs of {label!r} share no dev evaluation step; are they one grid's?")
+        mean = [statistics.mean(s[step] for s in series) for step in steps]
+        std = [statistics.pstdev([s[step] for s in series]) for step in steps]
+        colour = next(colours)
+        ax.plot(steps, mean, color=colour, linewidth=1.6, label=f"{label} ({len(run_dirs)} seeds)")
+        ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                        color=colour, alpha=0.2, linewidth=0)
+    for (label, value), style in zip(lines.items(), ["--", ":", "-.", (0, (1, 3))]):
+        ax.axhline(value, color="black", linestyle=style, linewidth=1.2, label=f"{label}: {value:.3f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("dev accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

@@ -1,36 +1,102 @@
-"""tools/fewshot_table.py --aggregate-only: both aggregates of finished grids, nothing run or written there."""
+"""tools/fewshot_table.py: the plan, and --aggregate-only over synthetic finished grids (both
+aggregates, the picture, the bundle), nothing run or written under the runs folder."""
 
 import json
 import sys
+import tarfile
+
+import pytest
 
 import fewshot_table
 
 
+def _run(runs, grid, trainable, lr, seed, dev, test, steps=50, optimizer="mezo", k=16):
+    """A finished run folder with the files the tool reads; dev at steps 25 and `steps`."""
+    run = runs / grid / f"{trainable.replace(':', '')}-lr{lr:g}-seed{seed}"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(
+        {"model": "m", "task": "sst2", "k": k, "optimizer": optimizer, "trainable": trainable, "lr": lr,
+         "seed": seed, "steps": steps, "eps": 1e-3, "batch_size": 32}))
+    (run / "summary.json").write_text(json.dumps({"dev_accuracy": dev, "test_accuracy": test, "device": "cpu",
+                                                  "zero_shot": {"dev_accuracy": 0.6, "test_accuracy": 0.55}}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.5, "dev_accuracy": a}) + "\n"
+                                               for s, a in [(25, dev - 0.1), (steps, dev)]))
+    (run / "final.safetensors").write_bytes(b"weights")  # never bundled
+
+
+def _main(monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", ["fewshot_table.py", *argv])
+    fewshot_table.main()
+
+
 def test_aggregate_only_prints_and_stores_both_aggregates(tmp_path, monkeypatch, capsys):
     runs = tmp_path / "fewshot"
-    # One lr wins seed 13, the other seed 21; 3e-5 has the better mean dev. A grid of a subset
-    # the script does not run is aggregated too, under its folder's name.
+    # One lr wins seed 13, the other seed 21; 3e-5 has the better mean dev. A grid of another
+    # name is aggregated too, under its folder's name; an unfinished grid is left out.
     for grid, trainable, lr, seed, dev, test in [
             ("MeZO-full-k16", "full", 1e-5, 13, 0.9, 0.8), ("MeZO-full-k16", "full", 1e-5, 21, 0.5, 0.5),
             ("MeZO-full-k16", "full", 3e-5, 13, 0.8, 0.7), ("MeZO-full-k16", "full", 3e-5, 21, 0.7, 0.9),
-            ("MeZO-lora+head-k16", "lora+head", 1e-3, 13, 0.6, 0.6)]:
-        run = runs / grid / f"{trainable}-lr{lr:g}-seed{seed}"
-        run.mkdir(parents=True)
-        (run / "config.json").write_text(json.dumps(
-            {"model": "m", "task": "sst2", "k": 16, "optimizer": "mezo", "trainable": trainable, "lr": lr,
-             "seed": seed, "steps": 50, "eps": 1e-3, "batch_size": 32}))
-        (run / "summary.json").write_text(json.dumps({"dev_accuracy": dev, "test_accuracy": test, "device": "cpu"}))
+            ("Other-top1-k16", "top:1", 1e-3, 13, 0.6, 0.6), ("MeZO-lora-k16", "lora", 1e-3, 13, 0.6, 0.6)]:
+        _run(runs / "sst2", grid, trainable, lr, seed, dev, test)
+    (runs / "sst2" / "MeZO-lora-k16" / "lora-lr0.001-seed21").mkdir()  # still running
+    (runs / "zero_shot.json").write_text(json.dumps(
+        {"model": "m", "device": "cpu", "tasks": {"sst2": {"zero-shot": {"16": [0.7, 0.7]}}}}))
     before = sorted(runs.rglob("*"))
     output = tmp_path / "table.json"
-    monkeypatch.setattr(sys, "argv", ["fewshot_table.py", "--aggregate-only", "--runs-dir", str(runs), "--ks", "16",
-                                      "--output", str(output)])
-    fewshot_table.main()
+    _main(monkeypatch, "--aggregate-only", "--runs-dir", str(runs), "--ks", "16", "--tasks", "sst2",
+          "--output", str(output))
     assert sorted(runs.rglob("*")) == before
-    stored = json.loads(output.read_text())["runs"]
-    assert list(stored) == ["MeZO (full)", "MeZO-lora+head"]
+    stored = json.loads(output.read_text())["runs"]["sst2"]
+    assert list(stored) == ["zero-shot", "MeZO (full)", "Other-top1"]
     cell = stored["MeZO (full)"]["16"]
     assert cell["paper"] == [0.8, 0.9] and cell["paper_lrs"] == {"13": 1e-5, "21": 3e-5}
     assert cell["zotune"] == [0.7, 0.9] and cell["zotune_lr"] == 3e-5
     assert "50 steps, batch 32" in cell["settings"]  # the runs' own settings, not the script's
     printed = capsys.readouterr().out
+    assert printed.rstrip().endswith("| Other-top1 | 60.0 (0.0) | 60.0 (0.0) | 50 steps, batch 32, eps 0.001, "
+                                     "lr grid {0.001} |")  # the table is printed last
     assert "| MeZO (full) | 85.0 (5.0) | 80.0 (10.0) |" in printed and "k=16 paper | k=16 zotune" in printed
+
+
+def test_plan_counts_runs_and_estimates_only_from_a_given_speed(tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "fewshot"
+    _run(runs / "sst2", "MeZO-full-k16", "full", 3e-6, 13, 0.9, 0.8, steps=5000)  # finished: not counted
+    args = ["--plan", "--device", "cpu", "--runs-dir", str(runs), "--tasks", "sst2,rte", "--ks", "16",
+            "--methods", "MeZO (full),Adam (full)"]
+    _main(monkeypatch, *args)
+    out = capsys.readouterr().out
+    # 2 tasks x 1 k x (3 + 3 lrs) x 5 seeds; no speed given, no estimate.
+    assert "plan: 60 runs, 1 finished, 59 to go (0 to resume), 175,000 steps to go; 1 at a time" in out
+    assert "wall time" not in out and "lr grid {3e-06, 1e-05, 3e-05}" in out
+    _main(monkeypatch, *args, "--steps-per-s", "100", "--overhead-s", "10", "--runs-per-device", "4")
+    # (29 x 5,000 + 30 x 1,000 steps) / 100 + 59 x 10 s, over 4 runs at a time
+    assert f"about {(175_000 / 100 + 590) / 4:.0f} s of wall time" in capsys.readouterr().out
+
+
+def test_paper_protocol_plans_sst2_only_with_the_papers_settings(tmp_path, monkeypatch, capsys):
+    _main(monkeypatch, "--plan", "--device", "cpu", "--protocol", "mezo-paper", "--runs-dir", str(tmp_path))
+    out = capsys.readouterr().out
+    assert "plan: 60 runs, 0 finished, 60 to go (0 to resume), 6,000,000 steps to go" in out
+    assert "100000 steps, batch 64, eps 0.001" in out and "MeZO (LoRA+head): lora+head" in out
+    with pytest.raises(SystemExit):
+        _main(monkeypatch, "--plan", "--protocol", "mezo-paper", "--tasks", "rte")
+
+
+def test_picture_and_bundle_from_finished_grids(tmp_path, monkeypatch):
+    runs = tmp_path / "fewshot"
+    for grid, trainable, optimizer in [("MeZO-full-k512", "full", "mezo"), ("MeZO-lora+head-k512", "lora+head", "mezo"),
+                                       ("Adam-full-k512", "full", "adam")]:
+        for lr in (1e-5, 1e-4):
+            for seed in fewshot_table.SEEDS:
+                dev = {"full": 0.8, "lora+head": 0.75}[trainable] + lr * 100 + seed / 1000
+                _run(runs / "sst2", grid, trainable, lr, seed, dev - (optimizer == "adam") * 0.02, 0.8,
+                     optimizer=optimizer, k=512)
+    picture, tgz = tmp_path / "dev.png", tmp_path / "out" / "runs.tgz"
+    _main(monkeypatch, "--aggregate-only", "--runs-dir", str(runs), "--tasks", "sst2", "--ks", "512",
+          "--methods", "MeZO (full),MeZO (LoRA+head),Adam (full)", "--output", str(tmp_path / "t.json"),
+          "--plot", str(picture), "--bundle", str(tgz))
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with tarfile.open(tgz) as tar:
+        names = tar.getnames()
+    assert len(names) == 3 * 2 * 5 * 3 and not any(n.endswith(".safetensors") for n in names)
+    assert "fewshot/sst2/MeZO-full-k512/full-lr1e-05-seed13/metrics.jsonl" in names
