@@ -485,7 +485,7 @@ AdamW (lr {c['lr']}, betas 0.9/0.98, eps 1e-6, weight decay {c['weight_decay']} 
 {c['warmup_steps']} warmup steps then {c['schedule']} decay to 0, gradient clipping {c['clip']},
 dropout {c['dropout']}, bf16 autocast, `torch.compile`. {c['steps']} steps x {c['batch_size']} blocks of
 {c['block']} tokens ({m['tokens_seen'] / 1e9:.2f}B tokens, {m['tokens_seen'] / m['corpus']['tokens']:.0f} epochs);
-the step count was fitted to a time budget after the first 45 s (`end_time`), and
+the step count was fitted to a time budget from the first timed steps, inside the warmup (`end_time`), and
 `--set steps={c['steps']}` repeats the schedule. Final MLM loss (mean over the last 500 steps,
 masked tokens): **{m['final_mlm_loss']:.3f}**.
 
