@@ -74,15 +74,14 @@ def run_grid(output_dir: Path, seeds: list[int], lrs: list[float], subsets: list
 
 def resumable(run_dir: Path) -> bool:
     """Whether `zotune train --resume` can continue this unfinished run: a MeZO run whose
-    trajectory log has its header line (a run killed before writing it has nothing to keep)."""
-    from zotune.trajectory import LOG_NAME
+    trajectory log has its whole header line (a run killed before writing it has nothing to keep)."""
+    from zotune.trajectory import read_header
     try:
         config = json.loads((run_dir / "config.json").read_text())
-        with open(run_dir / LOG_NAME) as log:
-            header = json.loads(log.readline())
-    except (OSError, ValueError):
+        read_header(run_dir)
+    except (OSError, ValueError, UserError):
         return False
-    return config.get("optimizer") == "mezo" and isinstance(header, dict) and "config" in header
+    return isinstance(config, dict) and config.get("optimizer") == "mezo"
 
 
 def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_device: int = 1,

@@ -134,23 +134,37 @@ class TrajectoryWriter:
             self.file.close()
 
 
-def read_log(run_dir: Path) -> tuple[dict, list[dict]]:
-    """(header, complete step records 1..r). A torn last line is dropped."""
+def read_header(run_dir: Path) -> dict:
+    """The log's header line, checked as read_log checks it (a UserError if it is not whole)."""
     path = Path(run_dir) / LOG_NAME
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no {LOG_NAME}; give the directory of a MeZO run started by this version")
-    text = path.read_text()
-    lines = text.split("\n")
-    complete = lines[:-1]  # the text after the last newline is empty or a torn write
     try:
-        header = json.loads(complete[0])
-    except (IndexError, json.JSONDecodeError):
+        with open(path) as log:
+            first = log.readline()
+    except OSError:
+        raise UserError(f"{run_dir} has no readable {LOG_NAME}; give the directory of a MeZO run") from None
+    return _checked_header(path, first.removesuffix("\n") if first.endswith("\n") else None)
+
+
+def _checked_header(path: Path, line: str | None) -> dict:
+    try:
+        header = json.loads(line)
+    except (TypeError, json.JSONDecodeError):
         raise UserError(f"{path} has no readable header; the run cannot be resumed or replayed") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
         raise UserError(f"{path} is not a {FORMAT} version {VERSION} log; replay it with the zotune that wrote it")
     if not (isinstance(header.get("config"), dict) and isinstance(header.get("model_sha256"), str)
             and isinstance(header.get("layout"), list) and isinstance(header["config"].get("seed"), int)):
         raise UserError(f"{path} line 1 is not a complete header; the run cannot be resumed or replayed")
+    return header
+
+
+def read_log(run_dir: Path) -> tuple[dict, list[dict]]:
+    """(header, complete step records 1..r). A torn last line is dropped."""
+    path = Path(run_dir) / LOG_NAME
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no {LOG_NAME}; give the directory of a MeZO run started by this version")
+    complete = path.read_text().split("\n")[:-1]  # the text after the last newline is empty or a torn write
+    header = _checked_header(path, complete[0] if complete else None)
     records = []
     for number, line in enumerate(complete[1:], start=2):
         try:
