@@ -45,7 +45,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 sys.path.insert(0, SRC)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))  # for the run processes
 
-from zotune.grid import Cell, Job, aggregate_dir, local_devices, run_jobs  # noqa: E402
+from zotune.grid import Cell, Job, aggregate_dir, local_devices, mean_std_text as mean_std, run_jobs  # noqa: E402
 
 TASKS = ("sst2", "sst5", "trec", "mnli", "snli", "rte")
 TWO_CLASS = ("sst2", "rte")  # where a dev-fitted threshold applies
@@ -75,10 +75,6 @@ PAPER_METHODS = {
 }
 PROTOCOLS = {"table": (TASKS, METHODS), "mezo-paper": (("sst2",), PAPER_METHODS)}
 ZERO_SHOT = "zero_shot.json"
-
-
-def mean_std(values) -> str:
-    return f"{100 * statistics.mean(values):.1f} ({100 * statistics.pstdev(values):.1f})"
 
 
 def task_dir(runs_dir: Path, protocol: str, task: str) -> Path:

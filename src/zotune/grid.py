@@ -194,15 +194,15 @@ def aggregate(output_dir: Path, cells: list[Cell]) -> dict:
 
     lines = ["| trainable | lr | dev acc | test acc | seeds | best lr (by mean dev) |", "|---|---|---|---|---|---|"]
     for (trainable, lr), row in rows.items():
-        lines.append(f"| {trainable} | {lr:g} | {_text(row['dev'])} | {_text(row['test'])} "
+        lines.append(f"| {trainable} | {lr:g} | {mean_std_text(row['dev'])} | {mean_std_text(row['test'])} "
                      f"| {len(row['dev'])} | {'yes' if best[trainable] == lr else ''} |")
     lines += ["", "| trainable | test acc, paper's rule (best-dev run per seed) | lr per seed "
                   "| test acc, zotune's rule (one lr by mean dev) | lr |", "|---|---|---|---|---|"]
     for trainable, both in aggregates.items():
         paper, zotune = both["paper"], both["zotune"]
         per_seed = ", ".join(f"{seed}: {lr:g}" for seed, lr in zip(paper["seeds"], paper["lr"]))
-        lines.append(f"| {trainable} | {_text(paper['test'])} | {per_seed} "
-                     f"| {_text(zotune['test'])} | {zotune['lr']:g} |")
+        lines.append(f"| {trainable} | {mean_std_text(paper['test'])} | {per_seed} "
+                     f"| {mean_std_text(zotune['test'])} | {zotune['lr']:g} |")
     return {"table": "\n".join(lines), "best_lr": best,
             "cells": [{"trainable": t, "lr": lr, **row} for (t, lr), row in rows.items()],
             "aggregates": aggregates, "devices": sorted({str(s.get("device")) for s in runs.values()})}
@@ -251,7 +251,8 @@ def _mean_std(values: list[float]) -> dict:
     return {"test_mean": statistics.mean(values), "test_std": statistics.pstdev(values)}
 
 
-def _text(values: list[float]) -> str:
+def mean_std_text(values: list[float]) -> str:
+    """Accuracies as 'mean (population std)' in percent, the tables' form."""
     return f"{100 * statistics.mean(values):.1f} ({100 * statistics.pstdev(values):.1f})"
 
 
