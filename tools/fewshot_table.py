@@ -101,7 +101,8 @@ def cell_row(aggregate: dict, lrs, flags: dict) -> dict:
 
 def plan(protocol: str, tasks: list[str], ks: list[int], methods: list[str], runs_dir: Path,
          model: str) -> list[tuple[str, int, str, Job]]:
-    """(task, k, method, job) of every run the selection asks for, longest first."""
+    """(task, k, method, job) of every run the selection asks for: task by task, so that a
+    call cut short by --deadline leaves whole tasks finished, and longest first within a task."""
     jobs = []
     for task in tasks:
         for name in methods:
@@ -113,7 +114,7 @@ def plan(protocol: str, tasks: list[str], ks: list[int], methods: list[str], run
                 folder = grid_dir(task_dir(runs_dir, protocol, task), name, trainable, k)
                 jobs += [(task, k, name, Job(folder, Cell(trainable, lr, seed), tuple(args)))
                          for lr in lrs for seed in SEEDS]
-    return sorted(jobs, key=lambda j: -_steps(j[3]))  # stable: the table's order among equals
+    return sorted(jobs, key=lambda j: (tasks.index(j[0]), -_steps(j[3])))  # stable: the table's order among equals
 
 
 def _steps(job: Job) -> int:
