@@ -167,10 +167,11 @@ def encode_candidates(tokenizer, prompt: str, continuations: Sequence[str], bos:
         whole = encode_text(tokenizer, prompt + text)
         if whole[:len(prompt_ids)] != prompt_ids or len(whole) == len(prompt_ids):
             at = len(prompt_ids)
+            tokens = tokenizer.convert_ids_to_tokens
             raise UserError(f"prompt {prompt[-30:]!r} + continuation {text!r} does not tokenise as the prompt's "
-                            f"tokens then the continuation's (prompt ends {tokenizer.convert_ids_to_tokens(prompt_ids[-2:])}, "
-                            f"whole has {tokenizer.convert_ids_to_tokens(whole[max(at - 2, 0):at + 1])}); end the "
-                            "prompt with a word or one newline and start the continuation with its space")
+                            f"tokens then the continuation's (prompt ends {tokens(prompt_ids[-2:])}, whole has "
+                            f"{tokens(whole[max(at - 2, 0):at + 1])}); end the prompt with a word or one newline "
+                            "and start the continuation with its space")
         candidates.append(tuple(whole[len(prompt_ids):]))
     if max_length is not None:
         room = max_length - len(head) - max(map(len, candidates))
@@ -210,14 +211,29 @@ def read_records(task: CausalTask, split: str, data_dir: Path | str | None = Non
         raise UserError(f"task {task.name} has no MeZO sample (split {split!r}); "
                         f"MeZO samples exist for {', '.join(ORIGINALS)} with splits {', '.join(SPLITS)}")
     path = sample_path(data_dir, task.name, seed, split)
+    if not path.exists():
+        raise UserError(f"no file {path}: no MeZO sample of {task.name} for seed {seed} (data/SOURCES.md says which "
+                        "exist); write one with tools/sample_superglue.py from the originals")
+    return read_sample_file(path)
+
+
+def read_sample_file(path: Path) -> list[dict]:
+    """The records of one .jsonl.xz sample file."""
     try:
         text = lzma.decompress(path.read_bytes()).decode("utf-8")
-    except FileNotFoundError:
-        raise UserError(f"no file {path}: no MeZO sample of {task.name} for seed {seed} (data/SOURCES.md says which "
-                        "exist); write one with tools/sample_superglue.py from the originals") from None
     except (OSError, lzma.LZMAError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
-    return [json.loads(line) for line in text.split("\n") if line]
+    records = []
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not a JSON record ({e}); rewrite it with tools/sample_superglue.py") from None
+        if not isinstance(records[-1], dict):
+            raise UserError(f"{path}:{n}: a record must be a JSON object of the template's fields and 'label'")
+    return records
 
 
 def load_examples(task: str, split: str, tokenizer, *, bos: int | None, data_dir: Path | str | None = None,
