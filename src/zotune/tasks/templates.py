@@ -48,7 +48,7 @@ class _Slot:
         return " " + sentence if self.space else sentence
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode_text(tokenizer, text: str) -> list[int]:
     # split_special_tokens: a sentence that contains the string "<mask>" or "</s>" is text, not a
     # second mask (the fast tokenizer would otherwise match added tokens inside the text).
     return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
@@ -128,7 +128,7 @@ class PromptTemplate:
                                     "with AutoTokenizer.from_pretrained(<model dir>) so its special tokens are set")
                 self._parts.append([token_id])
             else:
-                ids = _encode(tokenizer, part)
+                ids = encode_text(tokenizer, part)
                 # LM-BFF looks a single character up as a bare token because sentencepiece tokenizers
                 # (T5, XLM-R) encode "." as "▁" + "."; byte-level BPE already gives the one token.
                 if len(part) == 1 and len(ids) > 1 and part in vocab:
@@ -145,7 +145,7 @@ class PromptTemplate:
         # RoBERTa's vocabulary), even where the mask comes right after <s> as in TREC's template.
         self.label_word_ids: list[int] = []
         for label, word in label_words.items():
-            ids = _encode(tokenizer, " " + word) if word.strip() else []
+            ids = encode_text(tokenizer, " " + word) if word.strip() else []
             if len(ids) != 1:
                 raise UserError(f"label word {word!r} (label {label!r}) is {len(ids)} tokens "
                                 f"{tokenizer.convert_ids_to_tokens(ids)}; a label word must be a single token")
@@ -155,7 +155,7 @@ class PromptTemplate:
         """Token ids of one example: <s> ... <mask> ... </s>, at most max_length long."""
         if len(sentences) < self.num_sentences:
             raise UserError(f"the template uses {self.num_sentences} sentences but an example has {len(sentences)}")
-        pieces = [_encode(self.tokenizer, p.text(sentences[p.index])) if isinstance(p, _Slot) else p
+        pieces = [encode_text(self.tokenizer, p.text(sentences[p.index])) if isinstance(p, _Slot) else p
                   for p in self._parts]
         # Too long: cut tokens from the end of the sentences only, one at a time from the longest
         # (ties: the later one), like Hugging Face's 'longest_first', so the template and the mask survive.
