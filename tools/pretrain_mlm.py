@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretraining import (  # noqa: E402  (tools/ is not a package)
     BOS, EOS, GREAT, MASK, PAD, REPO, SELECTION, TERRIBLE, TEST, VOCAB, Loop, LoopState, apply_overrides,
     corpus_info, corpus_section, eval_sets, history_table, load_documents, load_tokenizer, make_adamw,
-    pack_blocks, pct, save_hf, scores_line, sst2_scores, sync, train_loop,
+    pack_blocks, pct, save_hf, scores_line, sst2_scores, train_loop,
 )
 
 MAX_CHECKPOINT_BYTES = 45_000_000  # issue 19: "the model directory at most 45 MB (float16 safetensors)"
