@@ -11,7 +11,9 @@ GPU, decoder tied to the word embeddings.
 
 The corpus (tools/corpus.py): the shipped tasks' training-split sentences, plus, with --corpus,
 the 100,000 IMDB reviews of the Large Movie Review Dataset (Maas et al., ACL 2011; see
-../shared/corpus/SOURCES.md), minus every review that contains a dev or test sentence.
+../shared/corpus/SOURCES.md), minus every review that contains a dev or test sentence. What this
+tool shares with tools/pretrain_clm.py (corpus, packing, training loop, schedule, time budget,
+saving, card sections) is in tools/pretraining.py.
 
 At every evaluation it scores zero-shot SST-2 with the LM-BFF prompt
 `<s> {sentence} It was <mask> . </s>`, ' great' (372) vs ' terrible' (6587), on k-shot
@@ -33,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import subprocess
 import sys
 import time
@@ -45,19 +46,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "src"))  # zotune, installed or not
-import corpus as corpus_mod  # noqa: E402  (tools/ is not a package)
-from zotune.evaluate import fit_threshold  # noqa: E402
+from pretraining import (  # noqa: E402  (tools/ is not a package)
+    BOS, EOS, GREAT, MASK, PAD, REPO, SELECTION, TERRIBLE, TEST, VOCAB, Loop, LoopState, apply_overrides,
+    corpus_info, corpus_section, eval_sets, history_table, load_documents, load_tokenizer, make_adamw,
+    pack_blocks, pct, save_hf, scores_line, sst2_scores, train_loop,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-# The repository's one copy of the RoBERTa BPE files (provenance in data/SOURCES.md): the
-# shipped model's tokenizer.json. The script reads it before it writes a model anywhere.
-TOKENIZER_DIR = REPO / "models" / "zotune-roberta-small"
-DATA = REPO / "data"
-
-BOS, PAD, EOS, UNK, MASK = 0, 1, 2, 3, 50264
-VOCAB = 50265
-GREAT, TERRIBLE = 372, 6587  # ' great', ' terrible' (see data/SOURCES.md)
 MAX_CHECKPOINT_BYTES = 45_000_000  # issue 19: "the model directory at most 45 MB (float16 safetensors)"
 
 
@@ -111,34 +105,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# ---------------------------------------------------------------- data
-
-def load_tokenizer():
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=512)
-    assert tok.mask_token_id == MASK and tok.pad_token_id == PAD and len(tok) == VOCAB
-    return tok
-
-
-def load_documents(imdb: Path | None, max_docs: int, seed: int) -> tuple[list[str], corpus_mod.CorpusStats]:
-    """Task sentences and (with a path) the decontaminated IMDB reviews, shuffled together."""
-    docs, stats = corpus_mod.build_corpus()
-    if imdb is not None:
-        docs = docs + corpus_mod.drop_reviews_with_heldout(corpus_mod.read_reviews(imdb), stats)
-    order = np.random.default_rng(seed).permutation(len(docs))
-    docs = [docs[i] for i in order]
-    return (docs[:max_docs] if max_docs else docs), stats
-
-
-def pack_blocks(docs: list[str], tok, block: int) -> np.ndarray:
-    """FULL-SENTENCES blocks: every document's tokens then </s>, concatenated, cut into rows of
-    block - 1 tokens, each led by <s>: [N, block] int32 (the ragged tail is dropped)."""
-    encoded = tok(docs, add_special_tokens=False)["input_ids"]
-    stream = np.fromiter((t for ids in encoded for t in (*ids, EOS)), dtype=np.int32)
-    n = len(stream) // (block - 1)
-    rows = stream[: n * (block - 1)].reshape(n, block - 1)
-    return np.concatenate([np.full((n, 1), BOS, dtype=np.int32), rows], axis=1)
-
+# ---------------------------------------------------------------- masking
 
 def mask_tokens(ids: torch.Tensor, n_masked: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RoBERTa's masking, `n_masked` positions a row: 80 % -> <mask>, 10 % -> random, 10 % kept.
@@ -158,11 +125,6 @@ def mask_tokens(ids: torch.Tensor, n_masked: int, gen: torch.Generator) -> tuple
 
 
 # ---------------------------------------------------------------- zero-shot prompt scorer
-
-def read_sst2(path: Path) -> tuple[list[str], list[int]]:
-    rows = [r.split("\t") for r in corpus_mod._lines(path)[1:]]
-    return [r[0].strip() for r in rows], [int(r[1]) for r in rows]
-
 
 def prompt_ids(sentence: str, tok) -> list[int]:
     """LM-BFF SST-2 template `*cls**sent_0*_It_was*mask*.*sep+*` -> ids."""
@@ -191,36 +153,11 @@ def great_minus_terrible(model, tok, sentences: list[str], device, batch: int = 
     return torch.cat(diffs)
 
 
-def auc(diff: torch.Tensor, gold: torch.Tensor) -> float:
-    """Area under the ROC curve of diff as a score for label 1 (ties count a half)."""
-    pos, neg = diff[gold == 1], diff[gold == 0]
-    return ((pos[:, None] > neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean()).item()
-
-
 def zero_shot(model, tok, sets: dict[str, tuple[list[str], list[int]]], device) -> dict:
     """Per set: accuracy of argmax(' terrible', ' great') at <mask>, the share predicted ' great',
-    the AUC of the logit difference (signal that a bias can hide), and the accuracy with the
-    threshold fitted on the selection set (SELECTION; never on the test set)."""
-    diffs = {k: great_minus_terrible(model, tok, s, device) for k, (s, _) in sets.items()}
-    golds = {k: torch.tensor(l) for k, (_, l) in sets.items()}
-    threshold = fit_threshold(diffs[SELECTION], golds[SELECTION])
-    return {k: {"acc": ((d > 0).long() == golds[k]).float().mean().item(),
-                "great_share": (d > 0).float().mean().item(), "auc": auc(d, golds[k]),
-                "acc_dev_threshold": ((d > threshold).long() == golds[k]).float().mean().item(),
-                "n": len(d)} for k, d in diffs.items()}
-
-
-SELECTION, TEST = "512-42/dev", "glue/dev (test)"
-
-
-def eval_sets(small: bool) -> dict[str, tuple[list[str], list[int]]]:
-    sets = {
-        SELECTION: read_sst2(DATA / "SST-2/k-shot-1k-test/512-42/dev.tsv.gz"),
-        TEST: read_sst2(DATA / "SST-2/glue/dev.tsv.gz"),
-    }
-    if small:  # smoke runs: 64 sentences a set
-        sets = {k: (s[:: len(s) // 64][:64], l[:: len(l) // 64][:64]) for k, (s, l) in sets.items()}
-    return sets
+    the AUC of the logit difference and the accuracy with the threshold fitted on the selection
+    set (pretraining.sst2_scores)."""
+    return sst2_scores({k: great_minus_terrible(model, tok, s, device) for k, (s, _) in sets.items()}, sets)
 
 
 # ---------------------------------------------------------------- training
@@ -241,13 +178,6 @@ def build_model(cfg: PretrainConfig):
     return model
 
 
-def lr_factor(step: int, cfg: PretrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return 1.0 - t if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
-
-
 def mlm_loss(model, inputs: torch.Tensor, picked: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross entropy at the picked positions only: the 50265-way projection over every position
     would cost more than the encoder. inputs [B, L], picked and labels [B, n]."""
@@ -255,16 +185,6 @@ def mlm_loss(model, inputs: torch.Tensor, picked: torch.Tensor, labels: torch.Te
     rows = hidden.gather(1, picked[..., None].expand(-1, -1, hidden.shape[-1]))         # [B, n, H]
     logits = model.lm_head(rows)                                                         # [B, n, V]
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().long())
-
-
-def make_optimizer(model, cfg: PretrainConfig, device: torch.device):
-    decay = [p for p in model.parameters() if p.ndim >= 2]     # matrices and embeddings
-    no_decay = [p for p in model.parameters() if p.ndim < 2]   # biases and LayerNorm gains
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda",
-    )
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
 
 
 def prepare(cfg: PretrainConfig, imdb: Path | None, log) -> tuple[object, np.ndarray, dict]:
@@ -275,17 +195,15 @@ def prepare(cfg: PretrainConfig, imdb: Path | None, log) -> tuple[object, np.nda
     log(stats.table())
     log(f"corpus: {len(docs)} documents, {blocks.size} tokens in {len(blocks)} blocks of {cfg.block}; "
         f"prep {time.time() - t0:.1f}s")
-    info = {"documents": len(docs), "tokens": int(blocks.size), "blocks": len(blocks),
-            "stats": dataclasses.asdict(stats), "imdb": str(imdb) if imdb else None}
-    return tok, blocks, info
+    return tok, blocks, corpus_info(docs, stats, imdb, blocks)
 
 
 def train(cfg: PretrainConfig, device: torch.device, imdb: Path | None = None, log=print) -> tuple[object, dict]:
     torch.manual_seed(cfg.seed)  # weight init only; masking and batching use their own generators
-    tok, blocks_np, corpus_info = prepare(cfg, imdb, log)
+    tok, blocks_np, info = prepare(cfg, imdb, log)
     model = build_model(cfg).to(device)
     blocks = torch.from_numpy(blocks_np).to(device)  # [N, block], on the device once
-    opt, sched = make_optimizer(model, cfg, device)
+    opt, sched = make_adamw(model, cfg, device, betas=(0.9, 0.98), eps=1e-6)  # RoBERTa's
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     sets = eval_sets(small=cfg.max_docs > 0)
     step_fn = torch.compile(mlm_loss) if cfg.compile else mlm_loss
@@ -293,108 +211,41 @@ def train(cfg: PretrainConfig, device: torch.device, imdb: Path | None = None, l
     log(f"model: {cfg.n_params() / 1e6:.2f}M params, fp16 {2 * cfg.n_params() / 1e6:.1f} MB; "
         f"batch {cfg.batch_size} x {cfg.block} tokens, {n_masked} masked a row")
 
-    order = torch.empty(0, dtype=torch.long, device=device)
-    loss_sum = torch.zeros((), device=device)
-    history, last_losses, t_calibrated, fitted, stopped_early = [], [], None, False, None
-    model.train()
-    t_train = time.time()
-    step = 0
-    while step < cfg.steps:
-        if len(order) < cfg.batch_size:  # a fresh permutation each epoch; the tail rows wait for the next
-            order = torch.randperm(len(blocks), device=device, generator=gen)
-        rows, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        inputs, picked, labels = mask_tokens(blocks[rows].long(), n_masked, gen)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = step_fn(model, inputs, picked, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-        step += 1
+    def evaluate(step: int) -> dict:
+        scores = zero_shot(model, tok, sets, device)
+        log(f"  zero-shot @ {step}: " + scores_line(scores))
+        return scores
 
-        if cfg.end_time and step == 20:  # compilation and warm-up done: time from here
-            sync(device)
-            t_calibrated = time.time()
-        elif cfg.end_time and t_calibrated and not fitted and (
-                time.time() - t_calibrated >= cfg.calibration_s or step == cfg.warmup_steps - 1):
-            sync(device)  # fitted inside the warmup, so `--set steps=N` later repeats the schedule
-            per_step = (time.time() - t_calibrated) / (step - 20)
-            cfg.steps = max(cfg.warmup_steps, step + int((cfg.end_time - time.time()) / per_step))
-            fitted = True
-            log(f"calibrated: {1e3 * per_step:.1f} ms a step -> {cfg.steps} steps by the end time")
-        if cfg.end_time and time.time() > cfg.end_time + cfg.overrun_s:
-            log(f"stopped at step {step} of {cfg.steps}: {cfg.overrun_s:.0f} s past the end time")
-            stopped_early = step
-            cfg.steps = step
-        if step % 500 == 0 or step == cfg.steps:
-            n = 500 if step % 500 == 0 else step % 500
-            mean = loss_sum.item() / n
-            loss_sum.zero_()
-            last_losses.append(mean)
-            log(f"step {step:6d}  loss {mean:.4f}  lr {sched.get_last_lr()[0]:.2e}  {time.time() - t_train:6.1f}s")
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-            scores = zero_shot(model, tok, sets, device)
-            history.append({"step": step, "loss": last_losses[-1] if last_losses else None, **scores})
-            log(f"  zero-shot @ {step}: " + "  ".join(
-                f"{k} acc {v['acc']:.3f} auc {v['auc']:.3f} cal {v['acc_dev_threshold']:.3f}" for k, v in scores.items()))
-
-    sync(device)
-    train_s = time.time() - t_train
+    run = Loop(model=model, blocks=blocks, loss=lambda rows: step_fn(model, *mask_tokens(rows.long(), n_masked, gen)),
+               evaluate=evaluate, opt=opt, sched=sched, gen=gen, device=device, log=log)
+    state = train_loop(run, cfg, LoopState(), end_time=cfg.end_time)
     results = zero_shot(model, tok, sets, device)
-    history.append({"step": cfg.steps, "loss": last_losses[-1], **results})
+    state.history.append({"step": cfg.steps, "loss": state.last_losses[-1], **results})
     metrics = {
         "config": dataclasses.asdict(cfg),
         "n_params": cfg.n_params(),
-        "corpus": corpus_info,
-        "final_mlm_loss": last_losses[-1],   # mean over the last 500 training steps (masked tokens)
+        "corpus": info,
+        "final_mlm_loss": state.last_losses[-1],   # mean over the last 500 training steps (masked tokens)
         "zero_shot": results,
-        "history": history,
-        "train_s": train_s,
+        "history": state.history,
+        "train_s": state.train_s,
         "tokens_seen": cfg.steps * cfg.batch_size * cfg.block,
-        "stopped_early_at": stopped_early,
+        "stopped_early_at": state.stopped_early,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "torch": torch.__version__,
     }
     return model, metrics
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---------------------------------------------------------------- saving
 
 def save(model, metrics: dict, out: Path, shard: str, t_start: float) -> None:
-    """HF format: config, float16 safetensors shards, tokenizer files, model card."""
-    out.mkdir(parents=True, exist_ok=True)
-    model = model.to("cpu", dtype=torch.float16)
-    # The 50265 x H embedding is one tensor; transformers never splits a tensor, so its shard is
-    # bigger than `shard`; the rest shard as asked.
-    model.save_pretrained(out, max_shard_size=shard)
-    load_tokenizer().save_pretrained(out)
-    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    """HF format: config, float16 safetensors shards, tokenizer files, metrics."""
+    size = save_hf(model, out, torch.float16, shard)
     assert size <= MAX_CHECKPOINT_BYTES, f"checkpoint {size} B > {MAX_CHECKPOINT_BYTES} B"
     metrics["checkpoint_bytes"] = size
     metrics["wall_s"] = time.time() - t_start  # everything up to here; the card is written last
     (out / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def history_table(m: dict) -> str:
-    """Markdown rows: step, MLM loss, then acc / AUC / dev-threshold acc of each eval set."""
-    sets = list(m["zero_shot"])
-    head = "| step | MLM loss | " + " | ".join(f"{k} acc | AUC | acc, dev threshold" for k in sets) + " |"
-    rule = "|---|---|" + "---|---|---|" * len(sets)
-    rows = [f"| {h['step']} | {h['loss']:.3f} | " + " | ".join(
-        f"{pct(h[k]['acc'])} | {h[k]['auc']:.3f} | {pct(h[k]['acc_dev_threshold'])}" for k in sets) + " |"
-        for h in m["history"] if h.get("loss") is not None]
-    return "\n".join([head, rule, *rows])
 
 
 def rescore_on_cpu(out: Path) -> dict:
@@ -420,17 +271,14 @@ def write_card(out: Path, sweep_json: Path | None, fewshot_md: Path | None) -> N
 
 
 def model_card(m: dict, results: str) -> str:
-    c, st = m["config"], m["corpus"]["stats"]
-    src = "\n".join(f"| {s} | {st['raw'][s]} | {st['kept'].get(s, 0)} |" for s in st["raw"])
-    removed = ", ".join(f"{t} {n}" for t, n in st["removed"].items())
-    reviews_removed = ", ".join(f"{t} {n}" for t, n in st.get("reviews_removed", {}).items())
+    c = m["config"]
     zs = m["zero_shot_reloaded_cpu"]
     zrows = "\n".join(f"| {k} | {v['n']} | {pct(v['acc'])} | {pct(v['great_share'])} | {v['auc']:.3f} | "
                       f"{pct(v['acc_dev_threshold'])} |" for k, v in zs.items())
     selection = "\n\n".join(
         f"**{name}** ({r['n_params'] / 1e6:.2f}M parameters, {r['config']['layers']} layers, "
         f"{r['config']['steps']} steps in {r['train_s']:.0f} s, final MLM loss {r['final_mlm_loss']:.3f}):\n\n"
-        + history_table(r) for name, r in m.get("selection", {}).items())
+        + history_table(r, {"MLM loss": "loss"}) for name, r in m.get("selection", {}).items())
     return f"""---
 license: mit
 language: en
@@ -457,25 +305,10 @@ the 14 MB asked for).
 
 ## Corpus
 
-Built by `tools/corpus.py` and `load_documents` in the script: {m['corpus']['documents']} documents,
+Built by `tools/corpus.py` and `load_documents` in `tools/pretraining.py`: {m['corpus']['documents']} documents,
 {m['corpus']['tokens']} tokens in {m['corpus']['blocks']} blocks of {c['block']}.
 
-| source | read | kept |
-|---|---|---|
-{src}
-
-- **IMDB reviews**: the 100,000 reviews of the Large Movie Review Dataset (Maas et al., ACL 2011;
-  text only, no labels), from `../shared/corpus/imdb_reviews.txt.xz` (its SOURCES.md says where
-  the copy comes from and how it was processed; it is not in this repository). A review is
-  dropped if its match key (lowercased, PTB escapes undone, only a-z0-9 kept) *contains* the key of
-  any dev or test sentence of the six tasks that is at least 16 characters long, or equals a
-  shorter one: {st['raw']['IMDB reviews'] - st['kept']['IMDB reviews']} reviews (by task, a review counting
-  for each task that has its sentence: {reviews_removed}).
-- **Task training text**: one sentence per document; exact duplicates dropped
-  ({st['duplicates']}), and every line whose key equals that of a dev or test sentence of any task
-  removed: {removed}.
-- `tests/tools/test_corpus.py` checks both filters, the containment one against a brute-force
-  search.
+{corpus_section(m["corpus"]["stats"])}
 
 ## Pretraining
 
@@ -583,11 +416,7 @@ def sweep(names: list[str], out: Path, extra: list[str], deadline_s: float) -> N
 
 
 def parse_config(preset: str | None, overrides: list[str]) -> PretrainConfig:
-    cfg = PretrainConfig(**PRESETS.get(preset, {})) if preset else PretrainConfig()
-    for kv in overrides:
-        key, value = kv.split("=", 1)
-        field_type = type(getattr(cfg, key))
-        setattr(cfg, key, value.lower() in ("1", "true") if field_type is bool else field_type(value))
+    cfg = apply_overrides(PretrainConfig(**PRESETS.get(preset, {})) if preset else PretrainConfig(), overrides)
     if 2 * cfg.n_params() > MAX_CHECKPOINT_BYTES:
         sys.exit(f"config {cfg} gives {2 * cfg.n_params() / 1e6:.1f} MB in float16, over "
                  f"{MAX_CHECKPOINT_BYTES / 1e6:.0f} MB; make it smaller")

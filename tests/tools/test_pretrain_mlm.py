@@ -1,4 +1,5 @@
-"""tools/pretrain_mlm.py: packing, masking recipe, size accounting, and an end-to-end CPU smoke run."""
+"""tools/pretrain_mlm.py: masking recipe, size accounting, and an end-to-end CPU smoke run (what it
+shares with pretrain_clm.py is tested in test_pretraining.py)."""
 
 import json
 import lzma
@@ -6,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -34,16 +34,6 @@ def test_masking_follows_roberta_recipe():
     assert ((got >= 4) & (got < P.MASK) | (got == P.MASK)).all()
 
 
-def test_pack_blocks_is_full_sentences():
-    tok = P.load_tokenizer()
-    docs = ["A first review, long enough to run over one block.", "Short.", "A third one here."]
-    blocks = P.pack_blocks(docs, tok, 8)
-    assert blocks.dtype == np.int32 and blocks.shape[1] == 8 and (blocks[:, 0] == P.BOS).all()
-    stream = [t for d in docs for t in (*tok.encode(d, add_special_tokens=False), P.EOS)]
-    assert blocks[:, 1:].ravel().tolist() == stream[: blocks[:, 1:].size]  # in order, cut every 7, tail dropped
-    assert len(stream) - blocks[:, 1:].size < 7
-
-
 @pytest.mark.parametrize("preset", [p for p in P.PRESETS if p != "smoke"])
 def test_presets_fit_45mb_and_count_matches_transformers(preset):
     cfg = P.PretrainConfig(**P.PRESETS[preset])
@@ -64,14 +54,6 @@ def test_prompt_ids_are_lm_bff_sst2_template():
     ids = P.prompt_ids("it 's a charming journey .", tok)
     assert ids[0] == P.BOS and ids[-3:] == [P.MASK, 4, P.EOS] and ids[-5:-3] == [85, 21]  # " It", " was"
     assert tok.decode(ids) == "<s>it 's a charming journey . It was<mask>.</s>"
-
-
-def test_threshold_and_auc():
-    diff, gold = torch.tensor([-2.0, -1.0, 0.5, 1.0, 3.0]), torch.tensor([0, 0, 0, 1, 1])
-    t = P.fit_threshold(diff, gold)  # zotune.evaluate.fit_threshold, as the tool imports it
-    assert ((diff > t).long() == gold).all()                  # 0.5 < t < 1.0 separates them
-    assert P.auc(diff, gold) == 1.0 and P.auc(-diff, gold) == 0.0
-    assert P.auc(torch.zeros(4), torch.tensor([0, 1, 0, 1])) == 0.5
 
 
 def test_smoke_run_end_to_end(tmp_path):
