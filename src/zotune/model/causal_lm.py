@@ -316,6 +316,6 @@ class CausalLM(nn.Module):
         x, rope, out = self.embeddings(batch), self.rope(batch), []
         for layer in self.layers:
             _, k, v = layer.attention.project(layer.attention_input(x, batch), batch, rope)
-            out.append((k.flatten(1), v.flatten(1)))
+            out.append((k.flatten(1).contiguous(), v.flatten(1).contiguous()))  # own storage, not qkv's
             x = layer(x, batch, rope)
         return out
