@@ -14,7 +14,9 @@ from zotune.optim.subsets import SubsetOptions, attach_pair_weights, select_trai
 
 # (kind, config extras, tied head)
 MODELS = {"opt": ("opt", {}, True), "opt-project-untied": ("opt", {"word_embed_proj_dim": 16}, False),
-          "llama-gqa": ("llama", {"num_key_value_heads": 2}, False), "qwen2": ("qwen2", {"num_key_value_heads": 2}, True)}
+          "opt-350m-post-norm": ("opt", {"word_embed_proj_dim": 16, "do_layer_norm_before": False}, True),
+          "llama-gqa": ("llama", {"num_key_value_heads": 2}, False),
+          "qwen2": ("qwen2", {"num_key_value_heads": 2}, True)}
 SUBSETS = [("top:1", None), ("top:2", None), ("bias", (1,)), ("lora", (1,)), ("prefix", (1,)), ("prefix", None)]
 # Llama has no biases (tests/optim/test_causal_subsets.py checks its error)
 CASES = [(*MODELS[m], spec, layers) for m in MODELS for spec, layers in SUBSETS if (m, spec) != ("llama-gqa", "bias")]

@@ -86,3 +86,23 @@ def test_logits_at_some_rows_are_those_rows_of_all(tmp_path, one_thread):
         cached = model.logits(batch, rows, hidden=model.trunk(batch, 1), start_layer=1)
     torch.testing.assert_close(some, every[rows], rtol=1e-6, atol=1e-6)
     assert torch.equal(cached, some)  # the trunk is the forward's own first layer
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision,tolerance", [("float32", 1e-5), ("tf32", 2e-2), ("bf16", 3e-2)])
+@pytest.mark.parametrize("kind,extra", [("opt", {}), ("llama", {"num_key_value_heads": 2})], ids=["opt", "llama-gqa"])
+def test_cuda_paths_agree_with_the_cpu(tmp_path, kind, extra, precision, tolerance):
+    # The CUDA kernels (FlashAttention varlen with a causal window, the exact-float32 masked SDPA,
+    # the few-row Triton matmuls of the scored rows) against the CPU reference, each precision.
+    from zotune.engine.precision import Precision
+    save_tiny_causal(tmp_path / "m", kind, **extra)
+    cpu, gpu = load_model(tmp_path / "m"), load_model(tmp_path / "m", device="cuda")
+    batch = pack(_sequences([5, 40, 17, 90], 3), None, cpu.config.position_offset)
+    rows = torch.tensor([0, 4, 30, 44, 61, 150])
+    with torch.inference_mode():
+        want = cpu.logits(batch, rows)
+        with Precision(precision, torch.device("cuda")):
+            got = gpu.logits(batch.to("cuda"), rows.cuda()).float().cpu()
+    error = ((got - want).norm() / want.norm()).item()
+    assert error < tolerance, error
