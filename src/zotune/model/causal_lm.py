@@ -16,9 +16,9 @@ first half runs at θ + εz and second at θ − εz. The head computes logits o
 it is asked for: `score_index` [S] names packed tokens whose NEXT token is scored, and the
 last layer computes its output projection and feed-forward for those rows alone.
 
-The runner keeps scored rows in PackedBatch.mask_index (the rows the head reads, whatever the
-model), so that PackedBatch.paired, .to() and CUDA-graph buffers carry them, and passes
-`batch.mask_index` as score_index: MaskedLM reads one <mask> row per sequence there, CausalLM
+Scored rows belong in PackedBatch.mask_index (the rows the head reads, whatever the model),
+so that PackedBatch.paired, .to() and CUDA-graph buffers carry them; the runner then passes
+`batch.mask_index` as score_index. MaskedLM reads one <mask> row per sequence there, CausalLM
 any number of rows per sequence, in packed order. No new batch field.
 
 Shape notation: T = packed tokens, B = sequences, S = scored rows, E = hidden size, W = word
