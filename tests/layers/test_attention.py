@@ -43,6 +43,85 @@ def test_varlen_matches_block_diagonal_dense(num_prefix, path):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
+def _causal_reference(q, k, v, seq_lens, prefix_k, prefix_v):
+    """Float64 attention of each sequence alone, token i over the prefix and tokens 0..i, with
+    each key/value head repeated for its group of query heads."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if prefix_k is not None:
+        prefix_k, prefix_v = prefix_k.repeat_interleave(group, dim=1), prefix_v.repeat_interleave(group, dim=1)
+    out = []
+    for qb, kb, vb in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens)):
+        P, L = 0 if prefix_k is None else len(prefix_k), len(qb)
+        if P:
+            kb, vb = torch.cat([prefix_k, kb]), torch.cat([prefix_v, vb])
+        allowed = torch.arange(P + L)[None, :] <= torch.arange(L)[:, None] + P     # [L, P+L]
+        scores = torch.einsum("tnd,snd->nts", qb.double(), kb.double()) / q.shape[-1] ** 0.5
+        out.append(torch.einsum("nts,snd->tnd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), vb.double()))
+    return torch.cat(out)
+
+
+# (key/value heads of 4 query heads, prefix rows): plain, grouped-query, multi-query.
+CAUSAL_CASES = [(4, 0), (4, 3), (2, 0), (2, 3), (1, 2)]
+
+
+@pytest.mark.parametrize("path", [varlen_attention, attention._dense_float32])
+@pytest.mark.parametrize("kv_heads,num_prefix", CAUSAL_CASES)
+def test_causal_grouped_attention_matches_the_reference(path, kv_heads, num_prefix):
+    torch.manual_seed(4)
+    seq_lens = [1, 7, 3, 12]
+    batch = pack([[1] * n for n in seq_lens], None, 0)
+    q = torch.randn(sum(seq_lens), 4, 8)
+    k, v = (torch.randn(sum(seq_lens), kv_heads, 8) for _ in range(2))
+    prefix_k = prefix_v = None
+    if num_prefix:
+        prefix_k, prefix_v = (torch.randn(num_prefix, kv_heads, 8) for _ in range(2))
+    got = path(q, k, v, batch, prefix_k, prefix_v, causal=True) if path is varlen_attention \
+        else path(q, k, v, batch, prefix_k, prefix_v, True)
+    torch.testing.assert_close(got.double(), _causal_reference(q, k, v, seq_lens, prefix_k, prefix_v),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_causal_pair_attends_to_the_prefix_of_its_half():
+    torch.manual_seed(5)
+    half = pack([[1] * n for n in (2, 9, 4)], None, 0)
+    batch, n = half.paired, half.num_tokens
+    q, k, v = torch.randn(2 * n, 4, 8), torch.randn(2 * n, 2, 8), torch.randn(2 * n, 2, 8)
+    prefix_k, prefix_v = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8)
+    want = torch.cat([varlen_attention(q[:n], k[:n], v[:n], half, prefix_k[0], prefix_v[0], causal=True),
+                      varlen_attention(q[n:], k[n:], v[n:], half, prefix_k[1], prefix_v[1], causal=True)])
+    assert torch.equal(varlen_attention(q, k, v, batch, prefix_k, prefix_v, causal=True), want)
+    torch.testing.assert_close(attention._dense_float32(q, k, v, batch, prefix_k, prefix_v, True), want,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv_heads,num_prefix", CAUSAL_CASES)
+@pytest.mark.parametrize("tf32", [True, False])
+def test_causal_grouped_attention_on_gpu(kv_heads, num_prefix, tf32):
+    torch.manual_seed(6)
+    seq_lens = [1, 7, 3, 12, 100]
+    batch = pack([[1] * n for n in seq_lens], None, 0).to("cuda")
+    q = torch.randn(sum(seq_lens), 4, 64, device="cuda")
+    k, v = (torch.randn(sum(seq_lens), kv_heads, 64, device="cuda") for _ in range(2))
+    prefix_k = prefix_v = None
+    if num_prefix:
+        prefix_k, prefix_v = (torch.randn(num_prefix, kv_heads, 64, device="cuda") for _ in range(2))
+    with _tf32(tf32):
+        got = varlen_attention(q, k, v, batch, prefix_k, prefix_v, causal=True)
+    want = _causal_reference(*(None if t is None else t.cpu() for t in (q, k, v)), seq_lens,
+                             *(None if t is None else t.cpu() for t in (prefix_k, prefix_v)))
+    error = ((got.cpu().double() - want).norm() / want.norm()).item()
+    assert error < (1e-2 if tf32 else 1e-5), error  # FlashAttention computes in bf16
+
+
+def test_masks_only_is_not_causal():
+    q = torch.randn(3, 2, 4)
+    with pytest.raises(ValueError, match="masks_only"):
+        varlen_attention(q, q, q, pack([[1, 5, 1]], 5, 0), masks_only=True, causal=True)
+
+
 @contextmanager
 def _tf32(allowed: bool):
     """The switch the precision contexts set (engine/precision.py), which picks the kernel."""

@@ -76,3 +76,21 @@ def test_cpu_and_autograd_take_the_reference_path():
 
 if __name__ == "__main__":
     check_kernel_matches_torch(torch.device("cpu"))
+
+
+def test_rms_norm_matches_transformers_and_pairs_by_halves():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    generator = torch.Generator().manual_seed(1)
+    reference = LlamaRMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        reference.weight.copy_(torch.randn(48, generator=generator))
+    x = torch.randn(10, 48, generator=generator) * 3 + 1
+    with torch.no_grad():
+        got = fused.rms_norm(x, reference.weight, 1e-6)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, reference(x), rtol=1e-6, atol=1e-6)
+        # A pair: the first half of the rows with weight[0], the second with weight[1], each as alone.
+        pair = torch.stack([reference.weight, reference.weight + 1])
+        paired = fused.rms_norm(torch.cat([x, x]), pair, 1e-6)
+        assert torch.equal(paired[:10], fused.rms_norm(x, pair[0], 1e-6))
+        assert torch.equal(paired[10:], fused.rms_norm(x, pair[1], 1e-6))

@@ -5,6 +5,14 @@ sequences, for prefix tuning), so no padding token is ever computed. In a MeZO p
 (PackedBatch.paired) the prefix is [2, P, N, D]: the first half's sequences attend to
 prefix[0] (theta + eps z), the others to prefix[1].
 
+A decoder (model/causal_lm.py) asks for `causal` attention: token i of a sequence attends to
+the sequence's tokens 0..i and to the whole prefix, which precedes the sequence (as a Hugging
+Face past_key_values cache would: the alignment is bottom-right, FlashAttention's). Its keys
+and values may have fewer heads than its queries (grouped-query attention, Ainslie et al.
+2023): query head h reads key/value head h // (N / N_kv). Every attention of a model goes
+through varlen_attention with the PackedBatch, so that a layout the batch describes (such as
+candidates sharing their prompt's keys and values) is one change here, not in each model.
+
 With `masks_only` (the last layer, model/roberta.py) there is one query per sequence, at its
 <mask>. On CUDA a Triton kernel computes those in float32, one program per (query, head): a
 FlashAttention call, with its bf16 casts, costs far more than the few dot products a head that
@@ -16,7 +24,7 @@ context sets: off ("float32") means exact float32 attention too, on ("tf32", "bf
 FlashAttention's bf16 kernel for the queries over all tokens.
 
 Shape notation: T = packed tokens, B = sequences, M = <mask> queries, P = prefix length, N = heads,
-D = head dim.
+G = key/value heads (N, or fewer under grouped-query attention), D = head dim.
 """
 
 import torch
@@ -33,18 +41,22 @@ except ImportError:  # torch's CPU wheels come without triton
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch,
                      prefix_k: torch.Tensor | None = None, prefix_v: torch.Tensor | None = None,
-                     dropout_p: float = 0.0, masks_only: bool = False) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(D)) v within each sequence. q, k, v: [T, N, D] -> [T, N, D].
-    With `masks_only`, q is [M, N, D], the query at each sequence's <mask> (one per sequence,
-    in order), and so is the output."""
+                     dropout_p: float = 0.0, masks_only: bool = False, causal: bool = False) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(D)) v within each sequence. q: [T, N, D], k, v: [T, G, D] -> [T, N, D]
+    (G = N, or a divisor of N: grouped-query attention); a prefix is [P, G, D] (a pair's
+    [2, P, G, D]). With `masks_only`, q is [M, N, D], the query at each sequence's <mask> (one
+    per sequence, in order), and so is the output. With `causal`, token i attends to its
+    sequence's tokens 0..i and to the whole prefix."""
+    if masks_only and causal:
+        raise ValueError("masks_only is the encoder's <mask> queries; a causal model selects its rows itself")
     kernel = attention_kernel(q.device.type, masks_only, dropout_p, not torch.backends.cuda.matmul.allow_tf32)
     if kernel == "mask-queries":
         return _mask_queries_triton(q, k, v, batch, prefix_k, prefix_v)
     if kernel == "flash-bf16":
-        return _flash_varlen(q, k, v, batch, prefix_k, prefix_v)
+        return _flash_varlen(q, k, v, batch, prefix_k, prefix_v, causal)
     if kernel == "dense-float32":
-        return _dense_float32(q, k, v, batch, prefix_k, prefix_v)
-    return _per_sequence(q, k, v, batch, prefix_k, prefix_v, dropout_p, masks_only)
+        return _dense_float32(q, k, v, batch, prefix_k, prefix_v, causal)
+    return _per_sequence(q, k, v, batch, prefix_k, prefix_v, dropout_p, masks_only, causal)
 
 
 def attention_kernel(device_type: str, masks_only: bool, dropout_p: float, exact_float32: bool) -> str:
@@ -62,9 +74,10 @@ def attention_kernel(device_type: str, masks_only: bool, dropout_p: float, exact
     return "dense-float32" if exact_float32 else "flash-bf16"
 
 
-def _per_sequence(q, k, v, batch, prefix_k, prefix_v, dropout_p, masks_only):
+def _per_sequence(q, k, v, batch, prefix_k, prefix_v, dropout_p, masks_only, causal=False):
     # The reference path (CPU, and training with attention dropout): one SDPA call per
     # sequence. Exact and padding-free; the Python loop costs microseconds per sequence.
+    n_prefix = 0 if prefix_k is None else prefix_k.shape[-3]
     outputs = []
     queries = q.split(1) if masks_only else q.split(batch.seq_lens)
     for b, (qb, kb, vb) in enumerate(zip(queries, k.split(batch.seq_lens), v.split(batch.seq_lens))):
@@ -72,13 +85,21 @@ def _per_sequence(q, k, v, batch, prefix_k, prefix_v, dropout_p, masks_only):
             half = 0 if b < batch.pair_seqs else 1
             kb = torch.cat([prefix_k if prefix_k.dim() == 3 else prefix_k[half], kb])  # [P+L, N, D]
             vb = torch.cat([prefix_v if prefix_v.dim() == 3 else prefix_v[half], vb])
+        # SDPA's is_causal aligns top-left; with a prefix the queries sit at the bottom right.
+        mask = _causal_mask(len(qb), n_prefix, q.device) if causal and n_prefix else None
         out = F.scaled_dot_product_attention(                           # [N, L, D]
-            qb.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1), dropout_p=dropout_p)
+            qb.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1), attn_mask=mask, dropout_p=dropout_p,
+            is_causal=causal and not n_prefix, enable_gqa=kb.shape[1] != qb.shape[1])
         outputs.append(out.transpose(0, 1))                             # [L, N, D]
     return torch.cat(outputs)                                           # [T, N, D]
 
 
-def _flash_varlen(q, k, v, batch, prefix_k, prefix_v):
+def _causal_mask(length: int, n_prefix: int, device) -> torch.Tensor:
+    """[L, P+L] bool: query i sees the P prefix keys and keys 0..i of its sequence."""
+    return torch.ones(length, n_prefix + length, dtype=torch.bool, device=device).tril(n_prefix)
+
+
+def _flash_varlen(q, k, v, batch, prefix_k, prefix_v, causal=False):
     # FlashAttention's varlen kernel reads cu_seqlens directly: one launch for the whole
     # batch. It computes in bf16; the caller's matmuls stay in their own precision.
     from torch.nn.attention.varlen import varlen_attn
@@ -89,11 +110,13 @@ def _flash_varlen(q, k, v, batch, prefix_k, prefix_v):
     if prefix_k is not None:
         k, v, cu_k = _prepend_prefix(k, v, prefix_k.to(k.dtype), prefix_v.to(v.dtype), batch)
         max_k += prefix_k.shape[-3]
-    out = varlen_attn(q, k, v, batch.cu_seqlens, cu_k, batch.max_seqlen, max_k)
+    # window (-1, 0) is FlashAttention's causal mask, aligned bottom-right: past the prefix.
+    out = varlen_attn(q, k, v, batch.cu_seqlens, cu_k, batch.max_seqlen, max_k,
+                      window_size=(-1, 0) if causal else (-1, -1), enable_gqa=k.shape[1] != q.shape[1])
     return out.to(dtype)
 
 
-def _dense_float32(q, k, v, batch, prefix_k, prefix_v):
+def _dense_float32(q, k, v, batch, prefix_k, prefix_v, causal=False):
     # Exact float32 on CUDA (issue 19): FlashAttention has no float32 kernel, and the reference
     # path's per-sequence split reads the host's sequence lengths, which a CUDA graph replaying
     # other batches of its bucket does not have. This reads only cu_seqlens, on the device:
@@ -105,10 +128,17 @@ def _dense_float32(q, k, v, batch, prefix_k, prefix_v):
     cu_k = batch.cu_seqlens
     if prefix_k is not None:
         k, v, cu_k = _prepend_prefix(k, v, prefix_k.to(k.dtype), prefix_v.to(v.dtype), batch)
-    allowed = _sequence_of_rows(batch.cu_seqlens, q.shape[0])[:, None] == _sequence_of_rows(cu_k, k.shape[0])[None, :]
+    seq_q, seq_k = _sequence_of_rows(batch.cu_seqlens, q.shape[0]), _sequence_of_rows(cu_k, k.shape[0])
+    allowed = seq_q[:, None] == seq_k[None, :]                          # [T, T + B*P]
+    if causal:  # key j of a sequence (prefix rows first) is seen by its queries i with j <= i + P
+        n_prefix = 0 if prefix_k is None else prefix_k.shape[-3]
+        local_q = torch.arange(q.shape[0], device=q.device) - batch.cu_seqlens[seq_q]
+        local_k = torch.arange(k.shape[0], device=k.device) - cu_k[seq_k]
+        allowed &= local_k[None, :] <= local_q[:, None] + n_prefix
     with sdpa_kernel(SDPBackend.MATH):
         out = F.scaled_dot_product_attention(                            # [N, T, D]
-            q.float().transpose(0, 1), k.float().transpose(0, 1), v.float().transpose(0, 1), attn_mask=allowed)
+            q.float().transpose(0, 1), k.float().transpose(0, 1), v.float().transpose(0, 1), attn_mask=allowed,
+            enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(0, 1).to(q.dtype)                              # [T, N, D]
 
 

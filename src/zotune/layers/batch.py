@@ -17,7 +17,9 @@ class PackedBatch:
     input_ids: torch.Tensor   # [T] int64, sequences back to back
     positions: torch.Tensor   # [T] int64, position-embedding index of each token
     cu_seqlens: torch.Tensor  # [B+1] int32, sequence b is tokens cu_seqlens[b]:cu_seqlens[b+1]
-    mask_index: torch.Tensor  # [M] int64, index into T of each sequence's <mask> token
+    # [M] int64, index into T of the rows the head reads: each sequence's <mask> token (MaskedLM),
+    # or the rows whose next token is scored, any number per sequence (CausalLM's score_index)
+    mask_index: torch.Tensor
     seq_lens: tuple[int, ...]  # host copy of the lengths, so nothing needs a device sync
     sequences: tuple[tuple[int, ...], ...]  # host copy of the tokens: the trunk cache's keys
     max_seqlen: int            # an upper bound on seq_lens for the attention kernel (a CUDA graph

@@ -8,6 +8,10 @@ reads both inputs once and normalises one row per program, in float32. `_add_lay
 is its reference: the CPU path, the path under autograd (the backprop baseline), and what the
 tests compare the kernel with.
 
+rms_norm is the Llama family's RMSNorm (Zhang & Sennrich 2019), which a pre-norm decoder
+applies to a layer's input rather than to a residual sum: a torch function for now, in
+float32 as transformers' LlamaRMSNorm computes it.
+
 Shape notation: T = packed tokens, E = hidden size.
 """
 
@@ -77,3 +81,18 @@ if triton is not None:
         w = tl.load(w_ptr + offs, mask=inside, other=0.0)
         b = tl.load(b_ptr + offs, mask=inside, other=0.0)
         tl.store(out_ptr + row + offs, centred * rstd * w + b, mask=inside)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) * weight for x: [T, E] -> [T, E] float32, normalised in float32
+    (transformers' LlamaRMSNorm). In a MeZO pair a trained `weight` is [2, E]: the first half
+    of the rows takes the first, the second half the second, each half as its unpaired pass
+    computes it."""
+    if weight.dim() == 2:
+        return torch.cat([_rms_norm_torch(half, w, eps) for half, w in zip(x.chunk(2), weight)])
+    return _rms_norm_torch(x, weight, eps)
+
+
+def _rms_norm_torch(x, weight, eps):
+    x = x.float()
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))

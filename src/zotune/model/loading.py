@@ -1,9 +1,11 @@
-"""Load Hugging Face masked-LM checkpoints into zotune's MaskedLM, strictly.
+"""Load Hugging Face checkpoints into zotune, strictly: masked LMs (RoBERTa, XLM-R, BERT) into
+MaskedLM, causal LMs (OPT; Llama, and Mistral and Qwen2 where their configs map onto it) into
+CausalLM. load_model dispatches on config.json's `architectures`.
 
-The name map below is the specification: every tensor of the checkpoint is either
-mapped to a zotune tensor, stacked into one (query/key/value -> qkv), or listed as
-deliberately ignored. A missing, unexpected or misshapen tensor is an error, never a
-silent random initialisation.
+The name maps below are the specification: every tensor of the checkpoint is either
+mapped to a zotune tensor, stacked into one (query/key/value -> qkv, gate/up -> ffn_in), or
+listed as deliberately ignored. A missing, unexpected or misshapen tensor is an error, never a
+silent random initialisation. to_hf_state runs a map backwards, for exports.
 """
 
 import json
@@ -12,6 +14,8 @@ from pathlib import Path
 import torch
 
 from zotune.errors import UserError
+from zotune.layers.rope import ROPE_TYPES
+from zotune.model.causal_lm import CausalConfig, CausalLM
 from zotune.model.roberta import MaskedLM, ModelConfig
 
 # architecture -> (prefix of the encoder's tensors, head layout)
@@ -19,6 +23,13 @@ ARCHITECTURES = {
     "RobertaForMaskedLM": ("roberta", "roberta"),
     "XLMRobertaForMaskedLM": ("roberta", "roberta"),
     "BertForMaskedLM": ("bert", "bert"),
+}
+# Causal-LM architecture -> CausalConfig.family
+CAUSAL_ARCHITECTURES = {
+    "OPTForCausalLM": "opt",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",  # Llama's tensors and maths, where no sliding window is in effect
+    "Qwen2ForCausalLM": "llama",    # Llama's, with q/k/v biases
 }
 
 # Per-layer rows: HF name under `{prefix}.encoder.layer.{i}.` -> (zotune name under
@@ -69,6 +80,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 def weight_map(cfg: ModelConfig, architecture: str) -> list[tuple[str, str, int | None]]:
     """Rows (HF name, zotune name, stack index or None) for every tensor of the model."""
+    if isinstance(cfg, CausalConfig):
+        return _causal_weight_map(cfg)
     prefix, head = ARCHITECTURES[architecture]
     rows = [(f"{prefix}.{hf}", zt, None) for hf, zt in _EMBEDDING_ROWS]
     for i in range(cfg.num_layers):
@@ -86,21 +99,22 @@ _REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
                   "max_position_embeddings")
 
 
-def config_from_hf(hf: dict, source: str = "config.json") -> tuple[ModelConfig, str]:
+def config_from_hf(hf: dict, source: str = "config.json") -> tuple[ModelConfig | CausalConfig, str]:
+    """(zotune config, architecture) of a checkpoint's config.json: a ModelConfig for a masked
+    LM, a CausalConfig for a causal one."""
     if not isinstance(hf, dict):
         raise UserError(f"{source} holds a JSON {type(hf).__name__}, not a model config; re-save the checkpoint")
     architectures = hf.get("architectures") or []
     if not isinstance(architectures, list):
         architectures = [architectures]
-    known = [a for a in architectures if a in ARCHITECTURES]
+    known = [a for a in architectures if a in ARCHITECTURES or a in CAUSAL_ARCHITECTURES]
     if not known:
         raise UserError(f"{source}: unsupported architecture {architectures or hf.get('model_type')}; "
-                        f"zotune loads {', '.join(ARCHITECTURES)}")
+                        f"zotune loads {', '.join([*ARCHITECTURES, *CAUSAL_ARCHITECTURES])}")
     architecture = known[0]
-    bad = [k for k in _REQUIRED_KEYS if not isinstance(hf.get(k), int) or isinstance(hf[k], bool) or hf[k] < 1]
-    if bad:
-        raise UserError(f"{source} lacks a positive integer {', '.join(bad)}; the checkpoint's config is incomplete, "
-                        f"re-save it with save_pretrained")
+    if architecture in CAUSAL_ARCHITECTURES:
+        return _causal_config_from_hf(hf, architecture, source), architecture
+    _require_positive(hf, _REQUIRED_KEYS, source)
     if hf["hidden_size"] % hf["num_attention_heads"]:
         raise UserError(f"{source}: hidden_size {hf['hidden_size']} is not a multiple of num_attention_heads "
                         f"{hf['num_attention_heads']}")
@@ -116,6 +130,138 @@ def config_from_hf(hf: dict, source: str = "config.json") -> tuple[ModelConfig, 
         hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
         attention_dropout=hf.get("attention_probs_dropout_prob", 0.1))
     return cfg, architecture
+
+
+def _require_positive(hf: dict, keys, source: str) -> None:
+    bad = [k for k in keys if not isinstance(hf.get(k), int) or isinstance(hf[k], bool) or hf[k] < 1]
+    if bad:
+        raise UserError(f"{source} lacks a positive integer {', '.join(bad)}; the checkpoint's config is incomplete, "
+                        f"re-save it with save_pretrained")
+
+
+# ---- causal LMs: OPT and the Llama family -------------------------------------------------
+
+# Per-layer rows: HF name under the layer -> (zotune name under `layers.{i}.`, stack index or
+# None, which CausalConfig bias flag gives it a .bias row; None: a norm, which has a bias where
+# it is a LayerNorm).
+_OPT_LAYER_ROWS = [
+    ("self_attn.q_proj", "attention.qkv", 0, "qkv_bias"),
+    ("self_attn.k_proj", "attention.qkv", 1, "qkv_bias"),
+    ("self_attn.v_proj", "attention.qkv", 2, "qkv_bias"),
+    ("self_attn.out_proj", "attention.out", None, "out_bias"),
+    ("self_attn_layer_norm", "attention_norm", None, None),
+    ("fc1", "ffn_in", None, "ffn_bias"),
+    ("fc2", "ffn_out", None, "ffn_bias"),
+    ("final_layer_norm", "ffn_norm", None, None),
+]
+_LLAMA_LAYER_ROWS = [
+    ("self_attn.q_proj", "attention.qkv", 0, "qkv_bias"),
+    ("self_attn.k_proj", "attention.qkv", 1, "qkv_bias"),
+    ("self_attn.v_proj", "attention.qkv", 2, "qkv_bias"),
+    ("self_attn.o_proj", "attention.out", None, "out_bias"),
+    ("input_layernorm", "attention_norm", None, None),
+    ("mlp.gate_proj", "ffn_in", 0, "ffn_bias"),  # SwiGLU's gate and up, stacked: [2F, E]
+    ("mlp.up_proj", "ffn_in", 1, "ffn_bias"),
+    ("mlp.down_proj", "ffn_out", None, "ffn_bias"),
+    ("post_attention_layernorm", "ffn_norm", None, None),
+]
+# Where each family's tensors live in an HF checkpoint (*ForCausalLM's base model prefix).
+_CAUSAL_PREFIX = {"opt": "model.decoder.", "llama": "model."}
+# Present in some checkpoints, not part of the computation: RoPE's tables (older Llama saves).
+_CAUSAL_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _causal_weight_map(cfg: CausalConfig) -> list[tuple[str, str, int | None]]:
+    prefix, opt = _CAUSAL_PREFIX[cfg.family], cfg.family == "opt"
+    kinds = lambda flag: ("weight", "bias") if (getattr(cfg, flag) if flag else opt) else ("weight",)  # noqa: E731
+    rows = [(f"{prefix}embed_tokens.weight", "embeddings.word.weight", None)]
+    if opt:
+        rows.append((f"{prefix}embed_positions.weight", "embeddings.position.weight", None))
+    if cfg.embed_dim != cfg.hidden_size:
+        rows.append((f"{prefix}project_in.weight", "embeddings.project_in.weight", None))
+    for i in range(cfg.num_layers):
+        for hf, zt, index, flag in (_OPT_LAYER_ROWS if opt else _LLAMA_LAYER_ROWS):
+            for kind in kinds(flag):
+                rows.append((f"{prefix}layers.{i}.{hf}.{kind}", f"layers.{i}.{zt}.{kind}", index))
+    if cfg.final_norm:
+        rows += [(f"{prefix}{'final_layer_norm' if opt else 'norm'}.{kind}", f"head.norm.{kind}", None)
+                 for kind in kinds(None)]
+    if cfg.embed_dim != cfg.hidden_size:
+        rows.append((f"{prefix}project_out.weight", "head.project_out.weight", None))
+    if not cfg.tie_word_embeddings:
+        rows.append(("lm_head.weight", "head.decoder", None))
+    return rows
+
+
+def _causal_config_from_hf(hf: dict, architecture: str, source: str) -> CausalConfig:
+    family = CAUSAL_ARCHITECTURES[architecture]
+    sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+             "ffn_dim" if family == "opt" else "intermediate_size")
+    _require_positive(hf, sizes, source)
+    common = dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+                  num_heads=hf["num_attention_heads"], attention_dropout=hf.get("attention_dropout", 0.0))
+    if family == "opt":
+        if not hf.get("layer_norm_elementwise_affine", True):
+            raise UserError(f"{source}: layer_norm_elementwise_affine false (LayerNorms without weights) is not "
+                            f"supported; zotune loads OPT checkpoints whose LayerNorms have weights")
+        pre_norm, bias = hf.get("do_layer_norm_before", True), hf.get("enable_bias", True)
+        fields = dict(common, family="opt", intermediate_size=hf["ffn_dim"],
+                      max_positions=hf["max_position_embeddings"] + 2,  # OPTLearnedPositionalEmbedding's offset
+                      position_offset=2, word_embed_dim=hf.get("word_embed_proj_dim") or hf["hidden_size"],
+                      hidden_act=hf.get("activation_function", "relu"), pre_norm=pre_norm,
+                      final_norm=pre_norm and not hf.get("_remove_final_layer_norm", False),
+                      qkv_bias=bias, out_bias=bias, ffn_bias=bias, hidden_dropout=hf.get("dropout", 0.1),
+                      tie_word_embeddings=hf.get("tie_word_embeddings", True))
+    else:
+        _refuse_sliding_window(hf, architecture, source)
+        theta, scaling = _rope_from_hf(hf, source)
+        qwen2 = architecture == "Qwen2ForCausalLM"
+        attention_bias = hf.get("attention_bias", False)
+        fields = dict(common, family="llama", intermediate_size=hf["intermediate_size"],
+                      max_positions=hf["max_position_embeddings"], num_kv_heads=hf.get("num_key_value_heads"),
+                      head_dim=hf.get("head_dim"), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                      hidden_act=hf.get("hidden_act", "silu"), qkv_bias=qwen2 or attention_bias,
+                      out_bias=not qwen2 and attention_bias, ffn_bias=not qwen2 and hf.get("mlp_bias", False),
+                      tie_word_embeddings=hf.get("tie_word_embeddings", False), rope_theta=theta, rope_scaling=scaling)
+    try:
+        return CausalConfig(**fields)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{source}: {exc}; zotune cannot build this {architecture}") from None
+
+
+def _refuse_sliding_window(hf: dict, architecture: str, source: str) -> None:
+    """Mistral attends within a window of sliding_window tokens, Qwen2 where use_sliding_window;
+    zotune's attention is full, so it loads them only where the window never takes effect."""
+    window = hf.get("sliding_window")
+    if architecture == "Qwen2ForCausalLM":
+        in_effect = bool(hf.get("use_sliding_window")) and window is not None
+    else:
+        in_effect = window is not None and window < hf["max_position_embeddings"]
+    if in_effect:
+        raise UserError(f"{source}: sliding-window attention (sliding_window {window}) is not supported; zotune "
+                        f"loads {architecture} checkpoints whose attention is full (sliding_window null)")
+
+
+def _rope_from_hf(hf: dict, source: str) -> tuple[float, dict | None]:
+    """(rope_theta, scaling or None) from `rope_parameters` (transformers 5) or `rope_theta`
+    and `rope_scaling` (transformers 4)."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta, scaling = params["rope_theta"], params
+    else:
+        theta, scaling = hf.get("rope_theta", 10000.0), hf.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+        raise UserError(f"{source}: rope_scaling {scaling!r} is not a mapping; re-save the checkpoint")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES or scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UserError(f"{source}: RoPE {kind!r} (partial_rotary_factor {scaling.get('partial_rotary_factor', 1.0)})"
+                        f" is not supported; zotune implements {', '.join(ROPE_TYPES)} over the whole head")
+    needs = {"default": (), "linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}[kind]
+    missing = [k for k in needs if not isinstance(scaling.get(k), (int, float))]
+    if missing:
+        raise UserError(f"{source}: RoPE {kind!r} lacks {', '.join(missing)}; the checkpoint's config is incomplete")
+    return float(theta), None if kind == "default" else {"rope_type": kind, **{k: scaling[k] for k in needs}}
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
@@ -197,6 +343,8 @@ def _weight_files(model_dir: Path) -> list[Path]:
 def to_zotune_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig, architecture: str,
                     source: str) -> dict[str, torch.Tensor]:
     """Apply the name map: HF tensors -> zotune state dict (q/k/v stacked into qkv)."""
+    if isinstance(cfg, CausalConfig):
+        return _causal_state(tensors, cfg, architecture, source)
     rows = weight_map(cfg, architecture)
     expected = {hf for hf, _, _ in rows}
     decoder = _DECODER[ARCHITECTURES[architecture][1]]
@@ -222,7 +370,13 @@ def to_zotune_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig, architec
 
 
 def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig, architecture: str) -> dict[str, torch.Tensor]:
-    """The name map backwards: a zotune state dict -> HF tensor names (qkv split into three)."""
+    """The name map backwards: a zotune state dict -> HF tensor names (qkv split into three).
+    A tied causal LM writes no lm_head.weight: transformers ties it to the embeddings."""
+    if isinstance(cfg, CausalConfig):
+        out = {}
+        for hf, zt, index in weight_map(cfg, architecture):
+            out[hf] = state[zt] if index is None else state[zt].split(_stack_sizes(cfg, zt))[index]
+        return {name: t.contiguous() for name, t in out.items()}
     out = {}
     for hf, zt, index in weight_map(cfg, architecture):
         out[hf] = state[zt] if index is None else state[zt].chunk(3)[index]
@@ -233,13 +387,56 @@ def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig, architecture: 
     return {name: t.contiguous() for name, t in out.items()}
 
 
+def _causal_state(tensors: dict[str, torch.Tensor], cfg: CausalConfig, architecture: str,
+                  source: str) -> dict[str, torch.Tensor]:
+    if cfg.family == "opt":  # OPT's original checkpoints were saved from OPTModel: decoder.* without model.
+        tensors = {f"model.{n}" if n.startswith("decoder.") else n: t for n, t in tensors.items()}
+    rows = weight_map(cfg, architecture)
+    expected = {hf for hf, _, _ in rows}
+    unexpected = [n for n in tensors if n not in expected and not n.endswith(_CAUSAL_IGNORED_SUFFIXES)
+                  and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+    if unexpected:
+        raise UserError(f"{source} has tensors zotune does not know: {', '.join(sorted(unexpected)[:5])}; "
+                        f"is it a {architecture} checkpoint, and does its config.json match it?")
+    missing = sorted(expected - tensors.keys())
+    if missing:
+        raise UserError(f"{source} lacks tensor(s) {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''}; the checkpoint is incomplete")
+    state: dict[str, torch.Tensor] = {}
+    stacks: dict[str, dict[int, torch.Tensor]] = {}
+    for hf, zt, index in rows:
+        if index is None:
+            state[zt] = tensors[hf]
+        else:
+            stacks.setdefault(zt, {})[index] = tensors[hf]
+    for zt, parts in stacks.items():
+        columns = (cfg.hidden_size,) if zt.endswith(".weight") else ()  # qkv and ffn_in both read [., E]
+        for i, size in enumerate(_stack_sizes(cfg, zt)):
+            if tuple(parts[i].shape) != (size, *columns):
+                hf = next(h for h, z, j in rows if z == zt and j == i)
+                raise UserError(f"{source}: tensor {hf} has shape {tuple(parts[i].shape)}, config.json implies "
+                                f"{(size, *columns)}; the config and weights do not match")
+        state[zt] = torch.cat([parts[i] for i in sorted(parts)])
+    return state
+
+
+def _stack_sizes(cfg: CausalConfig, zotune_name: str) -> list[int]:
+    """Rows of each part of a stacked tensor: q, k, v (grouped-query attention makes k and v
+    smaller), or SwiGLU's gate and up."""
+    if ".qkv." in zotune_name:
+        return list(cfg.qkv_sizes)
+    return [cfg.intermediate_size] * 2
+
+
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> MaskedLM:
+               device: torch.device | str = "cpu") -> MaskedLM | CausalLM:
+    """The checkpoint in `model_dir` as the zotune model of its architecture (MaskedLM for a
+    masked LM, CausalLM for a causal one), in eval mode."""
     hf_config, tensors = read_checkpoint(model_dir)
     cfg, architecture = config_from_hf(hf_config, str(model_dir / "config.json"))
     state = to_zotune_state(tensors, cfg, architecture, str(model_dir))
     with torch.device("meta"):
-        model = MaskedLM(cfg)
+        model = CausalLM(cfg) if isinstance(cfg, CausalConfig) else MaskedLM(cfg)
     for name, param in model.state_dict().items():
         if tuple(state[name].shape) != tuple(param.shape):
             hf = next(h for h, z, _ in weight_map(cfg, architecture) if z == name)

@@ -15,6 +15,14 @@ Spec strings, decided once at build time:
   top:K       the top K layers and the MLM head (its tied decoder is the input embedding,
               so it stays frozen)
 `layers` restricts bias/lora/prefix to some layers (e.g. the upper ones).
+
+Each works for a causal LM (model/causal_lm.py) too, through the same layer_of. There, `bias`
+exists only where the architecture has biases (OPT; of the Llama family only Qwen2's q/k/v
+and checkpoints with attention_bias or mlp_bias); `lora` wraps q and v as MeZO's
+large_models/lora.py does for OPT's q_proj and v_proj (v is narrower under grouped-query
+attention); `prefix` rows precede every sequence, every token attends to them, and they start
+as the keys (rotated, where RoPE) and values of random tokens, as a Hugging Face
+past_key_values cache holds them: MeZO's large_models/prefix.py with --prefix_init_by_real_act.
 """
 
 import re
@@ -25,6 +33,7 @@ from torch import nn
 
 from zotune.layers.batch import pack
 from zotune.errors import UserError
+from zotune.model.causal_lm import CausalLM
 from zotune.model.roberta import LoRA, MaskedLM, PairedModule
 from zotune.optim.flat import FlatParameters
 
@@ -52,7 +61,7 @@ def no_decay_names(trainable: list[tuple[str, nn.Parameter]], decay_all: bool = 
     return set() if decay_all else {name for name, _ in trainable if no_weight_decay(name)}
 
 
-def select_trainable(model: MaskedLM, spec: str, options: SubsetOptions = SubsetOptions()
+def select_trainable(model: MaskedLM | CausalLM, spec: str, options: SubsetOptions = SubsetOptions()
                      ) -> list[tuple[str, nn.Parameter]]:
     """Attach whatever the subset adds (LoRA, prefixes), freeze everything else, and return
     the trainable (name, parameter) pairs in model order."""
@@ -93,41 +102,53 @@ def select_trainable(model: MaskedLM, spec: str, options: SubsetOptions = Subset
         param.requires_grad_(keep(name))
         if param.requires_grad:
             trainable.append((name, param))
+    if not trainable and spec == "bias" and not any(name.endswith("bias") for name, _ in model.named_parameters()):
+        raise UserError("--trainable bias: this model has no bias terms (Llama-architecture checkpoints have none, "
+                        "except Qwen2's q/k/v biases); choose full, lora, prefix or top:K")
     if not trainable:
         raise UserError(f"--trainable {spec} selects no parameter in layers {list(layers)}")
     return trainable
 
 
-def _attach_lora(model: MaskedLM, layers, options: SubsetOptions, generator: torch.Generator) -> None:
+def _attach_lora(model: MaskedLM | CausalLM, layers, options: SubsetOptions, generator: torch.Generator) -> None:
     hidden = model.config.hidden_size
+    # q's and v's widths: N*D and G*D in a causal LM (grouped-query attention), E in an encoder
+    q_width, _, v_width = model.config.qkv_sizes if isinstance(model, CausalLM) else (hidden,) * 3
     device, dtype = model.embeddings.word.weight.device, model.embeddings.word.weight.dtype
     for i in layers:
         attention = model.layers[i].attention
-        for slot in ("lora_q", "lora_v"):
-            lora = LoRA(hidden, hidden, options.lora_rank, options.lora_alpha, generator)
+        for slot, width in (("lora_q", q_width), ("lora_v", v_width)):
+            lora = LoRA(hidden, width, options.lora_rank, options.lora_alpha, generator)
             setattr(attention, slot, lora.to(device=device, dtype=dtype))
 
 
 @torch.no_grad()
-def _attach_prefix(model: MaskedLM, layers, num_prefix: int, generator: torch.Generator) -> None:
+def _attach_prefix(model: MaskedLM | CausalLM, layers, num_prefix: int, generator: torch.Generator) -> None:
     # Run P random tokens through the model and keep each layer's key/value rows:
     # prefixes that start as real activations train better than random vectors (MeZO, App. E).
+    # The tokens come from the seeded CPU generator, whatever the model's device; Session.build
+    # selects the subset before it moves the model, so the activations are the CPU's too.
     cfg = model.config
     device = model.embeddings.word.weight.device
     tokens = torch.randint(0, cfg.vocab_size, (num_prefix,), generator=generator).tolist()
     batch = pack([tokens], None, cfg.position_offset).to(device)
+    key_values = model.key_values(batch) if isinstance(model, CausalLM) else _encoder_key_values(model, batch)
+    for i in layers:
+        attention = model.layers[i].attention
+        attention.prefix_k, attention.prefix_v = (nn.Parameter(t) for t in key_values[i])
+
+
+def _encoder_key_values(model: MaskedLM, batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     x = model.embeddings(batch)                                         # [P, E]
     key_values = []
     for layer in model.layers:  # the plain model's activations: attach nothing until the end
         _, k, v = layer.attention.qkv(x).chunk(3, dim=-1)               # [P, E] each
         key_values.append((k.clone(), v.clone()))
         x = layer(x, batch)
-    for i in layers:
-        attention = model.layers[i].attention
-        attention.prefix_k, attention.prefix_v = (nn.Parameter(t) for t in key_values[i])
+    return key_values
 
 
-def pair_owners(model: MaskedLM, names: list[str]) -> dict[str, tuple[PairedModule, str]] | None:
+def pair_owners(model: MaskedLM | CausalLM, names: list[str]) -> dict[str, tuple[PairedModule, str]] | None:
     """For each trainable tensor, the nearest module above it that can run a pair and the
     tensor's name there ((attention, "qkv.weight"), (lora_q, "A")); None if one has no such module."""
     owners = {}
@@ -143,7 +164,7 @@ def pair_owners(model: MaskedLM, names: list[str]) -> dict[str, tuple[PairedModu
     return owners
 
 
-def attach_pair_weights(model: MaskedLM, flat: FlatParameters) -> bool:
+def attach_pair_weights(model: MaskedLM | CausalLM, flat: FlatParameters) -> bool:
     """Let MeZO run its +eps z and -eps z passes as one batch (PackedBatch.paired): each
     trainable tensor's pair (FlatParameters.pair_views, which adds flat's second buffer) goes
     to the nearest module above it that can run a pair (PairedModule: the layers, their
