@@ -7,15 +7,17 @@ import random
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from tests.conftest import ROBERTA_TOKENIZER_DIR
 from tests.tiny_causal import VOCAB, save_tiny_causal
 from zotune.config import TrainConfig
 from zotune.errors import UserError
-from zotune.export import export, write_huggingface, write_peft
+from zotune.export import export, rebuild, write_huggingface, write_peft
 from zotune.layers.batch import pack
 from zotune.model.loading import config_from_hf, load_model, read_hf_config
 from zotune.optim.subsets import SubsetOptions, select_trainable
+from zotune.session import load_trainable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -173,3 +175,35 @@ def test_export_refuses_prefix_runs_from_their_config_alone(tmp_path, checkpoint
     with pytest.raises(UserError, match=message):
         export(run, tmp_path / "out", merge_lora=merge)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,spec,merge,kind", [
+    ("llama-gqa-tied", "lora+head", False, "huggingface"),
+    ("opt-tied", "lora", True, "huggingface"),
+    ("llama-gqa-untied", "lora", False, "peft"),
+    ("qwen2-gqa-qkv-bias", "prefix", False, "peft"),
+])
+def test_export_of_a_causal_run_directory(tmp_path, checkpoints, name, spec, merge, kind):
+    # A run directory as training leaves it (config.json, best.safetensors of the trainable
+    # tensors), through rebuild and export: the path `zotune export` takes.
+    from peft import PeftModel
+    lora = dict(lora_rank=4, lora_alpha=6.0) if spec.startswith("lora") else {}
+    cfg = TrainConfig(model=str(checkpoints / name), trainable=spec, device="cpu",
+                      tokenizer=str(ROBERTA_TOKENIZER_DIR), **lora)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    model, trainable = load_trainable(cfg)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, param in trainable:
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    save_file({n: p.detach().contiguous() for n, p in trainable}, run / "best.safetensors")
+
+    assert export(run, tmp_path / "out", merge_lora=merge) == kind
+    exported = _auto(tmp_path / "out") if kind == "huggingface" else \
+        PeftModel.from_pretrained(_auto(checkpoints / name), tmp_path / "out").eval()
+    sequences = _sequences()
+    want = _zotune_logits(model.eval(), sequences)
+    _assert_close(_zotune_logits(rebuild(run).model, sequences), want)
+    _assert_close(_hf_logits(exported, sequences), want)
