@@ -369,20 +369,16 @@ def to_zotune_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig, architec
     return state
 
 
-def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig, architecture: str) -> dict[str, torch.Tensor]:
-    """The name map backwards: a zotune state dict -> HF tensor names (qkv split into three).
-    A tied causal LM writes no lm_head.weight: transformers ties it to the embeddings."""
-    if isinstance(cfg, CausalConfig):
-        out = {}
-        for hf, zt, index in weight_map(cfg, architecture):
-            out[hf] = state[zt] if index is None else state[zt].split(_stack_sizes(cfg, zt))[index]
-        return {name: t.contiguous() for name, t in out.items()}
+def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig | CausalConfig,
+                architecture: str) -> dict[str, torch.Tensor]:
+    """The name map backwards: a zotune state dict -> HF tensor names (stacked tensors split
+    into their parts, stack_sizes). A tied head writes no decoder: transformers ties it."""
     out = {}
     for hf, zt, index in weight_map(cfg, architecture):
-        out[hf] = state[zt] if index is None else state[zt].chunk(3)[index]
+        out[hf] = state[zt] if index is None else state[zt].split(stack_sizes(cfg, zt))[index]
         if not cfg.tie_word_embeddings and hf in _DECODER_BIAS:
-            # An untied HF head reads its decoder Linear's own bias (transformers 5 does not tie
-            # it to the head's): write the one bias under both names.
+            # An untied HF masked-LM head reads its decoder Linear's own bias (transformers 5 does
+            # not tie it to the head's): write the one bias under both names.
             out[_DECODER_BIAS[hf]] = out[hf].clone()
     return {name: t.contiguous() for name, t in out.items()}
 
@@ -411,7 +407,7 @@ def _causal_state(tensors: dict[str, torch.Tensor], cfg: CausalConfig, architect
             stacks.setdefault(zt, {})[index] = tensors[hf]
     for zt, parts in stacks.items():
         columns = (cfg.hidden_size,) if zt.endswith(".weight") else ()  # qkv and ffn_in both read [., E]
-        for i, size in enumerate(_stack_sizes(cfg, zt)):
+        for i, size in enumerate(stack_sizes(cfg, zt)):
             if tuple(parts[i].shape) != (size, *columns):
                 hf = next(h for h, z, j in rows if z == zt and j == i)
                 raise UserError(f"{source}: tensor {hf} has shape {tuple(parts[i].shape)}, config.json implies "
@@ -420,11 +416,12 @@ def _causal_state(tensors: dict[str, torch.Tensor], cfg: CausalConfig, architect
     return state
 
 
-def _stack_sizes(cfg: CausalConfig, zotune_name: str) -> list[int]:
-    """Rows of each part of a stacked tensor: q, k, v (grouped-query attention makes k and v
-    smaller), or SwiGLU's gate and up."""
+def stack_sizes(cfg: ModelConfig | CausalConfig, zotune_name: str) -> list[int]:
+    """Rows of each part of the stacked tensor `zotune_name`: q, k, v (a causal LM's
+    grouped-query attention makes k and v narrower; an encoder's are E each), or SwiGLU's gate
+    and up."""
     if ".qkv." in zotune_name:
-        return list(cfg.qkv_sizes)
+        return list(cfg.qkv_sizes) if isinstance(cfg, CausalConfig) else [cfg.hidden_size] * 3
     return [cfg.intermediate_size] * 2
 
 
