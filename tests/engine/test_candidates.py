@@ -1,0 +1,116 @@
+"""Candidate scoring on the runner floor (engine/candidates.py): per-candidate summed
+log-probabilities equal transformers', the loss is the MeZO large-model objective computed
+directly, and a MeZO pair's losses are the two passes' losses."""
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.tiny_causal import VOCAB, save_tiny_causal
+from zotune.engine.candidates import CausalRunner, pack_candidates
+from zotune.model.loading import load_model
+from zotune.optim.flat import FlatParameters
+from zotune.optim.subsets import SubsetOptions, attach_pair_weights, select_trainable
+from zotune.tasks.causal import CandidateExample
+
+MODELS = {"opt": ("opt", {}), "llama-gqa-untied": ("llama", {"num_key_value_heads": 2, "tie": False})}
+
+
+def random_examples(n: int, candidates: int, seed: int, lengths=(1, 4)) -> list[CandidateExample]:
+    """n examples, prompts of 1-12 tokens, continuations of lengths[0]..lengths[1] tokens."""
+    rng = random.Random(seed)
+    tokens = lambda k: tuple(rng.randrange(3, VOCAB) for _ in range(k))  # noqa: E731
+    return [CandidateExample(tokens(rng.randint(1, 12)), tuple(tokens(rng.randint(*lengths)) for _ in range(candidates)),
+                             rng.randrange(candidates)) for _ in range(n)]
+
+
+def hf_sums(hf, examples) -> torch.Tensor:
+    """[N, C] transformers' summed log-probabilities, each candidate run alone with its prompt."""
+    rows = []
+    with torch.inference_mode():
+        for e in examples:
+            row = []
+            for c in e.candidate_ids:
+                ids = torch.tensor([e.prompt_ids + c])
+                logprobs = hf(input_ids=ids).logits[0].log_softmax(-1)          # [P+L, V]
+                at = torch.arange(len(e.prompt_ids) - 1, len(e.prompt_ids) + len(c) - 1)
+                row.append(logprobs[at, torch.tensor(c)].sum())
+            rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model_dir(request, tmp_path_factory):
+    kind, extra = MODELS[request.param]
+    path = tmp_path_factory.mktemp("causal") / request.param
+    save_tiny_causal(path, kind, **extra)
+    return path
+
+
+def test_summed_logprobs_equal_transformers(model_dir, one_thread):
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    runner = CausalRunner(load_model(model_dir), torch.device("cpu"))
+    examples = random_examples(5, 3, seed=1)
+    with torch.inference_mode():
+        sums, lengths = runner.candidate_logprobs(runner.pack(examples))
+    want = hf_sums(hf, examples)
+    torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert lengths.tolist() == [[len(c) for c in e.candidate_ids] for e in examples]
+
+
+@pytest.mark.parametrize("normalised,objective", [(True, "candidates"), (False, "candidates"), (True, "gold")])
+def test_loss_is_the_objective_computed_directly(model_dir, one_thread, normalised, objective):
+    runner = CausalRunner(load_model(model_dir), torch.device("cpu"), length_normalised=normalised,
+                          objective=objective)
+    examples = random_examples(4, 2, seed=2)
+    labels = torch.tensor([e.label for e in examples])
+    with torch.inference_mode():
+        batch = runner.pack(examples)
+        sums, lengths = runner.candidate_logprobs(batch)
+        loss = runner.loss(batch, labels)
+        scores = runner.logits(batch)
+    means = sums / lengths
+    assert torch.equal(scores, means if normalised else sums)
+    if objective == "gold":
+        gold = [(sums[i, y], lengths[i, y]) for i, y in enumerate(labels.tolist())]
+        want = -sum(s for s, _ in gold) / sum(n for _, n in gold)
+    else:
+        want = -(means if normalised else sums).log_softmax(-1)[torch.arange(4), labels].mean()
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec,layers", [("top:1", None), ("lora", (1,)), ("prefix", None)])
+def test_pair_loss_is_the_two_losses(model_dir, one_thread, spec, layers):
+    model = load_model(model_dir)
+    flat = FlatParameters(select_trainable(model, spec, SubsetOptions(layers=layers, seed=1)), lambda n, p: False)
+    assert attach_pair_weights(model, flat)
+    flat.plus.copy_(flat.buffer + 0.05 * torch.randn(flat.numel, generator=torch.Generator().manual_seed(0)))
+    runner = CausalRunner(model, torch.device("cpu"))
+    runner.enable_pairs(flat.names)
+    examples = random_examples(3, 2, seed=3)
+    labels = torch.tensor([e.label for e in examples])
+    with torch.inference_mode():
+        batch = runner.pack(examples)
+        pair = runner.pair_loss(batch, labels)
+        minus = runner.loss(batch, labels)
+        with flat.reading_plus():
+            plus = runner.loss(batch, labels)
+    assert plus != minus
+    torch.testing.assert_close(pair, torch.stack([plus, minus]), rtol=1e-6, atol=1e-6)
+    if spec == "top:1":  # every tensor above the trunk trains: each half as its pass, bit for bit
+        assert torch.equal(pair, torch.stack([plus, minus]))
+
+
+def test_counts_of_the_plain_layout(model_dir):
+    examples = random_examples(3, 2, seed=4)
+    batch = pack_candidates(examples, 0)
+    sequences = [e.prompt_ids + c[:-1] for e in examples for c in e.candidate_ids]
+    assert batch.plain_tokens == batch.batch.num_tokens == sum(map(len, sequences))
+    assert batch.padded_tokens == len(sequences) * max(map(len, sequences))
+    assert batch.targets.tolist() == [t for e in examples for c in e.candidate_ids for t in c]
+    # Each scored row but a candidate's last is followed, in the packed tokens, by its target.
+    rows, ids = batch.batch.mask_index.tolist(), batch.batch.input_ids.tolist()
+    last = set(batch.table.gather(1, (batch.lengths.view(-1, 1) - 1)).view(-1).tolist())
+    assert all(ids[rows[s] + 1] == batch.targets[s] for s in range(len(rows)) if s not in last)
