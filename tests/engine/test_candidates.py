@@ -49,9 +49,10 @@ def model_dir(request, tmp_path_factory):
     return path
 
 
-def test_summed_logprobs_equal_transformers(model_dir, one_thread):
+@pytest.mark.parametrize("share", [True, False], ids=["shared-prompts", "plain"])
+def test_summed_logprobs_equal_transformers(model_dir, one_thread, share):
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    runner = CausalRunner(load_model(model_dir), torch.device("cpu"))
+    runner = CausalRunner(load_model(model_dir), torch.device("cpu"), share_prompts=share)
     examples = random_examples(5, 3, seed=1)
     with torch.inference_mode():
         sums, lengths = runner.candidate_logprobs(runner.pack(examples))
@@ -103,9 +104,9 @@ def test_pair_loss_is_the_two_losses(model_dir, one_thread, spec, layers):
         assert torch.equal(pair, torch.stack([plus, minus]))
 
 
-def test_counts_of_the_plain_layout(model_dir):
+def test_counts_of_the_plain_layout():
     examples = random_examples(3, 2, seed=4)
-    batch = pack_candidates(examples, 0)
+    batch = pack_candidates(examples, 0, share_prompts=False)
     sequences = [e.prompt_ids + c[:-1] for e in examples for c in e.candidate_ids]
     assert batch.plain_tokens == batch.batch.num_tokens == sum(map(len, sequences))
     assert batch.padded_tokens == len(sequences) * max(map(len, sequences))
@@ -114,3 +115,57 @@ def test_counts_of_the_plain_layout(model_dir):
     rows, ids = batch.batch.mask_index.tolist(), batch.batch.input_ids.tolist()
     last = set(batch.table.gather(1, (batch.lengths.view(-1, 1) - 1)).view(-1).tolist())
     assert all(ids[rows[s] + 1] == batch.targets[s] for s in range(len(rows)) if s not in last)
+
+
+# Sharing changes which rows each matmul multiplies together, and the CPU's GEMM kernels (MKL /
+# oneDNN) pick their blocking by row count, so a row's sums may round differently: the
+# attention itself is bit-identical (tests/layers/test_attention.py), the scores agree to a few
+# float32 ulps (|difference| ~ 2e-6 on sums of ~-20). Hence 1e-6 relative, not bit equality.
+SHARING_TOLERANCE = dict(rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec,layers", [(None, None), ("top:1", None), ("lora", (1,)), ("prefix", None)])
+def test_sharing_prompts_gives_the_plain_scores(model_dir, one_thread, spec, layers):
+    model = load_model(model_dir)
+    runners = [CausalRunner(model, torch.device("cpu"), share_prompts=share) for share in (True, False)]
+    examples = random_examples(6, 3, seed=5)
+    pair = spec is not None
+    if pair:  # inside a MeZO pair: each half's candidates read their half's prompt
+        flat = FlatParameters(select_trainable(model, spec, SubsetOptions(layers=layers, seed=1)), lambda n, p: False)
+        assert attach_pair_weights(model, flat)
+        flat.plus.copy_(flat.buffer + 0.05 * torch.randn(flat.numel, generator=torch.Generator().manual_seed(0)))
+    with torch.inference_mode():
+        shared, plain = (r.candidate_logprobs(r.pack(examples), pair=pair)[0] for r in runners)
+    torch.testing.assert_close(shared, plain, **SHARING_TOLERANCE)
+    assert shared.shape == (12 if pair else 6, 3)
+
+
+def brute_force_tokens(examples) -> tuple[int, int]:
+    """(tokens with shared prompts, tokens of the plain layout), counted token by token."""
+    shared = plain = 0
+    for e in examples:
+        shared += sum(1 for _ in e.prompt_ids)
+        for c in e.candidate_ids:
+            shared += sum(1 for _ in c[:-1])
+            plain += sum(1 for _ in e.prompt_ids + c[:-1])
+    return shared, plain
+
+
+def test_counts_equal_a_brute_force_count(model_dir):
+    runner = CausalRunner(load_model(model_dir), torch.device("cpu"))
+    first, second = random_examples(4, 3, seed=6), random_examples(5, 2, seed=7, lengths=(1, 1))
+    model = runner.model
+    flat = FlatParameters(select_trainable(model, "top:1"), lambda n, p: False)
+    attach_pair_weights(model, flat)
+    with torch.inference_mode():
+        runner.candidate_logprobs(runner.pack(first))
+        runner.pair_loss(runner.pack(second), torch.tensor([e.label for e in second]))
+    (s1, p1), (s2, p2) = brute_force_tokens(first), brute_force_tokens(second)
+    stats = runner.stats
+    assert (stats.forward_passes, stats.tokens_computed, stats.plain_tokens) == (2, s1 + 2 * s2, p1 + 2 * p2)
+    # One-token candidates (SST-2's words): only the prompts are packed.
+    assert runner.pack(second).batch.num_tokens == sum(len(e.prompt_ids) for e in second) == s2
+    report = runner.cache_stats()["prefix_sharing"]
+    assert report == {"tokens_computed": s1 + 2 * s2, "plain_tokens": p1 + 2 * p2,
+                      "tokens_saved": p1 + 2 * p2 - s1 - 2 * s2,
+                      "saved_share": (p1 + 2 * p2 - s1 - 2 * s2) / (p1 + 2 * p2)}

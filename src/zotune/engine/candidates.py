@@ -14,10 +14,19 @@ and turns the [S] token log-probabilities into per-candidate sums, scores and lo
 
 Layout. A continuation c of L tokens after a prompt of P tokens is scored at the rows that
 predict it: the prompt's last row, then its own first L-1 tokens (its last token predicts
-nothing that is scored, so it is never packed). Plain layout: each candidate is a sequence of
-its own, prompt then continuation. The packer counts, for every batch, the tokens this plain
-layout computes and what padding it to its longest sequence would add, and the runner adds
-them up per forward (RunnerStats).
+nothing that is scored, so it is never packed).
+  plain layout   each candidate is a sequence of its own, its prompt then its continuation
+  shared prompts (the default) each prompt is packed once, and each candidate's tokens after
+                 it as a sequence that continues it (layers/batch.py SharedContext): it attends
+                 to the prompt's rows, then causally to its own, at positions after the
+                 prompt's. Within one forward the weights are fixed, so the prompt's keys and
+                 values are the same for every candidate: this is exact, and a prompt of P
+                 tokens is computed once instead of C times. A one-token candidate (SST-2's
+                 " great") needs no rows of its own: the prompt's last row scores it.
+It works inside a MeZO pair (PackedBatch.paired: each half's candidates read their own half's
+prompt). The packer counts, for every batch, the tokens the plain layout computes and what
+padding it to its longest sequence would add; the runner adds them up per forward
+(RunnerStats.plain_tokens, padding_tokens_avoided) beside the tokens it computed.
 
 Shape notation: N = examples, C = candidates per example, S = scored rows, L = longest
 continuation, T = packed tokens.
@@ -33,7 +42,7 @@ import torch.nn.functional as F
 
 from zotune.engine.cache import PoolRows
 from zotune.engine.runner import Runner
-from zotune.layers.batch import PackedBatch, pack
+from zotune.layers.batch import PackedBatch, pack, shared_context
 from zotune.model.causal_lm import CausalLM
 
 OBJECTIVES = ("candidates", "gold")
@@ -68,29 +77,49 @@ class CandidateBatch:
                        lengths=torch.cat([self.lengths, self.lengths]))
 
 
-def _scored_rows(prompt_len: int, first_row: int, continuation_len: int) -> list[int]:
-    """Packed rows scoring a continuation packed right after its prompt, from `first_row`."""
-    return list(range(first_row + prompt_len - 1, first_row + prompt_len + continuation_len - 1))
+def _layout(examples, share_prompts: bool):
+    """(sequences, the sequence each continues or -1, each candidate's scored rows as packed row
+    numbers, targets, each candidate's plain-layout length) of pack_candidates."""
+    sequences, of, rows, targets, plain_lens, at = [], [], [], [], [], 0
+    for example in examples:
+        prompt = list(example.prompt_ids)
+        prompt_end = at + len(prompt)  # where the prompt ends in the packed rows, when shared
+        if share_prompts:
+            sequences.append(prompt), of.append(-1)
+            at, prompt_index = prompt_end, len(sequences) - 1
+        for candidate in example.candidate_ids:
+            own = list(candidate[:-1])
+            if share_prompts:
+                # the prompt's last row predicts the first token, the candidate's own rows the rest
+                rows.append([prompt_end - 1, *range(at, at + len(own))])
+                if own:  # a one-token candidate needs no rows of its own
+                    sequences.append(own), of.append(prompt_index)
+            else:
+                rows.append(list(range(at + len(prompt) - 1, at + len(prompt) + len(own))))
+                sequences.append(prompt + own), of.append(-1)
+            at += len(own) if share_prompts else len(prompt) + len(own)
+            targets += candidate
+            plain_lens.append(len(prompt) + len(own))
+    return sequences, of, rows, targets, plain_lens
 
 
-def pack_candidates(examples, position_offset: int) -> CandidateBatch:
-    """The examples' candidates as one batch on the host, plain layout (see the module
-    docstring). Every example must have the same number of candidates, each at least one
-    token long (tasks/causal.py guarantees both for a task's examples)."""
+def pack_candidates(examples, position_offset: int, share_prompts: bool = True) -> CandidateBatch:
+    """The examples' candidates as one batch on the host, the prompts shared or every candidate
+    with its own copy (see the module docstring). Every example must have the same number of
+    candidates, each at least one token long (tasks/causal.py guarantees both for a task)."""
     counts = {len(e.candidate_ids) for e in examples}
     if len(counts) != 1 or any(not c for e in examples for c in e.candidate_ids):
         raise ValueError("pack_candidates needs examples with the same number of non-empty candidates")
-    sequences, rows, targets, at = [], [], [], 0
-    for example in examples:
-        prompt = list(example.prompt_ids)
-        for candidate in example.candidate_ids:
-            sequences.append(prompt + list(candidate[:-1]))
-            rows.append(_scored_rows(len(prompt), at, len(candidate)))
-            targets += candidate
-            at += len(sequences[-1])
+    sequences, of, rows, targets, plain_lens = _layout(examples, share_prompts)
     batch = pack(sequences, None, position_offset)
+    if share_prompts:
+        before = np.array([len(sequences[o]) if o >= 0 else 0 for o in of], dtype=np.int64)
+        # A continuation's positions go on after its prompt's; its history is the trunk cache's key.
+        history = tuple(batch.sequences[o] + own if o >= 0 else own for o, own in zip(of, batch.sequences))
+        batch = replace(batch, positions=batch.positions + torch.from_numpy(np.repeat(before, batch.seq_lens)),
+                        sequences=history, context=shared_context(of, batch.seq_lens))
     return _candidate_batch(batch, rows, targets, examples, counts.pop(),
-                            plain=(batch.num_tokens, len(sequences) * batch.max_seqlen))
+                            plain=(sum(plain_lens), len(plain_lens) * max(plain_lens)))
 
 
 def _candidate_batch(batch: PackedBatch, rows: list[list[int]], targets: list[int], examples, n_candidates: int,
@@ -116,21 +145,22 @@ def summed(logprobs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 class CausalRunner(Runner):
     """CausalLM (model/causal_lm.py) over candidate examples: packs them (pack), scores them
     (candidate_logprobs, logits) and gives the task's loss for MeZO and Adam (loss, pair_loss).
-    `length_normalised` and `objective` come from the task row (tasks/causal.py)."""
+    `length_normalised` and `objective` come from the task row (tasks/causal.py);
+    `share_prompts` picks the layout (the module docstring)."""
 
     def __init__(self, model: CausalLM, device: torch.device, precision: str = "tf32", *,
-                 length_normalised: bool = True, objective: str = "candidates"):
+                 length_normalised: bool = True, objective: str = "candidates", share_prompts: bool = True):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; known: {OBJECTIVES}")
         super().__init__(model, device, precision)
-        self.length_normalised, self.objective = length_normalised, objective
+        self.length_normalised, self.objective, self.share_prompts = length_normalised, objective, share_prompts
         self._last_packed: CandidateBatch | None = None
 
     def pack(self, examples) -> CandidateBatch:
         """The examples as one CandidateBatch on the host; the last one is kept (MeZO at k=16
         trains on the same batch at every step)."""
         if self._last_packed is None or self._last_packed.key != tuple(examples):
-            self._last_packed = pack_candidates(examples, self.model.config.position_offset)
+            self._last_packed = pack_candidates(examples, self.model.config.position_offset, self.share_prompts)
         return self._last_packed
 
     def on_device(self, batch):
@@ -183,6 +213,14 @@ class CausalRunner(Runner):
             gold = labels[:, None]
             return -sums.gather(1, gold).sum() / lengths.gather(1, gold).sum()
         return F.cross_entropy(sums / lengths if self.length_normalised else sums, labels)
+
+    def cache_stats(self) -> dict:
+        """The trunk cache's report (Runner.cache_stats) and prefix sharing's, counted per forward:
+        tokens computed against tokens the plain layout would have computed."""
+        computed, plain = self.stats.tokens_computed, self.stats.plain_tokens
+        sharing = {"tokens_computed": computed, "plain_tokens": plain, "tokens_saved": plain - computed,
+                   "saved_share": (plain - computed) / plain if plain else 0.0}
+        return {**super().cache_stats(), "prefix_sharing": sharing}
 
     def _count(self, candidates: CandidateBatch, pair: bool) -> None:
         """One forward over `candidates` (twice over in a pair); what it computes, and what the
