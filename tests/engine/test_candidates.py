@@ -169,3 +169,22 @@ def test_counts_equal_a_brute_force_count(model_dir):
     assert report == {"tokens_computed": s1 + 2 * s2, "plain_tokens": p1 + 2 * p2,
                       "tokens_saved": p1 + 2 * p2 - s1 - 2 * s2,
                       "saved_share": (p1 + 2 * p2 - s1 - 2 * s2) / (p1 + 2 * p2)}
+
+
+def test_the_trunk_cache_serves_shared_prompts(model_dir, one_thread):
+    model = load_model(model_dir)
+    names = [n for n, _ in select_trainable(model, "top:1")]
+    cached, uncached = CausalRunner(model, torch.device("cpu")), CausalRunner(model, torch.device("cpu"))
+    cached.enable_cache(names, 1 << 20)
+    a, b = random_examples(4, 3, seed=8), random_examples(3, 3, seed=9)
+    with torch.inference_mode():
+        first, again = (cached.candidate_logprobs(cached.pack(a))[0] for _ in range(2))
+        mixed = cached.candidate_logprobs(cached.pack(a[:2] + b))[0]
+        want, want_mixed = (uncached.candidate_logprobs(uncached.pack(x))[0] for x in (a, a[:2] + b))
+    # A miss runs the whole batch's trunk as the forward would: the same bits; a batch of
+    # other companions computes rows in other GEMMs (SHARING_TOLERANCE's reason).
+    assert torch.equal(first, want) and torch.equal(again, want)
+    torch.testing.assert_close(mixed, want_mixed, **SHARING_TOLERANCE)
+    sequences = lambda x: len(pack_candidates(x, 0).batch.seq_lens)  # noqa: E731  (prompts and continuations)
+    stats = cached.cache_stats()
+    assert (stats["lookups"], stats["hits"]) == (2 * sequences(a) + sequences(a[:2] + b), sequences(a) + sequences(a[:2]))

@@ -115,7 +115,9 @@ def pack_candidates(examples, position_offset: int, share_prompts: bool = True) 
     if share_prompts:
         before = np.array([len(sequences[o]) if o >= 0 else 0 for o in of], dtype=np.int64)
         # A continuation's positions go on after its prompt's; its history is the trunk cache's key.
-        history = tuple(batch.sequences[o] + own if o >= 0 else own for o, own in zip(of, batch.sequences))
+        # (A pair of tuples, never equal to a sequence's flat tokens: a prompt that happens to be
+        # another prompt followed by these tokens holds more rows.)
+        history = tuple((batch.sequences[o], own) if o >= 0 else own for o, own in zip(of, batch.sequences))
         batch = replace(batch, positions=batch.positions + torch.from_numpy(np.repeat(before, batch.seq_lens)),
                         sequences=history, context=shared_context(of, batch.seq_lens))
     return _candidate_batch(batch, rows, targets, examples, counts.pop(),

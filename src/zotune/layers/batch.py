@@ -69,7 +69,7 @@ class PackedBatch:
     pair_gap: int = 0
     # Sequences that attend to an earlier one's rows before their own (a causal LM's candidates
     # sharing their prompt, engine/candidates.py); None: each sequence attends to itself only.
-    # Their `sequences` entries are their context's tokens, then their own: the trunk cache's key.
+    # Their `sequences` entries are (their context's tokens, their own): the trunk cache's keys.
     context: SharedContext | None = None
 
     @property
