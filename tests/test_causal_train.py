@@ -61,6 +61,10 @@ def test_train_then_resume_is_bit_identical(tmp_path, tiny_causal_dir, monkeypat
     assert (whole / "metrics.jsonl").read_text() == (cut / "metrics.jsonl").read_text()
     resumed = json.loads((cut / "summary.json").read_text())
     assert resumed["resumed_from_step"] == 12 and resumed["test_accuracy"] == summary["test_accuracy"]
+    # replay: the base model and the log alone rebuild the final tensors
+    assert _run(["replay", whole, "--output", tmp_path / "replayed"]) == 0
+    replayed, final = load_file(tmp_path / "replayed" / "trainable.safetensors"), load_file(whole / "final.safetensors")
+    assert all(torch.equal(replayed[n], final[n]) for n in final)
 
 
 def test_eval_predictions_match_transformers(tmp_path, tiny_causal_dir):

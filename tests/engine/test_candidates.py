@@ -188,3 +188,19 @@ def test_the_trunk_cache_serves_shared_prompts(model_dir, one_thread):
     sequences = lambda x: len(pack_candidates(x, 0).batch.seq_lens)  # noqa: E731  (prompts and continuations)
     stats = cached.cache_stats()
     assert (stats["lookups"], stats["hits"]) == (2 * sequences(a) + sequences(a[:2] + b), sequences(a) + sequences(a[:2]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision,tolerance", [("float32", 1e-5), ("tf32", 2e-2)])
+def test_shared_prompts_on_gpu_match_the_cpu(model_dir, precision, tolerance):
+    # FlashAttention varlen over the gathered prompt keys (tf32), or the exact-float32 SDPA path.
+    examples = random_examples(8, 3, seed=10)
+    cpu = CausalRunner(load_model(model_dir), torch.device("cpu"))
+    gpu = CausalRunner(load_model(model_dir).to("cuda"), torch.device("cuda"), precision)
+    with torch.inference_mode():
+        want = cpu.candidate_logprobs(cpu.pack(examples))[0]
+        got = gpu.candidate_logprobs(gpu.pack(examples))[0].cpu()
+        got_pair = gpu.candidate_logprobs(gpu.pack(examples), pair=True)[0].cpu()
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(got_pair, torch.cat([want, want]), rtol=tolerance, atol=tolerance)
