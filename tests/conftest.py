@@ -44,6 +44,20 @@ def tiny_mlm_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session", params=["llama", "opt"])
+def tiny_causal_dir(request, tmp_path_factory):
+    """A tiny random causal LM (Llama with grouped-query attention, or OPT) over the real RoBERTa
+    vocabulary, its tokenizer beside it: a user's causal checkpoint for the CLI and training tests."""
+    from transformers import AutoTokenizer
+
+    from tests.tiny_causal import save_tiny_causal
+    path = tmp_path_factory.mktemp("models") / f"tiny-{request.param}"
+    extra = {"num_key_value_heads": 2} if request.param == "llama" else {"max_position_embeddings": 512}
+    save_tiny_causal(path, request.param, vocab=50265, **extra)
+    AutoTokenizer.from_pretrained(ROBERTA_TOKENIZER_DIR).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """The tiny model's per-sequence attention calls take microseconds: intra-op threads only add

@@ -377,3 +377,29 @@ def test_a_missing_optional_dependency_names_its_extra(capsys, monkeypatch, tmp_
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
     argv = [str(world / "run") if a == "RUN" else a.replace("OUT", str(tmp_path / "out")) for a in command]
     assert "pip install 'zotune[" in _refused(capsys, argv, world, absent=[tmp_path / "out"])
+
+
+# --- causal LMs: encoder-only flags, tasks without a causal row or data -----------------------------
+
+@pytest.mark.parametrize("args", [
+    ["train", "--template", "*cls**sent_0*_It_was*mask*.*sep+*"], ["train", "--label-words", "bad,good"],
+    ["train", "--task", "squad", "--seed", "0"], ["train", "--task", "nope"], ["train", "--task", "cb"],
+    ["train", "--task", "boolq", "--seed", "0"], ["train", "--trainable", "top:9"],
+    ["eval", "--template", "*cls*"], ["eval", "--label-words", "bad,good"], ["eval", "--data", "data.tsv"],
+    ["eval", "--task", "squad", "--seed", "0"], ["eval", "--task", "nope"], ["eval", "--k", "7"],
+    ["eval", "--task", "wic", "--seed", "3"], ["predict", "--text", "fine"],
+], ids=lambda a: " ".join(a))
+def test_bad_causal_inputs_are_refused(capsys, tmp_path, tiny_causal_dir, args):
+    run = tmp_path / "run"
+    args = [*args, "--model", tiny_causal_dir, "--device", "cpu", *(["--output-dir", run] if args[0] == "train" else [])]
+    (tmp_path / "data.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    _refused(capsys, args, tmp_path, tiny_causal_dir, absent=[run])
+
+
+def test_cuda_graphs_are_refused_for_causal_lms():
+    from zotune.errors import UserError
+    from zotune.session import _check_causal
+    import torch
+    with pytest.raises(UserError, match="--no-cuda-graphs"):
+        _check_causal(TrainConfig(device="cpu"), torch.device("cuda"), None)
+    _check_causal(TrainConfig(device="cpu", cuda_graphs=False), torch.device("cuda"), None)

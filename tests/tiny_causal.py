@@ -17,13 +17,14 @@ KINDS = {
 
 
 def save_tiny_causal(path, kind: str = "llama", *, hidden: int = 32, layers: int = 2, heads: int = 4,
-                     tie: bool = True, seed: int = 0, max_shard_size: str | None = None, **extra):
+                     tie: bool = True, seed: int = 0, max_shard_size: str | None = None, vocab: int = VOCAB,
+                     **extra):
     """Write a random `kind` model (opt, llama, qwen2, mistral) to `path`; returns it, in eval mode."""
     config_cls, model_cls, sizes = KINDS[kind]
     if kind != "opt":  # Qwen2 and Mistral default to 32 and 8 key/value heads: more than these models' heads
         extra.setdefault("num_key_value_heads", heads)
     torch.manual_seed(seed)
-    config = config_cls(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+    config = config_cls(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                         tie_word_embeddings=tie, pad_token_id=1, bos_token_id=2, eos_token_id=2, **{**sizes, **extra})
     model = model_cls(config).eval()
     with torch.no_grad():  # random, non-trivial values everywhere (HF initialises biases to 0, norms to 1)

@@ -217,24 +217,38 @@ def _run_replay(args) -> None:
 
 def _run_eval(args) -> None:
     from zotune.config import DEFAULT_MODEL
-    from zotune.evaluate import accuracy, build, encode, predict, write_predictions
+    from zotune.evaluate import CausalPrompt, accuracy, build, encode, predict, write_predictions
     from zotune.tasks.data import default_data_dir, load_file, load_split
     prompted = build(args.model or str(DEFAULT_MODEL), args.task, tokenizer=args.tokenizer,
                      template=args.template, label_words=args.label_words, max_length=args.max_length,
                      device=args.device)
-    if args.data:
-        examples = load_file(prompted.task, Path(args.data))
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    if isinstance(prompted.prompt, CausalPrompt):
+        if args.data:
+            raise UserError("--data reads masked-LM task files; a causal LM reads the task's k-shot split or MeZO "
+                            "sample (--split, --k, --seed, --data-dir); drop --data")
+        examples = prompted.prompt.examples(args.split, data_dir, args.k, args.seed)
+        logits, extra = _candidate_scores(prompted.runner, examples, args.batch_size)
     else:
-        data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-        examples = load_split(prompted.task, data_dir, args.k, args.seed, args.split)
-    logits = predict(prompted.runner, encode(prompted.prompt, examples), args.batch_size)
+        examples = load_file(prompted.task, Path(args.data)) if args.data else \
+            load_split(prompted.task, data_dir, args.k, args.seed, args.split)
+        logits, extra = predict(prompted.runner, encode(prompted.prompt, examples), args.batch_size), None
     result = {"accuracy": accuracy(logits, examples), "n": len(examples)}
     if args.predictions:
-        write_predictions(Path(args.predictions), logits, examples)
+        write_predictions(Path(args.predictions), logits, examples, extra)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
+
+
+def _candidate_scores(runner, examples, batch_size: int):
+    """A causal LM's scores [N, C] (what it predicts with), and the prediction file's columns:
+    each candidate's summed log-probability given its prompt and its token count."""
+    from zotune.evaluate import predict_candidates
+    sums, tokens = predict_candidates(runner, examples, batch_size)
+    scores = sums / tokens if runner.length_normalised else sums
+    return scores, {"candidate_logprobs": sums, "candidate_tokens": tokens}
 
 
 def _run_export(args) -> None:
@@ -247,6 +261,10 @@ def _run_predict(args) -> None:
     import torch
     from zotune.config import DEFAULT_MODEL
     from zotune.evaluate import build, get_task, predict
+    from zotune.model.loading import is_causal_checkpoint, resolve_model_dir
+    if is_causal_checkpoint(resolve_model_dir(args.model or str(DEFAULT_MODEL))):
+        raise UserError("zotune predict prints a masked LM's label-word probabilities; score a causal LM's "
+                        "candidates with zotune eval --model DIR --task T --predictions OUT.jsonl")
     # Each --text must be an example of the task: its sentences tab-separated, none empty.
     wanted = len(get_task(args.task).text_columns)
     for text in args.text:

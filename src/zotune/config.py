@@ -52,8 +52,10 @@ class TrainConfig:
                                 tuple(RECIPES))
     model: str = option(str(DEFAULT_MODEL), "checkpoint directory or Hub id")
     tokenizer: str | None = option(None, "tokenizer directory (default: the model's)")
-    task: str = option("sst2", "sst2, sst5, trec, mnli, snli or rte")
-    k: int = option(16, "examples per label in the k-shot split (16 or 512 shipped)")
+    task: str = option("sst2", "sst2, sst5, trec, mnli, snli or rte; a causal LM (OPT, Llama) also cb, copa, "
+                               "wic, wsc, multirc, boolq")
+    k: int = option(16, "examples per label in the k-shot split (16 or 512 shipped); a causal LM's SuperGLUE "
+                        "task reads MeZO's 1000/500/1000 sample of --seed instead")
     seed: int = option(42, "data split seed (LM-BFF's 13, 21, 42, 87, 100) and run seed")
     data_dir: str | None = option(None, "folder holding <TASK>/k-shot-1k-test/<k>-<seed>/ (default: data/, "
                                         "or $ZOTUNE_DATA_DIR)")

@@ -1,6 +1,9 @@
 """Scoring: turn a model and a prompt into label-word logits, predictions and accuracy.
 
 Used by `zotune eval` (zero-shot or any checkpoint) and by training's dev/test evaluation.
+A masked LM scores a task through its LM-BFF prompt (PromptTemplate, label words); a causal LM
+through the task's candidates (CausalPrompt, tasks/causal.py, engine/candidates.py), whose
+scores take the place of the label-word logits everywhere (predict, accuracy).
 """
 
 import json
@@ -9,21 +12,38 @@ from pathlib import Path
 
 import torch
 
+from zotune.engine.candidates import CausalRunner
 from zotune.engine.runner import ModelRunner, resolve_device
 from zotune.errors import UserError
 from zotune.files import write_text_atomic
-from zotune.model.loading import load_model, read_hf_config, resolve_model_dir
+from zotune.model.loading import is_causal_checkpoint, load_model, read_hf_config, resolve_model_dir
+from zotune.tasks.causal import CAUSAL_TASKS, CandidateExample, CausalTask, load_examples
 from zotune.tasks.data import Example
 from zotune.tasks.tasks import TASKS, Task
 from zotune.tasks.templates import PromptTemplate, parse_label_words
 
 
+@dataclass(frozen=True)
+class CausalPrompt:
+    """A causal task bound to a tokenizer: what its examples are encoded with (tasks/causal.py)."""
+    task: CausalTask
+    tokenizer: object
+    bos: int | None           # the token the tokenizer starts a text with (OPT's </s>, Llama's <s>), if any
+    max_length: int | None
+
+    def examples(self, split: str, data_dir: Path | None, k: int, seed: int) -> list[CandidateExample]:
+        """A split of the task: the encoder task's k-shot folder <k>-<seed> where the task has one
+        (the six encoder tasks), else MeZO's 1,000/500/1,000 sample of `seed` (the SuperGLUE tasks)."""
+        return load_examples(self.task.name, split, self.tokenizer, bos=self.bos, data_dir=data_dir,
+                             k=k if self.task.kshot else None, seed=seed, max_length=self.max_length)
+
+
 @dataclass
 class Prompted:
     """A task bound to a tokenizer and a model runner."""
-    task: Task
-    prompt: PromptTemplate
-    runner: ModelRunner
+    task: Task | CausalTask
+    prompt: PromptTemplate | CausalPrompt
+    runner: ModelRunner | CausalRunner
 
 
 def load_tokenizer(model_dir: Path | None, tokenizer: str | None):
@@ -54,10 +74,44 @@ def load_prompt(model: str, task_name: str, tokenizer: str | None = None, templa
     return task, PromptTemplate(tok, template or task.template, words, max_length or task.max_length)
 
 
+def leading_token(tokenizer) -> int | None:
+    """The token the tokenizer puts before every text, if any: the bos of a causal LM's prompt."""
+    whole, bare = (tokenizer("a", add_special_tokens=flag)["input_ids"] for flag in (True, False))
+    return whole[0] if whole[:1] != bare[:1] else None
+
+
+def load_causal_prompt(model: str, task_name: str, tokenizer: str | None = None, template: str | None = None,
+                       label_words: str | None = None, max_length: int | None = None) -> tuple[CausalTask, CausalPrompt]:
+    """The causal task row and its tokenizer: what a causal LM scores a task with."""
+    if template is not None or label_words is not None:
+        raise UserError("--template and --label-words are masked-LM prompts; a causal LM scores the task's "
+                        "candidates (zotune.tasks.causal); drop them")
+    if task_name not in CAUSAL_TASKS:
+        raise UserError(f"unknown --task {task_name!r} for a causal LM; choose one of {', '.join(CAUSAL_TASKS)}")
+    task = CAUSAL_TASKS[task_name]
+    if task.generation:
+        raise UserError(f"--task {task_name} is scored by generation (F1 / EM), which zotune does not run yet; "
+                        "choose a classification task")
+    model_dir = None if tokenizer else resolve_model_dir(model)
+    tok = load_tokenizer(model_dir, tokenizer)
+    return task, CausalPrompt(task, tok, leading_token(tok), max_length)
+
+
+def causal_runner(model, task: CausalTask, device, precision: str = "tf32") -> CausalRunner:
+    """The runner of a causal LM on `task`: the task's scores and objective, prompts shared."""
+    return CausalRunner(model, device, precision, length_normalised=task.length_normalised, objective=task.objective)
+
+
 def build(model: str, task_name: str, *, tokenizer: str | None = None, template: str | None = None,
           label_words: str | None = None, max_length: int | None = None, device: str = "auto",
           precision: str = "tf32", cuda_graphs: bool = True) -> Prompted:
-    """A checkpoint as it is (nothing trains) behind a runner: what `eval` and `predict` score with."""
+    """A checkpoint as it is (nothing trains) behind a runner: what `eval` and `predict` score with.
+    A causal LM's runs eagerly (engine/candidates.py has no CUDA graphs)."""
+    if is_causal_checkpoint(resolve_model_dir(model)):
+        task, prompt = load_causal_prompt(model, task_name, tokenizer, template, label_words, max_length)
+        where = resolve_device(device)
+        return Prompted(task, prompt, causal_runner(load_model(resolve_model_dir(model)).to(where), task, where,
+                                                    precision))
     task, prompt = load_prompt(model, task_name, tokenizer, template, label_words, max_length)
     where = resolve_device(device)
     runner = ModelRunner(load_model(resolve_model_dir(model)).to(where), prompt.label_word_ids, prompt.mask_id, where,
@@ -84,12 +138,27 @@ def accuracy(logits: torch.Tensor, examples: list[Example]) -> float | None:
     return int((logits.argmax(-1) == torch.tensor(labels)).sum()) / len(labels)
 
 
-def write_predictions(path: Path, logits: torch.Tensor, examples: list[Example]) -> None:
-    """One JSON line per example, in file order: label (null if unlabelled), pred, logits."""
+@torch.inference_mode()
+def predict_candidates(runner: CausalRunner, examples: list[CandidateExample], batch_size: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each candidate's summed log-probability given its prompt and its token count, [N, C] each
+    (label order), batch_size examples per pass."""
+    chunks = [runner.candidate_logprobs(runner.pack(examples[i:i + batch_size]))
+              for i in range(0, len(examples), batch_size)]
+    return torch.cat([s for s, _ in chunks]).cpu(), torch.cat([n for _, n in chunks]).cpu()
+
+
+def write_predictions(path: Path, logits: torch.Tensor, examples: list[Example], extra: dict | None = None) -> None:
+    """One JSON line per example, in file order: label (null if unlabelled), pred (the argmax of
+    `logits`), and each `extra` name's row; by default the logits themselves. A causal LM's
+    `extra` is its candidate_logprobs (summed, label order) and candidate_tokens."""
+    extra = {"logits": logits} if extra is None else extra
+    columns = {name: values.tolist() for name, values in extra.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, "".join(
-        json.dumps({"label": example.label, "pred": int(max(range(len(row)), key=row.__getitem__)), "logits": row})
-        + "\n" for example, row in zip(examples, logits.tolist())))
+        json.dumps({"label": example.label, "pred": int(max(range(len(row)), key=row.__getitem__)),
+                    **{name: values[i] for name, values in columns.items()}}) + "\n"
+        for i, (example, row) in enumerate(zip(examples, logits.tolist()))))
 
 
 def fit_threshold(scores: torch.Tensor, labels: torch.Tensor) -> float:

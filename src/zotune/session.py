@@ -12,22 +12,33 @@ goes through it, so none repeats the sequence:
   4. move the buffers, then the model, to the device, and give the pairs their views there;
   5. only then build the runner, its trunk cache and its CUDA graphs, over a model that no
      longer changes.
+
+A checkpoint whose config.json names a causal LM (OPT, the Llama family) takes the candidate
+path in steps 2 and 5: the task's causal row and tokenizer (evaluate.CausalPrompt) instead of
+an LM-BFF prompt, and a CausalRunner (engine/candidates.py) instead of a ModelRunner; the
+trainable subset, buffers, pairs and trunk cache are built alike. It refuses, in one line,
+what it cannot run yet: CUDA graphs (--no-cuda-graphs) and torchrun scale-out.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from zotune.config import TrainConfig
 from zotune.distributed import Group, init_from_env, rank_device
+from zotune.engine.candidates import CausalRunner
 from zotune.engine.runner import ModelRunner, resolve_device
 from zotune.errors import UserError
-from zotune.evaluate import load_prompt
-from zotune.model.loading import load_model, resolve_model_dir
+from zotune.evaluate import CausalPrompt, causal_runner, encode, load_causal_prompt, load_prompt
+from zotune.model.causal_lm import CausalLM
+from zotune.model.loading import is_causal_checkpoint, load_model, resolve_model_dir
 from zotune.model.roberta import MaskedLM
 from zotune.optim.flat import FlatParameters
 from zotune.optim.subsets import SubsetOptions, attach_pair_weights, no_decay_names, pair_owners, select_trainable
+from zotune.tasks.causal import CausalTask
+from zotune.tasks.data import load_split
 from zotune.tasks.tasks import Task
 from zotune.tasks.templates import PromptTemplate
 
@@ -39,13 +50,13 @@ SECOND_BUFFER_SHARE = 0.25
 class Session:
     cfg: TrainConfig
     group: Group | None                 # None unless launched by torchrun
-    task: Task
-    prompt: PromptTemplate
-    model: MaskedLM
+    task: Task | CausalTask
+    prompt: PromptTemplate | CausalPrompt  # a masked LM's LM-BFF prompt, or a causal LM's candidates
+    model: MaskedLM | CausalLM
     trainable: list[tuple[str, nn.Parameter]]
     flat: FlatParameters | None         # MeZO: the trainable tensors as views of one buffer
     paired: bool                        # MeZO: a direction's ± passes are one forward
-    runner: ModelRunner
+    runner: ModelRunner | CausalRunner
 
     @property
     def device(self) -> torch.device:
@@ -63,7 +74,11 @@ class Session:
         device = rank_device(resolve_device(cfg.device))
         group = init_from_env(device, cfg.dist_timeout)
         _check_group(cfg, group)
-        task, prompt = load_prompt(cfg.model, cfg.task, cfg.tokenizer, cfg.template, cfg.label_words, cfg.max_length)
+        causal = isinstance(base, CausalLM) if base is not None else is_causal_checkpoint(resolve_model_dir(cfg.model))
+        if causal:
+            _check_causal(cfg, device, group)
+        load = load_causal_prompt if causal else load_prompt
+        task, prompt = load(cfg.model, cfg.task, cfg.tokenizer, cfg.template, cfg.label_words, cfg.max_length)
         model, trainable = load_trainable(cfg, base)
         flat, paired = None, False
         if cfg.optimizer == "mezo":
@@ -76,13 +91,33 @@ class Session:
         if paired:
             attach_pair_weights(model, flat)
         names = [name for name, _ in trainable]
-        runner = ModelRunner(model, prompt.label_word_ids, prompt.mask_id, device, cfg.precision, cfg.cuda_graphs,
-                             prompt.tokenizer.pad_token_id)
+        runner = causal_runner(model, task, device, cfg.precision) if causal else ModelRunner(
+            model, prompt.label_word_ids, prompt.mask_id, device, cfg.precision, cfg.cuda_graphs,
+            prompt.tokenizer.pad_token_id)
         if cfg.cache:
             runner.enable_cache(names, cfg.cache_budget_bytes, cfg.cache_spill)
         if paired:
             runner.enable_pairs(names)
         return cls(cfg, group, task, prompt, model, trainable, flat, paired, runner)
+
+    def read_splits(self, data_dir: Path) -> tuple[dict, dict]:
+        """The train, dev and test examples of the run's task, and what the runner packs of each:
+        a masked LM's encoded prompts, or a causal LM's candidate examples themselves."""
+        cfg, names = self.cfg, ("train", "dev", "test")
+        if isinstance(self.prompt, CausalPrompt):
+            splits = {s: self.prompt.examples(s, data_dir, cfg.k, cfg.seed) for s in names}
+            return splits, splits
+        splits = {s: load_split(self.task, data_dir, cfg.k, cfg.seed, s) for s in names}
+        return splits, {s: encode(self.prompt, examples) for s, examples in splits.items()}
+
+
+def _check_causal(cfg: TrainConfig, device: torch.device, group: Group | None) -> None:
+    """What the causal path cannot run yet, refused before anything is built."""
+    if device.type == "cuda" and cfg.cuda_graphs:
+        raise UserError("CUDA graphs do not capture causal LMs yet (their scored rows and shared prompts are not "
+                        "in the graphs' buffers); pass --no-cuda-graphs")
+    if group is not None:
+        raise UserError("torchrun scale-out runs masked LMs only for now; run a causal LM as one process")
 
 
 def _check_group(cfg: TrainConfig, group: Group | None) -> None:

@@ -25,14 +25,14 @@ from safetensors.torch import load_file
 from zotune import trajectory
 from zotune.config import TrainConfig, read_json_object
 from zotune.errors import UserError, require
-from zotune.evaluate import accuracy, encode, predict
+from zotune.evaluate import accuracy, predict
 from zotune.files import save_tensors_atomic, write_text_atomic
 from zotune.optim.mezo import MezoStepper, direction_seed
 from zotune.optim.schedule import SCHEDULES
 from zotune.optim.subsets import no_decay_names
 from zotune.records import RunRecords, kept_metrics
 from zotune.session import Session
-from zotune.tasks.data import default_data_dir, load_split
+from zotune.tasks.data import default_data_dir
 
 
 @dataclass
@@ -80,8 +80,7 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
         require("torch.utils.tensorboard", "tensorboard", "--tensorboard")
     session = Session.build(cfg)
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
-    splits = {s: load_split(session.task, data_dir, cfg.k, cfg.seed, s) for s in ("train", "dev", "test")}
-    sequences = {s: encode(session.prompt, examples) for s, examples in splits.items()}
+    splits, sequences = session.read_splits(data_dir)
     if session.is_main:
         print(announcement(cfg, session), flush=True)
     kept = []

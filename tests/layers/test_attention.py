@@ -3,6 +3,7 @@ The mask-query kernel runs in Triton's interpreter in a subprocess without CUDA,
 TRITON_INTERPRET must be set before the kernel is defined."""
 
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from tests.conftest import ON_GPU, TRITON_DEVICES, run_triton_check
 from zotune.engine.precision import Precision
 from zotune.layers import attention
 from zotune.layers.attention import varlen_attention
-from zotune.layers.batch import pack
+from zotune.layers.batch import pack, shared_context
 
 
 def _dense_reference(q, k, v, seq_lens, prefix_k, prefix_v):
@@ -93,6 +94,68 @@ def test_causal_pair_attends_to_the_prefix_of_its_half():
     assert torch.equal(varlen_attention(q, k, v, batch, prefix_k, prefix_v, causal=True), want)
     torch.testing.assert_close(attention._dense_float32(q, k, v, batch, prefix_k, prefix_v, True), want,
                                rtol=1e-5, atol=1e-6)
+
+
+# Shared prompts (SharedContext): sequences 1, 2 continue 0; 4 continues 3 (candidates after their prompt).
+SHARED_LENS, SHARED_OF = (5, 2, 4, 3, 1), [-1, 0, 0, -1, 3]
+
+
+def _shared_case(kv_heads, num_prefix, device="cpu", head_dim=8):
+    """q, k, v of the shared layout, its batch (paired too), a prefix, and the float64 reference:
+    each continuing sequence's rows as the last rows of its context and itself packed as one."""
+    torch.manual_seed(7)
+    half = pack([[1] * n for n in SHARED_LENS], None, 0)
+    half = replace(half, context=shared_context(SHARED_OF, half.seq_lens))
+    n = half.num_tokens
+    q = torch.randn(n, 4, head_dim)
+    k, v = (torch.randn(n, kv_heads, head_dim) for _ in range(2))
+    prefix = [torch.randn(num_prefix, kv_heads, head_dim) for _ in range(2)] if num_prefix else [None, None]
+    pieces = [t.split(SHARED_LENS) for t in (q, k, v)]
+    want = []
+    for b, length in enumerate(SHARED_LENS):
+        whole = [torch.cat([p[SHARED_OF[b]], p[b]]) if SHARED_OF[b] >= 0 else p[b] for p in pieces]
+        want.append(_causal_reference(*whole, [len(whole[0])], *prefix)[-length:])
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return (*map(move, (q, k, v)), half.to(device), *map(move, prefix), torch.cat(want))
+
+
+@pytest.mark.parametrize("path", [varlen_attention, attention._dense_float32])
+@pytest.mark.parametrize("kv_heads,num_prefix", CAUSAL_CASES)
+def test_shared_context_is_attention_over_context_and_sequence(path, kv_heads, num_prefix):
+    q, k, v, batch, prefix_k, prefix_v, want = _shared_case(kv_heads, num_prefix)
+    got = path(q, k, v, batch, prefix_k, prefix_v, causal=True) if path is varlen_attention \
+        else path(q, k, v, batch, prefix_k, prefix_v, True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_prefix", [0, 3])
+def test_shared_context_in_a_pair_is_each_half_alone(num_prefix):
+    q, k, v, half, prefix_k, prefix_v, _ = _shared_case(2, num_prefix)
+    batch = half.paired
+    assert batch.context.of == (-1, 0, 0, -1, 3, -1, 5, 5, -1, 8)
+    # the second half: other queries, keys and values, and its own prefix
+    other = [None if t is None else torch.randn_like(t) for t in (q, k, v, prefix_k, prefix_v)]
+    q2, k2, v2 = (torch.cat([a, b]) for a, b in zip((q, k, v), other[:3]))
+    prefix2 = [None if p is None else torch.stack([p, o]) for p, o in zip((prefix_k, prefix_v), other[3:])]
+    want = torch.cat([varlen_attention(q, k, v, half, prefix_k, prefix_v, causal=True),
+                      varlen_attention(*other[:3], half, *other[3:], causal=True)])
+    assert torch.equal(varlen_attention(q2, k2, v2, batch, *prefix2, causal=True), want)
+    torch.testing.assert_close(attention._dense_float32(q2, k2, v2, batch, *prefix2, True), want,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv_heads,num_prefix", CAUSAL_CASES)
+@pytest.mark.parametrize("tf32", [True, False])
+def test_shared_context_on_gpu(kv_heads, num_prefix, tf32):
+    # FlashAttention varlen (cu_seqlens_q != cu_seqlens_k, bottom-right causal) and the exact
+    # float32 SDPA path, over the gathered keys of each sequence's context and its own.
+    q, k, v, batch, prefix_k, prefix_v, want = _shared_case(kv_heads, num_prefix, "cuda", head_dim=64)
+    with _tf32(tf32):
+        got = varlen_attention(q, k, v, batch, prefix_k, prefix_v, causal=True)
+    error = ((got.cpu().double() - want).norm() / want.norm()).item()
+    assert error < (1e-2 if tf32 else 1e-5), error  # FlashAttention computes in bf16
 
 
 @pytest.mark.gpu
@@ -196,7 +259,7 @@ def test_prefix_interleave_of_a_pair():
     # The rows the FlashAttention path builds: every sequence's prefix (its half's) before its tokens.
     from zotune.layers.attention import _prepend_prefix
     q, k, v, batch, prefix_k, prefix_v, _ = _paired_case()
-    k_full, _, cu_k = _prepend_prefix(k, v, prefix_k, prefix_v, batch)
+    k_full, _, cu_k = _prepend_prefix(k, v, prefix_k, prefix_v, batch.cu_seqlens, batch)
     pieces = []
     for b, rows in enumerate(k.split(batch.seq_lens)):
         pieces += [prefix_k[0 if b < batch.pair_seqs else 1], rows]

@@ -5,7 +5,9 @@ weights can be reused, and in a bidirectional encoder a token's key/value depend
 later token too. What is exact: the hidden states entering layer `start` (the lowest layer
 holding a perturbed tensor) depend only on the input tokens and on the frozen weights below
 it. So they are the same in both passes, at every step and at evaluation, for as long as
-those weights do not change. This cache keeps them, keyed by the exact token sequence, and
+those weights do not change. This cache keeps them, keyed by the exact token sequence (a
+causal LM's candidate that continues its shared prompt, by the prompt's tokens and its own:
+PackedBatch.sequences), and
 checks a version of the frozen weights on every lookup: any in-place change or rebinding of
 a tensor below `start` drops every entry (each entry depends on all of them).
 
@@ -140,7 +142,7 @@ class TrunkCache:
         sequence's), kept as the last lookup."""
         keys = batch.sequences
         rows = PoolRows(self.pool.view(-1, self.hidden_size), np.concatenate(pool_rows))
-        self._last = (keys, rows, batch.num_tokens, sum(map(self.flops_per_sequence, map(len, keys))))
+        self._last = (keys, rows, batch.num_tokens, sum(map(self.flops_per_sequence, batch.seq_lens)))
         return rows
 
     def _fill(self, batch: PackedBatch, trunk, uses: int) -> PoolRows | torch.Tensor:
@@ -152,8 +154,9 @@ class TrunkCache:
         hit = [b for b in range(len(keys)) if b not in missing_set]
         # A hit serves every use; a miss, computed for the first use, serves the others.
         served = [(b, uses) for b in hit] + [(b, uses - 1) for b in missing]
-        self._count_hits(sum(n for _, n in served), sum(len(keys[b]) * n for b, n in served),
-                         sum(self.flops_per_sequence(len(keys[b])) * n for b, n in served))
+        lens = batch.seq_lens
+        self._count_hits(sum(n for _, n in served), sum(lens[b] * n for b, n in served),
+                         sum(self.flops_per_sequence(lens[b]) * n for b, n in served))
         for b in hit:
             if keys[b] in self.entries:
                 self.entries.move_to_end(keys[b])
@@ -166,12 +169,9 @@ class TrunkCache:
                 rows = self.host.pop(keys[b]).to(self.device, non_blocking=True)
                 if not self._store(keys[b], rows, protected):
                     unstored[b] = rows
-        if missing:
-            sub = pack([list(keys[b]) for b in missing], None, self.position_offset).to(self.device)
-            computed = trunk(sub)                                               # [T_missing, E]
-            for b, rows in zip(missing, computed.split(sub.seq_lens)):
-                if not self._store(keys[b], rows, protected):
-                    unstored[b] = rows
+        for b, rows in self._compute(batch, missing, trunk):
+            if not self._store(keys[b], rows, protected):
+                unstored[b] = rows
         self.stats.bytes_held = (self.blocks_in_use * self.block_bytes
                                  + sum(t.numel() * t.element_size() for t in self.host.values()))
         if not unstored:
@@ -185,6 +185,19 @@ class TrunkCache:
         for b, rows in unstored.items():
             out[self._rows(batch, [b])] = rows
         return out
+
+    def _compute(self, batch: PackedBatch, missing: list[int], trunk) -> list[tuple[int, torch.Tensor]]:
+        """(b, hidden states [len_b, E]) of the sequences `missing` of `batch`: packed alone, or,
+        where sequences continue others (PackedBatch.context: candidates after their shared
+        prompt), the whole batch as the forward would run it, so that its rows are those bits."""
+        if not missing:
+            return []
+        if batch.context is not None:
+            on_device = batch if batch.input_ids.device.type == self.device.type else batch.to(self.device)
+            computed = trunk(on_device).split(batch.seq_lens)                  # [T, E] by sequence
+            return [(b, computed[b]) for b in missing]
+        sub = pack([list(batch.sequences[b]) for b in missing], None, self.position_offset).to(self.device)
+        return list(zip(missing, trunk(sub).split(sub.seq_lens)))              # [T_missing, E] by sequence
 
     def _count_hits(self, hits: int, tokens: int, flops: int) -> None:
         self.stats.hits += hits
@@ -204,7 +217,7 @@ class TrunkCache:
     def _store(self, key: tuple[int, ...], rows: torch.Tensor, protected: set) -> bool:
         """Keep `rows` in the pool, evicting least-recently-used entries outside `protected`;
         False if the budget cannot make room."""
-        need = -(-len(key) // BLOCK_TOKENS)
+        need = -(-len(rows) // BLOCK_TOKENS)
         if key in self.entries:
             return True  # (a sequence twice in one batch)
         if need > self.max_blocks:
@@ -216,7 +229,7 @@ class TrunkCache:
                 return False
         self._last = None
         blocks = np.array([self.free.pop() for _ in range(need)])
-        index = (blocks[:, None] * BLOCK_TOKENS + np.arange(BLOCK_TOKENS)).ravel()[:len(key)]
+        index = (blocks[:, None] * BLOCK_TOKENS + np.arange(BLOCK_TOKENS)).ravel()[:len(rows)]
         self.pool.view(-1, self.hidden_size)[self._to_device(index)] = rows
         self.entries[key] = index
         self.blocks_in_use += need

@@ -10,8 +10,11 @@ the sequence's tokens 0..i and to the whole prefix, which precedes the sequence 
 Face past_key_values cache would: the alignment is bottom-right, FlashAttention's). Its keys
 and values may have fewer heads than its queries (grouped-query attention, Ainslie et al.
 2023): query head h reads key/value head h // (N / N_kv). Every attention of a model goes
-through varlen_attention with the PackedBatch, so that a layout the batch describes (such as
-candidates sharing their prompt's keys and values) is one change here, not in each model.
+through varlen_attention with the PackedBatch, so that a layout the batch describes is one
+change here, not in each model: with a SharedContext (layers/batch.py) a sequence attends to
+its context's keys and values (its prompt, computed once for every candidate after it), then
+causally to its own, the prefix (if any) before both. Within one forward the weights are
+fixed, so this is exactly the attention of the context and the sequence packed as one.
 
 With `masks_only` (the last layer, model/roberta.py) there is one query per sequence, at its
 <mask>. On CUDA a Triton kernel computes those in float32, one program per (query, head): a
@@ -77,19 +80,26 @@ def attention_kernel(device_type: str, masks_only: bool, dropout_p: float, exact
 def _per_sequence(q, k, v, batch, prefix_k, prefix_v, dropout_p, masks_only, causal=False):
     # The reference path (CPU, and training with attention dropout): one SDPA call per
     # sequence. Exact and padding-free; the Python loop costs microseconds per sequence.
-    n_prefix = 0 if prefix_k is None else prefix_k.shape[-3]
     outputs = []
     queries = q.split(1) if masks_only else q.split(batch.seq_lens)
-    for b, (qb, kb, vb) in enumerate(zip(queries, k.split(batch.seq_lens), v.split(batch.seq_lens))):
+    keys, values = k.split(batch.seq_lens), v.split(batch.seq_lens)
+    for b, (qb, kb, vb) in enumerate(zip(queries, keys, values)):
+        before = []  # key/value blocks the sequence attends to before its own: prefix, context
         if prefix_k is not None:
             half = 0 if b < batch.pair_seqs else 1
-            kb = torch.cat([prefix_k if prefix_k.dim() == 3 else prefix_k[half], kb])  # [P+L, N, D]
-            vb = torch.cat([prefix_v if prefix_v.dim() == 3 else prefix_v[half], vb])
-        # SDPA's is_causal aligns top-left; with a prefix the queries sit at the bottom right.
-        mask = _causal_mask(len(qb), n_prefix, q.device) if causal and n_prefix else None
+            before.append((prefix_k if prefix_k.dim() == 3 else prefix_k[half],
+                           prefix_v if prefix_v.dim() == 3 else prefix_v[half]))
+        if batch.context is not None and batch.context.of[b] >= 0:
+            before.append((keys[batch.context.of[b]], values[batch.context.of[b]]))
+        n_before = sum(len(kc) for kc, _ in before)
+        if before:
+            kb = torch.cat([*(kc for kc, _ in before), kb])             # [before + L, G, D]
+            vb = torch.cat([*(vc for _, vc in before), vb])
+        # SDPA's is_causal aligns top-left; after a prefix or context the queries sit at the bottom right.
+        mask = _causal_mask(len(qb), n_before, q.device) if causal and n_before else None
         out = F.scaled_dot_product_attention(                           # [N, L, D]
             qb.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1), attn_mask=mask, dropout_p=dropout_p,
-            is_causal=causal and not n_prefix, enable_gqa=kb.shape[1] != qb.shape[1])
+            is_causal=causal and not n_before, enable_gqa=kb.shape[1] != qb.shape[1])
         outputs.append(out.transpose(0, 1))                             # [L, N, D]
     return torch.cat(outputs)                                           # [T, N, D]
 
@@ -106,11 +116,8 @@ def _flash_varlen(q, k, v, batch, prefix_k, prefix_v, causal=False):
 
     dtype = q.dtype
     q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-    cu_k, max_k = batch.cu_seqlens, batch.max_seqlen
-    if prefix_k is not None:
-        k, v, cu_k = _prepend_prefix(k, v, prefix_k.to(k.dtype), prefix_v.to(v.dtype), batch)
-        max_k += prefix_k.shape[-3]
-    # window (-1, 0) is FlashAttention's causal mask, aligned bottom-right: past the prefix.
+    k, v, cu_k, max_k = _keys_of_sequences(k, v, batch, prefix_k, prefix_v)
+    # window (-1, 0) is FlashAttention's causal mask, aligned bottom-right: past the prefix and context.
     out = varlen_attn(q, k, v, batch.cu_seqlens, cu_k, batch.max_seqlen, max_k,
                       window_size=(-1, 0) if causal else (-1, -1), enable_gqa=k.shape[1] != q.shape[1])
     return out.to(dtype)
@@ -125,16 +132,14 @@ def _dense_float32(q, k, v, batch, prefix_k, prefix_v, causal=False):
     # [N, T, T + B*P] scores cost memory that the bf16 kernel avoids.
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    cu_k = batch.cu_seqlens
-    if prefix_k is not None:
-        k, v, cu_k = _prepend_prefix(k, v, prefix_k.to(k.dtype), prefix_v.to(v.dtype), batch)
+    k, v, cu_k, _ = _keys_of_sequences(k, v, batch, prefix_k, prefix_v)
     seq_q, seq_k = _sequence_of_rows(batch.cu_seqlens, q.shape[0]), _sequence_of_rows(cu_k, k.shape[0])
-    allowed = seq_q[:, None] == seq_k[None, :]                          # [T, T + B*P]
-    if causal:  # key j of a sequence (prefix rows first) is seen by its queries i with j <= i + P
-        n_prefix = 0 if prefix_k is None else prefix_k.shape[-3]
+    allowed = seq_q[:, None] == seq_k[None, :]                          # [T, T_k]
+    if causal:  # key j of a sequence (prefix and context rows first) is seen by its queries i with j <= i + before
+        before = torch.diff(cu_k) - torch.diff(batch.cu_seqlens)        # [B] keys before each sequence's own
         local_q = torch.arange(q.shape[0], device=q.device) - batch.cu_seqlens[seq_q]
         local_k = torch.arange(k.shape[0], device=k.device) - cu_k[seq_k]
-        allowed &= local_k[None, :] <= local_q[:, None] + n_prefix
+        allowed &= local_k[None, :] <= (local_q + before[seq_q])[:, None]
     with sdpa_kernel(SDPBackend.MATH):
         out = F.scaled_dot_product_attention(                            # [N, T, D]
             q.float().transpose(0, 1), k.float().transpose(0, 1), v.float().transpose(0, 1), attn_mask=allowed,
@@ -150,21 +155,35 @@ def _sequence_of_rows(cu_seqlens: torch.Tensor, rows: int) -> torch.Tensor:
                                    output_size=rows)
 
 
-def _prepend_prefix(k, v, prefix_k, prefix_v, batch):
-    """Interleave the shared prefix before every sequence: [T, N, D] -> [T + B*P, N, D]."""
+def _keys_of_sequences(k, v, batch, prefix_k, prefix_v):
+    """Every sequence's keys and values back to back, for the kernels that read cu_seqlens_k:
+    its prefix rows, its context's rows (SharedContext), then its own. Returns them
+    [T_k (+ B*P), G, D], their cu_seqlens_k [B+1] and the most keys of a sequence."""
+    cu_k, max_k = batch.cu_seqlens, batch.max_seqlen
+    if batch.context is not None:
+        k, v = k[batch.context.key_rows], v[batch.context.key_rows]    # [T_k, G, D]
+        cu_k, max_k = batch.context.cu_seqlens_k, batch.context.max_seqlen_k
+    if prefix_k is not None:
+        k, v, cu_k = _prepend_prefix(k, v, prefix_k.to(k.dtype), prefix_v.to(v.dtype), cu_k, batch)
+        max_k += prefix_k.shape[-3]
+    return k, v, cu_k, max_k
+
+
+def _prepend_prefix(k, v, prefix_k, prefix_v, cu_k, batch):
+    """Interleave the shared prefix before every sequence's keys (offsets cu_k [B+1]):
+    [T_k, N, D] -> [T_k + B*P, N, D], and the new offsets."""
     n_prefix, n_seq = prefix_k.shape[-3], len(batch.seq_lens)
     seq_of_token = torch.repeat_interleave(
-        torch.arange(n_seq, device=k.device), torch.diff(batch.cu_seqlens), output_size=k.shape[0])
+        torch.arange(n_seq, device=k.device), torch.diff(cu_k), output_size=k.shape[0])
     token_rows = torch.arange(k.shape[0], device=k.device) + (seq_of_token + 1) * n_prefix
-    prefix_rows = (batch.cu_seqlens[:-1, None] + torch.arange(n_seq, device=k.device)[:, None] * n_prefix
+    prefix_rows = (cu_k[:-1, None] + torch.arange(n_seq, device=k.device)[:, None] * n_prefix
                    + torch.arange(n_prefix, device=k.device)[None, :]).flatten()      # [B*P]
     shape = (k.shape[0] + n_seq * n_prefix, *k.shape[1:])
     k_full, v_full = k.new_empty(shape), v.new_empty(shape)
     k_full[token_rows], v_full[token_rows] = k, v
     k_full[prefix_rows] = _prefix_rows_of_each_sequence(prefix_k, batch)
     v_full[prefix_rows] = _prefix_rows_of_each_sequence(prefix_v, batch)
-    cu_k = batch.cu_seqlens + torch.arange(n_seq + 1, device=k.device, dtype=torch.int32) * n_prefix
-    return k_full, v_full, cu_k
+    return k_full, v_full, cu_k + torch.arange(n_seq + 1, device=k.device, dtype=torch.int32) * n_prefix
 
 
 def _prefix_rows_of_each_sequence(prefix, batch):

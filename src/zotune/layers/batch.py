@@ -1,7 +1,7 @@
 """The packed batch: every sequence flattened into one token tensor, no padding.
 
 Shape notation: T = tokens in the batch, B = sequences, M = <mask> positions (one per
-sequence for prompt classification, so M = B).
+sequence for prompt classification, so M = B), T_k = keys of all sequences (SharedContext).
 """
 
 import itertools
@@ -10,6 +10,43 @@ from functools import cached_property
 
 import numpy as np
 import torch
+
+
+@dataclass(frozen=True)
+class SharedContext:
+    """Sequences that continue another sequence of the same batch: a causal LM's candidates
+    after the prompt they share (engine/candidates.py), which is computed once. Sequence b
+    attends first to every row of sequence of[b], its context (packed earlier in the batch),
+    then causally to its own rows, whose positions continue after the context's. A context has
+    no context of its own. Read by layers/attention.py alone."""
+    of: tuple[int, ...]         # host: per sequence, the sequence it continues, or -1
+    key_rows: torch.Tensor      # [T_k] int64: per sequence, the packed rows it attends to: its context's, then its own
+    cu_seqlens_k: torch.Tensor  # [B+1] int32: sequence b's keys are key_rows[cu_seqlens_k[b]:cu_seqlens_k[b+1]]
+    max_seqlen_k: int           # the most keys of any sequence
+
+    def to(self, move) -> "SharedContext":
+        """Its tensors through `move` (PackedBatch.to's copy to a device)."""
+        return replace(self, key_rows=move(self.key_rows), cu_seqlens_k=move(self.cu_seqlens_k))
+
+    def twice(self, num_tokens: int) -> "SharedContext":
+        """The context of PackedBatch.paired: the second half's sequences continue its own."""
+        n_seq = len(self.of)
+        return SharedContext(self.of + tuple(o + n_seq if o >= 0 else -1 for o in self.of),
+                             torch.cat([self.key_rows, self.key_rows + num_tokens]),
+                             torch.cat([self.cu_seqlens_k, self.cu_seqlens_k[1:] + len(self.key_rows)]),
+                             self.max_seqlen_k)
+
+
+def shared_context(of: list[int], seq_lens: tuple[int, ...]) -> SharedContext:
+    """The SharedContext of sequences (lengths `seq_lens`) where sequence b continues of[b] (-1: none)."""
+    starts = np.concatenate([[0], np.cumsum(seq_lens)[:-1]]).astype(np.int64)
+    own = [np.arange(s, s + n) for s, n in zip(starts, seq_lens)]
+    if any(o >= 0 and of[o] >= 0 for o in of) or any(o >= b for b, o in enumerate(of)):
+        raise ValueError("a context must be an earlier sequence without a context of its own")
+    keys = [np.concatenate([own[o], rows]) if o >= 0 else rows for o, rows in zip(of, own)]
+    counts = np.array([len(k) for k in keys], dtype=np.int64)
+    return SharedContext(tuple(of), torch.from_numpy(np.concatenate(keys)),
+                         torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)), int(counts.max()))
 
 
 @dataclass(frozen=True)
@@ -30,6 +67,10 @@ class PackedBatch:
     # Sequences without a <mask> between a pair's halves: a CUDA graph pads each half apart, so
     # that each is half of the rows (engine/graphs.py), and the first half's filler lies between.
     pair_gap: int = 0
+    # Sequences that attend to an earlier one's rows before their own (a causal LM's candidates
+    # sharing their prompt, engine/candidates.py); None: each sequence attends to itself only.
+    # Their `sequences` entries are (their context's tokens, their own): the trunk cache's keys.
+    context: SharedContext | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -41,7 +82,8 @@ class PackedBatch:
         move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" \
             else (lambda t: t.to(device))  # noqa: E731
         return replace(self, input_ids=move(self.input_ids), positions=move(self.positions),
-                       cu_seqlens=move(self.cu_seqlens), mask_index=move(self.mask_index))
+                       cu_seqlens=move(self.cu_seqlens), mask_index=move(self.mask_index),
+                       context=None if self.context is None else self.context.to(move))
 
     @cached_property
     def paired(self) -> "PackedBatch":
@@ -53,7 +95,8 @@ class PackedBatch:
         return PackedBatch(
             torch.cat([self.input_ids, self.input_ids]), torch.cat([self.positions, self.positions]),
             torch.cat([self.cu_seqlens, self.cu_seqlens[1:] + n]), torch.cat([self.mask_index, self.mask_index + n]),
-            self.seq_lens * 2, self.sequences * 2, self.max_seqlen, pair_seqs=len(self.seq_lens))
+            self.seq_lens * 2, self.sequences * 2, self.max_seqlen, pair_seqs=len(self.seq_lens),
+            context=None if self.context is None else self.context.twice(n))
 
 
 def pack(sequences: list[list[int]], mask_token_id: int | None, position_offset: int) -> PackedBatch:

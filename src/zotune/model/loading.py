@@ -321,6 +321,13 @@ def read_hf_config(model_dir: Path) -> dict:
     return hf_config
 
 
+def is_causal_checkpoint(model_dir: Path) -> bool:
+    """Whether the checkpoint's config.json names a causal LM (CAUSAL_ARCHITECTURES): what picks
+    the candidate-scoring path over the masked-LM prompts. A bad config is a UserError."""
+    cfg, _ = config_from_hf(read_hf_config(model_dir), str(model_dir / "config.json"))
+    return isinstance(cfg, CausalConfig)
+
+
 def _weight_files(model_dir: Path) -> list[Path]:
     for name in WEIGHT_FILES:
         path = model_dir / name
