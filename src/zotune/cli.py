@@ -254,7 +254,7 @@ def _candidate_scores(runner, examples, batch_size: int):
 def _run_export(args) -> None:
     from zotune.export import export
     kind = export(args.run, args.output, merge_lora=args.merge_lora)
-    print(f"wrote a {'PEFT LoRA adapter' if kind == 'peft' else 'Hugging Face checkpoint'} to {args.output}")
+    print(f"wrote a {'PEFT adapter' if kind == 'peft' else 'Hugging Face checkpoint'} to {args.output}")
 
 
 def _run_predict(args) -> None:
