@@ -8,10 +8,16 @@ grid (MeZO's gather_result.py), and zotune's, one lr per cell by mean dev.
 
 Every run is a `zotune train` process; all the runs of a call share one pool
 (zotune.grid.run_jobs), longest first, several to a GPU since a small model leaves a run
-host-bound. Two protocols:
+host-bound. Three protocols:
   table       the six tasks, the methods and grids of METHODS (5,000 MeZO steps)
   mezo-paper  SST-2 only, the MeZO paper's: 100,000 steps, eps 1e-3, batch 64, MeZO (full) and
               MeZO (LoRA+head), three lrs each scaled to this model (PAPER_METHODS)
+  causal      a causal LM (OPT, Llama family; issue 22): SST-2 by default, any of the six tasks
+              with --tasks; MeZO (full), MeZO (LoRA) and Adam (full) in MeZO's large_models
+              settings scaled to a small model (CAUSAL_METHODS)
+The protocol follows the checkpoint: --model DIR of a causal LM takes `causal` (zero-shot rows
+through its candidate scores, the threshold on the difference of the two candidates' scores),
+a masked LM `table`; a protocol that does not fit the checkpoint is refused.
 
 Chunks: `--deadline S` stops the call S seconds after it started (runs still going get
 SIGTERM and stay resumable), aggregates what is complete and prints the table last. The same
@@ -24,6 +30,8 @@ finished runs, which is all the grid needs to skip them; unfinished runs then st
     python tools/fewshot_table.py --device cuda --runs-per-device 12 --deadline 540 \\
         --bundle $OUT/runs.tgz --output $OUT/fewshot_table.json
     python tools/fewshot_table.py --aggregate-only --plot sst2.png   # finished runs only
+    python tools/fewshot_table.py --model out/clm --device cuda --runs-per-device 12 --deadline 540 \
+        --bundle $OUT/causal-runs.tgz --output $OUT/fewshot_causal_table.json   # runs/fewshot-causal
 
 --aggregate-only runs nothing and writes nothing under --runs-dir: it aggregates every grid
 found there (<task>/<name>-k<k>/<run>/summary.json and config.json, e.g. sst2/MeZO-full-k16,
@@ -77,7 +85,26 @@ PAPER_METHODS = {
     "MeZO (full)": ("full", (1e-6, 3e-6, 1e-5), PAPER),
     "MeZO (LoRA+head)": ("lora+head", (3e-6, 1e-5, 3e-5), PAPER),
 }
-PROTOCOLS = {"table": (TASKS, METHODS), "mezo-paper": (("sst2",), PAPER_METHODS)}
+# The causal protocol (issue 22): MeZO's large_models settings (mezo.sh and the paper's OPT
+# tables: batch 16, constant lr, eps 1e-3 full and 1e-2 LoRA, 20,000 steps, lrs 1e-6/1e-7 full and
+# 1e-4/5e-5 LoRA for OPT-13B) scaled to tools/pretrain_clm.py's 19M-parameter Llama and one
+# ~10-minute device call. 2,000 steps: the 40 MeZO runs then take ~270 s at the ~300 steps/s that
+# an eager causal step (no CUDA graphs yet) is expected to total over 12 runs sharing an H100,
+# the 20 Adam runs ~100 s (estimates from the encoder's eager step, not measured; the session
+# plan in benchmarks/gpu_session.sh measures first). A 19M-parameter model takes far larger steps
+# than a 13B one: two lrs each, around the encoder table's picks on zotune-roberta-small, a model
+# of the same size and vocabulary (MeZO full 1e-5 / 3e-5, LoRA 3e-3, Adam 3e-5 / 1e-4). LoRA is
+# large_models' (q and v only): `lora+head` on a causal LM would untie and train the 12.9M-
+# parameter output embedding, which is no setting of the paper's, so it is not offered here.
+CAUSAL_MEZO = dict(optimizer="mezo", steps=2000, eval_steps=250, log_steps=50, batch_size=16, cuda_graphs=False)
+CAUSAL_METHODS = {
+    "MeZO (full)": ("full", (1e-5, 3e-5), dict(CAUSAL_MEZO, eps=1e-3)),
+    "MeZO (LoRA)": ("lora", (3e-3, 1e-2), dict(CAUSAL_MEZO, eps=1e-2)),
+    "Adam (full)": ("full", (3e-5, 1e-4), dict(METHODS["Adam (full)"][2], cuda_graphs=False)),
+}
+PROTOCOLS = {"table": (TASKS, METHODS), "mezo-paper": (("sst2",), PAPER_METHODS), "causal": (TASKS, CAUSAL_METHODS)}
+DEFAULT_TASKS = {"causal": ("sst2",)}  # else all the protocol's
+MASKED_MODEL = "models/zotune-roberta-small"
 ZERO_SHOT = "zero_shot.json"
 
 
@@ -113,8 +140,9 @@ def plan(protocol: str, tasks: list[str], ks: list[int], methods: list[str], run
             trainable, lrs, flags = PROTOCOLS[protocol][1][name]
             for k in ks:
                 args = ["--model", model, "--task", task, "--k", str(k)]
-                for flag, value in flags.items():
-                    args += [f"--{flag.replace('_', '-')}", str(value)]
+                for flag, value in flags.items():  # False: the --no- switch (e.g. --no-cuda-graphs)
+                    switch = flag.replace("_", "-")
+                    args += [f"--no-{switch}"] if value is False else [f"--{switch}", str(value)]
                 folder = grid_dir(task_dir(runs_dir, protocol, task), name, trainable, k)
                 jobs += [(task, k, name, Job(folder, Cell(trainable, lr, seed), tuple(args)))
                          for lr in lrs for seed in SEEDS]
@@ -162,10 +190,12 @@ def print_plan(jobs: list[Job], workers: int, steps_per_s: float | None, overhea
 
 def zero_shot_rows(model: str, tasks: list[str], ks: list[int], device: str, runs_dir: Path) -> dict:
     """task -> row name -> k -> per-seed test accuracies, computed once and kept in
-    runs_dir/zero_shot.json (a later chunk reads them back)."""
+    runs_dir/zero_shot.json (a later chunk reads them back). A causal LM is scored through its
+    candidates (evaluate.build picks the path), and its dev-fitted threshold is on the
+    difference of the two candidates' scores."""
     import torch
-    from zotune.evaluate import accuracy, build, dev_threshold_accuracy, encode, predict
-    from zotune.tasks.data import default_data_dir, load_split
+    from zotune.evaluate import accuracy, build, dev_threshold_accuracy, predict, split_inputs
+    from zotune.tasks.data import default_data_dir
     path = runs_dir / ZERO_SHOT
     stored = json.loads(path.read_text()) if path.exists() else {}
     if stored.get("model") != model:
@@ -178,9 +208,10 @@ def zero_shot_rows(model: str, tasks: list[str], ks: list[int], device: str, run
         stored["device"] = torch.cuda.get_device_name() if zero.runner.device.type == "cuda" else "cpu"
         for k in ks:
             raw, fitted = [], []
-            for seed in SEEDS:
-                dev, test = (load_split(zero.task, default_data_dir(), k, seed, s) for s in ("dev", "test"))
-                dev_logits, test_logits = (predict(zero.runner, encode(zero.prompt, x), 64) for x in (dev, test))
+            for seed in SEEDS:  # a causal LM's "logits" are its candidates' scores
+                (dev, dev_inputs), (test, test_inputs) = (
+                    split_inputs(zero.task, zero.prompt, default_data_dir(), k, seed, s) for s in ("dev", "test"))
+                dev_logits, test_logits = (predict(zero.runner, x, 64) for x in (dev_inputs, test_inputs))
                 raw.append(accuracy(test_logits, test))
                 if task in TWO_CLASS:
                     fitted.append(dev_threshold_accuracy(dev_logits, dev, test_logits, test))
@@ -265,11 +296,13 @@ def bundle(runs_dir: Path, path: Path) -> None:
 def plot(runs_dir: Path, protocol: str, output: Path) -> Path:
     """SST-2 dev accuracy against steps at k=512 for MeZO (full) and the protocol's LoRA, each at
     zotune's chosen lr, with zero-shot (the runs' own dev scores before step 1) and Adam's final
-    dev accuracy (the table protocol's grid) as lines."""
+    dev accuracy (the protocol's own grid, else the table protocol's) as lines."""
     from zotune.plot import plot_dev_curves
     folder = task_dir(runs_dir, protocol, "sst2")
+    methods = PROTOCOLS[protocol][1]
+    lora = "MeZO (LoRA+head)" if "MeZO (LoRA+head)" in methods else "MeZO (LoRA)"  # the paper's LoRA for each
     curves = {}
-    for name in ("MeZO (full)", "MeZO (LoRA+head)"):  # issue 19's picture: full and the paper's LoRA
+    for name in ("MeZO (full)", lora):  # issue 19's picture: full and the paper's LoRA
         trainable = PROTOCOLS[protocol][1][name][0]
         grid = grid_dir(folder, name, trainable, 512)
         result = aggregate_dir(grid)
@@ -278,7 +311,8 @@ def plot(runs_dir: Path, protocol: str, output: Path) -> Path:
     runs = [run for dirs in curves.values() for run in dirs]
     zero = [json.loads((run / "summary.json").read_text())["zero_shot"]["dev_accuracy"] for run in runs[:len(SEEDS)]]
     lines = {"zero-shot": statistics.mean(zero)}
-    adam = grid_dir(task_dir(runs_dir, "table", "sst2"), "Adam (full)", "full", 512)
+    adam = grid_dir(task_dir(runs_dir, protocol if "Adam (full)" in methods else "table", "sst2"),
+                    "Adam (full)", "full", 512)
     if any(adam.glob("*/summary.json")):
         best = aggregate_dir(adam)["aggregates"]["full"]["zotune"]
         lines[f"Adam (full), lr {best['lr']:g}"] = statistics.mean(best["dev"])
@@ -287,11 +321,11 @@ def plot(runs_dir: Path, protocol: str, output: Path) -> Path:
                                                  f"std over {len(SEEDS)} seeds at zotune's chosen lr")
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="models/zotune-roberta-small")
-    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="table")
+    parser.add_argument("--model", help=f"checkpoint directory (default: {MASKED_MODEL}; a causal protocol needs one)")
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), help="default: causal for a causal LM, else table")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (every visible GPU)")
     parser.add_argument("--runs-per-device", type=int, default=1)
     parser.add_argument("--tasks", help=f"comma-separated subset of {', '.join(TASKS)} (default: the protocol's)")
@@ -303,24 +337,58 @@ def main():
     parser.add_argument("--steps-per-s", type=float, help="measured steps/s of one run while the runs share a GPU")
     parser.add_argument("--overhead-s", type=float, help="measured wall seconds of one run outside its steps")
     parser.add_argument("--keep-weights", action="store_true", help="keep finished runs' *.safetensors")
-    parser.add_argument("--output", default="runs/fewshot_table.json")
-    parser.add_argument("--runs-dir", default="runs/fewshot")
+    parser.add_argument("--output", help="default: runs/fewshot_table.json (causal: runs/fewshot_causal_table.json)")
+    parser.add_argument("--runs-dir", help="default: runs/fewshot (causal: runs/fewshot-causal)")
     parser.add_argument("--bundle", help="also write the runs' small files to this .tgz")
     parser.add_argument("--plot", help="write the SST-2 k=512 dev-accuracy picture to this PNG")
     parser.add_argument("--aggregate-only", action="store_true", help="run nothing: aggregate finished grids")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def choose_protocol(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The protocol and model of a call: --protocol, or the checkpoint's (a local --model whose
+    config.json names a causal LM takes `causal`); a protocol that does not fit the checkpoint is
+    refused. The model may be None for --aggregate-only of a causal protocol (none is read)."""
+    from zotune.errors import UserError
+    from zotune.model.loading import is_causal_checkpoint
+    causal = is_causal_checkpoint(Path(args.model)) if args.model and Path(args.model).is_dir() else None
+    protocol = args.protocol or ("causal" if causal else "table")
+    if causal is not None and causal != (protocol == "causal"):
+        raise UserError(f"--model {args.model} is a {'causal' if causal else 'masked'} LM, but --protocol {protocol} "
+                        f"is for {'masked' if causal else 'causal'} LMs; drop --protocol (the checkpoint picks it)")
+    model = args.model or (None if protocol == "causal" else MASKED_MODEL)
+    if model is None and not args.aggregate_only:
+        raise UserError("--protocol causal needs --model DIR of a causal LM (OPT, Llama family), e.g. out/clm "
+                        "from tools/pretrain_clm.py")
+    return protocol, model
+
+
+def main():
+    from zotune.errors import UserError
+    args = parse_args()
+    try:
+        run(args, *choose_protocol(args))
+    except UserError as exc:  # one line, as the CLI's
+        print(f"fewshot_table.py: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
+    from zotune.errors import UserError
     started = time.monotonic()
-    protocol_tasks, methods = PROTOCOLS[args.protocol]
-    tasks = args.tasks.split(",") if args.tasks else list(protocol_tasks)
+    protocol_tasks, methods = PROTOCOLS[protocol]
+    tasks = args.tasks.split(",") if args.tasks else list(DEFAULT_TASKS.get(protocol, protocol_tasks))
     names = args.methods.split(",") if args.methods else list(methods)
     ks = [int(k) for k in args.ks.split(",")]
     for value, known, what in [(tasks, protocol_tasks, "--tasks"), (names, methods, "--methods")]:
         if set(value) - set(known):
-            parser.error(f"{what} {sorted(set(value) - set(known))} not in protocol {args.protocol}: {', '.join(known)}")
-    runs_dir = Path(args.runs_dir)
+            raise UserError(f"{what} {sorted(set(value) - set(known))} not in protocol {protocol}: {', '.join(known)}")
+    causal = protocol == "causal"
+    runs_dir = Path(args.runs_dir or ("runs/fewshot-causal" if causal else "runs/fewshot"))
+    output = Path(args.output or ("runs/fewshot_causal_table.json" if causal else "runs/fewshot_table.json"))
     devices = local_devices("cpu" if args.device == "cpu" else "auto")
     workers = len(devices) * args.runs_per_device
-    jobs = plan(args.protocol, tasks, ks, names, runs_dir, args.model)
+    jobs = plan(protocol, tasks, ks, names, runs_dir, model or "")
     if args.mezo_steps:
         jobs = [(t, k, n, Job(j.output_dir, j.cell, _with_steps(j.train_args, args.mezo_steps))) for t, k, n, j in jobs]
     if not args.aggregate_only:
@@ -331,27 +399,34 @@ def main():
     if args.plan:
         return
     if not args.aggregate_only:
-        zero_shot_rows(args.model, tasks, ks, args.device, runs_dir)
+        zero_shot_rows(model, tasks, ks, args.device, runs_dir)
         deadline = started + args.deadline if args.deadline else None
         left = run_jobs([j for *_, j in jobs], devices, quiet=True, runs_per_device=args.runs_per_device,
                         deadline=deadline, keep_weights=args.keep_weights)
         if left:
             print(f"deadline: {len(left)} of {len(jobs)} runs unfinished; the same command continues them", flush=True)
-    rows, models, devices_seen = collect(runs_dir, args.protocol, tasks, ks)
+    rows, models, devices_seen = collect(runs_dir, protocol, tasks, ks)
     if args.plot:
-        print(f"picture: {plot(runs_dir, args.protocol, Path(args.plot))}", flush=True)
+        print(f"picture: {plot(runs_dir, protocol, Path(args.plot))}", flush=True)
     if args.bundle:
         bundle(runs_dir, Path(args.bundle))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    device_name = ", ".join(sorted(devices_seen))
-    Path(args.output).write_text(json.dumps(
-        {"protocol": args.protocol, "device": device_name, "models": sorted(models),
+    report(output, protocol, rows, ks, models, devices_seen, time.monotonic() - started)
+
+
+def report(output: Path, protocol: str, rows: dict, ks: list[int], models: set, devices: set, seconds: float) -> None:
+    """The tables as JSON at `output`, and printed last."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    device_name = ", ".join(sorted(devices))
+    output.write_text(json.dumps(
+        {"protocol": protocol, "device": device_name, "models": sorted(models),
          "tables": {task: table(by_row, ks) for task, by_row in rows.items()},
          "runs": rows}, indent=2) + "\n")
-    print(f"\nTest accuracy, mean (std) over seeds {SEEDS}, protocol {args.protocol}, model "
-          f"{', '.join(sorted(models))}, on {device_name} ({time.monotonic() - started:.0f} s in all). paper: "
+    lora = ("MeZO (LoRA) trains the LoRA matrices on q and v only, as MeZO's large_models does" if protocol == "causal"
+            else "MeZO (LoRA) trains the LoRA matrices only; MeZO (LoRA+head), the paper's, also the LM head")
+    print(f"\nTest accuracy, mean (std) over seeds {SEEDS}, protocol {protocol}, model "
+          f"{', '.join(sorted(models))}, on {device_name} ({seconds:.0f} s in all). paper: "
           "the best-dev run of each seed over the lr grid (MeZO's gather_result.py); zotune: one lr per cell by "
-          "mean dev. MeZO (LoRA) trains the LoRA matrices only; MeZO (LoRA+head), the paper's, also the LM head.")
+          f"mean dev. {lora}.")
     for task, by_row in rows.items():
         print(f"\n{task}\n{table(by_row, ks)}")
 
@@ -360,10 +435,10 @@ def _with_steps(train_args: tuple[str, ...], steps: int) -> tuple[str, ...]:
     """The MeZO flags with another step count, dev evaluated six times and logged at each."""
     if "mezo" not in train_args:
         return train_args
-    values = dict(zip(train_args[::2], train_args[1::2]))
-    eval_steps = max(1, steps // 6)
-    values.update({"--steps": str(steps), "--eval-steps": str(eval_steps), "--log-steps": str(eval_steps)})
-    return tuple(x for pair in values.items() for x in pair)
+    args, eval_steps = list(train_args), max(1, steps // 6)
+    for flag, value in (("--steps", steps), ("--eval-steps", eval_steps), ("--log-steps", eval_steps)):
+        args[args.index(flag) + 1] = str(value)
+    return tuple(args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from zotune.errors import UserError
 from zotune.files import write_text_atomic
 from zotune.model.loading import is_causal_checkpoint, load_model, read_hf_config, resolve_model_dir
 from zotune.tasks.causal import CAUSAL_TASKS, CandidateExample, CausalTask, load_examples
-from zotune.tasks.data import Example
+from zotune.tasks.data import Example, load_split
 from zotune.tasks.tasks import TASKS, Task
 from zotune.tasks.templates import PromptTemplate, parse_label_words
 
@@ -123,9 +123,21 @@ def encode(prompt: PromptTemplate, examples: list[Example]) -> list[list[int]]:
     return [prompt.encode(e.sentences) for e in examples]
 
 
+def split_inputs(task: Task | CausalTask, prompt: PromptTemplate | CausalPrompt, data_dir: Path, k: int, seed: int,
+                 split: str) -> tuple[list, list]:
+    """A split's examples and what a runner packs of them (predict's input): a masked LM's
+    encoded prompts, or a causal LM's candidate examples themselves."""
+    if isinstance(prompt, CausalPrompt):
+        examples = prompt.examples(split, data_dir, k, seed)
+        return examples, examples
+    examples = load_split(task, data_dir, k, seed, split)
+    return examples, encode(prompt, examples)
+
+
 @torch.inference_mode()
 def predict(runner: ModelRunner, sequences: list[list[int]], batch_size: int) -> torch.Tensor:
-    """Label-word logits [N, C] for N encoded examples, in order, batch_size sequences per pass."""
+    """Label-word logits [N, C] for N encoded examples, in order, batch_size sequences per pass;
+    a CausalRunner takes the candidate examples themselves and gives their scores."""
     chunks = [runner.logits(runner.pack(sequences[i:i + batch_size]))
               for i in range(0, len(sequences), batch_size)]
     return torch.cat(chunks).float().cpu()
