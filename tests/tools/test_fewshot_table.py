@@ -100,3 +100,53 @@ def test_picture_and_bundle_from_finished_grids(tmp_path, monkeypatch):
         names = tar.getnames()
     assert len(names) == 3 * 2 * 5 * 3 and not any(n.endswith(".safetensors") for n in names)
     assert "fewshot/sst2/MeZO-full-k512/full-lr1e-05-seed13/metrics.jsonl" in names
+
+
+@pytest.mark.parametrize("tiny_causal_dir", ["llama"], indirect=True)
+def test_a_causal_checkpoint_takes_the_causal_protocol_and_refuses_the_others(tmp_path, tiny_causal_dir, monkeypatch,
+                                                                               capsys):
+    model = str(tiny_causal_dir)
+    _main(monkeypatch, "--plan", "--device", "cpu", "--model", model, "--runs-dir", str(tmp_path))
+    out = capsys.readouterr().out
+    # SST-2 only: 3 methods x 2 lrs x 2 ks x 5 seeds; 40 MeZO runs of 2,000 steps, 20 Adam runs of 1,000
+    assert "plan: 60 runs, 0 finished, 60 to go (0 to resume), 100,000 steps to go" in out
+    assert "MeZO (full): full, 2000 steps, batch 16, eps 0.001" in out and "MeZO (LoRA): lora, " in out
+    jobs = fewshot_table.plan("causal", ["sst2"], [16], ["Adam (full)"], tmp_path, model)
+    assert all("--no-cuda-graphs" in job.train_args for *_, job in jobs)  # no CUDA graphs for causal LMs yet
+    assert jobs[0][3].output_dir == tmp_path / "sst2-causal" / "Adam-full-k16"
+    from tests.conftest import ROBERTA_TOKENIZER_DIR  # the shipped masked LM's folder
+    for argv in (["--protocol", "table", "--model", model], ["--protocol", "causal"],
+                 ["--protocol", "causal", "--model", str(ROBERTA_TOKENIZER_DIR)],
+                 ["--model", model, "--methods", "MeZO (LoRA+head)"]):
+        with pytest.raises(SystemExit) as exit_:
+            _main(monkeypatch, "--plan", "--device", "cpu", "--runs-dir", str(tmp_path), *argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("fewshot_table.py: error: ") and err.count("\n") == 1, argv
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("tiny_causal_dir", ["llama"], indirect=True)
+def test_a_tiny_causal_table_runs_then_aggregates(tmp_path, tiny_causal_dir, monkeypatch, capsys):
+    """One seed, one lr, 3 MeZO steps of a real `zotune train` run; then --aggregate-only."""
+    monkeypatch.setattr(fewshot_table, "SEEDS", (42,))
+    trainable, _, flags = fewshot_table.CAUSAL_METHODS["MeZO (full)"]
+    monkeypatch.setitem(fewshot_table.CAUSAL_METHODS, "MeZO (full)", (trainable, (1e-3,), flags))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the run's process too
+    runs = tmp_path / "runs"
+    common = ["--model", str(tiny_causal_dir), "--device", "cpu", "--ks", "16", "--methods", "MeZO (full)",
+              "--runs-dir", str(runs)]
+    _main(monkeypatch, *common, "--mezo-steps", "3", "--output", str(tmp_path / "first.json"))
+    capsys.readouterr()
+    _main(monkeypatch, "--aggregate-only", *common, "--output", str(tmp_path / "table.json"))
+    stored = json.loads((tmp_path / "table.json").read_text())
+    rows = stored["runs"]["sst2"]
+    assert stored["protocol"] == "causal" and stored["models"] == [str(tiny_causal_dir)]
+    assert list(rows) == ["zero-shot", "zero-shot, threshold fitted on the seed's dev set", "MeZO (full)"]
+    mezo = rows["MeZO (full)"]["16"]
+    assert mezo["zotune_lr"] == 1e-3 and "3 steps, batch 16" in mezo["settings"]
+    # The tool's zero-shot scorer is the run's own (candidate scores through evaluate.build)
+    run = runs / "sst2-causal" / "MeZO-full-k16" / "full-lr0.001-seed42"
+    zero_shot = json.loads((run / "summary.json").read_text())["zero_shot"]
+    assert rows["zero-shot"]["16"]["paper"] == [zero_shot["test_accuracy"]]
+    assert 0 <= rows["zero-shot, threshold fitted on the seed's dev set"]["16"]["paper"][0] <= 1
+    assert "| MeZO (full) |" in capsys.readouterr().out
