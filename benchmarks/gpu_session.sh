@@ -1,20 +1,60 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 19, 20 and 21 in one device command, from the repository root:
-#   tests  the GPU tests (pytest -m gpu), among them issue 21's GPU-train / CPU-replay test;
-#          test_300_steps_gpu_vs_cpu[2] is left out (184 s alone; it trains `full`, like [1])
-#   gap    benchmarks/precision_gap.py: float32 / tf32 / bf16 projected gradients (issue 19)
-#   speed  benchmarks/step_time.py and benchmarks/reuse.py, 6b3081a (before the restructure)
-#          against this tree, in the same call (issue 20), small settings
+# GPU checks in one device command, from the repository root; phases (default: tests gap speed):
+#   tests   the GPU tests (pytest -m gpu), among them issue 21's GPU-train / CPU-replay test;
+#           test_300_steps_gpu_vs_cpu[2] is left out (184 s alone; it trains `full`, like [1])
+#   gap     benchmarks/precision_gap.py: float32 / tf32 / bf16 projected gradients (issue 19)
+#   speed   benchmarks/step_time.py and benchmarks/reuse.py, 6b3081a (before the restructure)
+#           against this tree, in the same call (issue 20), small settings
+#   causal  the GPU tests of the causal path (issue 22): candidate scoring, causal training,
+#           model parity, layers (pytest -m gpu on those files)
+#   prefix  benchmarks/prefix_sharing.py on CUDA: random OPT-1.3B and OPT-125M shapes, bf16,
+#           SST-2- and COPA-shaped batches of 16 (tokens computed and ms per forward, shared / plain)
+#   probe   the causal table's speed: a random checkpoint of tools/pretrain_clm.py's default shape
+#           (19M parameters), MeZO (full) at 300 steps and Adam (full) at 1,000, SST-2 k=512, 12
+#           runs sharing the GPU as the table does; prints steps/s, per-run overhead, and the
+#           --mezo-steps that fits the table into one call
 # then prints the tables, the step times as before/after pairs. Logs are written to $OUT.
 #
-# The device receives the working tree without .git, so the baseline travels as an ignored
-# folder (src, benchmarks, tokenizers of 6b3081a, 4.5 MB; data/ is this tree's, whose SST-2
-# files are unchanged since). Prepare it here, once:
+# Issues 19-21. The device receives the working tree without .git, so the baseline travels as an
+# ignored folder (src, benchmarks, tokenizers of 6b3081a, 4.5 MB; data/ is this tree's, whose
+# SST-2 files are unchanged since). Prepare it here, once:
 #   rm -rf .baseline && mkdir .baseline && git archive 6b3081a src benchmarks tokenizers | tar -x -C .baseline
 # and run (about 8-9 minutes on an H100; each phase has its own time limit):
 #   device run: command "bash benchmarks/gpu_session.sh", carry [".baseline"], timeout_s 600
 # TESTS_LIMIT=S raises the tests' limit, for a call that shares the GPU with other work.
 # or in two calls if one runs long: "bash benchmarks/gpu_session.sh tests gap", then "... speed".
+#
+# Issue 22 (decoder-only demonstration): three calls on one H100, back to back (a machine left
+# idle goes back, and a fresh one costs minutes), about 24 minutes of device time in all. A call
+# returns at most 8 files of 16 MiB and carries at most 64 MiB; the tracked tree is 55 MB, 36 MB
+# of it the shipped masked LM's safetensors, which calls B and C do not need: remove them before
+# B (`rm models/zotune-roberta-small/*.safetensors`) and bring them back from git after C
+# (`git checkout -- models/zotune-roberta-small`); tests in this checkout fail in between.
+#  A. ~6 min (limits: causal 200 s, prefix 90 + 45 s, probe 45 + 180 s). The causal GPU path
+#     first, so that nothing is spent on the table if it fails; the probe sizes the table.
+#       device run: command "bash benchmarks/gpu_session.sh causal prefix probe", timeout_s 600
+#     Returns summary.txt, causal.log, prefix_*.log (2), probe_model.log, probe.log.
+#  B. 10 min: pretrain the causal LM, tools/pretrain_clm.py's one-call recipe (see its docstring).
+#     Once here: `mkdir -p .corpus && cp ../shared/corpus/imdb_reviews.txt.xz .corpus/ && echo
+#     /.corpus/ >> "$(git rev-parse --git-path info/exclude)"`; the tree without the weights
+#     (19 MB) and the 34 MB corpus fit. carry [".corpus"], timeout_s 600:
+#       set -o pipefail; export PYTHONUNBUFFERED=1; python tools/pretrain_clm.py \
+#         --corpus .corpus/imdb_reviews.txt.xz --end-time $(( $(date +%s) + 530 )) --deadline-s 575 \
+#         --out out/clm 2>&1 | tee $OUT/pretrain.log && \
+#         tar cf - -C out/clm --exclude checkpoint . | split -b 15m - $OUT/clm.tar.part-
+#     Here: `mkdir -p out/clm && cat <files_at>/clm.tar.part-* | tar xf - -C out/clm`.
+#  C. ~9.5 min: the causal table (tools/fewshot_table.py, protocol causal: zero-shot, threshold,
+#     MeZO full and LoRA, Adam; SST-2 k=16 and 512, five seeds, 60 runs, 12 at a time) on the
+#     pretrained checkpoint: carry ["out/clm"] (42 MB; with the 19 MB tree, 61 MB of the 67), timeout_s 600;
+#     N is the --mezo-steps that A's probe printed (the protocol's 2,000 where that fits):
+#       set -o pipefail; export PYTHONUNBUFFERED=1; python tools/fewshot_table.py --model out/clm \
+#         --device cuda --runs-per-device 12 --deadline 500 --mezo-steps N \
+#         --bundle $OUT/causal-runs.tgz --output $OUT/fewshot_causal_table.json 2>&1 | tee $OUT/causal-table.log
+#     A line "deadline: R of 60 runs unfinished" means: the same command again, at once (the runs
+#     folder stays on a warm machine; finished runs are skipped, MeZO runs resume). Here:
+#     `mkdir -p runs && tar xzf <files_at>/causal-runs.tgz -C runs`, then `python
+#     tools/fewshot_table.py --model out/clm --aggregate-only --plot sst2-causal.png` (the table
+#     again, and the dev curves) and `python tools/pretrain_clm.py --card out/clm --results MD`.
 set -u
 PHASES=${*:-tests gap speed}
 OUT=${OUT:-out}
@@ -44,7 +84,20 @@ for p in $PHASES; do
         phase reuse_before 75 env PYTHONPATH="$PWD/$BASELINE/src" python "$BASELINE/benchmarks/reuse.py" \
             --steps 32 --k 16 512 --only top:1 lora-pair
         phase reuse_after 75 python benchmarks/reuse.py --steps 32 --k 16 512 --only top:1 lora-pair ;;
-    *) echo "unknown phase $p (tests, gap, speed)"; exit 2 ;;
+    causal) phase causal 200 python -m pytest -q -m gpu tests/engine/test_candidates.py tests/test_causal_train.py \
+                tests/model tests/layers ;;
+    prefix)
+        phase prefix_opt1.3b 90 python benchmarks/prefix_sharing.py --device cuda --size opt-1.3b --precision bf16
+        phase prefix_opt125m 45 python benchmarks/prefix_sharing.py --device cuda --size opt-125m --precision bf16 ;;
+    probe)
+        rm -rf out/probe out/clm-random
+        phase probe_model 45 python -c 'import sys, torch; sys.path.insert(0, "tools")
+from pathlib import Path; from pretrain_clm import ClmConfig, build_model; from pretraining import save_hf
+torch.manual_seed(0); save_hf(build_model(ClmConfig()), Path("out/clm-random"), torch.float16)'
+        phase probe 180 python tools/fewshot_table.py --model out/clm-random --device cuda --runs-per-device 12 \
+            --ks 512 --methods "MeZO (full),Adam (full)" --mezo-steps 300 --deadline 110 --runs-dir out/probe \
+            --output out/probe/table.json ;;
+    *) echo "unknown phase $p (tests, gap, speed, causal, prefix, probe)"; exit 2 ;;
     esac
 done
 
@@ -52,6 +105,29 @@ echo; echo "==== results ($PHASES) ===="
 cat "$OUT/summary.txt"
 [ -f "$OUT/tests.log" ] && tail -n 15 "$OUT/tests.log" | grep -E "passed|failed|error|FAILED|ERROR"
 [ -f "$OUT/gap.log" ] && grep -E "^\||^MeZO projected" "$OUT/gap.log"
+[ -f "$OUT/causal.log" ] && tail -n 15 "$OUT/causal.log" | grep -E "passed|failed|error|FAILED|ERROR"
+for f in "$OUT"/prefix_*.log; do [ -f "$f" ] && grep -E "^device|^sst2|^copa" "$f"; done
+[ -d out/probe ] && python3 - out/probe <<'EOF'
+# The probe's runs: steps/s of a run while 12 share the GPU and its seconds outside the steps, per
+# optimizer; then the MeZO step count that fits the causal table (40 MeZO runs, 20 Adam runs of
+# 1,000 steps, 12 at a time) into 450 s of runs (call C's --deadline 500, less the zero-shot rows).
+import json, statistics, sys
+from pathlib import Path
+
+found = {}
+for path in Path(sys.argv[1]).glob("*/*/*/summary.json"):
+    s, c = json.loads(path.read_text()), json.loads((path.parent / "config.json").read_text())
+    found.setdefault(c["optimizer"], []).append((s["steps_per_s"], s["wall_time_s"] - s["train_time_s"]))
+speed = {o: (statistics.mean(r[0] for r in rs), statistics.mean(r[1] for r in rs)) for o, rs in found.items()}
+for o, (rate, overhead) in speed.items():
+    print(f"probe {o}: {len(found[o])} runs finished, {rate:.0f} steps/s a run, {overhead:.0f} s a run besides")
+if len(speed) == 2:
+    (mezo, m_over), (adam, a_over) = speed["mezo"], speed["adam"]
+    room = 450 * 12 - 20 * (1000 / adam + a_over) - 40 * m_over
+    steps = max(0, int(room / 40 * mezo) // 250 * 250)
+    print(f"probe: the causal table fits one call with --mezo-steps {min(steps, 2000)} "
+          f"(the protocol's 2000; {steps} would fill the 450 s)")
+EOF
 python3 - "$OUT" <<'EOF'
 # Step times before/after: rows matched by their label columns, times side by side.
 import sys
