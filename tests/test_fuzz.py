@@ -401,5 +401,5 @@ def test_cuda_graphs_are_refused_for_causal_lms():
     from zotune.session import _check_causal
     import torch
     with pytest.raises(UserError, match="--no-cuda-graphs"):
-        _check_causal(TrainConfig(device="cpu"), torch.device("cuda"), None)
-    _check_causal(TrainConfig(device="cpu", cuda_graphs=False), torch.device("cuda"), None)
+        _check_causal(TrainConfig(device="cpu"), torch.device("cuda"))
+    _check_causal(TrainConfig(device="cpu", cuda_graphs=False), torch.device("cuda"))

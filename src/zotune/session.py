@@ -16,8 +16,8 @@ goes through it, so none repeats the sequence:
 A checkpoint whose config.json names a causal LM (OPT, the Llama family) takes the candidate
 path in steps 2 and 5: the task's causal row and tokenizer (evaluate.CausalPrompt) instead of
 an LM-BFF prompt, and a CausalRunner (engine/candidates.py) instead of a ModelRunner; the
-trainable subset, buffers, pairs and trunk cache are built alike. It refuses, in one line,
-what it cannot run yet: CUDA graphs (--no-cuda-graphs) and torchrun scale-out.
+trainable subset, buffers, pairs, trunk cache and torchrun process group are built alike. It
+refuses, in one line, what it cannot run yet: CUDA graphs (--no-cuda-graphs).
 """
 
 from dataclasses import dataclass
@@ -76,7 +76,7 @@ class Session:
         _check_group(cfg, group)
         causal = isinstance(base, CausalLM) if base is not None else is_causal_checkpoint(resolve_model_dir(cfg.model))
         if causal:
-            _check_causal(cfg, device, group)
+            _check_causal(cfg, device)
         load = load_causal_prompt if causal else load_prompt
         task, prompt = load(cfg.model, cfg.task, cfg.tokenizer, cfg.template, cfg.label_words, cfg.max_length)
         model, trainable = load_trainable(cfg, base)
@@ -111,13 +111,11 @@ class Session:
         return splits, {s: encode(self.prompt, examples) for s, examples in splits.items()}
 
 
-def _check_causal(cfg: TrainConfig, device: torch.device, group: Group | None) -> None:
+def _check_causal(cfg: TrainConfig, device: torch.device) -> None:
     """What the causal path cannot run yet, refused before anything is built."""
     if device.type == "cuda" and cfg.cuda_graphs:
         raise UserError("CUDA graphs do not capture causal LMs yet (their scored rows and shared prompts are not "
                         "in the graphs' buffers); pass --no-cuda-graphs")
-    if group is not None:
-        raise UserError("torchrun scale-out runs masked LMs only for now; run a causal LM as one process")
 
 
 def _check_group(cfg: TrainConfig, group: Group | None) -> None:

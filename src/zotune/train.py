@@ -29,6 +29,8 @@ from zotune.evaluate import accuracy, predict
 from zotune.files import save_tensors_atomic, write_text_atomic
 from zotune.optim.mezo import MezoStepper, direction_seed
 from zotune.optim.schedule import SCHEDULES
+from zotune.distributed import Group
+from zotune.engine.runner import Runner
 from zotune.optim.subsets import no_decay_names
 from zotune.records import RunRecords, kept_metrics
 from zotune.session import Session
@@ -42,8 +44,8 @@ class Run:
     session: Session
     run_dir: Path
     splits: dict                        # split -> examples
-    sequences: dict                     # split -> encoded prompts
-    step_fn: object                     # (step, sequences, labels, lr) -> (loss, grads, log entry)
+    sequences: dict                     # split -> what the runner packs: encoded prompts, or candidate examples
+    step_fn: object                     # (step, examples, labels, lr) -> (loss, grads, log entry)
     log: trajectory.TrajectoryWriter | None  # MeZO: the per-step trajectory log
     records: RunRecords | None          # None: a resumed run that had already finished
     first_step: int                     # 0, or where a resumed run goes on
@@ -346,9 +348,10 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
 
 def _mezo_stepper(cfg: TrainConfig, session: Session):
     """Single process: n-SPSA over cfg.n_spsa directions. Data parallel (torchrun): each rank
-    takes its shard of the batch and the losses are summed. Multi-direction
+    takes its shard of the batch (shard_step_batch) and the losses are summed. Multi-direction
     (--directions-per-rank d): rank r measures directions r*d .. r*d+d-1 on the whole batch.
-    Paired (session.paired): each direction's ± passes are one forward (runner.pair_loss)."""
+    Paired (session.paired): each direction's ± passes are one forward (runner.pair_loss).
+    A batch is a list of the runner's examples: encoded prompts, or CandidateExamples."""
     group, runner = session.group, session.runner
     n = cfg.n_spsa if group is None or cfg.directions_per_rank is None else group.world * cfg.directions_per_rank
     measures = combine = None
@@ -359,15 +362,23 @@ def _mezo_stepper(cfg: TrainConfig, session: Session):
     stepper = MezoStepper(runner, session.flat, cfg.eps, cfg.weight_decay, session.paired)
 
     @torch.inference_mode()
-    def step_fn(step, sequences, labels, lr):
+    def step_fn(step, examples, labels, lr):
         seeds = [direction_seed(cfg.seed, step, j) for j in range(n)]
         share = 1.0
         if group is not None and cfg.directions_per_rank is None:  # data parallel: my shard
-            share = len(group.shard(sequences)) / len(sequences)
-            sequences, labels = group.shard(sequences), labels[group.rank::group.world]
-        result = stepper(runner.pack(sequences), labels, seeds, lr, share, measures, combine)
+            examples, labels, share = shard_step_batch(group, runner, examples, labels)
+        result = stepper(runner.pack(examples), labels, seeds, lr, share, measures, combine)
         return result.loss, result.projected_grads, (seeds, result.projected_grads)  # the last for the log
     return step_fn
+
+
+def shard_step_batch(group: Group, runner: Runner, examples: list, labels: torch.Tensor
+                     ) -> tuple[list, torch.Tensor, float]:
+    """A data-parallel rank's shard of a step's batch, its labels, and its share of the batch's
+    loss weight (runner.loss_weight: examples, or a causal LM's gold tokens): the ranks' shard
+    losses, each scaled by its share, sum to the whole batch's loss."""
+    mine, my_labels = group.shard(examples), group.shard(labels)
+    return mine, my_labels, runner.loss_weight(mine, my_labels) / runner.loss_weight(examples, labels)
 
 
 def _adam_stepper(cfg: TrainConfig, session: Session):
@@ -378,12 +389,12 @@ def _adam_stepper(cfg: TrainConfig, session: Session):
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
     params = [p for _, p in trainable]
 
-    def step_fn(step, sequences, labels, lr):
+    def step_fn(step, examples, labels, lr):
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
         runner.model.train()  # dropout on, as in standard fine-tuning
         with runner.precision:  # the backward pass's matmuls in the run's precision too
-            loss = runner.loss(runner.pack(sequences), labels.to(runner.device, non_blocking=True))
+            loss = runner.loss(runner.pack(examples), labels.to(runner.device, non_blocking=True))
             loss.backward()
         if cfg.max_grad_norm > 0:  # HF Trainer's max_grad_norm, which the MeZO/LM-BFF fine-tuning runs keep at 1.0
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

@@ -210,6 +210,13 @@ class CausalRunner(Runner):
         return torch.stack([self._objective(sums[:n], lengths[:n], labels),
                             self._objective(sums[n:], lengths[n:], labels)])
 
+    def loss_weight(self, examples, labels: torch.Tensor) -> int:
+        """Runner.loss_weight: examples, or for "gold" the gold continuations' tokens, the loss's
+        denominator (_objective)."""
+        if self.objective == "gold":
+            return sum(len(e.candidate_ids[label]) for e, label in zip(examples, labels.tolist()))
+        return len(labels)
+
     def _objective(self, sums: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.objective == "gold":
             gold = labels[:, None]

@@ -132,6 +132,12 @@ class Runner:
             hidden = torch.cat([hidden, hidden])
         return run, hidden, start
 
+    def loss_weight(self, examples: list, labels: torch.Tensor) -> int:
+        """What the loss over `examples` averages over: one per example. A data-parallel rank
+        scales its shard's loss by its share of the batch's weight, so the ranks' sum is the
+        whole batch's loss (train.shard_step_batch)."""
+        return len(labels)
+
     def start_counting(self) -> None:
         """Every counter from zero (the cache keeps what it holds): what a run counts starts here."""
         self.stats = RunnerStats()
