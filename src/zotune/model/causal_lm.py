@@ -26,7 +26,7 @@ embedding size (OPT's word_embed_proj_dim, else E), N = query heads, G = key/val
 D = head dim, F = feed-forward size, V = vocabulary, P = prefix length, R = LoRA rank.
 """
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ from zotune.layers.batch import PackedBatch
 from zotune.layers.linear import ACTIVATIONS, linear
 from zotune.layers.norm import add_layer_norm, rms_norm
 from zotune.layers.rope import ROPE_TYPES, apply_rotary, inverse_frequencies, rotary_tables
-from zotune.model.roberta import LoRA, PairedModule
+from zotune.model.roberta import LanguageModel, LoRA, PairedModule
 
 FAMILIES = ("opt", "llama")
 
@@ -237,7 +237,7 @@ class Head(PairedModule):
         return linear(x, decoder, None)                                 # [S, V]
 
 
-class CausalLM(nn.Module):
+class CausalLM(LanguageModel):
     def __init__(self, cfg: CausalConfig):
         super().__init__()
         self.config = cfg
@@ -275,25 +275,6 @@ class CausalLM(nn.Module):
         cfg = self.config
         inv_freq = inverse_frequencies(cfg.dim, cfg.rope_theta, cfg.rope_scaling, batch.positions.device)
         return rotary_tables(batch.positions, inv_freq)
-
-    def layer_of(self, name: str) -> int:
-        """Where the parameter `name` sits in the forward order: -1 for the embeddings, i for
-        layer i (including the LoRA and prefix tensors attached to it), num_layers for the head."""
-        root, _, rest = name.partition(".")
-        if root == "embeddings":
-            return -1
-        if root == "layers":
-            return int(rest.split(".", 1)[0])
-        if root == "head":
-            return self.config.num_layers
-        raise KeyError(f"{name!r} is not a parameter name of this model")
-
-    def untie_decoder(self) -> None:
-        """Give the head a decoder of its own, a copy of the word embeddings (the logits do not
-        change). Already untied: nothing to do."""
-        if self.head.decoder is None:
-            self.head.decoder = nn.Parameter(self.embeddings.word.weight.detach().clone())
-            self.config = replace(self.config, tie_word_embeddings=False)
 
     def modules_from(self, start_layer: int) -> list[nn.Module]:
         """The modules whose tensors forward() reads when it starts at `start_layer`: the

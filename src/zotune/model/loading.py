@@ -357,13 +357,7 @@ def to_zotune_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig, architec
     decoder = _DECODER[ARCHITECTURES[architecture][1]]
     unexpected = [n for n in tensors if n not in expected and n not in _DECODER_BIAS.values()
                   and not n.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and n == decoder)]
-    if unexpected:
-        raise UserError(f"{source} has tensors zotune does not know: {', '.join(sorted(unexpected)[:5])}; "
-                        f"is it a {architecture} checkpoint?")
-    missing = sorted(expected - tensors.keys())
-    if missing:
-        raise UserError(f"{source} lacks tensor(s) {', '.join(missing[:5])}"
-                        f"{' ...' if len(missing) > 5 else ''}; the checkpoint is incomplete")
+    _check_names(unexpected, expected, tensors, source, f"is it a {architecture} checkpoint?")
     state: dict[str, torch.Tensor] = {}
     stacks: dict[str, list] = {}
     for hf, zt, index in rows:
@@ -374,6 +368,17 @@ def to_zotune_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig, architec
     for zt, parts in stacks.items():
         state[zt] = torch.cat(parts)
     return state
+
+
+def _check_names(unexpected: list[str], expected: set[str], tensors: dict, source: str, hint: str) -> None:
+    """The strict part of the name map, for either model kind: no tensor it does not name (but
+    those the caller lets pass), and every tensor it names."""
+    if unexpected:
+        raise UserError(f"{source} has tensors zotune does not know: {', '.join(sorted(unexpected)[:5])}; {hint}")
+    missing = sorted(expected - tensors.keys())
+    if missing:
+        raise UserError(f"{source} lacks tensor(s) {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''}; the checkpoint is incomplete")
 
 
 def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig | CausalConfig,
@@ -398,13 +403,8 @@ def _causal_state(tensors: dict[str, torch.Tensor], cfg: CausalConfig, architect
     expected = {hf for hf, _, _ in rows}
     unexpected = [n for n in tensors if n not in expected and not n.endswith(_CAUSAL_IGNORED_SUFFIXES)
                   and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
-    if unexpected:
-        raise UserError(f"{source} has tensors zotune does not know: {', '.join(sorted(unexpected)[:5])}; "
-                        f"is it a {architecture} checkpoint, and does its config.json match it?")
-    missing = sorted(expected - tensors.keys())
-    if missing:
-        raise UserError(f"{source} lacks tensor(s) {', '.join(missing[:5])}"
-                        f"{' ...' if len(missing) > 5 else ''}; the checkpoint is incomplete")
+    _check_names(unexpected, expected, tensors, source,
+                 f"is it a {architecture} checkpoint, and does its config.json match it?")
     state: dict[str, torch.Tensor] = {}
     stacks: dict[str, dict[int, torch.Tensor]] = {}
     for hf, zt, index in rows:

@@ -208,26 +208,9 @@ class MLMHead(PairedModule):
         return linear(h, decoder, bias)                                 # [M, C] or [M, V]
 
 
-class MaskedLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.config = cfg
-        self.embeddings = Embeddings(cfg)
-        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
-        self.head = MLMHead(cfg)
-
-    def forward(self, batch: PackedBatch, label_word_ids: torch.Tensor | None = None,
-                hidden: torch.Tensor | None = None, start_layer: int = 0) -> torch.Tensor:
-        """Logits at each sequence's <mask>: [M, C] for the given label words, else [M, V].
-        `hidden` [T, E], if given, is the input of layer `start_layer` (from the trunk cache)."""
-        x = self.embeddings(batch) if hidden is None else hidden           # [T, E]
-        layers = self.layers[start_layer:]
-        for layer in layers[:-1]:
-            x = layer(x, batch)
-        # The head reads the <mask> rows only, so the last layer computes only those rows (and
-        # every token's keys and values): exact, and most of a step's work above a cached trunk.
-        x = layers[-1](x, batch, masks_only=True) if len(layers) else x[batch.mask_index]  # [M, E]
-        return self.head(x, self.embeddings.word.weight, label_word_ids, batch)
+class LanguageModel(nn.Module):
+    """What the runner, the subsets and the exports ask of either model kind (MaskedLM below,
+    CausalLM in model/causal_lm.py), both laid out as embeddings, layers, head."""
 
     def layer_of(self, name: str) -> int:
         """Where the parameter `name` sits in the forward order: -1 for the embeddings, i for
@@ -248,6 +231,28 @@ class MaskedLM(nn.Module):
         if self.head.decoder is None:
             self.head.decoder = nn.Parameter(self.embeddings.word.weight.detach().clone())
             self.config = replace(self.config, tie_word_embeddings=False)
+
+
+class MaskedLM(LanguageModel):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        self.head = MLMHead(cfg)
+
+    def forward(self, batch: PackedBatch, label_word_ids: torch.Tensor | None = None,
+                hidden: torch.Tensor | None = None, start_layer: int = 0) -> torch.Tensor:
+        """Logits at each sequence's <mask>: [M, C] for the given label words, else [M, V].
+        `hidden` [T, E], if given, is the input of layer `start_layer` (from the trunk cache)."""
+        x = self.embeddings(batch) if hidden is None else hidden           # [T, E]
+        layers = self.layers[start_layer:]
+        for layer in layers[:-1]:
+            x = layer(x, batch)
+        # The head reads the <mask> rows only, so the last layer computes only those rows (and
+        # every token's keys and values): exact, and most of a step's work above a cached trunk.
+        x = layers[-1](x, batch, masks_only=True) if len(layers) else x[batch.mask_index]  # [M, E]
+        return self.head(x, self.embeddings.word.weight, label_word_ids, batch)
 
     def modules_from(self, start_layer: int) -> list[nn.Module]:
         """The modules whose tensors forward() reads when it starts at `start_layer`: the
