@@ -31,14 +31,13 @@ from zotune.distributed import Group, init_from_env, rank_device
 from zotune.engine.candidates import CausalRunner
 from zotune.engine.runner import ModelRunner, resolve_device
 from zotune.errors import UserError
-from zotune.evaluate import CausalPrompt, causal_runner, encode, load_causal_prompt, load_prompt
+from zotune.evaluate import CausalPrompt, causal_runner, load_causal_prompt, load_prompt, split_inputs
 from zotune.model.causal_lm import CausalLM
 from zotune.model.loading import is_causal_checkpoint, load_model, resolve_model_dir
 from zotune.model.roberta import MaskedLM
 from zotune.optim.flat import FlatParameters
 from zotune.optim.subsets import SubsetOptions, attach_pair_weights, no_decay_names, pair_owners, select_trainable
 from zotune.tasks.causal import CausalTask
-from zotune.tasks.data import load_split
 from zotune.tasks.tasks import Task
 from zotune.tasks.templates import PromptTemplate
 
@@ -103,12 +102,9 @@ class Session:
     def read_splits(self, data_dir: Path) -> tuple[dict, dict]:
         """The train, dev and test examples of the run's task, and what the runner packs of each:
         a masked LM's encoded prompts, or a causal LM's candidate examples themselves."""
-        cfg, names = self.cfg, ("train", "dev", "test")
-        if isinstance(self.prompt, CausalPrompt):
-            splits = {s: self.prompt.examples(s, data_dir, cfg.k, cfg.seed) for s in names}
-            return splits, splits
-        splits = {s: load_split(self.task, data_dir, cfg.k, cfg.seed, s) for s in names}
-        return splits, {s: encode(self.prompt, examples) for s, examples in splits.items()}
+        read = {s: split_inputs(self.task, self.prompt, data_dir, self.cfg.k, self.cfg.seed, s)
+                for s in ("train", "dev", "test")}
+        return {s: examples for s, (examples, _) in read.items()}, {s: inputs for s, (_, inputs) in read.items()}
 
 
 def _check_causal(cfg: TrainConfig, device: torch.device) -> None:
