@@ -7,6 +7,8 @@
 #           against this tree, in the same call (issue 20), small settings
 #   causal  the GPU tests of the causal path (issue 22): candidate scoring, causal training,
 #           model parity, layers (pytest -m gpu on those files)
+#   large   benchmarks/causal_step.py: MeZO's large_models reference step against zotune's, random
+#           OPT-1.3B and Llama-3.2-1B shapes, batch 16 (ms, peak memory, against zotune's forward)
 #   prefix  benchmarks/prefix_sharing.py on CUDA: random OPT-1.3B and OPT-125M shapes, bf16,
 #           SST-2- and COPA-shaped batches of 16 (tokens computed and ms per forward, shared / plain)
 #   probe   the causal table's speed: a random checkpoint of tools/pretrain_clm.py's default shape
@@ -86,6 +88,7 @@ for p in $PHASES; do
         phase reuse_after 75 python benchmarks/reuse.py --steps 32 --k 16 512 --only top:1 lora-pair ;;
     causal) phase causal 200 python -m pytest -q -m gpu tests/engine/test_candidates.py tests/test_causal_train.py \
                 tests/model tests/layers ;;
+    large) phase large 300 python benchmarks/causal_step.py --steps 10 ;;
     prefix)
         phase prefix_opt1.3b 90 python benchmarks/prefix_sharing.py --device cuda --size opt-1.3b --precision bf16
         phase prefix_opt125m 45 python benchmarks/prefix_sharing.py --device cuda --size opt-125m --precision bf16 ;;
@@ -97,7 +100,7 @@ torch.manual_seed(0); save_hf(build_model(ClmConfig()), Path("out/clm-random"), 
         phase probe 180 python tools/fewshot_table.py --model out/clm-random --device cuda --runs-per-device 12 \
             --ks 512 --methods "MeZO (full),Adam (full)" --mezo-steps 300 --deadline 110 --runs-dir out/probe \
             --output out/probe/table.json ;;
-    *) echo "unknown phase $p (tests, gap, speed, causal, prefix, probe)"; exit 2 ;;
+    *) echo "unknown phase $p (tests, gap, speed, causal, large, prefix, probe)"; exit 2 ;;
     esac
 done
 
@@ -106,6 +109,7 @@ cat "$OUT/summary.txt"
 [ -f "$OUT/tests.log" ] && tail -n 15 "$OUT/tests.log" | grep -E "passed|failed|error|FAILED|ERROR"
 [ -f "$OUT/gap.log" ] && grep -E "^\||^MeZO projected" "$OUT/gap.log"
 [ -f "$OUT/causal.log" ] && tail -n 15 "$OUT/causal.log" | grep -E "passed|failed|error|FAILED|ERROR"
+[ -f "$OUT/large.log" ] && grep -E "^\|" "$OUT/large.log" | tail -n 6
 for f in "$OUT"/prefix_*.log; do [ -f "$f" ] && grep -E "^device|^sst2|^copa" "$f"; done
 [ -d out/probe ] && python3 - out/probe <<'EOF'
 # The probe's runs: steps/s of a run while 12 share the GPU and its seconds outside the steps, per

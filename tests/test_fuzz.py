@@ -387,7 +387,9 @@ def test_a_missing_optional_dependency_names_its_extra(capsys, monkeypatch, tmp_
     ["train", "--task", "boolq", "--seed", "0"], ["train", "--trainable", "top:9"],
     ["eval", "--template", "*cls*"], ["eval", "--label-words", "bad,good"], ["eval", "--data", "data.tsv"],
     ["eval", "--task", "squad", "--seed", "0"], ["eval", "--task", "nope"], ["eval", "--k", "7"],
-    ["eval", "--task", "wic", "--seed", "3"], ["predict", "--text", "fine"],
+    ["eval", "--task", "wic", "--seed", "3"], ["predict", "--text", "a\tb"], ["predict", "--text", " "],
+    ["predict", "--task", "copa", "--text", "not json"], ["predict", "--task", "copa", "--text", "[1, 2]"],
+    ["predict", "--task", "copa", "--text", '{"premise": "It rained."}'], ["predict", "--task", "squad", "--text", "x"],
 ], ids=lambda a: " ".join(a))
 def test_bad_causal_inputs_are_refused(capsys, tmp_path, tiny_causal_dir, args):
     run = tmp_path / "run"

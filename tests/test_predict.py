@@ -44,3 +44,29 @@ def test_predict_two_sentence_task_and_errors(tiny_mlm_dir, capsys):
                  "--text", "only a premise"]) == 2
     err = capsys.readouterr().err
     assert "2 sentences" in err and err.count("\n") == 1
+
+
+def test_predict_on_a_causal_lm_prints_candidate_probabilities(tiny_causal_dir, capsys):
+    from zotune.cli import _candidate_scores
+    texts = ["a gorgeous , witty film", "boring and flat"]
+    args = ["predict", "--model", str(tiny_causal_dir), "--task", "sst2", "--device", "cpu"]
+    assert main(args + [a for t in texts for a in ("--text", t)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    prompted = build(str(tiny_causal_dir), "sst2", device="cpu")
+    scores, _ = _candidate_scores(prompted.runner, [prompted.prompt.example_from_text(t) for t in texts], 8)
+    for line, row in zip(lines, torch.softmax(scores, -1).tolist()):
+        match = LINE.match(line)  # the candidates " terrible" / " great", as text
+        assert match, line
+        assert float(match[1]) == pytest.approx(row[0], abs=0.006) and float(match[2]) == pytest.approx(row[1], abs=0.006)
+        assert match[3] == ("great" if row[1] > row[0] else "terrible")
+    # a SuperGLUE task takes a JSON record of its template's fields (COPA lower-cases a choice, as MeZO's
+    # template); a bad one is one line
+    record = '{"premise": "The man broke his toe.", "question": "cause", "choice1": "He dropped a hammer on his foot.", ' \
+             '"choice2": "He got a hole in his sock."}'
+    assert main(["predict", "--model", str(tiny_causal_dir), "--task", "copa", "--device", "cpu", "--text", record]) == 0
+    assert re.match(r"^he dropped a hammer on his foot\. \d\.\d\d  he got a hole in his sock\. \d\.\d\d  -> he ",
+                    capsys.readouterr().out)
+    assert main(["predict", "--model", str(tiny_causal_dir), "--task", "copa", "--device", "cpu",
+                 "--text", "not json"]) == 2
+    err = capsys.readouterr().err
+    assert "JSON object" in err and err.count("\n") == 1

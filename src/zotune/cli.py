@@ -126,10 +126,11 @@ def _export_parser(sub) -> argparse.ArgumentParser:
 
 
 def _predict_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("predict", help="print label-word probabilities for sentences")
+    p = sub.add_parser("predict", help="print label-word (a causal LM: candidate) probabilities for texts")
     _add_model_options(p)
     p.add_argument("--text", action="append", required=True,
-                   help="a sentence (repeat for more); for two-sentence tasks separate them with a tab")
+                   help="a sentence (repeat for more); for two-sentence tasks separate them with a tab; for "
+                        "a causal LM's SuperGLUE task, a JSON object of the template's fields")
     p.add_argument("--template")
     p.add_argument("--label-words")
     p.add_argument("--max-length", type=_at_least_1)
@@ -258,31 +259,44 @@ def _run_export(args) -> None:
 
 
 def _run_predict(args) -> None:
-    import torch
     from zotune.config import DEFAULT_MODEL
-    from zotune.evaluate import build, get_task, predict
-    from zotune.model.loading import is_causal_checkpoint, resolve_model_dir
-    if is_causal_checkpoint(resolve_model_dir(args.model or str(DEFAULT_MODEL))):
-        raise UserError("zotune predict prints a masked LM's label-word probabilities; score a causal LM's "
-                        "candidates with zotune eval --model DIR --task T --predictions OUT.jsonl")
-    # Each --text must be an example of the task: its sentences tab-separated, none empty.
-    wanted = len(get_task(args.task).text_columns)
-    for text in args.text:
-        parts = text.split("\t")
-        if len(parts) != wanted or not all(p.strip() for p in parts):
-            raise UserError(f"--text {text!r}: task {args.task} takes {wanted} "
-                            f"{'sentences per --text, separated by a tab' if wanted > 1 else 'sentence per --text'}"
-                            f", none empty")
+    from zotune.evaluate import CausalPrompt, build
     prompted = build(args.model or str(DEFAULT_MODEL), args.task, tokenizer=args.tokenizer,
                      template=args.template, label_words=args.label_words, max_length=args.max_length,
                      device=args.device)
-    sentences = [tuple(text.split("\t")) for text in args.text]
+    scored = _causal_predictions if isinstance(prompted.prompt, CausalPrompt) else _masked_predictions
+    for names, row in scored(prompted, args.text):
+        scores = "  ".join(f"{w} {p:.2f}" for w, p in zip(names, row))
+        print(f"{scores}  -> {names[max(range(len(row)), key=row.__getitem__)]}")
+
+
+def _masked_predictions(prompted, texts: list[str]) -> list[tuple[list[str], list[float]]]:
+    """Per --text: the label words and their probabilities at the <mask>."""
+    import torch
+    from zotune.evaluate import predict
+    # Each --text must be an example of the task: its sentences tab-separated, none empty.
+    wanted = len(prompted.task.text_columns)
+    for text in texts:
+        parts = text.split("\t")
+        if len(parts) != wanted or not all(p.strip() for p in parts):
+            raise UserError(f"--text {text!r}: task {prompted.task.name} takes {wanted} "
+                            f"{'sentences per --text, separated by a tab' if wanted > 1 else 'sentence per --text'}"
+                            f", none empty")
+    sentences = [tuple(text.split("\t")) for text in texts]
     probs = torch.softmax(predict(prompted.runner, [prompted.prompt.encode(s) for s in sentences], 64), -1)  # [N, C]
-    words = prompted.prompt.tokenizer.convert_ids_to_tokens(prompted.prompt.label_word_ids)
-    words = [prompted.prompt.tokenizer.convert_tokens_to_string([w]).strip() for w in words]
-    for row in probs.tolist():
-        scores = "  ".join(f"{w} {p:.2f}" for w, p in zip(words, row))
-        print(f"{scores}  -> {words[max(range(len(row)), key=row.__getitem__)]}")
+    tokenizer = prompted.prompt.tokenizer
+    words = [tokenizer.convert_tokens_to_string([w]).strip()
+             for w in tokenizer.convert_ids_to_tokens(prompted.prompt.label_word_ids)]
+    return [(words, row) for row in probs.tolist()]
+
+
+def _causal_predictions(prompted, texts: list[str]) -> list[tuple[list[str], list[float]]]:
+    """Per --text: its candidates (as text) and the softmax of their scores, what a causal LM
+    predicts with (CausalRunner.logits)."""
+    import torch
+    examples = [prompted.prompt.example_from_text(text) for text in texts]
+    scores, _ = _candidate_scores(prompted.runner, examples, 64)
+    return [(prompted.prompt.candidate_texts(e), row) for e, row in zip(examples, torch.softmax(scores, -1).tolist())]
 
 
 def _run_plot(args) -> None:

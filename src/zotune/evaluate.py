@@ -17,7 +17,7 @@ from zotune.engine.runner import ModelRunner, resolve_device
 from zotune.errors import UserError
 from zotune.files import write_text_atomic
 from zotune.model.loading import is_causal_checkpoint, load_model, read_hf_config, resolve_model_dir
-from zotune.tasks.causal import CAUSAL_TASKS, CandidateExample, CausalTask, load_examples
+from zotune.tasks.causal import CAUSAL_TASKS, CandidateExample, CausalTask, load_examples, to_example
 from zotune.tasks.data import Example, load_split
 from zotune.tasks.tasks import TASKS, Task
 from zotune.tasks.templates import PromptTemplate, parse_label_words
@@ -36,6 +36,31 @@ class CausalPrompt:
         (the six encoder tasks), else MeZO's 1,000/500/1,000 sample of `seed` (the SuperGLUE tasks)."""
         return load_examples(self.task.name, split, self.tokenizer, bos=self.bos, data_dir=data_dir,
                              k=k if self.task.kshot else None, seed=seed, max_length=self.max_length)
+
+    def example_from_text(self, text: str) -> CandidateExample:
+        """One unlabelled example given as text (`zotune predict --text`): the task's sentences
+        tab-separated where it has k-shot fields, else a JSON object of its template's fields."""
+        if self.task.fields:
+            parts = text.split("\t")
+            if len(parts) != len(self.task.fields) or not all(p.strip() for p in parts):
+                n = len(self.task.fields)
+                raise UserError(f"--text {text!r}: task {self.task.name} takes {n} "
+                                f"{'sentences per --text, separated by a tab' if n > 1 else 'sentence per --text'}"
+                                ", none empty")
+            record = dict(zip(self.task.fields, parts))
+        else:
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                raise UserError(f"--text {text[:40]!r}: task {self.task.name} takes a JSON object of its template's "
+                                f"fields per --text, e.g. as a line of its data/mezo-large sample")
+        return to_example(self.task, {**record, "label": None}, self.tokenizer, self.bos, self.max_length)
+
+    def candidate_texts(self, example: CandidateExample) -> list[str]:
+        """The example's continuations as text, in label order: the names predict prints."""
+        return [self.tokenizer.decode(list(ids)).strip() for ids in example.candidate_ids]
 
 
 @dataclass
