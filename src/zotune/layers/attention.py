@@ -30,6 +30,8 @@ Shape notation: T = packed tokens, B = sequences, M = <mask> queries, P = prefix
 G = key/value heads (N, or fewer under grouped-query attention), D = head dim.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -117,10 +119,24 @@ def _flash_varlen(q, k, v, batch, prefix_k, prefix_v, causal=False):
     dtype = q.dtype
     q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     k, v, cu_k, max_k = _keys_of_sequences(k, v, batch, prefix_k, prefix_v)
+    grouped = {}
+    if k.shape[1] != q.shape[1]:
+        if _varlen_takes_gqa():
+            grouped = {"enable_gqa": True}
+        else:  # torch < 2.13's varlen_attn: each key/value head repeated for its group of query heads
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))  # [T_k, N, D]
     # window (-1, 0) is FlashAttention's causal mask, aligned bottom-right: past the prefix and context.
     out = varlen_attn(q, k, v, batch.cu_seqlens, cu_k, batch.max_seqlen, max_k,
-                      window_size=(-1, 0) if causal else (-1, -1), enable_gqa=k.shape[1] != q.shape[1])
+                      window_size=(-1, 0) if causal else (-1, -1), **grouped)
     return out.to(dtype)
+
+
+@functools.cache
+def _varlen_takes_gqa() -> bool:
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 def _dense_float32(q, k, v, batch, prefix_k, prefix_v, causal=False):
