@@ -26,6 +26,10 @@
 # TESTS_LIMIT=S raises the tests' limit, for a call that shares the GPU with other work.
 # or in two calls if one runs long: "bash benchmarks/gpu_session.sh tests gap", then "... speed".
 #
+# A held machine goes back after 30 s idle, and whatever ran on it in the background with it
+# (session 13 lost a running table that way, to a 21-second CPU test between two calls): issue
+# the next call at once, and do the work here during a call, not between calls.
+#
 # Issue 22 (decoder-only demonstration): three calls on one H100, back to back (a machine left
 # idle goes back, and a fresh one costs minutes), about 24 minutes of device time in all. A call
 # returns at most 8 files of 16 MiB and carries at most 64 MiB; the tracked tree is 55 MB, 36 MB
