@@ -58,6 +58,15 @@ def tiny_causal_dir(request, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def made_up_data(tmp_path_factory):
+    """Made-up SuperGLUE and SQuAD originals (`.originals`) and a data folder (`.data`, for
+    `--data-dir` / `data_dir=`) holding their seed-0 MeZO samples: the samples of these tasks
+    are not shipped (data/SOURCES.md), so every test that reads one reads these."""
+    from tests.made_up_data import write_made_up_data
+    return write_made_up_data(tmp_path_factory.mktemp("made-up"))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """The tiny model's per-sequence attention calls take microseconds: intra-op threads only add

@@ -61,12 +61,45 @@ def test_predict_on_a_causal_lm_prints_candidate_probabilities(tiny_causal_dir, 
         assert match[3] == ("great" if row[1] > row[0] else "terrible")
     # a SuperGLUE task takes a JSON record of its template's fields (COPA lower-cases a choice, as MeZO's
     # template); a bad one is one line
-    record = '{"premise": "The man broke his toe.", "question": "cause", "choice1": "He dropped a hammer on his foot.", ' \
-             '"choice2": "He got a hole in his sock."}'
+    record = '{"premise": "The lamp went dark.", "question": "cause", "choice1": "The bulb burned out.", ' \
+             '"choice2": "I opened a window."}'
     assert main(["predict", "--model", str(tiny_causal_dir), "--task", "copa", "--device", "cpu", "--text", record]) == 0
-    assert re.match(r"^he dropped a hammer on his foot\. \d\.\d\d  he got a hole in his sock\. \d\.\d\d  -> he ",
+    assert re.match(r"^the bulb burned out\. \d\.\d\d  I opened a window\. \d\.\d\d  -> (the|I) ",
                     capsys.readouterr().out)
     assert main(["predict", "--model", str(tiny_causal_dir), "--task", "copa", "--device", "cpu",
                  "--text", "not json"]) == 2
     err = capsys.readouterr().err
     assert "JSON object" in err and err.count("\n") == 1
+
+
+def test_predict_squad_prints_the_generated_answer(tiny_causal_dir, capsys):
+    """A generation task's --text is a record without answers; predict prints the greedy answer,
+    the one transformers' generate gives on the prompt that eval would build for that record."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from zotune.evaluate import MAX_NEW_TOKENS, stop_tokens
+    from zotune.tasks.causal import CAUSAL_TASKS, to_example
+    records = [{"title": "Old_Mill", "context": "Ann Ray built the mill in 1901.", "question": "Who built the mill?"},
+               {"title": "Pond", "context": "The pond froze.", "question": "What froze?"}]
+    args = ["predict", "--model", str(tiny_causal_dir), "--task", "squad", "--device", "cpu"]
+    assert main(args + [a for r in records for a in ("--text", json.dumps(r))]) == 0
+    printed = capsys.readouterr().out
+    assert main(args + ["--text", json.dumps({"title": "T", "question": "Who?"})]) == 2  # no context: one line
+    err = capsys.readouterr().err
+    assert "no field 'context'" in err and err.count("\n") == 1
+    prompted = build(str(tiny_causal_dir), "squad", device="cpu")
+    tokenizer, want = prompted.prompt.tokenizer, []
+    hf = AutoModelForCausalLM.from_pretrained(tiny_causal_dir, dtype=torch.float32).eval()
+    for record in records:
+        example = prompted.prompt.example_from_text(json.dumps(record))
+        gold = to_example(CAUSAL_TASKS["squad"], {**record, "answers": ["Ann"]}, tokenizer, prompted.prompt.bos)
+        assert example.prompt_ids == gold.prompt_ids and example.label is None and example.answers == ()
+        ids = torch.tensor([example.prompt_ids])
+        with torch.inference_mode():
+            new = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
+                              max_new_tokens=MAX_NEW_TOKENS, eos_token_id=sorted(stop_tokens(tokenizer)),
+                              pad_token_id=1)[0, ids.shape[1]:]
+        want.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    assert printed == "".join(answer + "\n" for answer in want)

@@ -192,12 +192,12 @@ def test_a_second_buffer_saves_a_sweep_and_changes_no_bit(tmp_path, tiny_mlm_dir
 def test_train_time_leaves_out_dev_evaluations(tmp_path, tiny_mlm_dir, monkeypatch):
     import time
     import zotune.train as train_module
-    real_predict = train_module.predict
+    real_sums = train_module.metric_sums
 
-    def slow_predict(*args, **kwargs):  # every evaluation takes at least 0.3 s more
+    def slow_sums(*args, **kwargs):  # every evaluation takes at least 0.3 s more
         time.sleep(0.3)
-        return real_predict(*args, **kwargs)
-    monkeypatch.setattr(train_module, "predict", slow_predict)
+        return real_sums(*args, **kwargs)
+    monkeypatch.setattr(train_module, "metric_sums", slow_sums)
     summary, _ = _run(tmp_path, tiny_mlm_dir, "run")  # 2 dev evaluations in the loop, dev and test after it
     assert 0 < summary["train_time_s"] <= summary["wall_time_s"] - 4 * 0.3
     assert summary["steps_per_s"] == pytest.approx(6 / summary["train_time_s"])

@@ -4,9 +4,9 @@
 
 DIR holds the originals in their published layout: SuperGLUE's `RTE/ CB/ COPA/ BoolQ/ WiC/ WSC/
 MultiRC/` folders with `train.jsonl` and `val.jsonl`, `SQuAD/train-v1.1.json` and
-`dev-v1.1.json`, and `SST-2/glue/` (this repository's data/ folder has that one, so
-`--originals data sst2` works offline). Tasks whose originals are missing are skipped with a
-line saying so. Each written file is `<out>/mezo-large/<Task>/<seed>/<split>.jsonl.xz`; the
+`dev-v1.1.json` (tools/squad_from_explorer.py rebuilds them), and `SST-2/glue/` (this
+repository's data/ folder has that one, so `--originals data sst2` works offline). Tasks whose
+originals are missing are skipped with a line saying so. Each written file is `<out>/mezo-large/<Task>/<seed>/<split>.jsonl.xz`; the
 printed sha256 is of the uncompressed text, the value data/SOURCES.md records. The sampling
 itself is `zotune.tasks.mezo_sample` (its docstring says how the reference samples).
 """

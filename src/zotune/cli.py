@@ -111,8 +111,9 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=_at_least_1)
     p.add_argument("--batch-size", type=_at_least_1, default=64)
     p.add_argument("--device", default="auto")
-    p.add_argument("--predictions", help="write one JSON line per example here")
-    p.add_argument("--output", help="write {accuracy, n} here")
+    p.add_argument("--predictions", help="write one JSON line per example here (a generation task: answers, "
+                   "prediction, f1, em)")
+    p.add_argument("--output", help="write {accuracy, n} here ({f1, em, n} for a generation task)")
     return p
 
 
@@ -126,7 +127,8 @@ def _export_parser(sub) -> argparse.ArgumentParser:
 
 
 def _predict_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("predict", help="print label-word (a causal LM: candidate) probabilities for texts")
+    p = sub.add_parser("predict", help="print label-word (a causal LM: candidate) probabilities for texts, "
+                                       "or (SQuAD) the generated answer")
     _add_model_options(p)
     p.add_argument("--text", action="append", required=True,
                    help="a sentence (repeat for more); for two-sentence tasks separate them with a tab; for "
@@ -204,8 +206,9 @@ def result_lines(summary: dict) -> str:
     def pair(split):
         before = zero.get(f"{split}_accuracy")
         return (f"{before:.3f} -> " if before is not None else "") + f"{summary[f'{split}_accuracy']:.3f}"
+    metric = "" if summary.get("metric", "accuracy") == "accuracy" else f" {summary['metric']}"
     return (f"{summary['optimizer']} {summary['trainable']} on {summary['task']} k={summary['k']} "
-            f"seed {summary['seed']}: dev {pair('dev')}, test {pair('test')}"
+            f"seed {summary['seed']}: dev{metric} {pair('dev')}, test{metric} {pair('test')}"
             f"{' (zero-shot -> fine-tuned)' if zero else ''}\n"
             f"{summary['steps']} steps (best dev at step {summary['best_step']}) in {summary['wall_time_s']:.1f} s "
             f"on {summary['device']}; run directory {summary.get('run_dir', '')}")
@@ -229,6 +232,8 @@ def _run_eval(args) -> None:
             raise UserError("--data reads masked-LM task files; a causal LM reads the task's k-shot split or MeZO "
                             "sample (--split, --k, --seed, --data-dir); drop --data")
         examples = prompted.prompt.examples(args.split, data_dir, args.k, args.seed)
+        if prompted.task.generation:
+            return _run_generation_eval(args, prompted, examples)
         logits, extra = _candidate_scores(prompted.runner, examples, args.batch_size)
     else:
         examples = load_file(prompted.task, Path(args.data)) if args.data else \
@@ -237,6 +242,20 @@ def _run_eval(args) -> None:
     result = {"accuracy": accuracy(logits, examples), "n": len(examples)}
     if args.predictions:
         write_predictions(Path(args.predictions), logits, examples, extra)
+    _report_eval(args, result)
+
+
+def _run_generation_eval(args, prompted, examples) -> None:
+    """A generation task (SQuAD): greedy answers scored by F1 and EM (evaluate.generation_results)."""
+    from zotune.evaluate import generation_results, generation_sums, write_generations
+    results = generation_results(prompted.runner, prompted.prompt, examples, args.batch_size)
+    result = {**{name: total / len(results) for name, total in generation_sums(results).items()}, "n": len(results)}
+    if args.predictions:
+        write_generations(Path(args.predictions), results)
+    _report_eval(args, result)
+
+
+def _report_eval(args, result: dict) -> None:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
@@ -260,11 +279,17 @@ def _run_export(args) -> None:
 
 def _run_predict(args) -> None:
     from zotune.config import DEFAULT_MODEL
-    from zotune.evaluate import CausalPrompt, build
+    from zotune.evaluate import CausalPrompt, build, generate_answers
     prompted = build(args.model or str(DEFAULT_MODEL), args.task, tokenizer=args.tokenizer,
                      template=args.template, label_words=args.label_words, max_length=args.max_length,
                      device=args.device)
-    scored = _causal_predictions if isinstance(prompted.prompt, CausalPrompt) else _masked_predictions
+    causal = isinstance(prompted.prompt, CausalPrompt)
+    if causal and prompted.task.generation:  # SQuAD: the greedy answer, one line per --text
+        for answer in generate_answers(prompted.runner, prompted.prompt,
+                                       [prompted.prompt.example_from_text(t) for t in args.text], 64):
+            print(answer)
+        return
+    scored = _causal_predictions if causal else _masked_predictions
     for names, row in scored(prompted, args.text):
         scores = "  ".join(f"{w} {p:.2f}" for w, p in zip(names, row))
         print(f"{scores}  -> {names[max(range(len(row)), key=row.__getitem__)]}")

@@ -3,7 +3,10 @@
 Used by `zotune eval` (zero-shot or any checkpoint) and by training's dev/test evaluation.
 A masked LM scores a task through its LM-BFF prompt (PromptTemplate, label words); a causal LM
 through the task's candidates (CausalPrompt, tasks/causal.py, engine/candidates.py), whose
-scores take the place of the label-word logits everywhere (predict, accuracy).
+scores take the place of the label-word logits everywhere (predict, accuracy). A generation
+task (SQuAD) is scored on the answers a causal LM generates greedily (engine/generate.py) by
+F1 and exact match (tasks/squad.py): `metric_names` says which metrics a task has, the first
+being the one dev selection uses, and `metric_sums` is where every split is scored.
 """
 
 import json
@@ -13,12 +16,14 @@ from pathlib import Path
 import torch
 
 from zotune.engine.candidates import CausalRunner
+from zotune.engine.generate import greedy
 from zotune.engine.runner import ModelRunner, resolve_device
 from zotune.errors import UserError
 from zotune.files import write_text_atomic
 from zotune.model.loading import is_causal_checkpoint, load_model, read_hf_config, resolve_model_dir
 from zotune.tasks.causal import CAUSAL_TASKS, CandidateExample, CausalTask, load_examples, to_example
 from zotune.tasks.data import Example, load_split
+from zotune.tasks.squad import exact_match, f1
 from zotune.tasks.tasks import TASKS, Task
 from zotune.tasks.templates import PromptTemplate, parse_label_words
 
@@ -56,6 +61,9 @@ class CausalPrompt:
             if not isinstance(record, dict):
                 raise UserError(f"--text {text[:40]!r}: task {self.task.name} takes a JSON object of its template's "
                                 f"fields per --text, e.g. as a line of its data/mezo-large sample")
+        if self.task.generation:  # the answer is what predict generates: an empty one only completes the template
+            example = to_example(self.task, {**record, "answers": [""]}, self.tokenizer, self.bos, self.max_length)
+            return CandidateExample(example.prompt_ids, (), None)
         return to_example(self.task, {**record, "label": None}, self.tokenizer, self.bos, self.max_length)
 
     def candidate_texts(self, example: CandidateExample) -> list[str]:
@@ -114,9 +122,6 @@ def load_causal_prompt(model: str, task_name: str, tokenizer: str | None = None,
     if task_name not in CAUSAL_TASKS:
         raise UserError(f"unknown --task {task_name!r} for a causal LM; choose one of {', '.join(CAUSAL_TASKS)}")
     task = CAUSAL_TASKS[task_name]
-    if task.generation:
-        raise UserError(f"--task {task_name} is scored by generation (F1 / EM), which zotune does not run yet; "
-                        "choose a classification task")
     model_dir = None if tokenizer else resolve_model_dir(model)
     tok = load_tokenizer(model_dir, tokenizer)
     return task, CausalPrompt(task, tok, leading_token(tok), max_length)
@@ -183,6 +188,80 @@ def predict_candidates(runner: CausalRunner, examples: list[CandidateExample], b
     chunks = [runner.candidate_logprobs(runner.pack(examples[i:i + batch_size]))
               for i in range(0, len(examples), batch_size)]
     return torch.cat([s for s, _ in chunks]).cpu(), torch.cat([n for _, n in chunks]).cpu()
+
+
+MAX_NEW_TOKENS = 50  # the reference's max_new_tokens (MeZO large_models/run.py)
+
+
+def stop_tokens(tokenizer) -> frozenset[int]:
+    """What ends a generated answer, as the reference's eos_token_id list: the last token of
+    "\\n" alone (its eos_token) and the tokenizer's eos."""
+    newline = tokenizer.encode("\n", add_special_tokens=False)[-1]
+    return frozenset([newline] + ([] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]))
+
+
+def generation_prompt(example: CandidateExample, prompt: CausalPrompt, max_new_tokens: int) -> tuple[int, ...]:
+    """The example's prompt ids cut from the left, after bos, so that `max_new_tokens` more fit
+    in max_length (the reference's encode_prompt truncates a generation prompt so)."""
+    if prompt.max_length is None:
+        return example.prompt_ids
+    head = 0 if prompt.bos is None else 1
+    room = prompt.max_length - max_new_tokens - head
+    if room < 1:
+        raise UserError(f"max_length {prompt.max_length} leaves no room for a prompt and {max_new_tokens} "
+                        "generated tokens; raise --max-length")
+    return example.prompt_ids[:head] + example.prompt_ids[head:][-room:]
+
+
+def generation_results(runner: CausalRunner, prompt: CausalPrompt, examples: list[CandidateExample],
+                       batch_size: int, max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
+    """Per example, in order: its gold `answers`, the greedy `prediction` (decoded without
+    special tokens and stripped, as the reference scores it), and its `f1` and `em`."""
+    results = []
+    for example, text in zip(examples, generate_answers(runner, prompt, examples, batch_size, max_new_tokens)):
+        answers = list(example.answers)
+        results.append({"answers": answers, "prediction": text, "f1": f1(text, answers),
+                        "em": exact_match(text, answers)})
+    return results
+
+
+def generate_answers(runner: CausalRunner, prompt: CausalPrompt, examples: list[CandidateExample],
+                     batch_size: int, max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    """Per example, in order: the greedy answer to its prompt, decoded without special tokens
+    and stripped (as the reference scores it)."""
+    stop = stop_tokens(prompt.tokenizer)
+    prompts = [generation_prompt(e, prompt, max_new_tokens) for e in examples]
+    generated = [ids for i in range(0, len(prompts), batch_size)
+                 for ids in greedy(runner, prompts[i:i + batch_size], max_new_tokens, stop)]
+    return [prompt.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
+
+
+def generation_sums(results: list[dict]) -> dict[str, float]:
+    return {"f1": sum(r["f1"] for r in results), "em": sum(r["em"] for r in results)}
+
+
+def metric_names(prompt: PromptTemplate | CausalPrompt) -> tuple[str, ...]:
+    """The metrics a task is scored by, the one dev selection uses first."""
+    return ("f1", "em") if isinstance(prompt, CausalPrompt) and prompt.task.generation else ("accuracy",)
+
+
+def metric_sums(runner: ModelRunner | CausalRunner, prompt: PromptTemplate | CausalPrompt, examples: list,
+                inputs: list, batch_size: int) -> dict[str, float]:
+    """Each metric of `metric_names` summed over labelled examples (their mean is the split's
+    score; a data-parallel rank's sums add up with the others'): correct predictions, or the
+    generated answers' F1 and EM. `inputs` is what the runner packs (split_inputs)."""
+    if not examples:
+        return dict.fromkeys(metric_names(prompt), 0.0)
+    if metric_names(prompt)[0] == "f1":
+        return generation_sums(generation_results(runner, prompt, examples, batch_size))
+    labels = torch.tensor([e.label for e in examples])
+    return {"accuracy": float((predict(runner, inputs, batch_size).argmax(-1) == labels).sum())}
+
+
+def write_generations(path: Path, results: list[dict]) -> None:
+    """generation_results as one JSON line per example, in file order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in results))
 
 
 def write_predictions(path: Path, logits: torch.Tensor, examples: list[Example], extra: dict | None = None) -> None:

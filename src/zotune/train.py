@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from zotune import trajectory
 from zotune.config import TrainConfig, read_json_object
 from zotune.errors import UserError, require
-from zotune.evaluate import accuracy, predict
+from zotune.evaluate import metric_names, metric_sums
 from zotune.files import save_tensors_atomic, write_text_atomic
 from zotune.optim.mezo import MezoStepper, direction_seed
 from zotune.optim.schedule import SCHEDULES
@@ -117,7 +117,7 @@ def before_training(run: Run, resume: bool) -> dict | None:
     path = run.run_dir / ZERO_SHOT_NAME
     if resume:
         return read_json_object(path, "delete it to resume without zero-shot scores") if path.is_file() else None
-    scores = {f"{split}_accuracy": score(run, split) for split in ("dev", "test")}
+    scores = {**split_scores("dev", score(run, "dev")), **split_scores("test", score(run, "test"))}
     run.session.runner.start_counting()
     if run.session.is_main:
         write_text_atomic(path, json.dumps(scores, indent=2) + "\n")
@@ -195,7 +195,7 @@ def _log_point(run: Run, done: int, lr: float) -> None:
     if done % cfg.eval_steps == 0 or done == cfg.steps:
         _synchronize(run.session.device)
         started = time.perf_counter()
-        dev = score(run, "dev")
+        dev = next(iter(score(run, "dev").values()))  # the selection metric
         run.eval_seconds += time.perf_counter() - started
         run.records.offer(dev, done, dict(run.session.trainable))
     extra = {} if runner.cache is None else {"cache_hits": f"{runner.cache.stats.report()['hit_rate']:.1%}"}
@@ -222,16 +222,24 @@ def _keep_durable(run: Run, done: int) -> None:
         trajectory.write_snapshot(run.run_dir, session.flat, done)
 
 
-def score(run: Run, split: str) -> float:
-    """Accuracy on a split; with several ranks each scores its shard and they add up counts."""
-    session, batch_size = run.session, run.cfg.eval_batch_size
-    group, examples, sequences = session.group, run.splits[split], run.sequences[split]
-    if group is None:
-        return accuracy(predict(session.runner, sequences, batch_size), examples)
-    examples, mine = group.shard(examples), group.shard(sequences)
-    correct = accuracy(predict(session.runner, mine, batch_size), examples) * len(examples) if mine else 0.0
-    counts = group.all_reduce_sum(torch.tensor([round(correct), len(examples)], dtype=torch.float64))
-    return counts[0].item() / counts[1].item()
+def score(run: Run, split: str) -> dict[str, float]:
+    """A split's metrics (evaluate.metric_names: accuracy, or a generation task's F1 then EM),
+    means over its examples; with several ranks each scores its shard and they add up sums."""
+    session, group = run.session, run.session.group
+    examples, inputs = run.splits[split], run.sequences[split]
+    if group is not None:
+        examples, inputs = group.shard(examples), group.shard(inputs)
+    sums = metric_sums(session.runner, session.prompt, examples, inputs, run.cfg.eval_batch_size)
+    totals = torch.tensor([*sums.values(), len(examples)], dtype=torch.float64)
+    if group is not None:
+        totals = group.all_reduce_sum(totals)
+    return {name: (totals[i] / totals[-1]).item() for i, name in enumerate(sums)}
+
+
+def split_scores(split: str, metrics: dict[str, float]) -> dict[str, float]:
+    """A split's metrics as summary fields: `<split>_accuracy` holds the one dev selection uses
+    (F1 for a generation task), and every metric has its own `<split>_<name>` too."""
+    return {f"{split}_accuracy": next(iter(metrics.values())), **{f"{split}_{n}": v for n, v in metrics.items()}}
 
 
 def finish(run: Run, started: float, train_time: float, resume: bool) -> dict:
@@ -248,7 +256,7 @@ def finish(run: Run, started: float, train_time: float, resume: bool) -> dict:
             for name, param in session.trainable:
                 param.copy_(state[name])
     stats, device = session.runner.stats, session.device
-    dev_accuracy, test_accuracy = score(run, "dev"), score(run, "test")
+    scores = {**split_scores("dev", score(run, "dev")), **split_scores("test", score(run, "test"))}
     summary = {
         "task": cfg.task, "k": cfg.k, "seed": cfg.seed, "optimizer": cfg.optimizer, "trainable": cfg.trainable,
         "trainable_parameters": sum(p.numel() for _, p in session.trainable),
@@ -259,7 +267,7 @@ def finish(run: Run, started: float, train_time: float, resume: bool) -> dict:
         "wall_time_s": time.perf_counter() - started, "train_time_s": train_time,
         "steps_per_s": (cfg.steps - run.first_step) / train_time if train_time > 0 else 0.0,
         "peak_memory_bytes": peak_memory_bytes(device), "device": _device_name(device),
-        "dev_accuracy": dev_accuracy, "test_accuracy": test_accuracy,
+        "metric": metric_names(session.prompt)[0], **scores,
         "cache": session.runner.cache_stats(), "run_dir": str(run.run_dir), "zero_shot": run.zero_shot,
     }
     if session.flat is not None:

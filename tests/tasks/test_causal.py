@@ -32,20 +32,20 @@ RENDER = [
      ["Yes", "No", "Maybe"]),
     ("boolq", {"passage": "Water is wet.", "question": "is water wet"}, "Water is wet. Is water wet?\n",
      ["Yes", "No"]),
-    ("copa", {"premise": "My body cast a shadow over the grass. ", "question": "cause",
-              "choice1": "The sun was rising.", "choice2": "I cut the grass."},
-     "My body cast a shadow over the grass because", [" the sun was rising.", " I cut the grass."]),
+    ("copa", {"premise": "The lamp went dark. ", "question": "cause",
+              "choice1": "The bulb burned out.", "choice2": "I opened a window."},
+     "The lamp went dark because", [" the bulb burned out.", " I opened a window."]),
     ("copa", {"premise": "The man fell", "question": "effect", "choice1": "He cried.", "choice2": "It hurt."},
      "The man fell so", [" he cried.", " it hurt."]),
     ("wic", {"word": "run", "sentence1": "Run fast.", "sentence2": "A run."},
      'Does the word "run" have the same meaning in these two sentences? Yes, No?\nRun fast.\nA run.\n', ["No", "Yes"]),
-    ("wsc", {"text": "Mark lied to Pete. He was sorry.", "span1_text": "Mark", "span2_text": "He"},
-     'Mark lied to Pete. He was sorry.\nIn the previous sentence, does the pronoun "he" refer to Mark? Yes or No?\n',
+    ("wsc", {"text": "Tom lied to Sam. He was sorry.", "span1_text": "Tom", "span2_text": "He"},
+     'Tom lied to Sam. He was sorry.\nIn the previous sentence, does the pronoun "he" refer to Tom? Yes or No?\n',
      ["No", "Yes"]),
     ("multirc", {"paragraph": "Sent.", "question": "Q?", "answer": "A"},
      'Sent.\nQuestion: Q?\nI found this answer "A". Is that correct? Yes or No?\n', ["No", "Yes"]),
-    ("squad", {"title": "Notre_Dame", "context": "C.", "question": " Who? ", "answers": ["Saint Bernadette", "x"]},
-     "Title: Notre_Dame\nContext: C.\nQuestion: Who?\nAnswer:", [" Saint Bernadette\n"]),
+    ("squad", {"title": "Old_Mill", "context": "C.", "question": " Who? ", "answers": ["Ann Ray", "x"]},
+     "Title: Old_Mill\nContext: C.\nQuestion: Who?\nAnswer:", [" Ann Ray\n"]),
 ]
 
 
@@ -77,15 +77,21 @@ def test_every_filter_in_the_table_exists():
                 assert all(f in causal.FILTERS for f in m.group(2).split("|") if f), template
 
 
+MADE_UP = "made-up"  # a MeZO sample drawn from the made_up_data fixture's originals
+
+
 def sources():
-    """(task, kwargs) for every shipped data source: LM-BFF k-shot folders and MeZO samples."""
+    """(task, kwargs) for every data source: LM-BFF k-shot folders, the shipped MeZO sample
+    (SST-2) and the made-up ones of the tasks whose samples are not shipped."""
     out = [(n, {"k": 16, "seed": 42}) for n, t in CAUSAL_TASKS.items() if t.kshot]
-    return out + [(n, {}) for n in ("sst2", "rte", "cb", "copa", "wic", "wsc", "multirc")]
+    return out + [("sst2", {})] + [
+        (n, {"data_dir": MADE_UP}) for n in ("rte", "cb", "copa", "wic", "wsc", "multirc", "boolq")]
 
 
 @pytest.mark.parametrize("name,kwargs", sources(), ids=lambda v: str(v))
-def test_boundary_exact_on_first_examples(tokenizer, name, kwargs):
+def test_boundary_exact_on_first_examples(tokenizer, made_up_data, name, kwargs):
     task = CAUSAL_TASKS[name]
+    kwargs = {**kwargs, "data_dir": made_up_data.data} if kwargs.get("data_dir") == MADE_UP else kwargs
     enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     for split in ("train", "dev", "test"):
         for record in read_records(task, split, **kwargs)[:4]:
@@ -98,9 +104,10 @@ def test_boundary_exact_on_first_examples(tokenizer, name, kwargs):
             assert example.label == list(task.candidates).index(record["label"])
 
 
-def test_load_examples_sizes_and_labels(tokenizer):
-    copa = load_examples("copa", "test", tokenizer, bos=None)
-    assert len(copa) == 100 and {e.label for e in copa} == {0, 1}
+def test_load_examples_sizes_and_labels(tokenizer, made_up_data):
+    from tests.made_up_data import VALID
+    copa = load_examples("copa", "test", tokenizer, bos=None, data_dir=made_up_data.data)
+    assert len(copa) == VALID and {e.label for e in copa} == {0, 1}  # the whole validation file
     assert all(isinstance(e, CandidateExample) and len(e.candidate_ids) == 2 for e in copa)
     rte = load_examples("rte", "test", tokenizer, bos=None, k=16, seed=42)  # the LM-BFF folder's labels
     assert [e.label for e in rte] == [e.label for e in load_split(TASKS["rte"], default_data_dir(), 16, 42, "test")]
@@ -158,8 +165,14 @@ def test_errors(tokenizer):
         load_examples("sst3", "train", tokenizer, bos=None)
     with pytest.raises(UserError, match="cb has no k-shot folders"):
         load_examples("cb", "train", tokenizer, bos=None, k=16)
-    with pytest.raises(UserError, match="no MeZO sample of boolq for seed 0"):
+    with pytest.raises(UserError, match="no MeZO sample of boolq for seed 0") as refused:
         load_examples("boolq", "train", tokenizer, bos=None)
+    # the default data folder lacks every sample but SST-2's: the line says where they come from
+    message = str(refused.value)
+    assert "\n" not in message and "not shipped" in message and "data/SOURCES.md" in message
+    assert "tools/sample_superglue.py --originals DIR --seed 0" in message
+    with pytest.raises(UserError, match="no MeZO sample of copa for seed 0.*not shipped"):
+        load_examples("copa", "train", tokenizer, bos=None)
     with pytest.raises(UserError, match="trec has no MeZO sample"):
         load_examples("trec", "train", tokenizer, bos=None)
     with pytest.raises(UserError, match="no field 'premise'"):

@@ -1,9 +1,10 @@
 """MeZO's large-model sampling: the index maths, the readers' order, the tool, and the shipped files.
 
 SST-2's originals ship in data/, so its samples are regenerated here and must match byte for
-byte; the SuperGLUE originals are not stored, so their test runs only where ZOTUNE_ORIGINALS
-names a folder that holds them (tools/sample_superglue.py --originals), and the readers are
-tested on small synthetic files.
+byte. The other tasks' originals and samples are not shipped: the protocol is checked on the
+made-up originals of the made_up_data fixture, and the real samples against the sha256 that
+data/SOURCES.md records only where ZOTUNE_ORIGINALS names a folder of the originals
+(tools/sample_superglue.py --originals).
 """
 
 import hashlib
@@ -61,34 +62,68 @@ def test_sst2_samples_regenerate_from_the_shipped_glue_files():
     assert set(first) == {"idx", "sentence", "label"} and first["label"] in ("0", "1")
 
 
-@pytest.mark.skipif(not os.environ.get("ZOTUNE_ORIGINALS"), reason="set ZOTUNE_ORIGINALS to the originals' folder")
-def test_superglue_samples_regenerate_from_the_originals():
-    root = Path(os.environ["ZOTUNE_ORIGINALS"])
-    for name, original in M.ORIGINALS.items():
-        if not (root / original.train).exists():
-            continue
-        texts = M.sample_task(name, root, 0)
-        for split in M.SPLITS:
-            assert texts[split] == stored_text(M.sample_path(REPO_DATA, name, 0, split)), (name, split)
-
-
-def shipped_rows():
+def sources_rows() -> dict[str, list[tuple[str, str, str]]]:
+    """SOURCES.md's sample rows, (path, rows, sha256 of the text), by the bytes column: a size
+    for the shipped files, "not shipped" for the others."""
     text = (REPO_DATA / "SOURCES.md").read_text()
-    return re.findall(r"^\| (data/mezo-large/\S+) \| (\d+) \| [^|]* \| \d+ \| ([0-9a-f]{64}) \|$", text, re.M)
+    rows = re.findall(r"^\| (data/mezo-large/\S+) \| (\d+) \| [^|]* \| (\d+|not shipped) \| ([0-9a-f]{64}) \|$",
+                      text, re.M)
+    out = {"shipped": [], "not shipped": []}
+    for path, count, size, digest in rows:
+        out["not shipped" if size == "not shipped" else "shipped"].append((path, count, digest))
+    return out
 
 
 def test_shipped_samples_match_sources_md():
-    rows = shipped_rows()
-    listed = {path for path, _, _ in rows}
+    rows = sources_rows()
+    listed = {path for path, _, _ in rows["shipped"]}
     on_disk = {str(p.relative_to(REPO_DATA.parent)) for p in (REPO_DATA / "mezo-large").rglob("*.jsonl.xz")}
-    assert listed == on_disk and len(rows) == 21
-    for path, count, digest in rows:
+    assert listed == on_disk and len(listed) == 3  # SST-2, drawn from files in data/
+    assert {path.split("/")[2] for path in listed} == {"SST-2"}
+    assert len(rows["not shipped"]) == 21 and not listed & {path for path, _, _ in rows["not shipped"]}
+    for path, count, digest in rows["shipped"]:
         text = stored_text(REPO_DATA.parent / path)
         assert sha(text) == digest and text.count("\n") == int(count), path
 
 
-def test_default_data_dir_has_the_samples():
-    assert M.sample_path(default_data_dir(), "cb", 0, "test").exists()
+@pytest.mark.skipif(not os.environ.get("ZOTUNE_ORIGINALS"), reason="set ZOTUNE_ORIGINALS to the originals' folder")
+def test_samples_from_the_originals_have_the_recorded_sha256():
+    """What a user who fetched the originals checks: the texts hash to SOURCES.md's rows."""
+    root, checked = Path(os.environ["ZOTUNE_ORIGINALS"]), 0
+    for path, count, digest in (row for rows in sources_rows().values() for row in rows):
+        folder, split = path.split("/")[2], Path(path).name.split(".")[0]
+        name = next(n for n, o in M.ORIGINALS.items() if o.folder == folder)
+        if (root / M.ORIGINALS[name].train).exists():
+            text = M.sample_task(name, root, 0)[split]
+            assert sha(text) == digest and text.count("\n") == int(count), path
+            checked += 1
+    assert checked
+
+
+def test_default_data_dir_has_the_shipped_samples():
+    assert all(M.sample_path(default_data_dir(), "sst2", 0, split).exists()
+               for split in M.SPLITS)
+
+
+@pytest.mark.parametrize("name", ["rte", "cb", "copa", "wic", "wsc", "multirc", "boolq", "squad"])
+def test_made_up_originals_follow_the_protocol(made_up_data, name):
+    """The sampler on the made-up originals: deterministic (the same text again, and as the
+    fixture wrote it), a new seed a new draw, and each split the protocol's indices of its file."""
+    texts = M.sample_task(name, made_up_data.originals, 0)
+    assert texts == M.sample_task(name, made_up_data.originals, 0)
+    for split in M.SPLITS:
+        assert texts[split] == stored_text(M.sample_path(made_up_data.data, name, 0, split)), split
+    assert M.sample_task(name, made_up_data.originals, 1) != texts
+    original = M.ORIGINALS[name]
+    train = original.read((made_up_data.originals / original.train).read_text())
+    valid = original.read((made_up_data.originals / original.valid).read_text())
+    picked = M.mezo_subset(len(train), 0, M.NUM_TRAIN + original.num_dev)
+    idx = {split: [json.loads(line)["idx"] for line in texts[split].splitlines()] for split in M.SPLITS}
+    assert idx["train"] == picked[:-original.num_dev] and idx["dev"] == picked[-original.num_dev:]
+    assert idx["test"] == M.mezo_subset(len(valid), 0, M.NUM_TEST) and len(idx["test"]) == len(valid)
+    assert len(idx["train"]) > 0 and len(idx["dev"]) == original.num_dev
+    first = json.loads(texts["train"].splitlines()[0])
+    assert first == train[first["idx"]]  # the record as the reader gives it, nothing added
 
 
 def test_multirc_is_flattened_passage_question_answer():
@@ -101,7 +136,7 @@ def test_multirc_is_flattened_passage_question_answer():
 
 
 @pytest.mark.parametrize("text,span,index,fixed", [
-    ("Mark told Pete lies. He lied.", "He", 4, "He"),                         # already a substring: kept
+    ("Tom told Sam lies. He lied.", "He", 4, "He"),                           # already a substring: kept
     ("the Dog barked at it.", "The dog.", 0, "the dog"),                       # case of the text's word, no '.'
     ("Kamenev and Zinoviev met.", "Kamenev and Zinoviev", 0, "Kamenev and Zinoviev"),
     ("They saw the big\nhouse there", "The big\nhouse.", 2, "the big house"),

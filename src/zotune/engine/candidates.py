@@ -223,6 +223,21 @@ class CausalRunner(Runner):
             return -sums.gather(1, gold).sum() / lengths.gather(1, gold).sum()
         return F.cross_entropy(sums / lengths if self.length_normalised else sums, labels)
 
+    def next_tokens(self, sequences) -> torch.Tensor:
+        """[B] the most likely token after each of B token sequences: one plain forward over
+        them packed, the head read at each sequence's last row (greedy decoding,
+        engine/generate.py). The trunk cache is left out (a sequence grows by a token at every
+        step, so nothing recurs); the forward is counted as one of the plain layout."""
+        batch = self.on_device(pack([list(s) for s in sequences], None, self.model.config.position_offset))
+        last = batch.cu_seqlens[1:].long() - 1                                  # [B]
+        with self.precision:
+            logits = self.model.logits(batch, last)                             # [B, V]
+        self.stats.forward_passes += 1
+        self.stats.tokens_computed += batch.num_tokens
+        self.stats.plain_tokens += batch.num_tokens
+        self.stats.padding_tokens_avoided += len(batch.seq_lens) * max(batch.seq_lens) - batch.num_tokens
+        return logits.argmax(-1)
+
     def cache_stats(self) -> dict:
         """The trunk cache's report (Runner.cache_stats) and prefix sharing's, counted per forward:
         tokens computed against tokens the plain layout would have computed."""

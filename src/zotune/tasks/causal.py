@@ -212,8 +212,10 @@ def read_records(task: CausalTask, split: str, data_dir: Path | str | None = Non
                         f"MeZO samples exist for {', '.join(ORIGINALS)} with splits {', '.join(SPLITS)}")
     path = sample_path(data_dir, task.name, seed, split)
     if not path.exists():
-        raise UserError(f"no file {path}: no MeZO sample of {task.name} for seed {seed} (data/SOURCES.md says which "
-                        "exist); write one with tools/sample_superglue.py from the originals")
+        raise UserError(f"no file {path}: no MeZO sample of {task.name} for seed {seed}; only SST-2's seed 0 "
+                        "ships, the others are not shipped: get the originals (data/SOURCES.md says where) "
+                        "and write it with python tools/sample_superglue.py --originals DIR "
+                        f"--seed {seed} --out {data_dir}")
     return read_sample_file(path)
 
 
