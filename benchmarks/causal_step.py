@@ -175,31 +175,34 @@ def zotune_rows(model_dir: str, device: torch.device, precisions, batch_size: in
     eager MeZO step."""
     out = {}
     for precision in precisions:
-        cfg = TrainConfig(model=model_dir, tokenizer=TOKENIZER, task="sst2", k=16, seed=42, trainable="full",
-                          device=str(device), precision=precision, cuda_graphs=False, cache=False)
-        session = Session.build(cfg)
-        examples = train_examples(model_dir, batch_size)
-        runner = session.runner
-        batch, labels = runner.pack(examples), torch.tensor([e.label for e in examples])
-        with torch.inference_mode():
-            start_loss = runner.loss(batch, labels.to(device)).item()
-        with Peak(device) as forward_peak:
-            with torch.inference_mode():
-                forward_ms = timed_ms(lambda: runner.loss(batch, labels.to(device)), steps, device)
-        stepper = MezoStepper(runner, session.flat, EPS, 0.0, session.paired)
-        counter = {"step": 0}
-
-        def step():
-            counter["step"] += 1
-            with torch.inference_mode():
-                stepper(batch, labels, [direction_seed(0, counter["step"], 0)], LR)
-        with Peak(device) as step_peak:
-            step_ms = timed_ms(step, steps, device)
-        out[precision] = (step_ms, step_peak.bytes, forward_ms, forward_peak.bytes, start_loss)
-        del session, runner, stepper, batch
+        out[precision] = zotune_row(model_dir, device, precision, batch_size, steps)
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # the row's session is gone: its memory goes before the next one's
     return out
+
+
+def zotune_row(model_dir: str, device: torch.device, precision: str, batch_size: int, steps: int) -> tuple:
+    cfg = TrainConfig(model=model_dir, tokenizer=TOKENIZER, task="sst2", k=16, seed=42, trainable="full",
+                      device=str(device), precision=precision, cuda_graphs=False, cache=False)
+    session = Session.build(cfg)
+    examples = train_examples(model_dir, batch_size)
+    runner = session.runner
+    batch, labels = runner.pack(examples), torch.tensor([e.label for e in examples])
+    with torch.inference_mode():
+        start_loss = runner.loss(batch, labels.to(device)).item()
+    with Peak(device) as forward_peak:
+        with torch.inference_mode():
+            forward_ms = timed_ms(lambda: runner.loss(batch, labels.to(device)), steps, device)
+    stepper = MezoStepper(runner, session.flat, EPS, 0.0, session.paired)
+    counter = {"step": 0}
+
+    def step():
+        counter["step"] += 1
+        with torch.inference_mode():
+            stepper(batch, labels, [direction_seed(0, counter["step"], 0)], LR)
+    with Peak(device) as step_peak:
+        step_ms = timed_ms(step, steps, device)
+    return step_ms, step_peak.bytes, forward_ms, forward_peak.bytes, start_loss
 
 
 def measure(name: str, config: dict, device: torch.device, precisions, batch_size: int, steps: int) -> list[dict]:
