@@ -26,6 +26,13 @@
 # TESTS_LIMIT=S raises the tests' limit, for a call that shares the GPU with other work.
 # or in two calls if one runs long: "bash benchmarks/gpu_session.sh tests gap", then "... speed".
 #
+# Next session, first (issue 22): branch graphs22b holds CUDA graphs for causal LMs and a refactor
+# of the encoder's graph machinery, not yet run on a GPU. `git checkout graphs22b`, then one call:
+#   bash benchmarks/gpu_session.sh causal speed large   (carry [".baseline"]; see "speed" above)
+# plus `python -m pytest -q -m gpu tests/engine tests/optim/test_mezo_stepper.py
+# tests/test_gpu_agreement.py` and `python benchmarks/causal_step.py --graphs`; merge it into main
+# only if every GPU test passes and no speed row of the encoder got slower.
+#
 # A held machine goes back after 30 s idle, and whatever ran on it in the background with it
 # (session 13 lost a running table that way, to a 21-second CPU test between two calls): issue
 # the next call at once, and do the work here during a call, not between calls.
