@@ -28,7 +28,8 @@
 #
 # Next session, first (issue 22): branch graphs22b holds CUDA graphs for causal LMs and a refactor
 # of the encoder's graph machinery, not yet run on a GPU. `git checkout graphs22b`, then one call:
-#   bash benchmarks/gpu_session.sh causal speed large   (carry [".baseline"]; see "speed" above)
+#   bash benchmarks/gpu_session.sh causal speed large   (carry [".baseline"], made as above but from
+#   main: `git archive main src benchmarks tokenizers`, so that "before" is main's graph code)
 # plus `python -m pytest -q -m gpu tests/engine tests/optim/test_mezo_stepper.py
 # tests/test_gpu_agreement.py` and `python benchmarks/causal_step.py --graphs`; merge it into main
 # only if every GPU test passes and no speed row of the encoder got slower.
