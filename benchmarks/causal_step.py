@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import REPO  # noqa: F401  (puts src/ on the path)
+from common import REPO, reference_mezo_step  # noqa: F401  (REPO: puts src/ on the path)
 from zotune.config import TrainConfig  # noqa: E402
 from zotune.evaluate import load_causal_prompt, split_inputs  # noqa: E402
 from zotune.optim.mezo import MezoStepper, direction_seed  # noqa: E402
@@ -141,31 +141,10 @@ def reference_loss(model, batch, n_options: int) -> torch.Tensor:
 
 
 def reference_step_fn(model, batch, n_options: int):
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decayed = [not any(s in n for s in ("bias", "layer_norm", "layernorm")) for n, _ in params]  # its test
-
-    def perturb(seed, scale):
-        torch.manual_seed(seed)
-        for _, p in params:
-            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
-            p.data = p.data + scale * z * EPS
-
-    state = {"step": 0}
-
-    def step():
-        seed = state["step"]
-        state["step"] += 1
-        perturb(seed, 1)
-        loss1 = reference_loss(model, batch, n_options)
-        perturb(seed, -2)
-        loss2 = reference_loss(model, batch, n_options)
-        projected_grad = ((loss1 - loss2) / (2 * EPS)).item()
-        perturb(seed, 1)
-        torch.manual_seed(seed)
-        for (_, p), decays in zip(params, decayed):
-            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
-            p.data = p.data - LR * (projected_grad * z + 0.0 * p.data) if decays else p.data - LR * (projected_grad * z)
-    return step
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decayed = [not any(s in n for s in ("bias", "layer_norm", "layernorm")) for n, _ in named]  # zo_update's test
+    return reference_mezo_step([p for _, p in named], lambda: reference_loss(model, batch, n_options), EPS, LR,
+                               decayed)
 
 
 # ---- (b), (c) zotune ---------------------------------------------------------------------------

@@ -57,6 +57,38 @@ def random_roberta_large(device="cuda"):
     return model.eval()
 
 
+def reference_mezo_step(params: list[torch.Tensor], loss, eps: float, lr: float, decayed: list[bool] | None = None):
+    """princeton-nlp/MeZO's step as its trainers write it, as a function that runs one step: four
+    Python loops over the parameters, each reseeding with torch.manual_seed and drawing
+    torch.normal per tensor (perturb +1, perturb -2, perturb +1, then the update with z drawn
+    again), each a `param.data = ...` copy; the projected gradient read back with .item().
+    `decayed` (large_models' zo_update) marks the tensors whose update also computes the weight
+    decay term, wd * param with wd = 0 here, as that trainer does. Seeds count steps from 0."""
+    decayed = decayed or [False] * len(params)
+    state = {"step": 0}
+
+    def perturb(seed, scale):
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data + scale * z * eps
+
+    def step():
+        seed = state["step"]
+        state["step"] += 1
+        perturb(seed, 1)
+        loss1 = loss()
+        perturb(seed, -2)
+        loss2 = loss()
+        projected_grad = ((loss1 - loss2) / (2 * eps)).item()
+        perturb(seed, 1)
+        torch.manual_seed(seed)
+        for p, decays in zip(params, decayed):
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data - lr * (projected_grad * z + 0.0 * p.data) if decays else p.data - lr * (projected_grad * z)
+    return step
+
+
 def median_ms(fn, steps: int, warmup: int = 3) -> float:
     """Median wall time of fn() on the GPU, from CUDA events around each call."""
     for _ in range(warmup):

@@ -26,7 +26,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from common import median_ms, random_roberta_large, session, sst2_prompt, sst2_train
+from common import median_ms, random_roberta_large, reference_mezo_step, session, sst2_prompt, sst2_train
 
 from zotune.model.loading import config_from_hf, to_hf_state
 from zotune.optim.mezo import MezoStepper, direction_seed, mezo_step
@@ -59,35 +59,12 @@ def padded(batch, pad_id: int, length: int = 128):
 def reference_step_fn(model, batch, mask_id, label_word_ids):
     ids, attention, labels = batch
     mask_rows = (ids == mask_id).nonzero()[:, 1]
-    params = [p for p in model.parameters() if p.requires_grad]
 
     def loss():
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=attention).logits
             return F.cross_entropy(logits[torch.arange(len(ids)), mask_rows][:, label_word_ids], labels)
-
-    def perturb(seed, scale):
-        torch.manual_seed(seed)
-        for p in params:
-            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
-            p.data = p.data + scale * z * EPS
-
-    state = {"step": 0}
-
-    def step():
-        seed = state["step"]
-        state["step"] += 1
-        perturb(seed, 1)
-        loss1 = loss()
-        perturb(seed, -2)
-        loss2 = loss()
-        projected_grad = ((loss1 - loss2) / (2 * EPS)).item()
-        perturb(seed, 1)
-        torch.manual_seed(seed)
-        for p in params:
-            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
-            p.data = p.data - LR * (projected_grad * z)
-    return step
+    return reference_mezo_step([p for p in model.parameters() if p.requires_grad], loss, EPS, LR)
 
 
 def main():

@@ -8,15 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.tiny_causal import VOCAB, save_tiny_causal
+from tests.tiny_causal import VOCAB
 from zotune.engine.candidates import CausalRunner, pack_candidates
 from zotune.model.loading import load_model
 from zotune.optim.flat import FlatParameters
 from zotune.optim.subsets import SubsetOptions, attach_pair_weights, select_trainable
 from zotune.tasks.causal import CandidateExample
-
-MODELS = {"opt": ("opt", {}), "llama-gqa-untied": ("llama", {"num_key_value_heads": 2, "tie": False})}
-
 
 def random_examples(n: int, candidates: int, seed: int, lengths=(1, 4)) -> list[CandidateExample]:
     """n examples, prompts of 1-12 tokens, continuations of lengths[0]..lengths[1] tokens."""
@@ -39,14 +36,6 @@ def hf_sums(hf, examples) -> torch.Tensor:
                 row.append(logprobs[at, torch.tensor(c)].sum())
             rows.append(torch.stack(row))
     return torch.stack(rows)
-
-
-@pytest.fixture(scope="module", params=list(MODELS))
-def model_dir(request, tmp_path_factory):
-    kind, extra = MODELS[request.param]
-    path = tmp_path_factory.mktemp("causal") / request.param
-    save_tiny_causal(path, kind, **extra)
-    return path
 
 
 @pytest.mark.parametrize("share", [True, False], ids=["shared-prompts", "plain"])

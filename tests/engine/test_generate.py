@@ -2,25 +2,13 @@
 
 import random
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.tiny_causal import VOCAB, save_tiny_causal
+from tests.tiny_causal import VOCAB
 from zotune.engine.candidates import CausalRunner
 from zotune.engine.generate import greedy
 from zotune.model.loading import load_model
-
-MODELS = {"opt": ("opt", {}), "llama-gqa-untied": ("llama", {"num_key_value_heads": 2, "tie": False})}
-
-
-@pytest.fixture(scope="module", params=list(MODELS))
-def model_dir(request, tmp_path_factory):
-    kind, extra = MODELS[request.param]
-    path = tmp_path_factory.mktemp("causal") / request.param
-    save_tiny_causal(path, kind, **extra)
-    return path
-
 
 def hf_greedy(hf, prompt: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
     ids = torch.tensor([prompt])
