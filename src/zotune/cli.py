@@ -298,16 +298,8 @@ def _run_predict(args) -> None:
 def _masked_predictions(prompted, texts: list[str]) -> list[tuple[list[str], list[float]]]:
     """Per --text: the label words and their probabilities at the <mask>."""
     import torch
-    from zotune.evaluate import predict
-    # Each --text must be an example of the task: its sentences tab-separated, none empty.
-    wanted = len(prompted.task.text_columns)
-    for text in texts:
-        parts = text.split("\t")
-        if len(parts) != wanted or not all(p.strip() for p in parts):
-            raise UserError(f"--text {text!r}: task {prompted.task.name} takes {wanted} "
-                            f"{'sentences per --text, separated by a tab' if wanted > 1 else 'sentence per --text'}"
-                            f", none empty")
-    sentences = [tuple(text.split("\t")) for text in texts]
+    from zotune.evaluate import predict, text_sentences
+    sentences = [text_sentences(text, len(prompted.task.text_columns), prompted.task.name) for text in texts]
     probs = torch.softmax(predict(prompted.runner, [prompted.prompt.encode(s) for s in sentences], 64), -1)  # [N, C]
     tokenizer = prompted.prompt.tokenizer
     words = [tokenizer.convert_tokens_to_string([w]).strip()

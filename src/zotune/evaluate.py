@@ -28,6 +28,16 @@ from zotune.tasks.tasks import TASKS, Task
 from zotune.tasks.templates import PromptTemplate, parse_label_words
 
 
+def text_sentences(text: str, wanted: int, task_name: str) -> tuple[str, ...]:
+    """A `zotune predict --text` as its task's `wanted` sentences, tab-separated, none empty."""
+    parts = tuple(text.split("\t"))
+    if len(parts) != wanted or not all(p.strip() for p in parts):
+        raise UserError(f"--text {text!r}: task {task_name} takes {wanted} "
+                        f"{'sentences per --text, separated by a tab' if wanted > 1 else 'sentence per --text'}"
+                        ", none empty")
+    return parts
+
+
 @dataclass(frozen=True)
 class CausalPrompt:
     """A causal task bound to a tokenizer: what its examples are encoded with (tasks/causal.py)."""
@@ -46,13 +56,7 @@ class CausalPrompt:
         """One unlabelled example given as text (`zotune predict --text`): the task's sentences
         tab-separated where it has k-shot fields, else a JSON object of its template's fields."""
         if self.task.fields:
-            parts = text.split("\t")
-            if len(parts) != len(self.task.fields) or not all(p.strip() for p in parts):
-                n = len(self.task.fields)
-                raise UserError(f"--text {text!r}: task {self.task.name} takes {n} "
-                                f"{'sentences per --text, separated by a tab' if n > 1 else 'sentence per --text'}"
-                                ", none empty")
-            record = dict(zip(self.task.fields, parts))
+            record = dict(zip(self.task.fields, text_sentences(text, len(self.task.fields), self.task.name)))
         else:
             try:
                 record = json.loads(text)
