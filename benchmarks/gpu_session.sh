@@ -5,8 +5,8 @@
 #   gap     benchmarks/precision_gap.py: float32 / tf32 / bf16 projected gradients (issue 19)
 #   speed   benchmarks/step_time.py and benchmarks/reuse.py, 6b3081a (before the restructure)
 #           against this tree, in the same call (issue 20), small settings
-#   causal  the GPU tests of the causal path (issue 22): candidate scoring, causal training,
-#           model parity, layers (pytest -m gpu on those files)
+#   causal  the GPU tests of the causal path (issue 22): candidate scoring, CUDA graphs, causal
+#           training, model parity, layers (pytest -m gpu on those files)
 #   large   benchmarks/causal_step.py: MeZO's large_models reference step against zotune's, random
 #           OPT-1.3B and Llama-3.2-1B shapes, batch 16 (ms, peak memory, against zotune's forward)
 #   prefix  benchmarks/prefix_sharing.py on CUDA: random OPT-1.3B and OPT-125M shapes, bf16,
@@ -98,8 +98,8 @@ for p in $PHASES; do
         phase reuse_before 75 env PYTHONPATH="$PWD/$BASELINE/src" python "$BASELINE/benchmarks/reuse.py" \
             --steps 32 --k 16 512 --only top:1 lora-pair
         phase reuse_after 75 python benchmarks/reuse.py --steps 32 --k 16 512 --only top:1 lora-pair ;;
-    causal) phase causal 200 python -m pytest -q -m gpu tests/engine/test_candidates.py tests/test_causal_train.py \
-                tests/model tests/layers ;;
+    causal) phase causal 200 python -m pytest -q -m gpu tests/engine/test_candidates.py tests/engine/test_causal_graphs.py \
+                tests/test_causal_train.py tests/model tests/layers ;;
     large) phase large 300 python benchmarks/causal_step.py --steps 10 ;;
     prefix)
         phase prefix_opt1.3b 90 python benchmarks/prefix_sharing.py --device cuda --size opt-1.3b --precision bf16

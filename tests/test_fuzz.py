@@ -396,12 +396,3 @@ def test_bad_causal_inputs_are_refused(capsys, tmp_path, tiny_causal_dir, args):
     args = [*args, "--model", tiny_causal_dir, "--device", "cpu", *(["--output-dir", run] if args[0] == "train" else [])]
     (tmp_path / "data.tsv").write_text("sentence\tlabel\nfine\t1\n")
     _refused(capsys, args, tmp_path, tiny_causal_dir, absent=[run])
-
-
-def test_cuda_graphs_are_refused_for_causal_lms():
-    from zotune.errors import UserError
-    from zotune.session import _check_causal
-    import torch
-    with pytest.raises(UserError, match="--no-cuda-graphs"):
-        _check_causal(TrainConfig(device="cpu"), torch.device("cuda"))
-    _check_causal(TrainConfig(device="cpu", cuda_graphs=False), torch.device("cuda"))

@@ -131,21 +131,22 @@ def load_causal_prompt(model: str, task_name: str, tokenizer: str | None = None,
     return task, CausalPrompt(task, tok, leading_token(tok), max_length)
 
 
-def causal_runner(model, task: CausalTask, device, precision: str = "tf32") -> CausalRunner:
+def causal_runner(model, task: CausalTask, device, precision: str = "tf32", cuda_graphs: bool = True) -> CausalRunner:
     """The runner of a causal LM on `task`: the task's scores and objective, prompts shared."""
-    return CausalRunner(model, device, precision, length_normalised=task.length_normalised, objective=task.objective)
+    return CausalRunner(model, device, precision, length_normalised=task.length_normalised, objective=task.objective,
+                        cuda_graphs=cuda_graphs)
 
 
 def build(model: str, task_name: str, *, tokenizer: str | None = None, template: str | None = None,
           label_words: str | None = None, max_length: int | None = None, device: str = "auto",
           precision: str = "tf32", cuda_graphs: bool = True) -> Prompted:
-    """A checkpoint as it is (nothing trains) behind a runner: what `eval` and `predict` score with.
-    A causal LM's runs eagerly (engine/candidates.py has no CUDA graphs)."""
+    """A checkpoint as it is (nothing trains) behind a runner: what `eval` and `predict` score with,
+    on CUDA through CUDA graphs unless `cuda_graphs` is off."""
     if is_causal_checkpoint(resolve_model_dir(model)):
         task, prompt = load_causal_prompt(model, task_name, tokenizer, template, label_words, max_length)
         where = resolve_device(device)
         return Prompted(task, prompt, causal_runner(load_model(resolve_model_dir(model)).to(where), task, where,
-                                                    precision))
+                                                    precision, cuda_graphs))
     task, prompt = load_prompt(model, task_name, tokenizer, template, label_words, max_length)
     where = resolve_device(device)
     runner = ModelRunner(load_model(resolve_model_dir(model)).to(where), prompt.label_word_ids, prompt.mask_id, where,

@@ -16,8 +16,8 @@ goes through it, so none repeats the sequence:
 A checkpoint whose config.json names a causal LM (OPT, the Llama family) takes the candidate
 path in steps 2 and 5: the task's causal row and tokenizer (evaluate.CausalPrompt) instead of
 an LM-BFF prompt, and a CausalRunner (engine/candidates.py) instead of a ModelRunner; the
-trainable subset, buffers, pairs, trunk cache and torchrun process group are built alike. It
-refuses, in one line, what it cannot run yet: CUDA graphs (--no-cuda-graphs).
+trainable subset, buffers, pairs, trunk cache, CUDA graphs and torchrun process group are built
+alike.
 """
 
 from dataclasses import dataclass
@@ -74,8 +74,6 @@ class Session:
         group = init_from_env(device, cfg.dist_timeout)
         _check_group(cfg, group)
         causal = isinstance(base, CausalLM) if base is not None else is_causal_checkpoint(resolve_model_dir(cfg.model))
-        if causal:
-            _check_causal(cfg, device)
         load = load_causal_prompt if causal else load_prompt
         task, prompt = load(cfg.model, cfg.task, cfg.tokenizer, cfg.template, cfg.label_words, cfg.max_length)
         model, trainable = load_trainable(cfg, base)
@@ -90,7 +88,7 @@ class Session:
         if paired:
             attach_pair_weights(model, flat)
         names = [name for name, _ in trainable]
-        runner = causal_runner(model, task, device, cfg.precision) if causal else ModelRunner(
+        runner = causal_runner(model, task, device, cfg.precision, cfg.cuda_graphs) if causal else ModelRunner(
             model, prompt.label_word_ids, prompt.mask_id, device, cfg.precision, cfg.cuda_graphs,
             prompt.tokenizer.pad_token_id)
         if cfg.cache:
@@ -105,13 +103,6 @@ class Session:
         read = {s: split_inputs(self.task, self.prompt, data_dir, self.cfg.k, self.cfg.seed, s)
                 for s in ("train", "dev", "test")}
         return {s: examples for s, (examples, _) in read.items()}, {s: inputs for s, (_, inputs) in read.items()}
-
-
-def _check_causal(cfg: TrainConfig, device: torch.device) -> None:
-    """What the causal path cannot run yet, refused before anything is built."""
-    if device.type == "cuda" and cfg.cuda_graphs:
-        raise UserError("CUDA graphs do not capture causal LMs yet (their scored rows and shared prompts are not "
-                        "in the graphs' buffers); pass --no-cuda-graphs")
 
 
 def _check_group(cfg: TrainConfig, group: Group | None) -> None:

@@ -41,11 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from zotune.engine.cache import PoolRows
+from zotune.engine.graphs import GraphedForward, Layout, one_forward, padded_arrays, padded_batch
 from zotune.engine.runner import Runner
 from zotune.layers.batch import PackedBatch, pack, shared_context
 from zotune.model.causal_lm import CausalLM
 
 OBJECTIVES = ("candidates", "gold")
+TABLE_BUCKET = 8  # a CUDA graph's candidate table has a multiple of this many columns (graph_inputs)
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +63,11 @@ class CandidateBatch:
     @property
     def num_scored(self) -> int:
         return len(self.targets)
+
+    @property
+    def head_inputs(self) -> dict[str, torch.Tensor]:
+        """What CausalRunner.forward reads beside the packed batch."""
+        return {"targets": self.targets, "table": self.table, "lengths": self.lengths}
 
     def to(self, device: torch.device | str) -> "CandidateBatch":
         return replace(self, batch=self.batch.to(device), targets=self.targets.to(device),
@@ -139,24 +146,64 @@ def _candidate_batch(batch: PackedBatch, rows: list[list[int]], targets: list[in
 
 def summed(logprobs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """[N*C] sums of each candidate's token log-probabilities [S] (table [N*C, L], S pads). A
-    padded gather and a sum, not a scatter-add, so that the order of the additions, and the
-    bits, are the same on every device."""
-    return torch.cat([logprobs, logprobs.new_zeros(1)])[table].sum(1)
+    padded gather and additions column by column, not a scatter-add nor a reduction kernel,
+    so that the order of the additions, and the bits, are the same on every device and for
+    any number of padding columns (each adds an exact zero: a CUDA graph's wider table)."""
+    gathered = torch.cat([logprobs, logprobs.new_zeros(1)])[table]     # [N*C, L]
+    total = gathered[:, 0]
+    for column in gathered.unbind(1)[1:]:
+        total = total + column
+    return total
+
+
+def graph_inputs(laid_out: CandidateBatch, layout: Layout, pad_token_id: int) -> dict[str, np.ndarray]:
+    """The head's inputs of `laid_out` (a CandidateBatch as its forward runs it: paired or not, on
+    the host) padded as a CUDA graph pads its batch (engine/graphs.py Layout): targets at the
+    padded scored rows (the padding rows' any token), the table pointing at them, its padding
+    (and TABLE_BUCKET's columns) at summed's zero, and the lengths as they are. So each
+    candidate's sum adds the same numbers in the same order, then zeros: the same bits."""
+    total = layout.parts * layout.scored_pad                       # summed's zero is at this index
+    where = layout.scored_index()                                   # [S] padded index of each scored row
+    targets = np.full(total, pad_token_id, np.int64)
+    targets[where] = laid_out.targets.numpy()
+    table = laid_out.table.numpy()
+    padded_table = np.full((len(table), -(-table.shape[1] // TABLE_BUCKET) * TABLE_BUCKET), total, np.int64)
+    where = np.append(where, total)  # the table's padding, S, goes to the padded zero
+    padded_table[:, :table.shape[1]] = where[table]
+    return {"targets": targets, "table": padded_table, "lengths": laid_out.lengths.numpy()}
+
+
+def pad_candidates(laid_out: CandidateBatch, position_offset: int, pad_token_id: int = 0) -> CandidateBatch:
+    """`laid_out` (as its forward runs it: paired or not, on the host) padded as a CUDA graph runs
+    it, as a CandidateBatch on the host: what CausalRunner.forward computes over it is what the
+    graph computes, so that an eager forward, on the CPU too, checks the padding."""
+    layout = Layout.of(laid_out.batch, pad_scored=True)
+    arrays = padded_arrays(laid_out.batch, layout, pad_token_id, position_offset)
+    batch = padded_batch(laid_out.batch, layout, {k: torch.from_numpy(a) for k, a in arrays.items()}, pad_token_id)
+    return replace(laid_out, batch=batch,
+                   **{k: torch.from_numpy(a) for k, a in graph_inputs(laid_out, layout, pad_token_id).items()})
 
 
 class CausalRunner(Runner):
     """CausalLM (model/causal_lm.py) over candidate examples: packs them (pack), scores them
-    (candidate_logprobs, logits) and gives the task's loss for MeZO and Adam (loss, pair_loss).
+    (candidate_logprobs, logits) and gives the task's loss for MeZO and Adam (loss, pair_loss),
+    on CUDA through captured graphs (engine/graphs.py; graphed, a whole MeZO step).
     `length_normalised` and `objective` come from the task row (tasks/causal.py);
-    `share_prompts` picks the layout (the module docstring)."""
+    `share_prompts` picks the layout (the module docstring); `pad_token_id` fills a graph's
+    filler sequences (any token: their rows are never read)."""
 
     def __init__(self, model: CausalLM, device: torch.device, precision: str = "tf32", *,
-                 length_normalised: bool = True, objective: str = "candidates", share_prompts: bool = True):
+                 length_normalised: bool = True, objective: str = "candidates", share_prompts: bool = True,
+                 cuda_graphs: bool = True, pad_token_id: int = 0):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; known: {OBJECTIVES}")
         super().__init__(model, device, precision)
-        self.length_normalised, self.objective, self.share_prompts = length_normalised, objective, share_prompts
+        self.length_normalised, self.loss_kind, self.share_prompts = length_normalised, objective, share_prompts
         self._last_packed: CandidateBatch | None = None
+        self.pad_token_id = pad_token_id
+        self.graphs = GraphedForward(model, self.forward, pad_token_id, device, pad_scored=True) \
+            if device.type == "cuda" and cuda_graphs else None
+        self._graph_inputs: tuple = (None, None)  # (a laid-out batch, its graph_inputs): a step reuses them
 
     def pack(self, examples) -> CandidateBatch:
         """The examples as one CandidateBatch on the host; the last one is kept (MeZO at k=16
@@ -174,25 +221,41 @@ class CausalRunner(Runner):
             self._last_moved = (batch, batch.to(self.device))
         return self._last_moved[1]
 
-    def token_logprobs(self, candidates: CandidateBatch, pair: bool = False) -> torch.Tensor:
-        """[S] float32 log-probabilities of the scored tokens ([2S] with `pair`: the batch at
-        θ + εz, then at θ − εz). Counts the forward."""
-        on_device = self.on_device(candidates)
-        run, hidden, start = self._forward_inputs(on_device.batch, pair, passes=1)
-        self._count(candidates, pair)
-        if isinstance(hidden, PoolRows):
-            hidden = hidden.hidden  # gathered from the trunk cache's pool
-        targets = (on_device.paired if pair else on_device).targets
+    def forward(self, batch: PackedBatch, hidden: torch.Tensor | None = None, start_layer: int = 0, *,
+                targets: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([N, C] summed log-probability of each candidate given its prompt, [N, C] its token
+        counts) of a batch as laid out (a CandidateBatch's fields, CandidateBatch.head_inputs:
+        paired or not, padded or not) on the device, in the run's precision: what an eager pass
+        and a CUDA graph (over its padded static batch) run."""
         with self.precision:
-            return self.model(run, run.mask_index, targets, hidden=hidden, start_layer=start)
+            logprobs = self.model(batch, batch.mask_index, targets, hidden=hidden, start_layer=start_layer)  # [S]
+        return summed(logprobs, table).view(lengths.shape), lengths
 
     def candidate_logprobs(self, candidates: CandidateBatch, pair: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """([N, C] summed log-probability of each candidate given its prompt, [N, C] its token
-        counts); [2N, C] each with `pair`."""
+        counts); [2N, C] each with `pair`: the batch at θ + εz, then at θ − εz. Counts the forward."""
+        if self._graphed():
+            return self.graphed(candidates, one_forward, {}, passes=1, pair=pair)
         on_device = self.on_device(candidates)
-        laid_out = on_device.paired if pair else on_device
-        sums = summed(self.token_logprobs(candidates, pair), laid_out.table)   # [N*C]
-        return sums.view(laid_out.lengths.shape), laid_out.lengths
+        run, hidden, start = self._forward_inputs(on_device.batch, pair, passes=1)
+        self._count(candidates, pair, passes=1)
+        if isinstance(hidden, PoolRows):
+            hidden = hidden.hidden  # gathered from the trunk cache's pool
+        return self.forward(run, hidden, start, **(on_device.paired if pair else on_device).head_inputs)
+
+    def graphed(self, candidates: CandidateBatch, body, inputs: dict[str, torch.Tensor], passes: int,
+                pair: bool = False) -> tuple[torch.Tensor, ...]:
+        """body(forward, inputs) as one CUDA graph replay (engine/graphs.py), as ModelRunner.graphed:
+        forward() gives candidate_logprobs' pair of tensors. Needs CUDA graphs and inference mode."""
+        if not self._graphed():
+            raise RuntimeError("CausalRunner.graphed needs CUDA graphs, eval mode and no autograd")
+        laid_out = candidates.paired if pair else candidates
+        if self._graph_inputs[0] is not laid_out:
+            self._graph_inputs = (laid_out, graph_inputs(laid_out, self.graphs.layout(laid_out.batch),
+                                                         self.pad_token_id))
+        run, hidden, start = self._forward_inputs(candidates.batch, pair, passes)
+        self._count(candidates, pair, passes)
+        return self.graphs(run, hidden, start, body, inputs, self._graph_inputs[1])
 
     def logits(self, candidates: CandidateBatch, pair: bool = False) -> torch.Tensor:
         """[N, C] the candidates' scores, what a prediction takes the argmax of: the mean token
@@ -201,11 +264,19 @@ class CausalRunner(Runner):
         return sums / lengths if self.length_normalised else sums
 
     def loss(self, candidates: CandidateBatch, labels: torch.Tensor) -> torch.Tensor:
-        return self._objective(*self.candidate_logprobs(candidates), labels)
+        return self.objective(self.candidate_logprobs(candidates), labels)
 
     def pair_loss(self, candidates: CandidateBatch, labels: torch.Tensor) -> torch.Tensor:
         """[L+, L−] from one forward over the batch twice (see ModelRunner.pair_loss)."""
-        sums, lengths = self.candidate_logprobs(candidates, pair=True)
+        return self.objective(self.candidate_logprobs(candidates, pair=True), labels, pair=True)
+
+    def objective(self, output: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor,
+                  pair: bool = False) -> torch.Tensor:
+        """The task's loss of a forward's output (sums, lengths) (MezoStepper's graphed step calls
+        it too); for a pair's [2N, C] output, [L+, L−]."""
+        sums, lengths = output
+        if not pair:
+            return self._objective(sums, lengths, labels)
         n = len(labels)
         return torch.stack([self._objective(sums[:n], lengths[:n], labels),
                             self._objective(sums[n:], lengths[n:], labels)])
@@ -213,12 +284,12 @@ class CausalRunner(Runner):
     def loss_weight(self, examples, labels: torch.Tensor) -> int:
         """Runner.loss_weight: examples, or for "gold" the gold continuations' tokens, the loss's
         denominator (_objective)."""
-        if self.objective == "gold":
+        if self.loss_kind == "gold":
             return sum(len(e.candidate_ids[label]) for e, label in zip(examples, labels.tolist()))
         return len(labels)
 
     def _objective(self, sums: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.objective == "gold":
+        if self.loss_kind == "gold":
             gold = labels[:, None]
             return -sums.gather(1, gold).sum() / lengths.gather(1, gold).sum()
         return F.cross_entropy(sums / lengths if self.length_normalised else sums, labels)
@@ -240,17 +311,19 @@ class CausalRunner(Runner):
 
     def cache_stats(self) -> dict:
         """The trunk cache's report (Runner.cache_stats) and prefix sharing's, counted per forward:
-        tokens computed against tokens the plain layout would have computed."""
-        computed, plain = self.stats.tokens_computed, self.stats.plain_tokens
+        tokens computed (less a CUDA graph's fillers) against tokens the plain layout would have
+        computed."""
+        computed, plain = self.stats.tokens_computed - self.stats.graph_filler_tokens, self.stats.plain_tokens
         sharing = {"tokens_computed": computed, "plain_tokens": plain, "tokens_saved": plain - computed,
                    "saved_share": (plain - computed) / plain if plain else 0.0}
         return {**super().cache_stats(), "prefix_sharing": sharing}
 
-    def _count(self, candidates: CandidateBatch, pair: bool) -> None:
-        """One forward over `candidates` (twice over in a pair); what it computes, and what the
-        plain layout, padded or not, would have."""
-        times = 2 if pair else 1
-        self.stats.forward_passes += 1
+    def _count(self, candidates: CandidateBatch, pair: bool, passes: int) -> None:
+        """`passes` forwards over `candidates` (twice over in a pair); what they compute (a graph's
+        fillers included), and what the plain layout, padded or not, would have."""
+        times = (2 if pair else 1) * passes
+        self.stats.forward_passes += passes
         self.stats.tokens_computed += candidates.batch.num_tokens * times
         self.stats.plain_tokens += candidates.plain_tokens * times
         self.stats.padding_tokens_avoided += (candidates.padded_tokens - candidates.plain_tokens) * times
+        self._count_filler(candidates.batch.paired if pair else candidates.batch, passes)

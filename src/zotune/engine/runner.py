@@ -112,6 +112,17 @@ class Runner:
         # Dropout makes the trunk random (nothing to reuse) and autograd needs eager execution.
         return not self.model.training and not torch.is_grad_enabled()
 
+    def _graphed(self) -> bool:
+        """Whether forwards run as CUDA graph replays now (engine/graphs.py)."""
+        return self.graphs is not None and self._inference()
+
+    def _count_filler(self, run: PackedBatch, passes: int) -> None:
+        """The tokens a graph computes beyond `run`'s own (its filler sequences), as computed."""
+        if self._graphed():
+            filler = self.graphs.layout(run).padded - run.num_tokens
+            self.stats.graph_filler_tokens += filler * passes
+            self.stats.tokens_computed += filler * passes
+
     def _forward_inputs(self, batch: PackedBatch, pair: bool, passes: int):
         """What `passes` forwards over `batch` run on: the batch (paired or not), the hidden
         states entering layer `start` (from the trunk cache, as its pool rows where it holds the
@@ -158,7 +169,7 @@ class ModelRunner(Runner):
         self.label_word_ids = torch.tensor(label_word_ids, device=device)     # [C]
         self.mask_token_id = mask_token_id
         self._last_packed: PackedBatch | None = None
-        self.graphs = GraphedForward(self.model, self.label_word_ids, pad_token_id, self.precision, device) \
+        self.graphs = GraphedForward(self.model, self.forward, pad_token_id, device) \
             if device.type == "cuda" and cuda_graphs else None
 
     def pack(self, sequences: list[list[int]]) -> PackedBatch:
@@ -176,12 +187,17 @@ class ModelRunner(Runner):
         With `pair`, [2B, C]: the batch at θ + εz, then at θ − εz, from one forward (see pair_loss)."""
         run, hidden, start = self._forward_inputs(batch, pair, passes=1)
         self._count(run, passes=1)
-        if self.graphs is not None and self._inference():
+        if self._graphed():
             return self.graphs(run, hidden, start)[0]
         if isinstance(hidden, PoolRows):
             hidden = hidden.hidden
+        return self.forward(self.on_device(run), hidden, start)
+
+    def forward(self, batch: PackedBatch, hidden: torch.Tensor | None = None, start_layer: int = 0) -> torch.Tensor:
+        """[B, C] float32 label-word logits of a batch on the device, in the run's precision: what
+        an eager pass and a CUDA graph (over its padded static batch) run."""
         with self.precision:
-            return self.model(self.on_device(run), self.label_word_ids, hidden=hidden, start_layer=start).float()
+            return self.model(batch, self.label_word_ids, hidden=hidden, start_layer=start_layer).float()
 
     def graphed(self, batch: PackedBatch, body, inputs: dict[str, torch.Tensor], passes: int,
                 pair: bool = False) -> tuple[torch.Tensor, ...]:
@@ -191,36 +207,34 @@ class ModelRunner(Runner):
         copies. Counts what `passes` calls of logits() would count: forward passes, tokens,
         and cache lookups, each pass reading the trunk's hidden states (the first may compute
         them). Needs CUDA graphs and inference mode."""
-        if self.graphs is None or not self._inference():
+        if not self._graphed():
             raise RuntimeError("ModelRunner.graphed needs CUDA graphs, eval mode and no autograd")
         run, hidden, start = self._forward_inputs(batch, pair, passes)
         self._count(run, passes)
         return self.graphs(run, hidden, start, body, inputs)
 
     @staticmethod
-    def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, pair: bool = False) -> torch.Tensor:
-        """Mean cross-entropy over the label words, LM-BFF's prompt-based objective; for a pair's
-        [2B, C] logits, [L+, L−]."""
+    def objective(logits: torch.Tensor, labels: torch.Tensor, pair: bool = False) -> torch.Tensor:
+        """The loss of a forward's output (MezoStepper's graphed step calls it too): mean
+        cross-entropy over the label words, LM-BFF's prompt-based objective; for a pair's [2B, C]
+        logits, [L+, L−]."""
         if not pair:
             return F.cross_entropy(logits, labels)
         n = len(labels)
         return torch.stack([F.cross_entropy(logits[:n], labels), F.cross_entropy(logits[n:], labels)])
 
     def loss(self, batch: PackedBatch, labels: torch.Tensor) -> torch.Tensor:
-        return self.cross_entropy(self.logits(batch), labels)
+        return self.objective(self.logits(batch), labels)
 
     def pair_loss(self, batch: PackedBatch, labels: torch.Tensor) -> torch.Tensor:
         """[L+, L−]: the loss at θ + εz (FlatParameters.plus) and at θ − εz (the model's own
         tensors) from one forward over the batch twice, so the frozen weights are read once for
         both. Needs enable_pairs."""
-        return self.cross_entropy(self.logits(batch, pair=True), labels, pair=True)
+        return self.objective(self.logits(batch, pair=True), labels, pair=True)
 
     def _count(self, batch: PackedBatch, passes: int) -> None:
         """Counts `passes` forwards over `batch` (as the graphs run it, fillers included)."""
         self.stats.forward_passes += passes
         self.stats.tokens_computed += batch.num_tokens * passes
         self.stats.padding_tokens_avoided += (len(batch.seq_lens) * max(batch.seq_lens) - batch.num_tokens) * passes
-        if self.graphs is not None and self._inference():
-            filler = self.graphs.bucket(batch)[0] - batch.num_tokens
-            self.stats.graph_filler_tokens += filler * passes
-            self.stats.tokens_computed += filler * passes
+        self._count_filler(batch, passes)

@@ -112,13 +112,14 @@ def update(flat: FlatParameters, seeds: list[int] | torch.Tensor, grads: torch.T
 
 
 class MezoStepper:
-    """mezo_step over a model runner's packed batches (engine/runner.py). Where the runner has
+    """mezo_step over a runner's packed batches (engine/runner.py ModelRunner, engine/candidates.py
+    CausalRunner: both give `graphed` and `objective`). Where the runner has
     CUDA graphs, a whole step (its sweeps, forward passes, losses and update) is one graph
     replay, captured at the first step of each batch shape: the host only copies in the seeds,
     learning rate and labels and launches it, so a step the trunk cache has made small is not
     bound by Python and kernel launches. The graph runs the same kernels with the same
-    arguments as the eager step. Elsewhere, and for scale-out (a rank's step talks to the other
-    ranks), mezo_step runs eagerly."""
+    arguments as the eager step over its padded batch (engine/graphs.py). Elsewhere, and for
+    scale-out (a rank's step talks to the other ranks), mezo_step runs eagerly."""
 
     def __init__(self, runner, flat: FlatParameters, eps: float, weight_decay: float, paired: bool = False):
         self.runner, self.flat, self.eps, self.weight_decay, self.paired = runner, flat, eps, weight_decay, paired
@@ -126,7 +127,8 @@ class MezoStepper:
     def __call__(self, batch, labels: torch.Tensor, seeds: list[int], lr: float, share: float = 1.0,
                  measures: Callable[[int], bool] | None = None,
                  combine: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepResult:
-        """One step on `batch` (a PackedBatch) with `labels` on the host (or the device);
+        """One step on `batch` (the runner's pack: a PackedBatch, or a causal LM's CandidateBatch)
+        with `labels` on the host (or the device);
         `share` scales the loss (a rank's part of a data-parallel batch), `measures` and
         `combine` are mezo_step's."""
         if self.runner.graphs is not None and (share, measures, combine) == (1.0, None, None):
@@ -140,7 +142,8 @@ class MezoStepper:
                          measures, combine, self.paired)
 
     def _step(self, logits: Callable[[], torch.Tensor], inputs: dict[str, torch.Tensor]) -> tuple:
-        """The graph's body: a MeZO step reading its seeds, lr and labels from the static inputs."""
-        result = mezo_step(self.flat, lambda: self.runner.cross_entropy(logits(), inputs["labels"], self.paired),
+        """The graph's body: a MeZO step reading its seeds, lr and labels from the static inputs;
+        logits() is the runner's forward, runner.objective its loss."""
+        result = mezo_step(self.flat, lambda: self.runner.objective(logits(), inputs["labels"], self.paired),
                            inputs["seeds"], self.eps, inputs["lr"], self.weight_decay, paired=self.paired)
         return result.loss, result.projected_grads, result.finite
