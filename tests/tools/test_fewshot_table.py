@@ -112,7 +112,7 @@ def test_a_causal_checkpoint_takes_the_causal_protocol_and_refuses_the_others(tm
     assert "plan: 60 runs, 0 finished, 60 to go (0 to resume), 100,000 steps to go" in out
     assert "MeZO (full): full, 2000 steps, batch 16, eps 0.001" in out and "MeZO (LoRA): lora, " in out
     jobs = fewshot_table.plan("causal", ["sst2"], [16], ["Adam (full)"], tmp_path, model)
-    assert all("--no-cuda-graphs" in job.train_args for *_, job in jobs)  # no CUDA graphs for causal LMs yet
+    assert not any("--no-cuda-graphs" in job.train_args for *_, job in jobs)  # causal LMs run CUDA graphs too
     assert jobs[0][3].output_dir == tmp_path / "sst2-causal" / "Adam-full-k16"
     from tests.conftest import ROBERTA_TOKENIZER_DIR  # the shipped masked LM's folder
     for argv in (["--protocol", "table", "--model", model], ["--protocol", "causal"],

@@ -24,7 +24,11 @@ nothing that is scored, so it is never packed).
                  tokens is computed once instead of C times. A one-token candidate (SST-2's
                  " great") needs no rows of its own: the prompt's last row scores it.
 It works inside a MeZO pair (PackedBatch.paired: each half's candidates read their own half's
-prompt). The packer counts, for every batch, the tokens the plain layout computes and what
+prompt). On CUDA the forwards, and a whole MeZO step, are CUDA graph replays (engine/graphs.py):
+the graph pads the batch, and graph_inputs pads the targets and table to match, with entries
+that add exact zeros; pad_candidates is that padded batch on the host, which an eager forward
+scores bit for bit as the batch where a row's matmul sums do not depend on the other rows (the
+CPU, one thread: tests/engine/test_causal_graphs.py). The packer counts, for every batch, the tokens the plain layout computes and what
 padding it to its longest sequence would add; the runner adds them up per forward
 (RunnerStats.plain_tokens, padding_tokens_avoided) beside the tokens it computed.
 
@@ -326,4 +330,5 @@ class CausalRunner(Runner):
         self.stats.tokens_computed += candidates.batch.num_tokens * times
         self.stats.plain_tokens += candidates.plain_tokens * times
         self.stats.padding_tokens_avoided += (candidates.padded_tokens - candidates.plain_tokens) * times
-        self._count_filler(candidates.batch.paired if pair else candidates.batch, passes)
+        if self._graphed():
+            self._count_filler(candidates.batch.paired if pair else candidates.batch, passes)
