@@ -11,11 +11,15 @@ step against zotune's, on OPT-1.3B and a Llama-architecture model of about 1B pa
     torch.normal per tensor (perturb +1, perturb -2, perturb +1, then the update
     θ - lr (g z + wd θ) with wd = 0 on all but biases and norms), each a `param.data = ...`
     copy. TF32 as PyTorch defaults (off).
-(b) zotune: `zotune train`'s eager MeZO step for a causal LM (Session.build, MezoStepper):
-    float32 weights in one flat buffer, one Philox sweep kernel per perturbation, restore
-    fused with the update; packed tokens with each prompt computed once and its candidates
-    continuing it (engine/candidates.py), log-probabilities only at the candidate tokens.
-(c) zotune's inference-only forward of the same batch: the memory MeZO should stay within.
+(b) zotune: `zotune train`'s MeZO step for a causal LM (Session.build, MezoStepper): float32
+    weights in one flat buffer, one Philox sweep kernel per perturbation, restore fused with
+    the update; packed tokens with each prompt computed once and its candidates continuing it
+    (engine/candidates.py), log-probabilities only at the candidate tokens. Eager by default;
+    with --graphs the session has CUDA graphs (`zotune train` without --no-cuda-graphs): each
+    step is one graph replay, and the precision column says "CUDA graphs" where one ran
+    (on CUDA only: on the CPU the runner has none and the row is the eager step).
+(c) zotune's inference-only forward of the same batch: the memory MeZO should stay within
+    (through the forward's graph where (b) has graphs).
 
 Random weights from each model's real config (no download), saved and loaded as a user's
 float16 checkpoint would be; the real SST-2 k=16 seed-42 training examples with MeZO's
@@ -23,6 +27,7 @@ template, tokenized with RoBERTa's BPE (GPT-2's, so OPT's ids; for the Llama sha
 are merely in range). Batch 16 examples, as MeZO's scripts.
 
     python benchmarks/causal_step.py                 # on a GPU: the table
+    python benchmarks/causal_step.py --graphs        # zotune's step as one CUDA graph replay
     python benchmarks/causal_step.py --size tiny     # tiny shapes, any device (the CPU test)
 """
 
@@ -149,23 +154,29 @@ def reference_step_fn(model, batch, n_options: int):
 
 # ---- (b), (c) zotune ---------------------------------------------------------------------------
 
-def zotune_rows(model_dir: str, device: torch.device, precisions, batch_size: int, steps: int) -> dict:
-    """{precision: (step ms, step peak, forward ms, forward peak, loss at the start)} for zotune's
-    eager MeZO step."""
+def zotune_rows(model_dir: str, device: torch.device, precisions, batch_size: int, steps: int,
+                graphs: bool = False) -> dict:
+    """{precision label: (step ms, step peak, forward ms, forward peak, loss at the start)} for
+    zotune's MeZO step, eager or (`graphs`) through CUDA graphs where the device has them."""
     out = {}
     for precision in precisions:
-        out[precision] = zotune_row(model_dir, device, precision, batch_size, steps)
+        label, *figures = zotune_row(model_dir, device, precision, batch_size, steps, graphs)
+        out[label] = tuple(figures)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the row's session is gone: its memory goes before the next one's
     return out
 
 
-def zotune_row(model_dir: str, device: torch.device, precision: str, batch_size: int, steps: int) -> tuple:
+def zotune_row(model_dir: str, device: torch.device, precision: str, batch_size: int, steps: int,
+               graphs: bool = False) -> tuple:
+    """(precision label, step ms, step peak, forward ms, forward peak, loss at the start); the
+    label says "CUDA graphs" only where the runner has them (`graphs` on a CUDA device)."""
     cfg = TrainConfig(model=model_dir, tokenizer=TOKENIZER, task="sst2", k=16, seed=42, trainable="full",
-                      device=str(device), precision=precision, cuda_graphs=False, cache=False)
+                      device=str(device), precision=precision, cuda_graphs=graphs, cache=False)
     session = Session.build(cfg)
     examples = train_examples(model_dir, batch_size)
     runner = session.runner
+    label = f"{precision}, CUDA graphs" if runner.graphs is not None else precision
     batch, labels = runner.pack(examples), torch.tensor([e.label for e in examples])
     with torch.inference_mode():
         start_loss = runner.loss(batch, labels.to(device)).item()
@@ -181,11 +192,13 @@ def zotune_row(model_dir: str, device: torch.device, precision: str, batch_size:
             stepper(batch, labels, [direction_seed(0, counter["step"], 0)], LR)
     with Peak(device) as step_peak:
         step_ms = timed_ms(step, steps, device)
-    return step_ms, step_peak.bytes, forward_ms, forward_peak.bytes, start_loss
+    return label, step_ms, step_peak.bytes, forward_ms, forward_peak.bytes, start_loss
 
 
-def measure(name: str, config: dict, device: torch.device, precisions, batch_size: int, steps: int) -> list[dict]:
-    """The rows of one model: the reference step, then zotune's in each precision."""
+def measure(name: str, config: dict, device: torch.device, precisions, batch_size: int, steps: int,
+            graphs: bool = False) -> list[dict]:
+    """The rows of one model: the reference step, then zotune's in each precision (through CUDA
+    graphs with `graphs`)."""
     hf = hf_model(config, str(device))
     parameters = sum(p.numel() for p in hf.parameters())
     with tempfile.TemporaryDirectory() as model_dir:
@@ -201,7 +214,7 @@ def measure(name: str, config: dict, device: torch.device, precisions, batch_siz
         del hf, step, batch
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        ours = zotune_rows(model_dir, device, precisions, batch_size, steps)
+        ours = zotune_rows(model_dir, device, precisions, batch_size, steps, graphs)
     return [dict(model=name, parameters=parameters, padded_tokens=tokens_padded, reference_ms=reference_ms,
                  reference_peak=reference_peak.bytes, reference_loss=reference_start, precision=p, step_ms=s,
                  step_peak=sp, forward_ms=f, forward_peak=fp, loss=loss) for p, (s, sp, f, fp, loss) in ours.items()]
@@ -238,6 +251,8 @@ def main() -> None:
     parser.add_argument("--precisions", default="bf16,tf32")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--graphs", action="store_true",
+                        help="zotune's session with CUDA graphs (each step one replay); default eager")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -247,7 +262,7 @@ def main() -> None:
     for model in args.models.split(","):
         config = MODELS[model] if args.size == "real" else {**MODELS[model], **TINY,
                                                              "vocab_size": 50272, "max_position_embeddings": 512}
-        rows += measure(model, config, device, precisions, args.batch_size, args.steps)
+        rows += measure(model, config, device, precisions, args.batch_size, args.steps, args.graphs)
         print(table(rows[-len(precisions):], name, args.batch_size), flush=True)
     print()
     print(table(rows, name, args.batch_size))

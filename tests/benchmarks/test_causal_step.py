@@ -3,12 +3,15 @@ same batch to the same loss (the reference in float16, zotune in float32), and t
 row per model and precision."""
 
 import causal_step
+import pytest
 import torch
 
 
-def test_the_reference_and_zotune_score_the_same_batch(one_thread):
+@pytest.mark.parametrize("graphs", [False, True])  # --graphs: on the CPU the runner has none, nor the label
+def test_the_reference_and_zotune_score_the_same_batch(one_thread, graphs):
     config = {**causal_step.OPT_1_3B, **causal_step.TINY, "max_position_embeddings": 512}
-    rows = causal_step.measure("opt-tiny", config, torch.device("cpu"), ["float32"], batch_size=4, steps=1)
+    rows = causal_step.measure("opt-tiny", config, torch.device("cpu"), ["float32"], batch_size=4, steps=1,
+                               graphs=graphs)
     assert [(r["model"], r["precision"]) for r in rows] == [("opt-tiny", "float32")]
     row = rows[0]
     assert abs(row["reference_loss"] - row["loss"]) <= 1e-2 * abs(row["loss"])
