@@ -249,3 +249,20 @@ def test_zotune_train_on_a_causal_lm_captures_its_steps(tmp_path, tiny_causal_di
     assert main([str(a) for a in argv]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 10 and summary["graph_filler_tokens"] > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_greedy_decoding_stays_eager_on_a_graphed_runner(model_dir):
+    # next_tokens (engine/generate.py's step) never goes through the graphs: after a capture it
+    # gives the tokens an eager runner gives.
+    from zotune.engine.generate import greedy
+    model = load_model(model_dir).to("cuda")
+    graphed = CausalRunner(model, torch.device("cuda"), "float32")
+    eager = CausalRunner(model, torch.device("cuda"), "float32", cuda_graphs=False)
+    prompts = [[2, 5, 6, 7], [2, 9], [2, *range(10, 30)]]
+    with torch.inference_mode():
+        graphed.candidate_logprobs(graphed.pack(examples("copa", 3)))
+    assert graphed.graphs.captures == 1
+    assert greedy(graphed, prompts, 6, {0}) == greedy(eager, prompts, 6, {0})
+    assert graphed.graphs.captures == 1
