@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny_causal import VOCAB, save_tiny_causal
+from tests.tiny_causal import VOCAB
 from zotune.config import TrainConfig
 from zotune.engine.cache import PoolRows
 from zotune.engine.candidates import CausalRunner, graph_inputs, pad_candidates
@@ -29,7 +29,6 @@ from zotune.tasks.causal import CandidateExample
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-MODELS = {"opt": ("opt", {}), "llama-gqa-untied": ("llama", {"num_key_value_heads": 2, "tie": False})}
 # Batch shapes: SST-2's one-token candidates (the prompts alone are packed), COPA's sentences.
 SHAPES = {"sst2": dict(n=6, candidates=2, lengths=(1, 1)), "copa": dict(n=4, candidates=2, lengths=(2, 7))}
 # MeZO pairs: (subset, layers); None: the unpaired forward
@@ -42,14 +41,6 @@ def examples(shape: str, seed: int) -> list[CandidateExample]:
     return [CandidateExample(tokens(rng.randint(2, 14)), tuple(tokens(rng.randint(*spec["lengths"]))
                                                                for _ in range(spec["candidates"])),
                              rng.randrange(spec["candidates"])) for _ in range(spec["n"])]
-
-
-@pytest.fixture(scope="module", params=list(MODELS))
-def model_dir(request, tmp_path_factory):
-    kind, extra = MODELS[request.param]
-    path = tmp_path_factory.mktemp("causal") / request.param
-    save_tiny_causal(path, kind, **extra)
-    return path
 
 
 def paired_model(model_dir, subset, device="cpu"):
