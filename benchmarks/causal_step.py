@@ -32,6 +32,7 @@ are merely in range). Batch 16 examples, as MeZO's scripts.
 """
 
 import argparse
+import gc
 import statistics
 import tempfile
 import time
@@ -109,6 +110,15 @@ class Peak:
         return False
 
 
+def release(device: torch.device) -> None:
+    """Free what earlier rows left, so that the next row's peak is its own: a graphed session
+    holds its graphs' memory pools through reference cycles, which only the collector breaks
+    (session 14's Llama rows, measured after OPT's graphed rows, were ~10 GiB too high)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def train_examples(model_dir: str, batch_size: int) -> list:
     """The first `batch_size` SST-2 k=16 seed-42 training examples as candidate examples."""
     task, prompt = load_causal_prompt(model_dir, "sst2", TOKENIZER)
@@ -162,8 +172,7 @@ def zotune_rows(model_dir: str, device: torch.device, precisions, batch_size: in
     for precision in precisions:
         label, *figures = zotune_row(model_dir, device, precision, batch_size, steps, graphs)
         out[label] = tuple(figures)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the row's session is gone: its memory goes before the next one's
+        release(device)  # the row's session is gone: its memory goes before the next one's
     return out
 
 
@@ -212,8 +221,7 @@ def measure(name: str, config: dict, device: torch.device, precisions, batch_siz
             reference_ms = timed_ms(step, max(3, steps // 2), device)
         tokens_padded = batch["ids"].numel()
         del hf, step, batch
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(device)
         ours = zotune_rows(model_dir, device, precisions, batch_size, steps, graphs)
     return [dict(model=name, parameters=parameters, padded_tokens=tokens_padded, reference_ms=reference_ms,
                  reference_peak=reference_peak.bytes, reference_loss=reference_start, precision=p, step_ms=s,

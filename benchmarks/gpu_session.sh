@@ -26,19 +26,11 @@
 # TESTS_LIMIT=S raises the tests' limit, for a call that shares the GPU with other work.
 # or in two calls if one runs long: "bash benchmarks/gpu_session.sh tests gap", then "... speed".
 #
-# Next session, first (issue 22): branch graphs22b holds CUDA graphs for causal LMs and a refactor
-# of the encoder's graph machinery, not yet run on a GPU. `git checkout graphs22b`, then one call:
-#   bash benchmarks/gpu_session.sh causal speed large   (carry [".baseline"], made as above but from
-#   main: `git archive main src benchmarks tokenizers`, so that "before" is main's graph code)
-# plus `python -m pytest -q -m gpu tests/engine tests/optim/test_mezo_stepper.py
-# tests/test_gpu_agreement.py` and `python benchmarks/causal_step.py --graphs`; merge it into main
-# only if every GPU test passes and no speed row of the encoder got slower.
-#
 # A held machine goes back after 30 s idle, and whatever ran on it in the background with it
 # (session 13 lost a running table that way, to a 21-second CPU test between two calls): issue
 # the next call at once, and do the work here during a call, not between calls.
 #
-# Issue 22 (decoder-only demonstration): three calls on one H100, back to back (a machine left
+# Issue 22 (decoder-only demonstration; run in session 14, RESULTS.md): three calls on one H100, back to back (a machine left
 # idle goes back, and a fresh one costs minutes), about 24 minutes of device time in all. A call
 # returns at most 8 files of 16 MiB and carries at most 64 MiB; the tracked tree is 55 MB, 36 MB
 # of it the shipped masked LM's safetensors, which calls B and C do not need: remove them before
@@ -91,6 +83,7 @@ for p in $PHASES; do
     gap) phase gap 150 python benchmarks/precision_gap.py --directions 64 --cpu-directions 8 ;;
     speed)
         [ -d "$BASELINE/src/zotune" ] || { echo "no baseline tree at $BASELINE: see this script's header"; exit 2; }
+        ln -sfn "$PWD/models" "$BASELINE/models"  # the baseline's scripts read the tokenizer beside them
         # Baseline and this tree back to back per benchmark; the baseline's own scripts (the
         # restructure changed what they import), its zotune first on PYTHONPATH.
         phase step_time_before 75 env PYTHONPATH="$PWD/$BASELINE/src" python "$BASELINE/benchmarks/step_time.py" --steps 10

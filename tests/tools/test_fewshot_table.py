@@ -108,8 +108,8 @@ def test_a_causal_checkpoint_takes_the_causal_protocol_and_refuses_the_others(tm
     model = str(tiny_causal_dir)
     _main(monkeypatch, "--plan", "--device", "cpu", "--model", model, "--runs-dir", str(tmp_path))
     out = capsys.readouterr().out
-    # SST-2 only: 3 methods x 2 lrs x 2 ks x 5 seeds; 40 MeZO runs of 2,000 steps, 20 Adam runs of 1,000
-    assert "plan: 60 runs, 0 finished, 60 to go (0 to resume), 100,000 steps to go" in out
+    # SST-2 only, 2 ks x 5 seeds: MeZO full 3 lrs and LoRA 5 (80 runs of 2,000 steps), Adam 2 (20 of 1,000)
+    assert "plan: 100 runs, 0 finished, 100 to go (0 to resume), 180,000 steps to go" in out
     assert "MeZO (full): full, 2000 steps, batch 16, eps 0.001" in out and "MeZO (LoRA): lora, " in out
     jobs = fewshot_table.plan("causal", ["sst2"], [16], ["Adam (full)"], tmp_path, model)
     assert not any("--no-cuda-graphs" in job.train_args for *_, job in jobs)  # causal LMs run CUDA graphs too
