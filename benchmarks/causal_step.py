@@ -14,7 +14,9 @@ step against zotune's, on OPT-1.3B and a Llama-architecture model of about 1B pa
 (b) zotune: `zotune train`'s MeZO step for a causal LM (Session.build, MezoStepper): float32
     weights in one flat buffer, one Philox sweep kernel per perturbation, restore fused with
     the update; packed tokens with each prompt computed once and its candidates continuing it
-    (engine/candidates.py), log-probabilities only at the candidate tokens. Eager by default;
+    (engine/candidates.py), log-probabilities only at the candidate tokens. "(b) sweeps" times
+    the step's three sweeps alone (one CUDA graph; on a GPU only): the part of the step that
+    memory bandwidth bounds whatever the forward costs. Eager by default;
     with --graphs the session has CUDA graphs (`zotune train` without --no-cuda-graphs): each
     step is one graph replay, and the precision column says "CUDA graphs" where one ran
     (on CUDA only: on the CPU the runner has none and the row is the eager step).
@@ -40,7 +42,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import REPO, reference_mezo_step  # noqa: F401  (REPO: puts src/ on the path)
+from common import REPO, reference_mezo_step, step_sweeps_ms  # noqa: F401  (REPO: puts src/ on the path)
 from zotune.config import TrainConfig  # noqa: E402
 from zotune.evaluate import load_causal_prompt, split_inputs  # noqa: E402
 from zotune.optim.mezo import MezoStepper, direction_seed  # noqa: E402
@@ -166,7 +168,7 @@ def reference_step_fn(model, batch, n_options: int):
 
 def zotune_rows(model_dir: str, device: torch.device, precisions, batch_size: int, steps: int,
                 graphs: bool = False) -> dict:
-    """{precision label: (step ms, step peak, forward ms, forward peak, loss at the start)} for
+    """{precision label: (step ms, step peak, forward ms, forward peak, loss at the start, sweeps ms)} for
     zotune's MeZO step, eager or (`graphs`) through CUDA graphs where the device has them."""
     out = {}
     for precision in precisions:
@@ -178,8 +180,9 @@ def zotune_rows(model_dir: str, device: torch.device, precisions, batch_size: in
 
 def zotune_row(model_dir: str, device: torch.device, precision: str, batch_size: int, steps: int,
                graphs: bool = False) -> tuple:
-    """(precision label, step ms, step peak, forward ms, forward peak, loss at the start); the
-    label says "CUDA graphs" only where the runner has them (`graphs` on a CUDA device)."""
+    """(precision label, step ms, step peak, forward ms, forward peak, loss at the start, the
+    step's sweeps alone in ms (CUDA only)); the label says "CUDA graphs" only where the runner
+    has them (`graphs` on a CUDA device)."""
     cfg = TrainConfig(model=model_dir, tokenizer=TOKENIZER, task="sst2", k=16, seed=42, trainable="full",
                       device=str(device), precision=precision, cuda_graphs=graphs, cache=False)
     session = Session.build(cfg)
@@ -201,7 +204,8 @@ def zotune_row(model_dir: str, device: torch.device, precision: str, batch_size:
             stepper(batch, labels, [direction_seed(0, counter["step"], 0)], LR)
     with Peak(device) as step_peak:
         step_ms = timed_ms(step, steps, device)
-    return label, step_ms, step_peak.bytes, forward_ms, forward_peak.bytes, start_loss
+    sweeps_ms = step_sweeps_ms(session.flat, EPS, steps) if device.type == "cuda" else None
+    return label, step_ms, step_peak.bytes, forward_ms, forward_peak.bytes, start_loss, sweeps_ms
 
 
 def measure(name: str, config: dict, device: torch.device, precisions, batch_size: int, steps: int,
@@ -225,7 +229,8 @@ def measure(name: str, config: dict, device: torch.device, precisions, batch_siz
         ours = zotune_rows(model_dir, device, precisions, batch_size, steps, graphs)
     return [dict(model=name, parameters=parameters, padded_tokens=tokens_padded, reference_ms=reference_ms,
                  reference_peak=reference_peak.bytes, reference_loss=reference_start, precision=p, step_ms=s,
-                 step_peak=sp, forward_ms=f, forward_peak=fp, loss=loss) for p, (s, sp, f, fp, loss) in ours.items()]
+                 step_peak=sp, forward_ms=f, forward_peak=fp, loss=loss, sweeps_ms=sw)
+            for p, (s, sp, f, fp, loss, sw) in ours.items()]
 
 
 def table(rows: list[dict], device_name: str, batch_size: int) -> str:
@@ -236,15 +241,19 @@ def table(rows: list[dict], device_name: str, batch_size: int) -> str:
 
     def ratio(a, b):
         return "-" if a is None or b is None else f"{a / b:.2f}"
+
+    def ms(t):
+        return "-" if t is None else f"{t:.1f}"
     lines = [f"MeZO step, random weights from real configs, SST-2 k=16 seed-42 batch of {batch_size}, on {device_name}",
              "| model | parameters | (a) reference ms | (a) peak GiB | (b) zotune precision | (b) ms | speed-up "
-             "| (b) peak GiB | (c) forward ms | (c) peak GiB | memory (b)/(c) | 100k steps (a) h | 100k steps (b) h "
-             "| loss at θ (a) / (b) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| (b) peak GiB | (b) sweeps ms | (c) forward ms | (c) peak GiB | memory (b)/(c) | 100k steps (a) h "
+             "| 100k steps (b) h | loss at θ (a) / (b) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['parameters'] / 1e6:,.0f}M | {r['reference_ms']:.1f} | "
                      f"{size(r['reference_peak'])} | {r['precision']} | {r['step_ms']:.1f} | "
-                     f"{r['reference_ms'] / r['step_ms']:.1f}x | {size(r['step_peak'])} | {r['forward_ms']:.1f} | "
+                     f"{r['reference_ms'] / r['step_ms']:.1f}x | {size(r['step_peak'])} | {ms(r['sweeps_ms'])} | "
+                     f"{r['forward_ms']:.1f} | "
                      f"{size(r['forward_peak'])} | {ratio(r['step_peak'], r['forward_peak'])} | "
                      f"{r['reference_ms'] * 1e5 / 3.6e6:.2f} | {r['step_ms'] * 1e5 / 3.6e6:.2f} "
                      f"| {r['reference_loss']:.4f} / {r['loss']:.4f} |")

@@ -120,3 +120,20 @@ def back_to_back_ms(fn, steps: int, repeats: int = 5) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / steps)
     return statistics.median(times)
+
+
+def step_sweeps_ms(flat, eps: float, steps: int) -> float:
+    """A MeZO step's sweeps over `flat` alone, captured as one CUDA graph as in a graphed step
+    (+eps z, -2 eps z, restore fused with the update; one pass that keeps theta + eps z apart
+    where the stepper pairs): the weights' memory traffic a step pays before any forward."""
+    from zotune.optim.sweep import perturb, perturb_apart, restore_and_update, seed_tensor
+    seed, g = seed_tensor(1, "cuda"), torch.ones((), device="cuda")
+    sweeps = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(sweeps):
+        if flat.plus is not None:
+            perturb_apart(flat, seed, eps)
+        else:
+            perturb(flat, seed, eps)
+            perturb(flat, seed, -eps, times=2)
+        restore_and_update(flat, seed, eps, [seed], [g], 0.0, 0.0)
+    return back_to_back_ms(sweeps.replay, steps)

@@ -29,11 +29,10 @@ import argparse
 
 import torch
 
-from common import back_to_back_ms, session, sst2_prompt, sst2_train
+from common import back_to_back_ms, session, sst2_prompt, sst2_train, step_sweeps_ms
 
 from zotune.engine.runner import lowest_perturbed_layer
 from zotune.optim.mezo import MezoStepper, direction_seed
-from zotune.optim.sweep import perturb, perturb_apart, restore_and_update, seed_tensor
 
 UPPER = (20, 21, 22, 23)
 # name for --only: (label, subset, layers, ± passes as one batch when cached)
@@ -94,22 +93,13 @@ def main():
                 if mode == "cache":
                     lookups = after["lookups"] - before["lookups"]
                     stats = ((after["hits"] - before["hits"]) / lookups, after["bytes_held"])
-            seed, g = seed_tensor(1, "cuda"), torch.ones((), device="cuda")
-            sweeps = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(sweeps):  # a step's sweeps alone, one graph as in the step's
-                if flat.plus is not None:
-                    perturb_apart(flat, seed, 1e-3)
-                else:
-                    perturb(flat, seed, 1e-3)
-                    perturb(flat, seed, -1e-3, times=2)
-                restore_and_update(flat, seed, 1e-3, [seed], [g], 0.0, 0.0)
-            sweep_ms = back_to_back_ms(sweeps.replay, args.steps)
+            sweep_ms = step_sweeps_ms(flat, 1e-3, args.steps)
             off = times["no cache"]
             ideal_sweeps = off / (sweep_ms + (off - sweep_ms) / ideal)
             speedup = off / times["cache"]
             rows.append((f"k={k}", batch_size, label, off, times["cache"], speedup,
                          ideal, speedup / ideal, sweep_ms, ideal_sweeps, speedup / ideal_sweeps, *stats))
-            del built, model, flat, runner, packed, stepper, sweeps
+            del built, model, flat, runner, packed, stepper
             torch.cuda.empty_cache()
 
     print(f"\nTrunk cache, RoBERTa-large (random weights), SST-2 seed-42, on {torch.cuda.get_device_name()}")
