@@ -26,6 +26,10 @@ Recipe (ClmConfig; `python tools/pretrain_clm.py --help` shows the flags):
   prediction = the larger summed log-probability of the candidates ' terrible' and ' great'; on
   512-42/dev (the selection set) and glue/dev (the 872-sentence test set): accuracy, AUC, and
   accuracy with a threshold fitted on 512-42/dev.
+- Kept weights (`keep_best`, on by default): the evaluation (the final one included) with the
+  best accuracy on 512-42/dev with its fitted threshold is what OUT holds, not necessarily the
+  last step: session 14's 19,386-step run peaked there at step 4,000 (0.769, against 0.693 at
+  its end) and then overfit its 22 epochs (RESULTS.md). `--set keep_best=false` keeps the last.
 - Checkpoints: `--deadline-s S` pauses training S seconds after the process started, writes
   OUT/checkpoint/ (model, optimizer, schedule, generator, data order and the packed corpus) and
   exits; `--resume --out OUT` continues exactly where it stopped, without re-reading the corpus.
@@ -79,8 +83,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretraining import (  # noqa: E402  (tools/ is not a package)
-    BOS, EOS, PAD, REPO, VOCAB, Loop, LoopState, apply_overrides, corpus_info,
-    corpus_section, eval_sets, history_table, load_documents, load_state, load_tokenizer, make_adamw,
+    BOS, EOS, PAD, REPO, SELECTION, VOCAB, Loop, LoopState, apply_overrides, corpus_info,
+    corpus_section, eval_sets, history_table, keep_best, load_documents, load_state, load_tokenizer, make_adamw,
     pack_documents, pct, read_saved_config, save_hf, save_state, scores_line, sst2_scores, train_loop,
 )
 
@@ -113,7 +117,8 @@ class ClmConfig:
     weight_decay: float = 0.1
     clip: float = 1.0
     seed: int = 0
-    eval_every: int = 2_000      # dev loss and zero-shot SST-2 during training (log; the last step is kept)
+    eval_every: int = 2_000      # dev loss and zero-shot SST-2 during training
+    keep_best: bool = True       # save the evaluated weights best on the selection set, not the last step's
     dev_docs: int = 1_000        # documents held out of training for the dev loss
     max_docs: int = 0            # 0 = every document; the smoke mode uses a slice
     compile: bool = True         # torch.compile the training loss (on CUDA only)
@@ -313,12 +318,17 @@ def train(cfg: ClmConfig, corpus: Corpus, device: torch.device, out: Path, log=p
         return run.model, None
     final = run.evaluate(state.step)
     state.history.append({"step": cfg.steps, "loss": state.last_losses[-1], **final})
+    kept_step = cfg.steps
+    if cfg.keep_best:
+        kept_step, final = keep_best(run, state)
+        log(f"kept the weights of step {kept_step} (best on {SELECTION}, threshold fitted on it)")
     tokens = cfg.steps * cfg.batch_size * cfg.block
     return run.model, {
         "config": dataclasses.asdict(cfg),
         "n_params": count_params(cfg),
         "corpus": corpus.info,
         "final_train_loss": state.last_losses[-1],   # mean over the last 500 training steps
+        "kept_step": kept_step,                      # whose weights were saved
         "dev_loss": final["dev_loss"],
         "zero_shot": {k: v for k, v in final.items() if k != "dev_loss"},
         "history": state.history,
@@ -353,6 +363,15 @@ def write_card(out: Path, fewshot_md: Path | None) -> None:
     metrics_path.write_text(json.dumps(m, indent=1), encoding="utf-8")
     results = fewshot_md.read_text() if fewshot_md else "Not measured yet.\n"
     (out / "README.md").write_text(model_card(m, results), encoding="utf-8")
+
+
+def kept_text(m: dict) -> str:
+    """Which step's weights the checkpoint holds (metrics written before keep_best: the last)."""
+    kept, last = m.get("kept_step", m["config"]["steps"]), m["config"]["steps"]
+    if kept == last:
+        return f"The checkpoint holds the last step's weights ({last})"
+    return (f"The checkpoint holds the weights of step {kept}, the evaluation best on {SELECTION} "
+            f"(accuracy with the threshold fitted on it), not the last step's ({last})")
 
 
 def model_card(m: dict, results: str) -> str:
@@ -404,8 +423,8 @@ weight decay {c['weight_decay']} on matrices and embeddings), {c['warmup_steps']
 and `torch.compile`. {c['steps']} steps x {c['batch_size']} blocks of {c['block']} tokens
 ({m['tokens_seen'] / 1e9:.2f}B tokens, {m['tokens_seen'] / m['corpus']['tokens']:.1f} epochs); {fitted}`--set
 steps={c['steps']}` repeats the schedule.
-Final training loss (mean over the last 500 steps): **{m['final_train_loss']:.3f}**; dev loss
-**{m['dev_loss']:.3f}** (perplexity {math.exp(m['dev_loss']):.1f}).
+Final training loss (mean over the last 500 steps): **{m['final_train_loss']:.3f}**. {kept_text(m)}: dev
+loss **{m['dev_loss']:.3f}** (perplexity {math.exp(m['dev_loss']):.1f}).
 
 Device: {m['device']} (torch {m['torch']}), {m['processes']} process(es). Training {m['train_s']:.0f} s,
 {speed}; {m['wall_s']:.0f} s for the last process (corpus, training, evaluation, saving).

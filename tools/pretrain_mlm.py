@@ -48,8 +48,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretraining import (  # noqa: E402  (tools/ is not a package)
     BOS, EOS, GREAT, MASK, PAD, REPO, SELECTION, TERRIBLE, TEST, VOCAB, Loop, LoopState, apply_overrides,
-    corpus_info, corpus_section, eval_sets, history_table, load_documents, load_tokenizer, make_adamw,
-    pack_blocks, pct, save_hf, scores_line, sst2_scores, train_loop,
+    corpus_info, corpus_section, eval_sets, history_table, keep_best, load_documents, load_tokenizer, make_adamw,
+    pack_blocks, pct, save_hf, scores_line, selection_score, sst2_scores, train_loop,
 )
 
 MAX_CHECKPOINT_BYTES = 45_000_000  # issue 19: "the model directory at most 45 MB (float16 safetensors)"
@@ -78,7 +78,9 @@ class PretrainConfig:
     clip: float = 1.0
     mask_prob: float = 0.15
     seed: int = 0
-    eval_every: int = 2_000      # zero-shot dev/test scores during training (log only; the last step is kept)
+    eval_every: int = 2_000      # zero-shot dev/test scores during training
+    keep_best: bool = False      # save the evaluated weights best on the selection set (the shipped
+                                 # zotune-roberta-small was trained without: its last step's weights)
     max_docs: int = 0            # 0 = every document; the smoke mode uses a slice
     compile: bool = False        # torch.compile the training step (shapes are static)
 
@@ -221,11 +223,16 @@ def train(cfg: PretrainConfig, device: torch.device, imdb: Path | None = None, l
     state = train_loop(run, cfg, LoopState(), end_time=cfg.end_time)
     results = zero_shot(model, tok, sets, device)
     state.history.append({"step": cfg.steps, "loss": state.last_losses[-1], **results})
+    kept_step = cfg.steps
+    if cfg.keep_best:
+        kept_step, results = keep_best(run, state)
+        log(f"kept the weights of step {kept_step} (best on {SELECTION}, threshold fitted on it)")
     metrics = {
         "config": dataclasses.asdict(cfg),
         "n_params": cfg.n_params(),
         "corpus": info,
         "final_mlm_loss": state.last_losses[-1],   # mean over the last 500 training steps (masked tokens)
+        "kept_step": kept_step,                    # whose weights were saved
         "zero_shot": results,
         "history": state.history,
         "train_s": state.train_s,
@@ -409,7 +416,7 @@ def sweep(names: list[str], out: Path, extra: list[str], deadline_s: float) -> N
               f"{t['acc_dev_threshold']:5.3f} {100 * t['great_share']:6.1f} {m['train_s']:7.0f}")
     (out / "sweep.json").write_text(json.dumps(done, indent=1))
     if done:
-        best = max(done, key=lambda n: done[n]["zero_shot"][SELECTION]["acc_dev_threshold"])
+        best = max(done, key=lambda n: selection_score(done[n]["zero_shot"]))
         (out / "best.txt").write_text(run_dir(best) + "\n")
         print(f"best on {SELECTION} (accuracy, threshold fitted on it): {best}")
     print(f"device: {', '.join({m['device'] for m in done.values()}) or '?'}")

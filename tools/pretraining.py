@@ -175,6 +175,9 @@ class LoopState:
     ms_per_step: float = 0.0            # as timed for the fit (evaluations excluded)
     processes: int = 0                  # how many processes trained this run (the caller counts)
     paused: bool = False                # stopped by the process's own deadline; resume to go on
+    best_step: int | None = None        # with cfg.keep_best: the evaluation of the best selection score
+    best_score: float | None = None
+    best_weights: dict | None = None    # a CPU copy of that step's state_dict
 
 
 @dataclass
@@ -251,6 +254,8 @@ def train_loop(run: Loop, cfg, state: LoopState, end_time: float = 0.0, stop_at:
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             scores = run.evaluate(step)
             state.history.append({"step": step, "loss": state.last_losses[-1] if state.last_losses else None, **scores})
+            if cfg.keep_best:
+                offer_checkpoint(run, state, step, scores)
         if step < cfg.steps and ((stop_at and time.time() > stop_at) or (pause_after and step - start >= pause_after)):
             log(f"paused at step {step} of {cfg.steps}")
             state.paused = True
@@ -260,6 +265,32 @@ def train_loop(run: Loop, cfg, state: LoopState, end_time: float = 0.0, stop_at:
     state.train_s += time.time() - t_train
     state.order, state.loss_sum = order, loss_sum.item()
     return state
+
+
+def selection_score(scores: dict) -> float:
+    """What picks among pretrained models, and among one run's evaluations: accuracy on the
+    selection set with the threshold fitted on it. The test set never picks."""
+    return scores[SELECTION]["acc_dev_threshold"]
+
+
+def offer_checkpoint(run: Loop, state: LoopState, step: int, scores: dict) -> None:
+    """Keep a CPU copy of the weights if their selection score beats every earlier one (a tie
+    keeps the earlier weights, trained on fewer steps)."""
+    score = selection_score(scores)
+    if state.best_score is None or score > state.best_score:
+        state.best_step, state.best_score = step, score
+        state.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+
+
+def keep_best(run: Loop, state: LoopState) -> tuple[int, dict]:
+    """After the final evaluation (the last history entry): the best evaluated weights go back
+    into the model; returns their step and their scores."""
+    final = state.history[-1]
+    offer_checkpoint(run, state, final["step"], final)
+    if state.best_step != final["step"]:
+        run.model.load_state_dict(state.best_weights)
+    kept = next(h for h in state.history if h["step"] == state.best_step)
+    return state.best_step, {k: v for k, v in kept.items() if k not in ("step", "loss")}
 
 
 # ---------------------------------------------------------------- checkpoints (resume in a later call)

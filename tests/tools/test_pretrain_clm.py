@@ -104,6 +104,29 @@ def test_resume_continues_exactly(tmp_path):
         assert metrics_b[key] == metrics[key], key
 
 
+def test_the_weights_best_on_the_selection_set_are_kept(tmp_path, monkeypatch):
+    """keep_best: with the selection score scripted to peak at the step-4 evaluation of 12 steps,
+    the model returned (and saved) is the step-4 model (that of a run paused at step 4), the
+    metrics are that evaluation's and say so; keep_best off returns the last step's model."""
+    cfg_kw = dict(steps=12, warmup_steps=3, eval_every=4)
+    data = synthetic_corpus(tiny(), "A film with one good scene and a lot of waiting around.")
+    scripted = iter([0.7, 0.6, 0.5])  # steps 4, 8, then the final evaluation at 12
+    monkeypatch.setattr(T, "selection_score", lambda scores: next(scripted))
+    kept, metrics = C.train(tiny(**cfg_kw), data, torch.device("cpu"), tmp_path / "a", log=lambda s: None)
+    monkeypatch.setattr(T, "selection_score", lambda scores: 0.0)
+    at_4, _ = C.train(tiny(**cfg_kw), data, torch.device("cpu"), tmp_path / "b", log=lambda s: None, pause_after=4)
+    last, metrics_last = C.train(tiny(**cfg_kw, keep_best=False), data, torch.device("cpu"), tmp_path / "c",
+                                 log=lambda s: None)
+    for (name, a), b, c in zip(kept.state_dict().items(), at_4.state_dict().values(), last.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in zip(kept.state_dict().values(), last.state_dict().values()))
+    step_4 = metrics["history"][0]
+    assert metrics["kept_step"] == 4 and step_4["step"] == 4 and metrics["dev_loss"] == step_4["dev_loss"]
+    assert metrics["zero_shot"] == {k: v for k, v in step_4.items() if k not in ("step", "loss", "dev_loss")}
+    assert metrics_last["kept_step"] == 12 and metrics_last["dev_loss"] == metrics_last["history"][-1]["dev_loss"]
+    assert "holds the weights of step 4" in C.kept_text(metrics) and "last step's weights (12)" in C.kept_text(metrics_last)
+
+
 def test_opt_checkpoint_loads_with_auto_model(tmp_path):
     torch.manual_seed(0)
     model = C.build_model(tiny(arch="opt", ffn=128)).eval()

@@ -90,3 +90,22 @@ def test_smoke_run_end_to_end(tmp_path):
     assert "## MeZO / fine-tuning results" in card and "Not measured yet" in card
     rescored = json.loads((out / "pretrain_metrics.json").read_text())["zero_shot_reloaded_cpu"]
     assert set(rescored) == {P.SELECTION, P.TEST} and rescored[P.TEST]["n"] == 872
+
+
+def test_keep_best_saves_the_evaluation_best_on_the_selection_set(monkeypatch):
+    """The mechanism test_pretrain_clm.py checks bit for bit, through the MLM's own train: with
+    the selection score scripted to peak at the first evaluation, that step's weights and
+    scores are what train returns; keep_best off returns the last step's."""
+    import pretraining as T
+    cfg_kw = dict(P.PRESETS["smoke"], steps=30, eval_every=10)
+    scripted = iter([0.9, 0.2, 0.1])  # steps 10, 20, then the final evaluation at 30
+    monkeypatch.setattr(T, "selection_score", lambda scores: next(scripted))
+    kept, metrics = P.train(P.PretrainConfig(**cfg_kw, keep_best=True), torch.device("cpu"), log=lambda s: None)
+    last, metrics_last = P.train(P.PretrainConfig(**cfg_kw), torch.device("cpu"), log=lambda s: None)
+    first = metrics["history"][0]
+    assert metrics["kept_step"] == 10 and first["step"] == 10
+    assert metrics["zero_shot"] == {k: v for k, v in first.items() if k not in ("step", "loss")}
+    final = metrics_last["history"][-1]
+    assert metrics_last["kept_step"] == 30 and final["step"] == 30
+    assert metrics_last["zero_shot"] == {k: v for k, v in final.items() if k not in ("step", "loss")}
+    assert any(not torch.equal(a, b) for a, b in zip(kept.state_dict().values(), last.state_dict().values()))
