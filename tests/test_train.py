@@ -201,6 +201,12 @@ def test_train_time_leaves_out_dev_evaluations(tmp_path, tiny_mlm_dir, monkeypat
     summary, _ = _run(tmp_path, tiny_mlm_dir, "run")  # 2 dev evaluations in the loop, dev and test after it
     assert 0 < summary["train_time_s"] <= summary["wall_time_s"] - 4 * 0.3
     assert summary["steps_per_s"] == pytest.approx(6 / summary["train_time_s"])
+    # Where the time went: dev and test before the steps and after them, dev twice in the loop.
+    phases = summary["phase_s"]
+    assert list(phases) == list(train_module.PHASES) and min(phases.values()) >= 0
+    assert phases["zero_shot"] >= 2 * 0.3 and phases["dev_evals"] >= 2 * 0.3 and phases["final"] >= 2 * 0.3
+    assert phases["steps"] < summary["train_time_s"] + 1e-9 and phases["checkpoints"] > 0  # best.safetensors
+    assert sum(phases.values()) <= summary["wall_time_s"]
 
 
 @pytest.mark.gpu

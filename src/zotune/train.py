@@ -14,7 +14,8 @@ import json
 import os
 import resource
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -50,8 +51,8 @@ class Run:
     records: RunRecords | None          # None: a resumed run that had already finished
     first_step: int                     # 0, or where a resumed run goes on
     logged: list[dict]                  # a resumed run's trajectory records
-    eval_seconds: float = 0.0           # dev evaluations inside the loop, kept out of train_time_s
     zero_shot: dict | None = None       # dev and test accuracy before the first step
+    phase_s: dict = field(default_factory=dict)  # this process's seconds by phase (summary's `phase_s`)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -62,7 +63,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     run = setup(cfg, resume)
     if run.records is None:  # a finished run: nothing to do
         return json.loads((run.run_dir / "summary.json").read_text())
-    run.zero_shot = before_training(run, resume)
+    run.phase_s["setup"] = time.perf_counter() - started
+    with timed(run, "zero_shot"):
+        run.zero_shot = before_training(run, resume)
     try:
         train_time = loop(run)
     finally:  # every exit path, Ctrl-C and errors included: what was computed reaches the disk
@@ -166,7 +169,7 @@ def loop(run: Run) -> float:
     if run.first_step > run.records.logged_from and _is_log_point(cfg, run.first_step):
         _log_point(run, run.first_step, run.logged[run.first_step - 1]["lr"])  # killed before its metrics line
     _synchronize(session.device)
-    started, run.eval_seconds = time.perf_counter(), 0.0
+    started = time.perf_counter()
     for step in range(run.first_step, cfg.steps):
         index = batch_indices(len(train_set), cfg.batch_size, cfg.seed, step)
         lr = SCHEDULES[cfg.schedule](step, cfg.lr, cfg.steps)
@@ -179,7 +182,7 @@ def loop(run: Run) -> float:
             _log_point(run, done, lr)
         _keep_durable(run, done)
     _synchronize(session.device)
-    return time.perf_counter() - started - run.eval_seconds
+    return time.perf_counter() - started - run.phase_s.get("dev_evals", 0.0)
 
 
 def _is_log_point(cfg: TrainConfig, done: int) -> bool:
@@ -193,11 +196,10 @@ def _log_point(run: Run, done: int, lr: float) -> None:
         run.log.write()  # the log leads: best.safetensors and metrics never get ahead of it
     dev = None
     if done % cfg.eval_steps == 0 or done == cfg.steps:
-        _synchronize(run.session.device)
-        started = time.perf_counter()
-        dev = next(iter(score(run, "dev").values()))  # the selection metric
-        run.eval_seconds += time.perf_counter() - started
-        run.records.offer(dev, done, dict(run.session.trainable))
+        with timed(run, "dev_evals"):
+            dev = next(iter(score(run, "dev").values()))  # the selection metric
+        with timed(run, "checkpoints"):
+            run.records.offer(dev, done, dict(run.session.trainable))
     extra = {} if runner.cache is None else {"cache_hits": f"{runner.cache.stats.report()['hit_rate']:.1%}"}
     run.records.log_point(done, lr, dev, extra)
     streak = (run.log or run.records).worst_streak  # the longest streak at any step, not only at this one
@@ -218,8 +220,21 @@ def _keep_durable(run: Run, done: int) -> None:
     if session.group is not None and done % cfg.sync_check == 0:
         session.group.check_in_sync(session.flat.buffer, done)
     if session.is_main and done % cfg.snapshot_every == 0 and done < cfg.steps:
-        run.log.write()  # a snapshot never gets ahead of the log
-        trajectory.write_snapshot(run.run_dir, session.flat, done)
+        with timed(run, "checkpoints"):
+            run.log.write()  # a snapshot never gets ahead of the log
+            trajectory.write_snapshot(run.run_dir, session.flat, done)
+
+
+@contextmanager
+def timed(run: Run, phase: str):
+    """Add the block's wall time, the GPU's work in it included, to run.phase_s[phase]."""
+    _synchronize(run.session.device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _synchronize(run.session.device)
+        run.phase_s[phase] = run.phase_s.get(phase, 0.0) + time.perf_counter() - start
 
 
 def score(run: Run, split: str) -> dict[str, float]:
@@ -245,18 +260,21 @@ def split_scores(split: str, metrics: dict[str, float]) -> dict[str, float]:
 def finish(run: Run, started: float, train_time: float, resume: bool) -> dict:
     """final.safetensors, the best-dev weights back in the model, dev and test accuracy, summary.json."""
     cfg, session = run.cfg, run.session
-    if run.log is not None and session.is_main:
-        save_tensors_atomic(run.run_dir / "final.safetensors", session.flat.state_dict())  # what `replay` rebuilds
-    if session.group is not None:
-        session.group.barrier()  # rank 0's best.safetensors is complete before any rank reads it
-    best = run.records.best
-    if best["step"] is not None:  # test with the best-dev weights
-        state = load_file(run.run_dir / "best.safetensors")
-        with torch.no_grad():
-            for name, param in session.trainable:
-                param.copy_(state[name])
+    with timed(run, "final"):
+        if run.log is not None and session.is_main:
+            save_tensors_atomic(run.run_dir / "final.safetensors", session.flat.state_dict())  # what `replay` rebuilds
+        if session.group is not None:
+            session.group.barrier()  # rank 0's best.safetensors is complete before any rank reads it
+        best = run.records.best
+        if best["step"] is not None:  # test with the best-dev weights
+            state = load_file(run.run_dir / "best.safetensors")
+            with torch.no_grad():
+                for name, param in session.trainable:
+                    param.copy_(state[name])
+        scores = {**split_scores("dev", score(run, "dev")), **split_scores("test", score(run, "test"))}
     stats, device = session.runner.stats, session.device
-    scores = {**split_scores("dev", score(run, "dev")), **split_scores("test", score(run, "test"))}
+    # Disjoint phases: the loop's time less its dev evaluations (train_time) holds the checkpoints.
+    phases = {**run.phase_s, "steps": train_time - run.phase_s.get("checkpoints", 0.0)}
     summary = {
         "task": cfg.task, "k": cfg.k, "seed": cfg.seed, "optimizer": cfg.optimizer, "trainable": cfg.trainable,
         "trainable_parameters": sum(p.numel() for _, p in session.trainable),
@@ -269,6 +287,7 @@ def finish(run: Run, started: float, train_time: float, resume: bool) -> dict:
         "peak_memory_bytes": peak_memory_bytes(device), "device": _device_name(device),
         "metric": metric_names(session.prompt)[0], **scores,
         "cache": session.runner.cache_stats(), "run_dir": str(run.run_dir), "zero_shot": run.zero_shot,
+        "phase_s": {name: phases.get(name, 0.0) for name in PHASES},
     }
     if session.flat is not None:
         summary["sweeps_per_direction"] = 2 if session.flat.plus is not None else 3  # see session.add_second_buffer
@@ -313,6 +332,14 @@ def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
+
+# Where a run's wall time goes (summary.json's `phase_s`, seconds of this process): building the
+# run (model, data), the zero-shot scores, the steps, the dev evaluations, writing
+# best.safetensors and --resume snapshots, and the end (final weights, dev and test scores with
+# the best weights). A CUDA graph is captured where it is first replayed, inside that phase. The
+# rest of wall_time_s is the summary's own writing; the interpreter's start and imports come
+# before any of it.
+PHASES = ("setup", "zero_shot", "steps", "dev_evals", "checkpoints", "final")
 
 # What a run directory may hold: what zotune writes there (and its temporary files, NAME.tmp).
 ZERO_SHOT_NAME = "zero_shot.json"
