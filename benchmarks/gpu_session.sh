@@ -11,6 +11,9 @@
 #           OPT-1.3B and Llama-3.2-1B shapes, batch 16 (ms, peak memory, against zotune's forward)
 #   prefix  benchmarks/prefix_sharing.py on CUDA: random OPT-1.3B and OPT-125M shapes, bf16,
 #           SST-2- and COPA-shaped batches of 16 (tokens computed and ms per forward, shared / plain)
+#   concurrent  benchmarks/concurrent_runs.py (issue 19's table throughput): 1, 4 and 12 runs of the
+#           shipped model as processes, as one process on a stream each, and one process serially;
+#           full and lora+head (steps/s of all runs together); decides whether in-process runs pay
 #   probe   the causal table's speed: a random checkpoint of tools/pretrain_clm.py's default shape
 #           (19M parameters), MeZO (full) at 300 steps and Adam (full) at 1,000, SST-2 k=512, 12
 #           runs sharing the GPU as the table does; prints steps/s, per-run overhead, and the
@@ -25,6 +28,12 @@
 #   device run: command "bash benchmarks/gpu_session.sh", carry [".baseline"], timeout_s 600
 # TESTS_LIMIT=S raises the tests' limit, for a call that shares the GPU with other work.
 # or in two calls if one runs long: "bash benchmarks/gpu_session.sh tests gap", then "... speed".
+#
+# Next session, first call (about 6 min): `bash benchmarks/gpu_session.sh large concurrent`: the
+# decoder step's sweeps column and clean peaks (session 14 changed causal_step.py), then whether
+# the table's runs would go faster inside one process (issue 19). Then the six-task table as in
+# session 13 (`tools/fewshot_table.py ... --deadline D --bundle`): its runs' summary.json now hold
+# phase_s, where a run's time outside its steps goes.
 #
 # A held machine goes back after 30 s idle, and whatever ran on it in the background with it
 # (session 13 lost a running table that way, to a 21-second CPU test between two calls): issue
@@ -97,6 +106,10 @@ for p in $PHASES; do
     prefix)
         phase prefix_opt1.3b 90 python benchmarks/prefix_sharing.py --device cuda --size opt-1.3b --precision bf16
         phase prefix_opt125m 45 python benchmarks/prefix_sharing.py --device cuda --size opt-125m --precision bf16 ;;
+    concurrent)
+        phase concurrent_full 200 python benchmarks/concurrent_runs.py --runs 1 4 12 --seconds 8
+        phase concurrent_lora_head 200 python benchmarks/concurrent_runs.py --runs 1 12 --seconds 8 \
+            --trainable lora+head ;;
     probe)
         rm -rf out/probe out/clm-random
         phase probe_model 45 python -c 'import sys, torch; sys.path.insert(0, "tools")
@@ -105,7 +118,7 @@ torch.manual_seed(0); save_hf(build_model(ClmConfig()), Path("out/clm-random"), 
         phase probe 180 python tools/fewshot_table.py --model out/clm-random --device cuda --runs-per-device 12 \
             --ks 512 --methods "MeZO (full),Adam (full)" --mezo-steps 300 --deadline 110 --runs-dir out/probe \
             --output out/probe/table.json ;;
-    *) echo "unknown phase $p (tests, gap, speed, causal, large, prefix, probe)"; exit 2 ;;
+    *) echo "unknown phase $p (tests, gap, speed, causal, large, prefix, concurrent, probe)"; exit 2 ;;
     esac
 done
 
