@@ -48,7 +48,7 @@ from zotune.engine.cache import PoolRows
 from zotune.engine.graphs import GraphedForward, Layout, one_forward, padded_arrays, padded_batch
 from zotune.engine.runner import Runner
 from zotune.layers.batch import PackedBatch, pack, shared_context
-from zotune.model.causal_lm import CausalLM
+from zotune.model.causal_lm import CausalLM, KeyValueCache
 
 OBJECTIVES = ("candidates", "gold")
 TABLE_BUCKET = 8  # a CUDA graph's candidate table has a multiple of this many columns (graph_inputs)
@@ -298,18 +298,19 @@ class CausalRunner(Runner):
             return -sums.gather(1, gold).sum() / lengths.gather(1, gold).sum()
         return F.cross_entropy(sums / lengths if self.length_normalised else sums, labels)
 
-    def next_tokens(self, sequences) -> torch.Tensor:
-        """[B] the most likely token after each of B token sequences: one plain forward over
-        them packed, the head read at each sequence's last row (greedy decoding,
-        engine/generate.py). The trunk cache is left out (a sequence grows by a token at every
-        step, so nothing recurs); the forward is counted as one of the plain layout."""
-        batch = self.on_device(pack([list(s) for s in sequences], None, self.model.config.position_offset))
+    def next_tokens(self, batch: PackedBatch, cache: KeyValueCache, plain_tokens: int) -> torch.Tensor:
+        """[B] the most likely token after each sequence of `batch` (greedy decoding,
+        engine/generate.py): its new tokens only, attending through its SharedContext to the
+        rows `cache` holds, whose keys and values it joins; the head reads each sequence's last
+        row. Counted as a forward whose plain layout (every sequence whole, recomputed) would
+        have computed `plain_tokens`. The trunk cache is left out (nothing recurs)."""
+        batch = self.on_device(batch)
         last = batch.cu_seqlens[1:].long() - 1                                  # [B]
         with self.precision:
-            logits = self.model.logits(batch, last)                             # [B, V]
+            logits = self.model.logits(batch, last, cache=cache)                # [B, V]
         self.stats.forward_passes += 1
         self.stats.tokens_computed += batch.num_tokens
-        self.stats.plain_tokens += batch.num_tokens
+        self.stats.plain_tokens += plain_tokens
         self.stats.padding_tokens_avoided += len(batch.seq_lens) * max(batch.seq_lens) - batch.num_tokens
         return logits.argmax(-1)
 

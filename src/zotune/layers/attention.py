@@ -14,7 +14,9 @@ through varlen_attention with the PackedBatch, so that a layout the batch descri
 change here, not in each model: with a SharedContext (layers/batch.py) a sequence attends to
 its context's keys and values (its prompt, computed once for every candidate after it), then
 causally to its own, the prefix (if any) before both. Within one forward the weights are
-fixed, so this is exactly the attention of the context and the sequence packed as one.
+fixed, so this is exactly the attention of the context and the sequence packed as one. The
+same holds across the forwards of greedy decoding, whose keys and values a KeyValueCache keeps:
+there k and v hold the cached rows, then the batch's, and the SharedContext indexes both.
 
 With `masks_only` (the last layer, model/roberta.py) there is one query per sequence, at its
 <mask>. On CUDA a Triton kernel computes those in float32, one program per (query, head): a
@@ -84,19 +86,18 @@ def _per_sequence(q, k, v, batch, prefix_k, prefix_v, dropout_p, masks_only, cau
     # sequence. Exact and padding-free; the Python loop costs microseconds per sequence.
     outputs = []
     queries = q.split(1) if masks_only else q.split(batch.seq_lens)
-    keys, values = k.split(batch.seq_lens), v.split(batch.seq_lens)
+    if batch.context is None:
+        keys, values = k.split(batch.seq_lens), v.split(batch.seq_lens)
+    else:  # each sequence's context rows, then its own (SharedContext.key_rows)
+        rows = batch.context.key_rows.split(torch.diff(batch.context.cu_seqlens_k).tolist())
+        keys, values = [k[r] for r in rows], [v[r] for r in rows]
     for b, (qb, kb, vb) in enumerate(zip(queries, keys, values)):
-        before = []  # key/value blocks the sequence attends to before its own: prefix, context
+        n_before = len(kb) - len(qb) if causal else 0  # keys before the sequence's own: its context's
         if prefix_k is not None:
             half = 0 if b < batch.pair_seqs else 1
-            before.append((prefix_k if prefix_k.dim() == 3 else prefix_k[half],
-                           prefix_v if prefix_v.dim() == 3 else prefix_v[half]))
-        if batch.context is not None and batch.context.of[b] >= 0:
-            before.append((keys[batch.context.of[b]], values[batch.context.of[b]]))
-        n_before = sum(len(kc) for kc, _ in before)
-        if before:
-            kb = torch.cat([*(kc for kc, _ in before), kb])             # [before + L, G, D]
-            vb = torch.cat([*(vc for _, vc in before), vb])
+            kb = torch.cat([prefix_k if prefix_k.dim() == 3 else prefix_k[half], kb])  # [P + before + L, G, D]
+            vb = torch.cat([prefix_v if prefix_v.dim() == 3 else prefix_v[half], vb])
+            n_before += prefix_k.shape[-3]
         # SDPA's is_causal aligns top-left; after a prefix or context the queries sit at the bottom right.
         mask = _causal_mask(len(qb), n_before, q.device) if causal and n_before else None
         out = F.scaled_dot_product_attention(                           # [N, L, D]

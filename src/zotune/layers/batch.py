@@ -18,9 +18,11 @@ class SharedContext:
     after the prompt they share (engine/candidates.py), which is computed once. Sequence b
     attends first to every row of sequence of[b], its context (packed earlier in the batch),
     then causally to its own rows, whose positions continue after the context's. A context has
-    no context of its own. Read by layers/attention.py alone."""
+    no context of its own. Or sequences that continue rows earlier forwards computed (greedy
+    decoding's KeyValueCache, engine/generate.py; of[b] is -1 there): key_rows then index the
+    cached rows followed by the batch's own. Read by layers/attention.py alone."""
     of: tuple[int, ...]         # host: per sequence, the sequence it continues, or -1
-    key_rows: torch.Tensor      # [T_k] int64: per sequence, the packed rows it attends to: its context's, then its own
+    key_rows: torch.Tensor      # [T_k] int64: per sequence, the rows it attends to: its context's (or cached), then its own
     cu_seqlens_k: torch.Tensor  # [B+1] int32: sequence b's keys are key_rows[cu_seqlens_k[b]:cu_seqlens_k[b+1]]
     max_seqlen_k: int           # the most keys of any sequence
 

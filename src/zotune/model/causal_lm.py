@@ -162,9 +162,14 @@ class Attention(PairedModule):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch, rope, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """[T, E] -> [T, E]; with `rows` [S], the output at those rows alone: [S, E]."""
+    def forward(self, x: torch.Tensor, batch: PackedBatch, rope, rows: torch.Tensor | None = None,
+                cache: "LayerCache | None" = None) -> torch.Tensor:
+        """[T, E] -> [T, E]; with `rows` [S], the output at those rows alone: [S, E]. With a
+        `cache`, the batch's keys and values are appended to the earlier forwards' there, and
+        the batch's SharedContext indexes them all (greedy decoding, engine/generate.py)."""
         q, k, v = self.project(x, batch, rope)
+        if cache is not None:
+            k, v = cache.extend(k, v)                                   # [T_cached + T, G, D]
         prefix_k = prefix_v = None
         if self.prefix_k is not None:
             # [P, G, D]; in a pair [2, P, G, D]. Used as they are: a prefix is what a Hugging Face
@@ -198,9 +203,11 @@ class Layer(PairedModule):
     def attention_input(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         return _apply_norm(self, batch, "attention_norm", x) if self.pre_norm else x
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch, rope, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: PackedBatch, rope, rows: torch.Tensor | None = None,
+                cache: "LayerCache | None" = None) -> torch.Tensor:
         """[T, E] -> [T, E]; with `rows` [S], the output at those rows alone: [S, E]."""
-        h = F.dropout(self.attention(self.attention_input(x, batch), batch, rope, rows), self.dropout, self.training)
+        h = F.dropout(self.attention(self.attention_input(x, batch), batch, rope, rows, cache), self.dropout,
+                      self.training)
         x = x if rows is None else x[rows]                              # [T or S, E]
         if not self.pre_norm:
             x = _apply_norm(self, batch, "attention_norm", x, h)
@@ -237,6 +244,35 @@ class Head(PairedModule):
         return linear(x, decoder, None)                                 # [S, V]
 
 
+class LayerCache:
+    """One layer's keys and values of every token that earlier forwards computed, in the order
+    they were computed: [T_cached, G, D] each (None before the first)."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append a forward's [T, G, D] rows; returns all rows so far, [T_cached + T, G, D] each."""
+        self.k = k if self.k is None else torch.cat([self.k, k])
+        self.v = v if self.v is None else torch.cat([self.v, v])
+        return self.k, self.v
+
+
+class KeyValueCache:
+    """Every layer's LayerCache, for forwards with the same weights (decoding a batch of prompts
+    token by token): a forward computes its new tokens only and attends to the cached rows its
+    batch's SharedContext names. Rows are numbered in the order forwards computed them."""
+
+    def __init__(self, num_layers: int):
+        self.layers = [LayerCache() for _ in range(num_layers)]
+
+    @property
+    def rows(self) -> int:
+        """Rows cached so far, the same in every layer."""
+        first = self.layers[0].k
+        return 0 if first is None else first.shape[0]
+
+
 class CausalLM(LanguageModel):
     def __init__(self, cfg: CausalConfig):
         super().__init__()
@@ -256,16 +292,18 @@ class CausalLM(LanguageModel):
         return logits.gather(1, score_targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
     def logits(self, batch: PackedBatch, score_index: torch.Tensor, hidden: torch.Tensor | None = None,
-               start_layer: int = 0) -> torch.Tensor:
-        """[S, V] next-token logits at the rows score_index [S] (all T rows: torch.arange(T))."""
+               start_layer: int = 0, cache: "KeyValueCache | None" = None) -> torch.Tensor:
+        """[S, V] next-token logits at the rows score_index [S] (all T rows: torch.arange(T)).
+        With a `cache` (from layer 0), each layer's keys and values of the batch join it."""
         x = self.embeddings(batch) if hidden is None else hidden          # [T, E]
         rope = self.rope(batch)
         layers = self.layers[start_layer:]
-        for layer in layers[:-1]:
-            x = layer(x, batch, rope)
+        caches = cache.layers if cache is not None else [None] * len(layers)
+        for layer, layer_cache in zip(layers[:-1], caches):
+            x = layer(x, batch, rope, cache=layer_cache)
         # The head reads the scored rows only, so the last layer's output projection and
         # feed-forward run on those rows (its attention still reads every token's keys).
-        x = layers[-1](x, batch, rope, score_index) if len(layers) else x[score_index]  # [S, E]
+        x = layers[-1](x, batch, rope, score_index, caches[-1]) if len(layers) else x[score_index]  # [S, E]
         return self.head(x, self.embeddings.word.weight, batch)
 
     def rope(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
