@@ -114,8 +114,7 @@ class Peak:
 
 def release(device: torch.device) -> None:
     """Free what earlier rows left, so that the next row's peak is its own: a graphed session
-    holds its graphs' memory pools through reference cycles, which only the collector breaks
-    (session 14's Llama rows, measured after OPT's graphed rows, were ~10 GiB too high)."""
+    holds its graphs' memory pools through reference cycles, which only the collector breaks."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

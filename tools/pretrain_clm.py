@@ -28,8 +28,8 @@ Recipe (ClmConfig; `python tools/pretrain_clm.py --help` shows the flags):
   accuracy with a threshold fitted on 512-42/dev.
 - Kept weights (`keep_best`, on by default): the evaluation (the final one included) with the
   best accuracy on 512-42/dev with its fitted threshold is what OUT holds, not necessarily the
-  last step: session 14's 19,386-step run peaked there at step 4,000 (0.769, against 0.693 at
-  its end) and then overfit its 22 epochs (RESULTS.md). `--set keep_best=false` keeps the last.
+  last step: a long run overfits this corpus (RESULTS.md, session 14). `--set keep_best=false`
+  keeps the last.
 - Checkpoints: `--deadline-s S` pauses training S seconds after the process started, writes
   OUT/checkpoint/ (model, optimizer, schedule, generator, data order and the packed corpus) and
   exits; `--resume --out OUT` continues exactly where it stopped, without re-reading the corpus.
