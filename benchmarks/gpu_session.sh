@@ -31,7 +31,9 @@
 #
 # Next session, first call (about 6 min): `bash benchmarks/gpu_session.sh large concurrent`: the
 # decoder step's sweeps column and clean peaks (session 14 changed causal_step.py), then whether
-# the table's runs would go faster inside one process (issue 19). Then the six-task table as in
+# the table's runs would go faster inside one process (issue 19): if streams beat processes,
+# give tools/fewshot_table.py `--runs-per-process R` (zotune train-together, built, CPU-tested)
+# with the R and process count that measured best. Then the six-task table as in
 # session 13 (`tools/fewshot_table.py ... --deadline D --bundle`): its runs' summary.json now hold
 # phase_s, where a run's time outside its steps goes.
 #

@@ -138,3 +138,28 @@ def test_run_jobs_stops_at_the_deadline(tmp_path, tiny_mlm_dir):
     assert run_jobs([job], ["cpu"], quiet=True, deadline=started + 2) == [job]
     assert time.monotonic() - started < 60 and not (job.run_dir / "summary.json").exists()
     assert run_jobs([job], ["cpu"], quiet=True, deadline=time.monotonic()) == [job]  # nothing starts past it
+
+
+def test_runs_per_process_trains_runs_in_turn_to_the_same_results(tmp_path, tiny_mlm_dir):
+    """Three runs, two to a process (`zotune train-together`, then a process of one): each ends
+    as it does in a process of its own; and the deadline stops a process of several runs."""
+    import time
+
+    from zotune.grid import Cell, Job, run_jobs
+    base = _job(tmp_path, tiny_mlm_dir, 6)
+    cells = [Cell("lora", 1e-2, 13), Cell("lora", 1e-2, 21), Cell("top:1", 1e-2, 42)]
+    apart = [Job(tmp_path / "apart", cell, base.train_args) for cell in cells]
+    together = [Job(tmp_path / "together", cell, base.train_args) for cell in cells]
+    assert run_jobs(apart, ["cpu"], quiet=True) == []
+    assert run_jobs(together, ["cpu"], quiet=True, runs_per_process=2) == []
+    for a, b in zip(apart, together):
+        sa, sb = (json.loads((job.run_dir / "summary.json").read_text()) for job in (a, b))
+        assert (sa["dev_accuracy"], sa["test_accuracy"], sa["best_step"]) == \
+            (sb["dev_accuracy"], sb["test_accuracy"], sb["best_step"])
+        assert (a.run_dir / "metrics.jsonl").read_text() == (b.run_dir / "metrics.jsonl").read_text()
+    assert (tmp_path / "together" / "lora-lr0.01-seed13+1.json").exists()  # the pair's jobs file
+
+    long = [Job(tmp_path / "long", cell, _job(tmp_path, tiny_mlm_dir, 10_000_000).train_args) for cell in cells[:2]]
+    started = time.monotonic()
+    assert run_jobs(long, ["cpu"], quiet=True, runs_per_process=2, deadline=started + 3) == long
+    assert time.monotonic() - started < 60 and not any((job.run_dir / "summary.json").exists() for job in long)

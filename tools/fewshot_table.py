@@ -326,7 +326,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", help=f"checkpoint directory (default: {MASKED_MODEL}; a causal protocol needs one)")
     parser.add_argument("--protocol", choices=list(PROTOCOLS), help="default: causal for a causal LM, else table")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (every visible GPU)")
-    parser.add_argument("--runs-per-device", type=int, default=1)
+    parser.add_argument("--runs-per-device", type=int, default=1, help="processes sharing each device")
+    parser.add_argument("--runs-per-process", type=int, default=1,
+                        help="runs each process trains a step of each in turn, each on a CUDA stream of its own "
+                             "(zotune train-together; benchmarks/concurrent_runs.py says whether that pays)")
     parser.add_argument("--tasks", help=f"comma-separated subset of {', '.join(TASKS)} (default: the protocol's)")
     parser.add_argument("--ks", default=",".join(map(str, KS)))
     parser.add_argument("--methods", help="comma-separated subset of the protocol's methods (default: all)")
@@ -386,7 +389,7 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
     runs_dir = Path(args.runs_dir or ("runs/fewshot-causal" if causal else "runs/fewshot"))
     output = Path(args.output or ("runs/fewshot_causal_table.json" if causal else "runs/fewshot_table.json"))
     devices = local_devices("cpu" if args.device == "cpu" else "auto")
-    workers = len(devices) * args.runs_per_device
+    workers = len(devices) * args.runs_per_device * args.runs_per_process
     jobs = plan(protocol, tasks, ks, names, runs_dir, model or "")
     if args.mezo_steps:
         jobs = [(t, k, n, Job(j.output_dir, j.cell, _with_steps(j.train_args, args.mezo_steps))) for t, k, n, j in jobs]
@@ -401,7 +404,7 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
         zero_shot_rows(model, tasks, ks, args.device, runs_dir)
         deadline = started + args.deadline if args.deadline else None
         left = run_jobs([j for *_, j in jobs], devices, quiet=True, runs_per_device=args.runs_per_device,
-                        deadline=deadline, keep_weights=args.keep_weights)
+                        deadline=deadline, keep_weights=args.keep_weights, runs_per_process=args.runs_per_process)
         if left:
             print(f"deadline: {len(left)} of {len(jobs)} runs unfinished; the same command continues them", flush=True)
     rows, models, devices_seen = collect(runs_dir, protocol, tasks, ks)

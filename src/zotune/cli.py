@@ -157,7 +157,10 @@ def _sweep_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--trainable", default="full", help="comma-separated subsets, e.g. full,lora,top:4")
     p.add_argument("--devices", default="auto", help="auto (every GPU, else the CPU), cpu, or GPU indices 0,1")
     p.add_argument("--runs-per-device", type=_at_least_1, default=1,
-                   help="runs sharing each device at a time (default 1; more keeps a GPU busy with a small model)")
+                   help="processes sharing each device at a time (default 1; more keeps a GPU busy with a small model)")
+    p.add_argument("--runs-per-process", type=_at_least_1, default=1,
+                   help="runs each process trains, a step of each in turn, each on a CUDA stream of its own "
+                        "(default 1)")
     return p
 
 
@@ -169,7 +172,8 @@ def _run_sweep(args, train_args: list[str]) -> None:
     except ValueError:
         raise UserError(f"--seeds {args.seeds!r} / --lrs {args.lrs!r}: give comma-separated numbers") from None
     result = run_grid(Path(args.output_dir), seeds, lrs, args.trainable.split(","), train_args,
-                      local_devices(args.devices), runs_per_device=args.runs_per_device)
+                      local_devices(args.devices), runs_per_device=args.runs_per_device,
+                      runs_per_process=args.runs_per_process)
     print(result["table"])
 
 
@@ -185,18 +189,41 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 def _run_train(args) -> None:
     from zotune.train import train
-    if "resume" in vars(args):
-        # The run's own config.json is the whole configuration: a flag could only diverge from it.
-        extra = sorted(set(vars(args)) - {"command", "resume"})
-        if extra:
-            raise UserError(f"--resume takes the config from {args.resume}/config.json; drop --"
-                            f"{', --'.join(e.replace('_', '-') for e in extra)}")
-        cfg = read_run_config(args.resume)
-        cfg.output_dir = args.resume
-        summary = train(cfg, resume=True)
-    else:
-        summary = train(_train_config(args))
-    print(result_lines(summary))
+    cfg, resume = _train_request(args)
+    print(result_lines(train(cfg, resume)))
+
+
+def _train_request(args) -> tuple[TrainConfig, bool]:
+    """What `zotune train` was asked for: a fresh run's config, or a run to resume."""
+    if "resume" not in vars(args):
+        return _train_config(args), False
+    # The run's own config.json is the whole configuration: a flag could only diverge from it.
+    extra = sorted(set(vars(args)) - {"command", "resume"})
+    if extra:
+        raise UserError(f"--resume takes the config from {args.resume}/config.json; drop --"
+                        f"{', --'.join(e.replace('_', '-') for e in extra)}")
+    cfg = read_run_config(args.resume)
+    cfg.output_dir = args.resume
+    return cfg, True
+
+
+def _together_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train-together", help="several `zotune train` runs in one process, a step of each in "
+                                              "turn (what `sweep --runs-per-process` starts)")
+    p.add_argument("jobs", help="a JSON list: per run, the arguments `zotune train` would take")
+    return p
+
+
+def _run_together(args) -> None:
+    from zotune.together import train_together
+    jobs = read_json_object(args.jobs, "give a JSON object {\"runs\": [[train arguments], ...]}").get("runs")
+    if not isinstance(jobs, list) or not jobs or not all(isinstance(j, list) for j in jobs):
+        raise UserError(f"{args.jobs}: \"runs\" must be a non-empty list of argument lists")
+    parser = _Parser(prog="zotune")
+    _train_parser(parser.add_subparsers(dest="command", required=True))
+    requests = [_train_request(parser.parse_args(["train", *map(str, job)])) for job in jobs]
+    for summary in train_together([cfg for cfg, _ in requests], [resume for _, resume in requests]):
+        print(result_lines(summary))
 
 
 def result_lines(summary: dict) -> str:
@@ -332,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     _predict_parser(sub)
     _plot_parser(sub)
     _sweep_parser(sub)
+    _together_parser(sub)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "sweep":  # only a sweep forwards flags (to its runs)
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -356,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             _run_plot(args)
         elif args.command == "sweep":
             _run_sweep(args, extra)
+        elif args.command == "train-together":
+            _run_together(args)
     except UserError as exc:
         print(f"zotune: error: {exc}", file=sys.stderr)
         return 2

@@ -61,14 +61,15 @@ class Job:
 
 
 def run_grid(output_dir: Path, seeds: list[int], lrs: list[float], subsets: list[str], train_args: list[str],
-             devices: list[str], quiet: bool = False, runs_per_device: int = 1) -> dict:
+             devices: list[str], quiet: bool = False, runs_per_device: int = 1, runs_per_process: int = 1) -> dict:
     """Run every cell (skipping finished ones) on `devices` ("cpu" or CUDA indices), then
     write and return the results table."""
     if not seeds or not lrs or not subsets:
         raise UserError("--seeds, --lrs and --trainable each need at least one value")
     output_dir.mkdir(parents=True, exist_ok=True)
     cells = [Cell(t, lr, s) for t, lr, s in itertools.product(subsets, lrs, seeds)]
-    run_jobs([Job(output_dir, cell, tuple(train_args)) for cell in cells], devices, quiet, runs_per_device)
+    run_jobs([Job(output_dir, cell, tuple(train_args)) for cell in cells], devices, quiet, runs_per_device,
+             runs_per_process=runs_per_process)
     return write_table(output_dir, cells)
 
 
@@ -85,13 +86,16 @@ def resumable(run_dir: Path) -> bool:
 
 
 def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_device: int = 1,
-             deadline: float | None = None, keep_weights: bool = True) -> list[Job]:
-    """Run the unfinished `jobs`, in the order given, `runs_per_device` at a time on each of
-    `devices`. `deadline` (time.monotonic()): no run starts after it, and the runs still going
-    at it get SIGTERM. `keep_weights` False: a finished run's *.safetensors are deleted (a grid
-    of full-model runs fills a disk). Returns the jobs left unfinished by the deadline."""
-    if runs_per_device < 1:
-        raise UserError(f"--runs-per-device {runs_per_device} must be at least 1")
+             deadline: float | None = None, keep_weights: bool = True, runs_per_process: int = 1) -> list[Job]:
+    """Run the unfinished `jobs`, in the order given, `runs_per_device` processes at a time on
+    each of `devices`, each process training `runs_per_process` of them a step of each in turn
+    (`zotune train-together`; 1: `zotune train`). `deadline` (time.monotonic()): no process
+    starts after it, and those still going at it get SIGTERM. `keep_weights` False: a finished
+    run's *.safetensors are deleted (a grid of full-model runs fills a disk). Returns the jobs
+    left unfinished by the deadline."""
+    if runs_per_device < 1 or runs_per_process < 1:
+        raise UserError(f"--runs-per-device {runs_per_device} and --runs-per-process {runs_per_process} "
+                        f"must be at least 1")
     todo: Queue = Queue()
     for job in jobs:
         if not (job.run_dir / "summary.json").exists():
@@ -108,33 +112,35 @@ def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_
         while True:
             if deadline is not None and time.monotonic() >= deadline:
                 return
-            try:
-                job = todo.get_nowait()  # not empty() then get(): another worker may take the last cell between
-            except Empty:
+            group = _take(todo, runs_per_process)
+            if not group:
                 return
             env = {"OMP_NUM_THREADS": threads_per_run, **os.environ}  # the user's setting wins
             if device != "cpu":
                 env["CUDA_VISIBLE_DEVICES"] = device  # the run sees its GPU only
-            cell, run_dir = job.cell, job.run_dir
-            if resumable(run_dir):  # its config.json holds every setting, device and --quiet included
-                command = [sys.executable, "-m", "zotune", "train", "--resume", str(run_dir)]
+            commands = [_train_arguments(job, device) for job in group]
+            first = group[0]
+            log = first.output_dir / (f"{first.cell.name}.log" if len(group) == 1 else
+                                      f"{first.cell.name}+{len(group) - 1}.log")
+            if len(group) == 1:
+                command = [sys.executable, "-m", "zotune", "train", *commands[0]]
             else:
-                command = [sys.executable, "-m", "zotune", "train", *job.train_args, "--trainable", cell.trainable,
-                           "--lr", str(cell.lr), "--seed", str(cell.seed), "--output-dir", str(run_dir),
-                           "--overwrite", "--quiet", "--device", "cpu" if device == "cpu" else "cuda"]
-            log = job.output_dir / f"{cell.name}.log"
+                jobs_file = log.with_suffix(".json")
+                jobs_file.write_text(json.dumps({"runs": commands}) + "\n")
+                command = [sys.executable, "-m", "zotune", "train-together", str(jobs_file)]
             with open(log, "a") as out:  # a resumed run's output follows the first attempt's
                 code = _call(command, out, env, deadline)
             if code is None:
-                stopped.append(job)
+                stopped.extend(group)
             elif code != 0:
-                failures.append(f"{run_dir} (exit {code}, see {log})")
+                failures.append(f"{', '.join(str(job.run_dir) for job in group)} (exit {code}, see {log})")
             else:
-                if not keep_weights:
-                    for weights in run_dir.glob("*.safetensors"):
-                        weights.unlink()
-                if not quiet:
-                    print(f"done {run_dir} on {device}", flush=True)
+                for job in group:
+                    if not keep_weights:
+                        for weights in job.run_dir.glob("*.safetensors"):
+                            weights.unlink()
+                    if not quiet:
+                        print(f"done {job.run_dir} on {device}", flush=True)
 
     pool = [threading.Thread(target=worker, args=(d,)) for d in devices for _ in range(runs_per_device)]
     for thread in pool:
@@ -144,6 +150,27 @@ def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_
     if failures:
         raise UserError(f"{len(failures)} run(s) failed: {'; '.join(failures[:3])}")
     return stopped + list(todo.queue)
+
+
+def _take(todo: Queue, n: int) -> list[Job]:
+    """Up to n jobs off the queue (fewer when it runs dry)."""
+    group = []
+    while len(group) < n:
+        try:
+            group.append(todo.get_nowait())  # not empty() then get(): another worker may take the last
+        except Empty:
+            break
+    return group
+
+
+def _train_arguments(job: Job, device: str) -> list[str]:
+    """What `zotune train` takes for the job: --resume for a run whose trajectory log has its
+    header (its config.json holds every setting, device and --quiet included), else its flags."""
+    if resumable(job.run_dir):
+        return ["--resume", str(job.run_dir)]
+    cell = job.cell
+    return [*job.train_args, "--trainable", cell.trainable, "--lr", str(cell.lr), "--seed", str(cell.seed),
+            "--output-dir", str(job.run_dir), "--overwrite", "--quiet", "--device", "cpu" if device == "cpu" else "cuda"]
 
 
 def _call(command: list[str], out, env: dict, deadline: float | None) -> int | None:

@@ -14,6 +14,7 @@ import json
 import os
 import resource
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -60,19 +61,33 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     there: its weights are rebuilt from the snapshot and the trajectory log, and the loop goes
     on from the last logged step, so the run ends bit-identical to an uninterrupted one."""
     started = time.perf_counter()
+    run = begin(cfg, resume)
+    if isinstance(run, dict):  # a finished run: its summary
+        return run
+    try:
+        train_time = loop(run)
+    finally:  # every exit path, Ctrl-C and errors included: what was computed reaches the disk
+        close(run)
+    return finish(run, started, train_time, resume)
+
+
+def begin(cfg: TrainConfig, resume: bool) -> "Run | dict":
+    """The run set up and scored before its first step, or the summary of one already finished."""
+    started = time.perf_counter()
     run = setup(cfg, resume)
-    if run.records is None:  # a finished run: nothing to do
+    if run.records is None:
         return json.loads((run.run_dir / "summary.json").read_text())
     run.phase_s["setup"] = time.perf_counter() - started
     with timed(run, "zero_shot"):
         run.zero_shot = before_training(run, resume)
-    try:
-        train_time = loop(run)
-    finally:  # every exit path, Ctrl-C and errors included: what was computed reaches the disk
-        run.records.close()
-        if run.log is not None:
-            run.log.close()
-    return finish(run, started, train_time, resume)
+    return run
+
+
+def close(run: Run) -> None:
+    """Flush and close the run's records and trajectory log."""
+    run.records.close()
+    if run.log is not None:
+        run.log.close()
 
 
 def setup(cfg: TrainConfig, resume: bool) -> Run:
@@ -161,6 +176,17 @@ def _open_trajectory(session: Session, run_dir: Path, logged) -> tuple[trajector
 def loop(run: Run) -> float:
     """The steps from run.first_step to cfg.steps; returns their wall time with the GPU's work
     in it, less the dev evaluations: the steps, their logging and snapshots."""
+    steps = stepper(run)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def stepper(run: Run) -> Iterator[None]:
+    """loop() one step at a time: yields after each step (its logging and snapshot done), so
+    that several runs can take turns (together.py); returns loop()'s time."""
     cfg, session, train_set = run.cfg, run.session, run.sequences["train"]
     labels = torch.tensor([e.label for e in run.splits["train"]])
     # k=16 trains on one batch: its labels are indexed once, not at every step. On the host: a
@@ -181,6 +207,7 @@ def loop(run: Run) -> float:
         if _is_log_point(cfg, done):
             _log_point(run, done, lr)
         _keep_durable(run, done)
+        yield
     _synchronize(session.device)
     return time.perf_counter() - started - run.phase_s.get("dev_evals", 0.0)
 
@@ -428,7 +455,12 @@ def _adam_stepper(cfg: TrainConfig, session: Session):
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
         runner.model.train()  # dropout on, as in standard fine-tuning
-        with runner.precision:  # the backward pass's matmuls in the run's precision too
+        # Dropout draws from torch's global generator: seeded here from the run's seed and step
+        # (as MeZO's z), and restored after, its masks depend on nothing else that ran in the
+        # process (another run's steps in turn, together.py; a resumed process).
+        cuda = [runner.device] if runner.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), runner.precision:  # the backward's matmuls in the run's precision
+            torch.manual_seed(direction_seed(cfg.seed, step, 0))
             loss = runner.loss(runner.pack(examples), labels.to(runner.device, non_blocking=True))
             loss.backward()
         if cfg.max_grad_norm > 0:  # HF Trainer's max_grad_norm, which the MeZO/LM-BFF fine-tuning runs keep at 1.0
