@@ -12,9 +12,10 @@ overlap. Each mode here runs N runs for a fixed window after a warm-up:
   streams    one process, N runs, each on a stream of its own, a step of each in turn
   serial     one process, N runs, all on the default stream, a step of each in turn
 A run is `zotune train`'s (zotune.train.setup): the shipped zotune-roberta-small, MeZO (full),
-SST-2 k=512 (the five data seeds in turn), batch 64, lr 1e-5, eps 1e-3, tf32 as the table's runs, each step
-one CUDA graph replay; its loop body as train.loop runs it (batch choice, packing, step, the
-step's trajectory and metrics records), without dev evaluations or file writes.
+SST-2 k=512 (the five data seeds in turn), batch 64, lr 1e-5, eps 1e-3, tf32 as the table's
+runs, each step one CUDA graph replay; its steps are train.stepper's, the loop's own body (batch
+choice, packing, step, trajectory and metrics lines, fsyncs), without dev evaluations or
+snapshots. The streams mode interleaves runs as `zotune train-together` (together.py) does.
 
     python benchmarks/concurrent_runs.py                       # N = 1, 4, 12; 10 s windows
     python benchmarks/concurrent_runs.py --runs 1 3 --seconds 5 --modes streams serial
@@ -34,8 +35,7 @@ import torch
 
 from common import REPO  # noqa: F401  (puts src/ on the path)
 from zotune.config import TrainConfig  # noqa: E402
-from zotune.optim.schedule import SCHEDULES  # noqa: E402
-from zotune.train import batch_indices, setup  # noqa: E402
+from zotune.train import setup, stepper  # noqa: E402
 
 MODES = ("processes", "streams", "serial")
 DATA_SEEDS = (13, 21, 42, 87, 100)  # the k-shot splits there are; a sixth run repeats the first's
@@ -52,29 +52,19 @@ class Setting:
 
 
 def build_run(index: int, folder: Path, setting: Setting) -> dict:
-    """Run `index` as `zotune train` would set it up, its training labels and its next step."""
+    """Run `index` as `zotune train` would set it up, and its steps (train.stepper: the loop's
+    body, a step at a time)."""
     cfg = TrainConfig(task="sst2", k=512, seed=DATA_SEEDS[index % len(DATA_SEEDS)], trainable=setting.trainable,
                       lr=1e-5, eps=1e-3, steps=1_000_000, batch_size=64, eval_steps=1_000_000, log_steps=50,
-                      device=setting.device, quiet=True, output_dir=str(folder / f"run{index}"),
+                      snapshot_every=1_000_000, device=setting.device, quiet=True, output_dir=str(folder / f"run{index}"),
                       **({"model": setting.model} if setting.model else {}))
     run = setup(cfg, resume=False)
-    return {"run": run, "labels": torch.tensor([e.label for e in run.splits["train"]]), "next": 0}
+    return {"run": run, "steps": stepper(run), "done": 0}
 
 
 def step(state: dict) -> None:
-    """The run's next step, as train.loop's body makes it (nothing waits for the GPU); where
-    train.loop writes a metrics line, its records are flushed (the window read, one sync)."""
-    run, number = state["run"], state["next"]
-    cfg, train_set = run.cfg, run.sequences["train"]
-    index = batch_indices(len(train_set), cfg.batch_size, cfg.seed, number)
-    lr = SCHEDULES[cfg.schedule](number, cfg.lr, cfg.steps)
-    loss, grad, logged = run.step_fn(number, [train_set[i] for i in index], state["labels"][index], lr)
-    run.log.add(number + 1, logged[0], lr, logged[1], loss)
-    run.records.add(loss, grad)
-    if (number + 1) % cfg.log_steps == 0:
-        run.log.write()
-        run.records.log_point(number + 1, lr, None, {})
-    state["next"] = number + 1
+    next(state["steps"])
+    state["done"] += 1
 
 
 def in_turn(states: list[dict], streams: list, warmup: int, seconds: float) -> tuple[int, float]:
@@ -87,11 +77,11 @@ def in_turn(states: list[dict], streams: list, warmup: int, seconds: float) -> t
     for _ in range(warmup):
         round_of_steps()
     synchronize()
-    before, start = sum(s["next"] for s in states), time.perf_counter()
+    before, start = sum(s["done"] for s in states), time.perf_counter()
     while time.perf_counter() - start < seconds:
         round_of_steps()
     synchronize()
-    return sum(s["next"] for s in states) - before, time.perf_counter() - start
+    return sum(s["done"] for s in states) - before, time.perf_counter() - start
 
 
 def synchronize() -> None:
