@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from zotune.engine.candidates import CausalRunner
-from zotune.layers.batch import PackedBatch, SharedContext, pack, shared_context
+from zotune.layers.batch import PackedBatch, context_of_keys, pack, shared_context
 from zotune.model.causal_lm import KeyValueCache
 
 
@@ -56,11 +56,7 @@ def appended_tokens(tokens: list[int], positions: list[int], cached_rows: list[l
     """A forward of one new token per sequence (`tokens`, at `positions`): sequence b attends to
     its cached rows, then to its new token, which the forward appends at row cached + b."""
     n = len(tokens)
-    keys = [np.array([*r, cached + b], dtype=np.int64) for b, r in enumerate(cached_rows)]
-    counts = np.array([len(k) for k in keys], dtype=np.int64)
-    context = SharedContext((-1,) * n, torch.from_numpy(np.concatenate(keys)),
-                            torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)),
-                            int(counts.max()))
+    context = context_of_keys((-1,) * n, [np.array([*r, cached + b], dtype=np.int64) for b, r in enumerate(cached_rows)])
     return PackedBatch(torch.tensor(tokens, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
                        torch.arange(n + 1, dtype=torch.int32), torch.empty(0, dtype=torch.int64), (1,) * n,
                        tuple((t,) for t in tokens), 1, context=context)

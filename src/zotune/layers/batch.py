@@ -45,7 +45,12 @@ def shared_context(of: list[int], seq_lens: tuple[int, ...]) -> SharedContext:
     own = [np.arange(s, s + n) for s, n in zip(starts, seq_lens)]
     if any(o >= 0 and of[o] >= 0 for o in of) or any(o >= b for b, o in enumerate(of)):
         raise ValueError("a context must be an earlier sequence without a context of its own")
-    keys = [np.concatenate([own[o], rows]) if o >= 0 else rows for o, rows in zip(of, own)]
+    return context_of_keys(of, [np.concatenate([own[o], rows]) if o >= 0 else rows for o, rows in zip(of, own)])
+
+
+def context_of_keys(of: list[int] | tuple[int, ...], keys: list[np.ndarray]) -> SharedContext:
+    """The SharedContext whose sequence b attends to the rows keys[b] (int64: its context's or
+    cached rows, then its own), in that order."""
     counts = np.array([len(k) for k in keys], dtype=np.int64)
     return SharedContext(tuple(of), torch.from_numpy(np.concatenate(keys)),
                          torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)), int(counts.max()))
