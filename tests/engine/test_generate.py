@@ -79,7 +79,7 @@ def test_cached_logits_equal_a_whole_forward(model_dir, one_thread, prefix, kern
     offset, rng = model.config.position_offset, random.Random(1)
     prompts = [[2, *(rng.randrange(3, VOCAB) for _ in range(n))] for n in (1, 6, 11)]
     appended = [[rng.randrange(3, VOCAB) for _ in range(4)] for _ in prompts]
-    cache = KeyValueCache(model.config.num_layers)
+    cache = KeyValueCache(model.config.num_layers, sum(map(len, prompts)) + 4 * len(prompts))
     batch = pack(prompts, None, offset)
     batch = replace(batch, context=shared_context([-1] * len(prompts), batch.seq_lens))
     rows = [list(range(s, e)) for s, e in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist())]
@@ -96,4 +96,6 @@ def test_cached_logits_equal_a_whole_forward(model_dir, one_thread, prefix, kern
             positions = [len(p) + step + offset for p in prompts]
             batch = appended_tokens([a[step] for a in appended], positions, rows, cached)
             rows = [r + [cached + b] for b, r in enumerate(rows)]
-    assert cache.rows == sum(map(len, prompts)) + 4 * len(prompts)
+    assert cache.rows == sum(map(len, prompts)) + 4 * len(prompts)  # full: one more row is refused
+    with pytest.raises(ValueError, match="cannot take"):
+        cache.layers[0].extend(cache.layers[0].k[:1], cache.layers[0].v[:1])

@@ -29,7 +29,7 @@ def greedy(runner: CausalRunner, prompts: Sequence[Sequence[int]], max_new_token
            stop_ids: Collection[int]) -> list[list[int]]:
     """Each prompt's greedy continuation, its stop token included where one came."""
     outputs: list[list[int]] = [[] for _ in prompts]
-    cache = KeyValueCache(runner.model.config.num_layers)
+    cache = KeyValueCache(runner.model.config.num_layers, sum(map(len, prompts)) + max_new_tokens * len(prompts))
     offset = runner.model.config.position_offset
     batch = pack([list(p) for p in prompts], None, offset)
     batch = replace(batch, context=shared_context([-1] * len(prompts), batch.seq_lens))  # the cache is empty

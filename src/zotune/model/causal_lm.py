@@ -246,31 +246,38 @@ class Head(PairedModule):
 
 class LayerCache:
     """One layer's keys and values of every token that earlier forwards computed, in the order
-    they were computed: [T_cached, G, D] each (None before the first)."""
+    they were computed, in buffers of `capacity` rows allocated at the first forward (so that a
+    step writes its own rows only, not a copy of all the earlier ones)."""
 
-    def __init__(self):
-        self.k = self.v = None
+    def __init__(self, capacity: int):
+        self.capacity, self.rows = capacity, 0
+        self.k = self.v = None  # [capacity, G, D] each
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append a forward's [T, G, D] rows; returns all rows so far, [T_cached + T, G, D] each."""
-        self.k = k if self.k is None else torch.cat([self.k, k])
-        self.v = v if self.v is None else torch.cat([self.v, v])
-        return self.k, self.v
+        end = self.rows + k.shape[0]
+        if end > self.capacity:
+            raise ValueError(f"a key/value cache of {self.capacity} rows cannot take {end}")
+        if self.k is None:
+            self.k, self.v = (t.new_empty((self.capacity, *t.shape[1:])) for t in (k, v))
+        self.k[self.rows:end], self.v[self.rows:end] = k, v
+        self.rows = end
+        return self.k[:end], self.v[:end]
 
 
 class KeyValueCache:
     """Every layer's LayerCache, for forwards with the same weights (decoding a batch of prompts
     token by token): a forward computes its new tokens only and attends to the cached rows its
-    batch's SharedContext names. Rows are numbered in the order forwards computed them."""
+    batch's SharedContext names. Rows are numbered in the order forwards computed them; at most
+    `capacity` of them (the prompts' tokens and every token to be appended)."""
 
-    def __init__(self, num_layers: int):
-        self.layers = [LayerCache() for _ in range(num_layers)]
+    def __init__(self, num_layers: int, capacity: int):
+        self.layers = [LayerCache(capacity) for _ in range(num_layers)]
 
     @property
     def rows(self) -> int:
         """Rows cached so far, the same in every layer."""
-        first = self.layers[0].k
-        return 0 if first is None else first.shape[0]
+        return self.layers[0].rows
 
 
 class CausalLM(LanguageModel):
