@@ -29,7 +29,9 @@
 # TESTS_LIMIT=S raises the tests' limit, for a call that shares the GPU with other work.
 # or in two calls if one runs long: "bash benchmarks/gpu_session.sh tests gap", then "... speed".
 #
-# Next session, first call (about 6 min): `bash benchmarks/gpu_session.sh large concurrent`: the
+# Next session, first call (about 6 min): `python -m pytest -q -m gpu tests/test_together.py
+# tests/engine/test_generate.py` (session 14's new GPU tests: runs on their streams, the decoding
+# cache on CUDA's kernels), then `bash benchmarks/gpu_session.sh large concurrent`: the
 # decoder step's sweeps column and clean peaks (session 14 changed causal_step.py), then whether
 # the table's runs would go faster inside one process (issue 19): if streams beat processes,
 # give tools/fewshot_table.py `--runs-per-process R` (zotune train-together, built, CPU-tested)
