@@ -22,7 +22,6 @@ snapshots. The streams mode interleaves runs as `zotune train-together` (togethe
 """
 
 import argparse
-import contextlib
 import json
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import torch
 
 from common import REPO  # noqa: F401  (puts src/ on the path)
 from zotune.config import TrainConfig  # noqa: E402
+from zotune.together import one_round  # noqa: E402
 from zotune.train import setup, stepper  # noqa: E402
 
 MODES = ("processes", "streams", "serial")
@@ -51,37 +51,30 @@ class Setting:
     seconds: float      # the measured window
 
 
-def build_run(index: int, folder: Path, setting: Setting) -> dict:
-    """Run `index` as `zotune train` would set it up, and its steps (train.stepper: the loop's
+def build_run(index: int, folder: Path, setting: Setting):
+    """Run `index` as `zotune train` would set it up, as its steps (train.stepper: the loop's
     body, a step at a time)."""
     cfg = TrainConfig(task="sst2", k=512, seed=DATA_SEEDS[index % len(DATA_SEEDS)], trainable=setting.trainable,
                       lr=1e-5, eps=1e-3, steps=1_000_000, batch_size=64, eval_steps=1_000_000, log_steps=50,
                       snapshot_every=1_000_000, device=setting.device, quiet=True, output_dir=str(folder / f"run{index}"),
                       **({"model": setting.model} if setting.model else {}))
-    run = setup(cfg, resume=False)
-    return {"run": run, "steps": stepper(run), "done": 0}
+    return stepper(setup(cfg, resume=False))
 
 
-def step(state: dict) -> None:
-    next(state["steps"])
-    state["done"] += 1
-
-
-def in_turn(states: list[dict], streams: list, warmup: int, seconds: float) -> tuple[int, float]:
-    """Steps of every run in turn (run r under streams[r], or the current stream where None):
-    `warmup` rounds (captures), then as many rounds as fit in `seconds`. (steps, elapsed s)."""
-    def round_of_steps():
-        for state, stream in zip(states, streams):
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                step(state)
+def in_turn(steps: list, streams: list, warmup: int, seconds: float) -> tuple[int, float]:
+    """Steps of every run in turn (together.one_round: run r under streams[r], or the current
+    stream where None): `warmup` rounds (captures), then as many rounds as fit in `seconds`.
+    (steps, elapsed s)."""
+    times = [None] * len(steps)  # the runs never end here: 1,000,000 steps
     for _ in range(warmup):
-        round_of_steps()
+        one_round(steps, streams, times)
     synchronize()
-    before, start = sum(s["done"] for s in states), time.perf_counter()
+    rounds, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        round_of_steps()
+        one_round(steps, streams, times)
+        rounds += 1
     synchronize()
-    return sum(s["done"] for s in states) - before, time.perf_counter() - start
+    return rounds * len(steps), time.perf_counter() - start
 
 
 def synchronize() -> None:
@@ -91,10 +84,10 @@ def synchronize() -> None:
 
 def in_process(n: int, mode: str, setting: Setting) -> tuple[int, float]:
     with tempfile.TemporaryDirectory() as folder:
-        states = [build_run(i, Path(folder), setting) for i in range(n)]
+        steps = [build_run(i, Path(folder), setting) for i in range(n)]
         synchronize()  # the weights, copied in on the default stream, before other streams read them
-        streams = [torch.cuda.Stream() if mode == "streams" else None for _ in states]
-        return in_turn(states, streams, setting.warmup, setting.seconds)
+        streams = [torch.cuda.Stream() if mode == "streams" else None for _ in steps]
+        return in_turn(steps, streams, setting.warmup, setting.seconds)
 
 
 def processes(n: int, setting: Setting) -> tuple[int, float]:
@@ -116,13 +109,13 @@ def processes(n: int, setting: Setting) -> tuple[int, float]:
 
 def worker(index: int, folder: Path, setting: Setting) -> None:
     """One run of the processes mode: warm up, say so, wait for the others, step for the window."""
-    state = build_run(index, folder, setting)
-    in_turn([state], [None], setting.warmup, 0.0)
+    steps = [build_run(index, folder, setting)]
+    in_turn(steps, [None], setting.warmup, 0.0)
     (folder / f"ready{index}").write_text("")
     while not (folder / "go").exists():
         time.sleep(0.01)
-    steps, elapsed = in_turn([state], [None], 0, setting.seconds)
-    print(json.dumps({"steps": steps, "seconds": elapsed}), flush=True)
+    done, elapsed = in_turn(steps, [None], 0, setting.seconds)
+    print(json.dumps({"steps": done, "seconds": elapsed}), flush=True)
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import zotune.train as train_module
 from zotune.config import TrainConfig
-from zotune.together import train_together
+from zotune.together import one_round, train_together
 from zotune.train import train
 
 KEPT = ("steps", "best_step", "dev_accuracy", "test_accuracy", "bad_steps")
@@ -99,3 +99,19 @@ def test_runs_on_their_streams_end_as_each_alone_on_a_gpu(tmp_path, tiny_mlm_dir
     train_together([_config(tiny_mlm_dir, tmp_path / f"together{i}", device="cuda", **o) for i, o in enumerate(runs)])
     for i in range(len(runs)):
         _same_run(tmp_path / f"alone{i}", tmp_path / f"together{i}", KEPT)
+
+
+def test_one_round_steps_each_unfinished_run_once_in_order():
+    taken = []
+
+    def steps(name, n):
+        for i in range(n):
+            taken.append(f"{name}{i}")
+            yield
+        return f"{name} done"
+    runs, times = [steps("a", 2), steps("b", 1), steps("c", 3)], [None, None, None]
+    rounds = 0
+    while any(t is None for t in times):
+        one_round(runs, [None] * 3, times)
+        rounds += 1
+    assert taken == ["a0", "b0", "c0", "a1", "c1", "c2"] and times == ["a done", "b done", "c done"] and rounds == 4

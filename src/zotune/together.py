@@ -11,6 +11,7 @@ on a GPU; on the CPU it only interleaves.
 
 import contextlib
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -50,14 +51,20 @@ def in_turn(runs: list[Run]) -> list[float]:
     steps = [stepper(run) for run in runs]
     times: list[float | None] = [None] * len(runs)
     while any(t is None for t in times):
-        for r, (stream, steps_of_run) in enumerate(zip(streams, steps)):
-            if times[r] is not None:
-                continue
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                try:
-                    next(steps_of_run)
-                except StopIteration as done:
-                    times[r] = done.value
+        one_round(steps, streams, times)
     if any(stream is not None for stream in streams):
         torch.cuda.synchronize()  # the runs' streams, before finish reads their weights on the default stream
     return times
+
+
+def one_round(steps: list[Iterator], streams: list, times: list) -> None:
+    """One step of each unfinished run (times[r] is None), run r's under streams[r] (None: the
+    current stream); a run whose steps end leaves its loop time (train.stepper's) in times[r]."""
+    for r, (stream, steps_of_run) in enumerate(zip(streams, steps)):
+        if times[r] is not None:
+            continue
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            try:
+                next(steps_of_run)
+            except StopIteration as done:
+                times[r] = done.value
