@@ -84,7 +84,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretraining import (  # noqa: E402  (tools/ is not a package)
     BOS, EOS, PAD, REPO, SELECTION, VOCAB, Loop, LoopState, apply_overrides, corpus_info,
-    corpus_section, eval_sets, history_table, keep_best, load_documents, load_state, load_tokenizer, make_adamw,
+    corpus_section, eval_sets, history_table, kept_weights, load_documents, load_state, load_tokenizer, make_adamw,
     pack_documents, pct, read_saved_config, save_hf, save_state, scores_line, sst2_scores, train_loop,
 )
 
@@ -318,10 +318,7 @@ def train(cfg: ClmConfig, corpus: Corpus, device: torch.device, out: Path, log=p
         return run.model, None
     final = run.evaluate(state.step)
     state.history.append({"step": cfg.steps, "loss": state.last_losses[-1], **final})
-    kept_step = cfg.steps
-    if cfg.keep_best:
-        kept_step, final = keep_best(run, state)
-        log(f"kept the weights of step {kept_step} (best on {SELECTION}, threshold fitted on it)")
+    kept_step, final = kept_weights(run, cfg, state)
     tokens = cfg.steps * cfg.batch_size * cfg.block
     return run.model, {
         "config": dataclasses.asdict(cfg),

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretraining import (  # noqa: E402  (tools/ is not a package)
     BOS, EOS, GREAT, MASK, PAD, REPO, SELECTION, TERRIBLE, TEST, VOCAB, Loop, LoopState, apply_overrides,
-    corpus_info, corpus_section, eval_sets, history_table, keep_best, load_documents, load_tokenizer, make_adamw,
+    corpus_info, corpus_section, eval_sets, history_table, kept_weights, load_documents, load_tokenizer, make_adamw,
     pack_blocks, pct, save_hf, scores_line, selection_score, sst2_scores, train_loop,
 )
 
@@ -223,10 +223,7 @@ def train(cfg: PretrainConfig, device: torch.device, imdb: Path | None = None, l
     state = train_loop(run, cfg, LoopState(), end_time=cfg.end_time)
     results = zero_shot(model, tok, sets, device)
     state.history.append({"step": cfg.steps, "loss": state.last_losses[-1], **results})
-    kept_step = cfg.steps
-    if cfg.keep_best:
-        kept_step, results = keep_best(run, state)
-        log(f"kept the weights of step {kept_step} (best on {SELECTION}, threshold fitted on it)")
+    kept_step, results = kept_weights(run, cfg, state)
     metrics = {
         "config": dataclasses.asdict(cfg),
         "n_params": cfg.n_params(),

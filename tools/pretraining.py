@@ -282,15 +282,18 @@ def offer_checkpoint(run: Loop, state: LoopState, step: int, scores: dict) -> No
         state.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
 
 
-def keep_best(run: Loop, state: LoopState) -> tuple[int, dict]:
-    """After the final evaluation (the last history entry): the best evaluated weights go back
-    into the model; returns their step and their scores."""
-    final = state.history[-1]
-    offer_checkpoint(run, state, final["step"], final)
-    if state.best_step != final["step"]:
-        run.model.load_state_dict(state.best_weights)
-    kept = next(h for h in state.history if h["step"] == state.best_step)
-    return state.best_step, {k: v for k, v in kept.items() if k not in ("step", "loss")}
+def kept_weights(run: Loop, cfg, state: LoopState) -> tuple[int, dict]:
+    """After the final evaluation (the last history entry): the step and scores of the weights
+    the checkpoint will hold. With cfg.keep_best the best evaluated ones, put back into the
+    model; else the last step's."""
+    kept = state.history[-1]
+    if cfg.keep_best:
+        offer_checkpoint(run, state, kept["step"], kept)
+        if state.best_step != kept["step"]:
+            run.model.load_state_dict(state.best_weights)
+        kept = next(h for h in state.history if h["step"] == state.best_step)
+        run.log(f"kept the weights of step {kept['step']} (best on {SELECTION}, threshold fitted on it)")
+    return kept["step"], {k: v for k, v in kept.items() if k not in ("step", "loss")}
 
 
 # ---------------------------------------------------------------- checkpoints (resume in a later call)
