@@ -163,3 +163,17 @@ def test_runs_per_process_trains_runs_in_turn_to_the_same_results(tmp_path, tiny
     started = time.monotonic()
     assert run_jobs(long, ["cpu"], quiet=True, runs_per_process=2, deadline=started + 3) == long
     assert time.monotonic() - started < 60 and not any((job.run_dir / "summary.json").exists() for job in long)
+
+
+def test_a_failed_run_of_a_process_leaves_the_others_finished(tmp_path, tiny_mlm_dir):
+    """Of two runs trained together, one cannot start (its folder holds something that is not a
+    zotune run): the other finishes, and the error names the failed run only."""
+    from zotune.grid import Cell, Job, run_jobs
+    base = _job(tmp_path, tiny_mlm_dir, 4)
+    jobs = [Job(tmp_path / "grid", cell, base.train_args) for cell in (Cell("lora", 1e-2, 13), Cell("lora", 1e-2, 21))]
+    jobs[1].run_dir.mkdir(parents=True)
+    (jobs[1].run_dir / "notes.txt").write_text("mine\n")
+    with pytest.raises(UserError, match=r"^1 run\(s\) failed: \S+seed21 \(exit 2, see \S+seed13\+1\.log\)$"):
+        run_jobs(jobs, ["cpu"], quiet=True, runs_per_process=2)
+    assert (jobs[0].run_dir / "summary.json").exists() and not (jobs[1].run_dir / "summary.json").exists()
+    assert "is not one" in (tmp_path / "grid" / "lora-lr0.01-seed13+1.log").read_text()

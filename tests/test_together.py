@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 import zotune.train as train_module
 from zotune.config import TrainConfig
-from zotune.together import one_round, train_together
+from zotune.errors import UserError
+from zotune.together import RunsFailed, one_round, train_together
 from zotune.train import train
 
 KEPT = ("steps", "best_step", "dev_accuracy", "test_accuracy", "bad_steps")
@@ -99,6 +100,29 @@ def test_runs_on_their_streams_end_as_each_alone_on_a_gpu(tmp_path, tiny_mlm_dir
     train_together([_config(tiny_mlm_dir, tmp_path / f"together{i}", device="cuda", **o) for i, o in enumerate(runs)])
     for i in range(len(runs)):
         _same_run(tmp_path / f"alone{i}", tmp_path / f"together{i}", KEPT)
+
+
+def test_a_run_stopped_by_a_user_error_ends_alone(tmp_path, tiny_mlm_dir, monkeypatch):
+    """A run that stops on a UserError (here at its third step, as a NaN streak would) leaves
+    its siblings to finish as they would alone; the error names the run that stopped."""
+    train(_config(tiny_mlm_dir, tmp_path / "alone0", **RUNS[0]))
+    real = train_module._mezo_stepper
+
+    def failing(cfg, session):
+        step_fn = real(cfg, session)
+
+        def step(step, *args):
+            if cfg.seed == 21 and step == 2:
+                raise UserError("10 bad steps in a row (NaN or Inf loss)")
+            return step_fn(step, *args)
+        return step
+    monkeypatch.setattr(train_module, "_mezo_stepper", failing)
+    cfgs = [_config(tiny_mlm_dir, tmp_path / f"together{i}", **o) for i, o in enumerate(RUNS[:2])]
+    with pytest.raises(RunsFailed, match=r"1 of 2 runs stopped: .*together1: 10 bad steps") as failed:
+        train_together(cfgs)
+    assert failed.value.summaries[1] is None and failed.value.summaries[0]["steps"] == 8
+    assert not (tmp_path / "together1" / "summary.json").exists()
+    _same_run(tmp_path / "alone0", tmp_path / "together0")
 
 
 def test_one_round_steps_each_unfinished_run_once_in_order():

@@ -283,12 +283,13 @@ def table(by_row: dict, ks: list[int]) -> str:
 def bundle(runs_dir: Path, path: Path) -> None:
     """The small files of every run under runs_dir (summary.json, config.json, metrics.jsonl,
     zero_shot.json) in one .tgz: what the table and the plot read, and what a
-    later chunk needs to skip finished runs; no weights, snapshots or trajectory logs."""
+    later chunk needs to skip finished runs; no weights, snapshots or trajectory logs. The
+    processes' output (*.log, a few lines a run) comes too: where a run failed, it says why."""
     keep = {"summary.json", "config.json", "metrics.jsonl", ZERO_SHOT}
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w:gz") as tar:
         for file in sorted(runs_dir.rglob("*")):
-            if file.is_file() and file.name in keep:
+            if file.is_file() and (file.name in keep or file.suffix == ".log"):
                 tar.add(file, arcname=str(file.relative_to(runs_dir.parent)))
 
 

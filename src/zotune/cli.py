@@ -215,14 +215,19 @@ def _together_parser(sub) -> argparse.ArgumentParser:
 
 
 def _run_together(args) -> None:
-    from zotune.together import train_together
+    from zotune.together import RunsFailed, train_together
     jobs = read_json_object(args.jobs, "give a JSON object {\"runs\": [[train arguments], ...]}").get("runs")
     if not isinstance(jobs, list) or not jobs or not all(isinstance(j, list) for j in jobs):
         raise UserError(f"{args.jobs}: \"runs\" must be a non-empty list of argument lists")
     parser = _Parser(prog="zotune")
     _train_parser(parser.add_subparsers(dest="command", required=True))
     requests = [_train_request(parser.parse_args(["train", *map(str, job)])) for job in jobs]
-    for summary in train_together([cfg for cfg, _ in requests], [resume for _, resume in requests]):
+    try:
+        summaries = train_together([cfg for cfg, _ in requests], [resume for _, resume in requests])
+    except RunsFailed as failed:  # the runs that finished say so too, before the error line
+        print("\n".join(result_lines(summary) for summary in failed.summaries if summary is not None))
+        raise
+    for summary in summaries:
         print(result_lines(summary))
 
 

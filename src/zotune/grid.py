@@ -101,7 +101,7 @@ def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_
         if not (job.run_dir / "summary.json").exists():
             job.output_dir.mkdir(parents=True, exist_ok=True)
             todo.put(job)
-    failures: list[str] = []
+    failures: list[tuple[list[str], str]] = []  # a process's failed runs, and where its output is
     stopped: list[Job] = []
     workers = len(devices) * runs_per_device
     # Each run would start a CPU thread per core; several runs at once then oversubscribe the
@@ -130,17 +130,17 @@ def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_
                 command = [sys.executable, "-m", "zotune", "train-together", str(jobs_file)]
             with open(log, "a") as out:  # a resumed run's output follows the first attempt's
                 code = _call(command, out, env, deadline)
+            finished = [job for job in group if (job.run_dir / "summary.json").exists()]
             if code is None:
-                stopped.extend(group)
-            elif code != 0:
-                failures.append(f"{', '.join(str(job.run_dir) for job in group)} (exit {code}, see {log})")
-            else:
-                for job in group:
-                    if not keep_weights:
-                        for weights in job.run_dir.glob("*.safetensors"):
-                            weights.unlink()
-                    if not quiet:
-                        print(f"done {job.run_dir} on {device}", flush=True)
+                stopped.extend(job for job in group if job not in finished)
+            elif len(finished) < len(group):  # a group's run that stopped leaves the others finished
+                failures.append(([str(job.run_dir) for job in group if job not in finished], f"exit {code}, see {log}"))
+            for job in finished:
+                if not keep_weights:
+                    for weights in job.run_dir.glob("*.safetensors"):
+                        weights.unlink()
+                if not quiet:
+                    print(f"done {job.run_dir} on {device}", flush=True)
 
     pool = [threading.Thread(target=worker, args=(d,)) for d in devices for _ in range(runs_per_device)]
     for thread in pool:
@@ -148,7 +148,8 @@ def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_
     for thread in pool:
         thread.join()
     if failures:
-        raise UserError(f"{len(failures)} run(s) failed: {'; '.join(failures[:3])}")
+        lines = [f"{', '.join(runs)} ({why})" for runs, why in failures[:3]]
+        raise UserError(f"{sum(len(runs) for runs, _ in failures)} run(s) failed: {'; '.join(lines)}")
     return stopped + list(todo.queue)
 
 

@@ -91,6 +91,7 @@ def test_picture_and_bundle_from_finished_grids(tmp_path, monkeypatch):
                 dev = {"full": 0.8, "lora+head": 0.75}[trainable] + lr * 100 + seed / 1000
                 _run(runs / "sst2", grid, trainable, lr, seed, dev - (optimizer == "adam") * 0.02, 0.8,
                      optimizer=optimizer, k=512)
+    (runs / "sst2" / "MeZO-full-k512" / "full-lr1e-05-seed13+5.log").write_text("zotune: error: why\n")
     picture, tgz = tmp_path / "dev.png", tmp_path / "out" / "runs.tgz"
     _main(monkeypatch, "--aggregate-only", "--runs-dir", str(runs), "--tasks", "sst2", "--ks", "512",
           "--methods", "MeZO (full),MeZO (LoRA+head),Adam (full)", "--output", str(tmp_path / "t.json"),
@@ -98,7 +99,8 @@ def test_picture_and_bundle_from_finished_grids(tmp_path, monkeypatch):
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with tarfile.open(tgz) as tar:
         names = tar.getnames()
-    assert len(names) == 3 * 2 * 5 * 3 and not any(n.endswith(".safetensors") for n in names)
+    assert len(names) == 3 * 2 * 5 * 3 + 1 and not any(n.endswith(".safetensors") for n in names)
+    assert "fewshot/sst2/MeZO-full-k512/full-lr1e-05-seed13+5.log" in names  # where a failure says why
     assert "fewshot/sst2/MeZO-full-k512/full-lr1e-05-seed13/metrics.jsonl" in names
 
 
