@@ -9,6 +9,8 @@ small kernels, processes on one GPU take turns (their kernels never overlap), an
 stays near one process's kernel-latency limit. Kernels of one process on different streams can
 overlap. Each mode here runs N runs for a fixed window after a warm-up:
   processes  N processes of this script (--worker), started together, each one run
+  mps        the same processes as clients of a CUDA MPS server of their own (grid.mps_server),
+             under which their kernels can overlap as streams' do
   streams    one process, N runs, each on a stream of its own, a step of each in turn
   serial     one process, N runs, all on the default stream, a step of each in turn
 A run is `zotune train`'s (zotune.train.setup): the shipped zotune-roberta-small, MeZO (full),
@@ -23,6 +25,7 @@ snapshots. The streams mode interleaves runs as `zotune train-together` (togethe
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,10 +37,12 @@ import torch
 
 from common import REPO  # noqa: F401  (puts src/ on the path)
 from zotune.config import TrainConfig  # noqa: E402
+from zotune.errors import UserError  # noqa: E402
+from zotune.grid import mps_server  # noqa: E402
 from zotune.together import one_round  # noqa: E402
 from zotune.train import setup, stepper  # noqa: E402
 
-MODES = ("processes", "streams", "serial")
+MODES = ("processes", "mps", "streams", "serial")
 DATA_SEEDS = (13, 21, 42, 87, 100)  # the k-shot splits there are; a sixth run repeats the first's
 
 
@@ -90,21 +95,27 @@ def in_process(n: int, mode: str, setting: Setting) -> tuple[int, float]:
         return in_turn(steps, streams, setting.warmup, setting.seconds)
 
 
-def processes(n: int, setting: Setting) -> tuple[int, float]:
-    """N workers; the window starts once every one has warmed up. (steps of all, longest window s)."""
+def processes(n: int, setting: Setting, env: dict[str, str] | None = None) -> tuple[int, float]:
+    """N workers (`env` added to their environment); the window starts once every one has
+    warmed up. (steps of all, longest window s)."""
     with tempfile.TemporaryDirectory() as folder:
         flags = ["--folder", folder, "--warmup", str(setting.warmup), "--seconds", str(setting.seconds),
                  "--device", setting.device, "--trainable", setting.trainable,
                  *(["--model", setting.model] if setting.model else [])]
         procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(i), *flags], stdout=subprocess.PIPE,
-                                  text=True) for i in range(n)]
+                                  text=True, env={**os.environ, **(env or {})}) for i in range(n)]
         while not all((Path(folder) / f"ready{i}").exists() for i in range(n)):
             if any(p.poll() is not None for p in procs):
-                raise SystemExit("a worker ended before its window; its error is above")
+                raise UserError("a worker ended before its window; its error is above")
             time.sleep(0.05)
         (Path(folder) / "go").write_text("")
         results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
     return sum(r["steps"] for r in results), max(r["seconds"] for r in results)
+
+
+def under_mps(n: int, setting: Setting) -> tuple[int, float]:
+    with tempfile.TemporaryDirectory() as folder, mps_server(Path(folder)) as env:
+        return processes(n, setting, env)
 
 
 def worker(index: int, folder: Path, setting: Setting) -> None:
@@ -135,12 +146,18 @@ def main() -> None:
     setting = Setting(args.model, args.device, args.trainable, args.warmup, args.seconds)
     if args.worker is not None:
         return worker(args.worker, Path(args.folder), setting)
-    if args.device == "cpu" and "streams" in args.modes:
-        raise SystemExit("the streams mode needs CUDA: pass --modes processes serial")
-    rows = []
+    if args.device == "cpu" and {"streams", "mps"} & set(args.modes):
+        raise SystemExit("the streams and mps modes need CUDA: pass --modes processes serial")
+    rows, modes = [], list(args.modes)
+    measure = {"processes": processes, "mps": under_mps}
     for n in args.runs:
-        for mode in args.modes:
-            steps, elapsed = processes(n, setting) if mode == "processes" else in_process(n, mode, setting)
+        for mode in list(modes):
+            try:
+                steps, elapsed = measure[mode](n, setting) if mode in measure else in_process(n, mode, setting)
+            except UserError as unavailable:  # e.g. no MPS on this machine: the other modes still measure
+                print(f"{mode}: {unavailable}", flush=True)
+                modes.remove(mode)
+                continue
             rows.append((n, mode, steps / elapsed, steps / elapsed / n))
             print(f"{n} runs, {mode}: {steps} steps in {elapsed:.1f} s", flush=True)
     how = "tf32, CUDA graphs" if args.device == "cuda" else "float32, eager"

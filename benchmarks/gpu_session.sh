@@ -11,9 +11,12 @@
 #           OPT-1.3B and Llama-3.2-1B shapes, batch 16 (ms, peak memory, against zotune's forward)
 #   prefix  benchmarks/prefix_sharing.py on CUDA: random OPT-1.3B and OPT-125M shapes, bf16,
 #           SST-2- and COPA-shaped batches of 16 (tokens computed and ms per forward, shared / plain)
-#   concurrent  benchmarks/concurrent_runs.py (issue 19's table throughput): 1, 4 and 12 runs of the
-#           shipped model as processes, as one process on a stream each, and one process serially;
-#           full and lora+head (steps/s of all runs together); decides whether in-process runs pay
+#   concurrent  benchmarks/concurrent_runs.py (issue 19's table throughput): 4 and 12 MeZO (full)
+#           runs of the shipped model as processes, as processes under a CUDA MPS server, and as
+#           one process on a stream each (steps/s of all runs together)
+#   table   tools/fewshot_table.py, the six-task table (issue 19), until TABLE_END (epoch seconds),
+#           its runs sharing the GPU as TABLE_FLAGS says; unset, as the concurrent phase of the same
+#           call measured fastest for 12 runs (processes, MPS or streams), else 12 processes
 #   probe   the causal table's speed: a random checkpoint of tools/pretrain_clm.py's default shape
 #           (19M parameters), MeZO (full) at 300 steps and Adam (full) at 1,000, SST-2 k=512, 12
 #           runs sharing the GPU as the table does; prints steps/s, per-run overhead, and the
@@ -29,15 +32,17 @@
 # TESTS_LIMIT=S raises the tests' limit, for a call that shares the GPU with other work.
 # or in two calls if one runs long: "bash benchmarks/gpu_session.sh tests gap", then "... speed".
 #
-# Next session, first call (about 6 min): `python -m pytest -q -m gpu tests/test_together.py
-# tests/engine/test_generate.py` (session 14's new GPU tests: runs on their streams, the decoding
-# cache on CUDA's kernels), then `bash benchmarks/gpu_session.sh large concurrent`: the
-# decoder step's sweeps column and clean peaks (session 14 changed causal_step.py), then whether
-# the table's runs would go faster inside one process (issue 19): if streams beat processes,
-# give tools/fewshot_table.py `--runs-per-process R` (zotune train-together, built, CPU-tested)
-# with the R and process count that measured best. Then the six-task table as in
-# session 13 (`tools/fewshot_table.py ... --deadline D --bundle`): its runs' summary.json now hold
-# phase_s, where a run's time outside its steps goes.
+# Next session (issue 19; session 15 measured 12 runs at 946 steps/s as processes and 1,340 as
+# one process's streams, H100): three calls back to back, each about 10 minutes:
+#   1. TABLE_END=$(( $(date +%s) + 560 )) bash benchmarks/gpu_session.sh concurrent table
+#      (concurrent: 4 and 12 runs as processes, under MPS, and as streams, ~2.5 min; MPS is
+#      untried on these machines: its row is left out if it does not start; then the table)
+#   2., 3. TABLE_END=$(( $(date +%s) + 570 )) TABLE_FLAGS="<the flags call 1 printed>" \
+#      bash benchmarks/gpu_session.sh table  (a warm machine keeps runs/; a fresh one unpacks
+#      benchmarks/fewshot-runs.tgz, so copy each call's table.tgz there at once)
+# The bundle now carries each process's *.log: session 15's streams groups that exited with code
+# 2 left no log; if a group fails again, its log says why.
+# pytest by hand on the device needs PYTHONPATH=src (this script sets it; nothing is installed there).
 #
 # A held machine goes back after 30 s idle, and whatever ran on it in the background with it
 # (session 13 lost a running table that way, to a 21-second CPU test between two calls): issue
@@ -89,6 +94,16 @@ phase() {  # phase NAME LIMIT_S COMMAND...: run it under a time limit, log to $O
     echo "$name: exit $? in $((SECONDS - start)) s (limit $limit)" | tee -a "$OUT/summary.txt"
 }
 
+fastest_sharing() {  # fewshot_table flags for the mode of 12 runs that concurrent_runs.py measured fastest
+    python3 - "$1" <<'EOF'
+import re, sys
+rates = {m: float(r) for m, r in re.findall(r"^\| 12 \| (\w+) \| ([0-9.]+) \|", open(sys.argv[1]).read(), re.M)}
+flags = {"processes": "--runs-per-device 12", "mps": "--runs-per-device 12 --mps",
+         "streams": "--runs-per-device 2 --runs-per-process 6"}
+print(flags[max(rates, key=rates.get)] if rates else flags["processes"])
+EOF
+}
+
 for p in $PHASES; do
     case $p in
     tests) phase tests "${TESTS_LIMIT:-220}" python -m pytest -q -m gpu tests \
@@ -111,9 +126,15 @@ for p in $PHASES; do
         phase prefix_opt1.3b 90 python benchmarks/prefix_sharing.py --device cuda --size opt-1.3b --precision bf16
         phase prefix_opt125m 45 python benchmarks/prefix_sharing.py --device cuda --size opt-125m --precision bf16 ;;
     concurrent)
-        phase concurrent_full 200 python benchmarks/concurrent_runs.py --runs 1 4 12 --seconds 8
-        phase concurrent_lora_head 200 python benchmarks/concurrent_runs.py --runs 1 12 --seconds 8 \
-            --trainable lora+head ;;
+        phase concurrent_full 200 python benchmarks/concurrent_runs.py --runs 4 12 --seconds 8 \
+            --modes processes mps streams ;;
+    table)  # the six-task table (issue 19) until TABLE_END (epoch s); TABLE_FLAGS: how runs share the GPU
+        [ -z "${TABLE_FLAGS:-}" ] && [ -f "$OUT/concurrent_full.log" ] && TABLE_FLAGS=$(fastest_sharing "$OUT/concurrent_full.log")
+        echo "table: ${TABLE_FLAGS:---runs-per-device 12}" | tee -a "$OUT/summary.txt"
+        mkdir -p runs && { [ -d runs/fewshot ] || tar xzf benchmarks/fewshot-runs.tgz -C runs; }
+        phase table $(( TABLE_END - $(date +%s) + 60 )) python tools/fewshot_table.py --device cuda ${TABLE_FLAGS:---runs-per-device 12} \
+            --methods "MeZO (full),MeZO (LoRA+head),MeZO (prefix),Adam (full)" --deadline $(( TABLE_END - $(date +%s) )) \
+            --bundle "$OUT/table.tgz" --output "$OUT/table.json" ;;
     probe)
         rm -rf out/probe out/clm-random
         phase probe_model 45 python -c 'import sys, torch; sys.path.insert(0, "tools")
@@ -122,7 +143,7 @@ torch.manual_seed(0); save_hf(build_model(ClmConfig()), Path("out/clm-random"), 
         phase probe 180 python tools/fewshot_table.py --model out/clm-random --device cuda --runs-per-device 12 \
             --ks 512 --methods "MeZO (full),Adam (full)" --mezo-steps 300 --deadline 110 --runs-dir out/probe \
             --output out/probe/table.json ;;
-    *) echo "unknown phase $p (tests, gap, speed, causal, large, prefix, concurrent, probe)"; exit 2 ;;
+    *) echo "unknown phase $p (tests, gap, speed, causal, large, prefix, concurrent, table, probe)"; exit 2 ;;
     esac
 done
 
@@ -132,6 +153,8 @@ cat "$OUT/summary.txt"
 [ -f "$OUT/gap.log" ] && grep -E "^\||^MeZO projected" "$OUT/gap.log"
 [ -f "$OUT/causal.log" ] && tail -n 15 "$OUT/causal.log" | grep -E "passed|failed|error|FAILED|ERROR"
 [ -f "$OUT/large.log" ] && grep -E "^\|" "$OUT/large.log" | tail -n 6
+[ -f "$OUT/concurrent_full.log" ] && grep -E "^\||^MeZO|Error" "$OUT/concurrent_full.log"
+[ -f "$OUT/table.log" ] && grep -E "^plan: [0-9]|^deadline|error" "$OUT/table.log"
 for f in "$OUT"/prefix_*.log; do [ -f "$f" ] && grep -E "^device|^sst2|^copa" "$f"; done
 [ -d out/probe ] && python3 - out/probe <<'EOF'
 # The probe's runs: steps/s of a run while 12 share the GPU and its seconds outside the steps, per

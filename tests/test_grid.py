@@ -177,3 +177,38 @@ def test_a_failed_run_of_a_process_leaves_the_others_finished(tmp_path, tiny_mlm
         run_jobs(jobs, ["cpu"], quiet=True, runs_per_process=2)
     assert (jobs[0].run_dir / "summary.json").exists() and not (jobs[1].run_dir / "summary.json").exists()
     assert "is not one" in (tmp_path / "grid" / "lora-lr0.01-seed13+1.log").read_text()
+
+
+def test_mps_server_starts_a_daemon_of_its_own_and_quits_it(tmp_path, monkeypatch):
+    """A stand-in for NVIDIA's control program records how it is called: started as a daemon
+    and told to quit, both with the pipe and log folders the yielded environment names."""
+    from zotune.grid import mps_server
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$* stdin=$(test "$1" = -d || cat) $CUDA_MPS_PIPE_DIRECTORY" >> {calls}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+    with mps_server(tmp_path / "mps") as env:
+        assert env == {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "mps" / "pipe"),
+                       "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / "mps" / "log")}
+        assert (tmp_path / "mps" / "pipe").is_dir() and calls.read_text() == f"-d stdin= {tmp_path}/mps/pipe\n"
+    assert calls.read_text().splitlines()[1] == f" stdin=quit {tmp_path}/mps/pipe"
+
+
+def test_mps_server_without_the_control_program_is_a_user_error(tmp_path, monkeypatch):
+    from zotune.grid import mps_server
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(UserError, match="--mps needs nvidia-cuda-mps-control"):
+        with mps_server(tmp_path / "mps"):
+            pass
+
+
+def test_run_jobs_gives_every_process_the_extra_environment(tmp_path, monkeypatch):
+    import zotune.grid as grid
+    seen = []
+    monkeypatch.setattr(grid, "_call", lambda command, out, env, deadline: seen.append(env) or 1)
+    jobs = [grid.Job(tmp_path / "grid", Cell("lora", 1e-2, seed), ("--steps", "1")) for seed in (13, 21)]
+    with pytest.raises(UserError, match="2 run"):
+        grid.run_jobs(jobs, ["cpu"], quiet=True, env={"CUDA_MPS_PIPE_DIRECTORY": "/p"})
+    assert len(seen) == 2 and all(env["CUDA_MPS_PIPE_DIRECTORY"] == "/p" and "OMP_NUM_THREADS" in env for env in seen)

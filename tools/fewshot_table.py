@@ -46,14 +46,17 @@ import re
 import statistics
 import sys
 import tarfile
+import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 sys.path.insert(0, SRC)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))  # for the run processes
 
-from zotune.grid import Cell, Job, aggregate_dir, local_devices, mean_std_text as mean_std, run_jobs  # noqa: E402
+from zotune.grid import (Cell, Job, aggregate_dir, local_devices, mean_std_text as mean_std, mps_server,  # noqa: E402
+                         run_jobs)
 
 TASKS = ("sst2", "sst5", "trec", "mnli", "snli", "rte")
 TWO_CLASS = ("sst2", "rte")  # where a dev-fitted threshold applies
@@ -331,6 +334,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs-per-process", type=int, default=1,
                         help="runs each process trains a step of each in turn, each on a CUDA stream of its own "
                              "(zotune train-together; benchmarks/concurrent_runs.py says whether that pays)")
+    parser.add_argument("--mps", action="store_true",
+                        help="run the processes under a CUDA MPS server of their own, so that their kernels "
+                             "overlap (benchmarks/concurrent_runs.py --modes mps says whether that pays)")
     parser.add_argument("--tasks", help=f"comma-separated subset of {', '.join(TASKS)} (default: the protocol's)")
     parser.add_argument("--ks", default=",".join(map(str, KS)))
     parser.add_argument("--methods", help="comma-separated subset of the protocol's methods (default: all)")
@@ -404,8 +410,10 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
     if not args.aggregate_only:
         zero_shot_rows(model, tasks, ks, args.device, runs_dir)
         deadline = started + args.deadline if args.deadline else None
-        left = run_jobs([j for *_, j in jobs], devices, quiet=True, runs_per_device=args.runs_per_device,
-                        deadline=deadline, keep_weights=args.keep_weights, runs_per_process=args.runs_per_process)
+        with mps_server(Path(tempfile.mkdtemp(prefix="zotune-mps-"))) if args.mps else nullcontext({}) as env:
+            left = run_jobs([j for *_, j in jobs], devices, quiet=True, runs_per_device=args.runs_per_device,
+                            deadline=deadline, keep_weights=args.keep_weights, runs_per_process=args.runs_per_process,
+                            env=env)
         if left:
             print(f"deadline: {len(left)} of {len(jobs)} runs unfinished; the same command continues them", flush=True)
     rows, models, devices_seen = collect(runs_dir, protocol, tasks, ks)

@@ -17,9 +17,11 @@ stay resumable) and no new one starts, so a sweep fits a wall-clock limit and th
 continues it. `aggregate_dir` aggregates a folder of finished runs without running any.
 """
 
+import contextlib
 import itertools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,13 +88,14 @@ def resumable(run_dir: Path) -> bool:
 
 
 def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_device: int = 1,
-             deadline: float | None = None, keep_weights: bool = True, runs_per_process: int = 1) -> list[Job]:
+             deadline: float | None = None, keep_weights: bool = True, runs_per_process: int = 1,
+             env: dict[str, str] | None = None) -> list[Job]:
     """Run the unfinished `jobs`, in the order given, `runs_per_device` processes at a time on
     each of `devices`, each process training `runs_per_process` of them a step of each in turn
     (`zotune train-together`; 1: `zotune train`). `deadline` (time.monotonic()): no process
     starts after it, and those still going at it get SIGTERM. `keep_weights` False: a finished
-    run's *.safetensors are deleted (a grid of full-model runs fills a disk). Returns the jobs
-    left unfinished by the deadline."""
+    run's *.safetensors are deleted (a grid of full-model runs fills a disk). `env`: variables
+    every process gets (mps_server's). Returns the jobs left unfinished by the deadline."""
     if runs_per_device < 1 or runs_per_process < 1:
         raise UserError(f"--runs-per-device {runs_per_device} and --runs-per-process {runs_per_process} "
                         f"must be at least 1")
@@ -115,9 +118,10 @@ def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_
             group = _take(todo, runs_per_process)
             if not group:
                 return
-            env = {"OMP_NUM_THREADS": threads_per_run, **os.environ}  # the user's setting wins
+            # The user's OMP_NUM_THREADS wins over ours; env (an MPS server's) is added to theirs.
+            process_env = {"OMP_NUM_THREADS": threads_per_run, **os.environ, **(env or {})}
             if device != "cpu":
-                env["CUDA_VISIBLE_DEVICES"] = device  # the run sees its GPU only
+                process_env["CUDA_VISIBLE_DEVICES"] = device  # the run sees its GPU only
             commands = [_train_arguments(job, device) for job in group]
             first = group[0]
             log = first.output_dir / (f"{first.cell.name}.log" if len(group) == 1 else
@@ -129,7 +133,7 @@ def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_
                 jobs_file.write_text(json.dumps({"runs": commands}) + "\n")
                 command = [sys.executable, "-m", "zotune", "train-together", str(jobs_file)]
             with open(log, "a") as out:  # a resumed run's output follows the first attempt's
-                code = _call(command, out, env, deadline)
+                code = _call(command, out, process_env, deadline)
             finished = [job for job in group if (job.run_dir / "summary.json").exists()]
             if code is None:
                 stopped.extend(job for job in group if job not in finished)
@@ -151,6 +155,30 @@ def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_
         lines = [f"{', '.join(runs)} ({why})" for runs, why in failures[:3]]
         raise UserError(f"{sum(len(runs) for runs, _ in failures)} run(s) failed: {'; '.join(lines)}")
     return stopped + list(todo.queue)
+
+
+@contextlib.contextmanager
+def mps_server(folder: Path):
+    """NVIDIA's multi-process service for the processes of run_jobs: without it, processes
+    sharing a GPU take turns on it (time slices), so the kernels of one run never overlap
+    another's; under it they can. Starts a control daemon of this user's own (its pipe and log
+    under `folder`), yields the environment that makes a process its client, and quits it at
+    the end. The card's settings (compute mode and the like) are left as they are."""
+    control = shutil.which("nvidia-cuda-mps-control")
+    if control is None:
+        raise UserError("--mps needs nvidia-cuda-mps-control (NVIDIA's driver utilities) on PATH; run without --mps")
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(folder / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(folder / "log")}
+    for path in env.values():
+        Path(path).mkdir(parents=True, exist_ok=True)
+    started = subprocess.run([control, "-d"], env={**os.environ, **env}, capture_output=True, text=True)
+    if started.returncode != 0:
+        raise UserError(f"nvidia-cuda-mps-control -d failed ({(started.stderr or started.stdout).strip()}); "
+                        f"run without --mps")
+    try:
+        yield env
+    finally:
+        subprocess.run([control], input="quit\n", env={**os.environ, **env}, capture_output=True, text=True,
+                       timeout=60)
 
 
 def _take(todo: Queue, n: int) -> list[Job]:
