@@ -2,6 +2,7 @@
 
 import json
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,3 +213,13 @@ def test_run_jobs_gives_every_process_the_extra_environment(tmp_path, monkeypatc
     with pytest.raises(UserError, match="2 run"):
         grid.run_jobs(jobs, ["cpu"], quiet=True, env={"CUDA_MPS_PIPE_DIRECTORY": "/p"})
     assert len(seen) == 2 and all(env["CUDA_MPS_PIPE_DIRECTORY"] == "/p" and "OMP_NUM_THREADS" in env for env in seen)
+
+
+def test_process_groups_keep_adam_runs_alone():
+    from zotune.grid import Job, process_groups
+    mezo, adam = ("--optimizer", "mezo"), ("--optimizer", "adam")
+    jobs = [Job(Path("g"), Cell("full", 1e-5, seed), args)
+            for seed, args in enumerate([mezo, mezo, adam, mezo, (), adam, mezo])]
+    groups = process_groups(jobs, 3)
+    assert [[job.cell.seed for job in group] for group in groups] == [[0, 1, 3], [2], [4, 6], [5]]
+    assert process_groups(jobs, 1) == [[job] for job in jobs]

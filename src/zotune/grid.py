@@ -100,10 +100,11 @@ def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_
         raise UserError(f"--runs-per-device {runs_per_device} and --runs-per-process {runs_per_process} "
                         f"must be at least 1")
     todo: Queue = Queue()
-    for job in jobs:
-        if not (job.run_dir / "summary.json").exists():
-            job.output_dir.mkdir(parents=True, exist_ok=True)
-            todo.put(job)
+    unfinished = [job for job in jobs if not (job.run_dir / "summary.json").exists()]
+    for job in unfinished:
+        job.output_dir.mkdir(parents=True, exist_ok=True)
+    for group in process_groups(unfinished, runs_per_process):
+        todo.put(group)
     failures: list[tuple[list[str], str]] = []  # a process's failed runs, and where its output is
     stopped: list[Job] = []
     workers = len(devices) * runs_per_device
@@ -115,8 +116,9 @@ def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_
         while True:
             if deadline is not None and time.monotonic() >= deadline:
                 return
-            group = _take(todo, runs_per_process)
-            if not group:
+            try:
+                group = todo.get_nowait()  # not empty() then get(): another worker may take the last
+            except Empty:
                 return
             # The user's OMP_NUM_THREADS wins over ours; env (an MPS server's) is added to theirs.
             process_env = {"OMP_NUM_THREADS": threads_per_run, **os.environ, **(env or {})}
@@ -154,7 +156,30 @@ def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_
     if failures:
         lines = [f"{', '.join(runs)} ({why})" for runs, why in failures[:3]]
         raise UserError(f"{sum(len(runs) for runs, _ in failures)} run(s) failed: {'; '.join(lines)}")
-    return stopped + list(todo.queue)
+    return stopped + [job for group in todo.queue for job in group]
+
+
+def process_groups(jobs: list[Job], runs_per_process: int) -> list[list[Job]]:
+    """The jobs as the runs of each process: MeZO runs `runs_per_process` at a time in their
+    order, an Adam run alone. (An Adam step is eager autograd, bound by the host: among other
+    runs it holds up their steps, and an H100 measured it at 6 steps/s there against 19 as a
+    process of its own, RESULTS.md session 15.)"""
+    groups: list[list[Job]] = []
+    filling: list[Job] | None = None
+    for job in jobs:
+        if _flag(job.train_args, "--optimizer") == "adam":
+            groups.append([job])
+            continue
+        if filling is None or len(filling) == runs_per_process:
+            filling = []
+            groups.append(filling)
+        filling.append(job)
+    return groups
+
+
+def _flag(args: tuple[str, ...], name: str) -> str | None:
+    """The value given to `name` in a run's flags, if any."""
+    return args[args.index(name) + 1] if name in args[:-1] else None
 
 
 @contextlib.contextmanager
@@ -179,17 +204,6 @@ def mps_server(folder: Path):
     finally:
         subprocess.run([control], input="quit\n", env={**os.environ, **env}, capture_output=True, text=True,
                        timeout=60)
-
-
-def _take(todo: Queue, n: int) -> list[Job]:
-    """Up to n jobs off the queue (fewer when it runs dry)."""
-    group = []
-    while len(group) < n:
-        try:
-            group.append(todo.get_nowait())  # not empty() then get(): another worker may take the last
-        except Empty:
-            break
-    return group
 
 
 def _train_arguments(job: Job, device: str) -> list[str]:
