@@ -90,3 +90,13 @@ def test_help_shows_defaults_and_recipes(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "mezo-paper" in out and "(default: 1000)" in out and "float32" in out
+
+
+def test_the_result_says_when_a_run_stopped_early():
+    from zotune.cli import result_lines
+    summary = {"optimizer": "mezo", "trainable": "full", "task": "sst2", "k": 16, "seed": 13, "dev_accuracy": 0.5,
+               "test_accuracy": 0.5, "steps": 200, "best_step": 4, "wall_time_s": 1.0, "device": "cpu", "run_dir": "r",
+               "stopped_early": {"step": 8, "why": "the loss diverged: 113 at step 8, against 0.805 at the first step"}}
+    assert ("8 of 200 steps, stopped early: the loss diverged: 113 at step 8, against 0.805 at the first step "
+            "(lower --lr or --eps, or raise --max-loss-ratio) (best dev at step 4)") in result_lines(summary)
+    assert "\n200 steps (best dev at step 4)" in result_lines({**summary, "stopped_early": None})

@@ -162,3 +162,33 @@ def test_the_initial_trainable_tensors_are_pinned(tmp_path, tiny_mlm_dir, traina
     from zotune.config import read_run_config
     with pytest.raises(UserError, match="initial trainable tensors"):
         train(read_run_config(run), resume=True)
+
+
+def test_a_diverged_run_ends_early_with_its_best_dev_weights(tmp_path, tiny_mlm_dir):
+    """At a step size far too large the loss grows without bound: the run stops at the first
+    metrics line past 100x its first step's loss and finishes as a run does (best-dev weights
+    tested, summary written); its log replays to its final weights, and --resume finds it finished."""
+    summary, run = _run(tmp_path, tiny_mlm_dir, "run", trainable="full", lr=0.1, eps=1e-3, steps=200, pair=False)
+    stopped = summary["stopped_early"]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = float(trajectory.from_hex([trajectory.read_log(run)[1][0]["loss"]])[0])
+    assert stopped["step"] < 200 and stopped["step"] == metrics[-1]["step"] and "the loss diverged" in stopped["why"]
+    bar = 100 * max(first, 1.0)
+    assert metrics[-1]["loss"] > bar and all(m["loss"] <= bar for m in metrics[:-1])  # the first such line
+    assert summary["best_step"] is not None and summary["best_step"] <= stopped["step"]
+    assert len(trajectory.read_log(run)[1]) == stopped["step"]
+    trajectory.replay_run(run, tmp_path / "out")
+    assert _same(load_file(run / "final.safetensors"), load_file(tmp_path / "out" / "trainable.safetensors"))
+    again = train(TrainConfig(**json.loads((run / "config.json").read_text())), resume=True)
+    assert again == json.loads((run / "summary.json").read_text())
+
+
+def test_diverged_compares_with_the_first_metrics_line_or_one():
+    from zotune.records import RunRecords
+    records = RunRecords.__new__(RunRecords)
+    records.first_loss = 0.5  # below 1: the bar is 100, not 50
+    assert records.diverged({"step": 8, "loss": 99.0}, 100.0) is None
+    assert "101 at step 8, against 0.5 at the first step" in records.diverged({"step": 8, "loss": 101.0}, 100.0)
+    assert records.diverged({"step": 8, "loss": None}, 100.0) is None  # a non-finite mean: the bad-step count's
+    records.first_loss = 3.0
+    assert records.diverged({"step": 8, "loss": 299.0}, 100.0) is None and records.diverged({"step": 8, "loss": 301.0}, 100.0)

@@ -242,8 +242,16 @@ def result_lines(summary: dict) -> str:
     return (f"{summary['optimizer']} {summary['trainable']} on {summary['task']} k={summary['k']} "
             f"seed {summary['seed']}: dev{metric} {pair('dev')}, test{metric} {pair('test')}"
             f"{' (zero-shot -> fine-tuned)' if zero else ''}\n"
-            f"{summary['steps']} steps (best dev at step {summary['best_step']}) in {summary['wall_time_s']:.1f} s "
+            f"{steps_text(summary)} (best dev at step {summary['best_step']}) in {summary['wall_time_s']:.1f} s "
             f"on {summary['device']}; run directory {summary.get('run_dir', '')}")
+
+
+def steps_text(summary: dict) -> str:
+    stopped = summary.get("stopped_early")
+    if not stopped:
+        return f"{summary['steps']} steps"
+    return (f"{stopped['step']} of {summary['steps']} steps, stopped early: {stopped['why']} "
+            f"(lower --lr or --eps, or raise --max-loss-ratio)")
 
 
 def _run_replay(args) -> None:

@@ -87,6 +87,8 @@ class TrainConfig:
     log_every: int = option(100, "fsync RUN/trajectory.jsonl every N steps")
     snapshot_every: int = option(1000, "snapshot the trainable tensors every N steps, for --resume")
     max_bad_steps: int = option(10, "abort after N NaN/Inf-loss steps in a row")
+    max_loss_ratio: float = option(100.0, "end the run early, as diverged, when a metrics line's loss exceeds "
+                                          "this multiple of the first one's (or of 1, if that is smaller)")
     eval_batch_size: int = option(64, "sequences per evaluation forward")
     template: str | None = option(None, "LM-BFF template, e.g. '*cls**sent_0*_It_was*mask*.*sep+*'")
     label_words: str | None = option(None, "'terrible,great' (in label order) or a JSON object label -> word")
@@ -136,6 +138,7 @@ class TrainConfig:
             (self.log_every >= 1, f"--log-every {self.log_every} must be at least 1"),
             (self.snapshot_every >= 1, f"--snapshot-every {self.snapshot_every} must be at least 1"),
             (self.max_bad_steps >= 1, f"--max-bad-steps {self.max_bad_steps} must be at least 1"),
+            (self.max_loss_ratio > 1, f"--max-loss-ratio {self.max_loss_ratio} must be more than 1"),
             (self.k >= 1, f"--k {self.k} must be at least 1"),
             (self.seed >= 0, f"--seed {self.seed} is negative; give 0 or more"),
             (self.lora_rank >= 1, f"--lora-rank {self.lora_rank} must be at least 1"),

@@ -21,14 +21,16 @@ from zotune.files import save_tensors_atomic, write_text_atomic
 
 class RunRecords:
     def __init__(self, run_dir: Path, writes: bool, kept: list[dict], window: list, *, steps: int, first_step: int,
-                 progress: str, quiet: bool, tensorboard: bool, resumed: bool):
+                 progress: str, quiet: bool, tensorboard: bool, resumed: bool, first_loss: float | None = None):
         """`kept`: the metrics lines already written (a resumed run's, up to its first step);
-        `window`: the (loss, projected gradients) of the steps since the last of them."""
+        `window`: the (loss, projected gradients) of the steps since the last of them;
+        `first_loss`: a resumed run's loss at its first step (`diverged` compares with it)."""
         self.run_dir, self.writes = run_dir, writes
         self.best = {"dev_accuracy": -1.0, "step": None}
         for record in kept:  # best-dev selection goes on as if the run had never stopped
             self._better(record.get("dev_accuracy"), record["step"])
         self.window, self.logged_from = window, kept[-1]["step"] if kept else 0
+        self.first_loss = first_loss if first_loss is not None and math.isfinite(first_loss) else None
         self.bad_streak = self.worst_streak = 0  # Adam's steps with a non-finite loss, in a row
         path = run_dir / "metrics.jsonl"
         if writes:  # replaced whole (a kill at any instant leaves the old file or the new one), then appended to
@@ -64,6 +66,9 @@ class RunRecords:
             for ok in torch.isfinite(torch.stack([loss.reshape(()) for loss, _ in self.window])).tolist():
                 self.bad_streak = 0 if ok else self.bad_streak + 1
                 self.worst_streak = max(self.worst_streak, self.bad_streak)
+        if self.first_loss is None and self.logged_from == 0:  # the window holds the run's first step
+            first = float(self.window[0][0].reshape(()))
+            self.first_loss = first if math.isfinite(first) else None
         loss, projected_grad = window_means(self.window)
         # JSON has no NaN or Infinity: a non-finite mean is written as null (the log keeps the bits).
         record = {"step": step, "loss": _finite_or_none(loss), "projected_grad": _finite_or_none(projected_grad),
@@ -79,6 +84,15 @@ class RunRecords:
                     self.board.add_scalar(name, value, step)
         self.progress.set_postfix({"loss": f"{loss:.4f}", "dev": f"{self.best['dev_accuracy']:.3f}", **extra})
         return record
+
+    def diverged(self, record: dict, max_ratio: float) -> str | None:
+        """Why the run has diverged, if it has: the loss of metrics line `record` is more than
+        `max_ratio` times the loss of the run's first step (or than max_ratio, where that loss
+        is under 1). The first step's, not the first line's: a run can blow up within a line."""
+        loss, first = record["loss"], self.first_loss
+        if loss is None or first is None or loss <= max_ratio * max(first, 1.0):
+            return None
+        return f"the loss diverged: {loss:.3g} at step {record['step']}, against {first:.3g} at the first step"
 
     def sync(self) -> None:
         """metrics.jsonl to the disk (with the trajectory log's fsync)."""

@@ -53,6 +53,7 @@ class Run:
     first_step: int                     # 0, or where a resumed run goes on
     logged: list[dict]                  # a resumed run's trajectory records
     zero_shot: dict | None = None       # dev and test accuracy before the first step
+    stopped_early: dict | None = None   # {"step", "why"}: the loss diverged there (RunRecords.diverged)
     phase_s: dict = field(default_factory=dict)  # this process's seconds by phase (summary's `phase_s`)
 
 
@@ -114,17 +115,30 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
         log, records = _open_trajectory(session, run_dir, logged)
     first_step = len(records)
     step_fn = _mezo_stepper(cfg, session) if cfg.optimizer == "mezo" else _adam_stepper(cfg, session)
-    if resume and first_step == cfg.steps and (run_dir / "summary.json").is_file():
+    if resume and _finished(run_dir, first_step, cfg.steps):
         log.close()
         return Run(cfg, session, run_dir, splits, sequences, step_fn, log, None, first_step, records)
     # A resumed run rebuilds the window since the last metrics line from the log's float32 values.
     logged_from = kept[-1]["step"] if kept else 0
     window = [(trajectory.from_hex([r["loss"]])[0].to(session.device), trajectory.from_hex(r["grads"]).to(session.device))
               for r in records[logged_from:first_step]]
+    first_loss = float(trajectory.from_hex([records[0]["loss"]])[0]) if records else None
     run_records = RunRecords(run_dir, session.is_main, kept, window, steps=cfg.steps, first_step=first_step,
                              progress=f"{cfg.optimizer} {cfg.task}", quiet=cfg.quiet, tensorboard=cfg.tensorboard,
-                             resumed=resume)
+                             resumed=resume, first_loss=first_loss)
     return Run(cfg, session, run_dir, splits, sequences, step_fn, log, run_records, first_step, records)
+
+
+def _finished(run_dir: Path, logged_steps: int, steps: int) -> bool:
+    """Whether a run to resume had finished: its summary written, after all its steps or at the
+    step where it stopped early (its loss diverged)."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return False
+    if logged_steps == steps:
+        return True
+    stopped = read_json_object(path, "delete it to resume the run").get("stopped_early")
+    return stopped is not None and stopped.get("step") == logged_steps
 
 
 def before_training(run: Run, resume: bool) -> dict | None:
@@ -208,6 +222,8 @@ def stepper(run: Run) -> Iterator[None]:
             _log_point(run, done, lr)
         _keep_durable(run, done)
         yield
+        if run.stopped_early is not None:
+            break
     _synchronize(session.device)
     return time.perf_counter() - started - run.phase_s.get("dev_evals", 0.0)
 
@@ -228,12 +244,17 @@ def _log_point(run: Run, done: int, lr: float) -> None:
         with timed(run, "checkpoints"):
             run.records.offer(dev, done, dict(run.session.trainable))
     extra = {} if runner.cache is None else {"cache_hits": f"{runner.cache.stats.report()['hit_rate']:.1%}"}
-    run.records.log_point(done, lr, dev, extra)
+    record = run.records.log_point(done, lr, dev, extra)
     streak = (run.log or run.records).worst_streak  # the longest streak at any step, not only at this one
     if streak >= cfg.max_bad_steps:
         raise UserError(f"{streak} bad steps in a row (NaN or Inf loss) up to step {done}; "
                         f"progress is kept in {run.run_dir} (best.safetensors, trajectory.jsonl); "
                         f"lower --lr or --eps, or raise --max-bad-steps")
+    # A diverged run ends as a finished one, with its best-dev weights: in a grid it is a result
+    # (MeZO's rule picks each seed's best dev over the lrs), and its remaining steps would be wasted.
+    why = run.records.diverged(record, cfg.max_loss_ratio)
+    if why is not None:
+        run.stopped_early = {"step": done, "why": why}
 
 
 def _keep_durable(run: Run, done: int) -> None:
@@ -300,6 +321,7 @@ def finish(run: Run, started: float, train_time: float, resume: bool) -> dict:
                     param.copy_(state[name])
         scores = {**split_scores("dev", score(run, "dev")), **split_scores("test", score(run, "test"))}
     stats, device = session.runner.stats, session.device
+    taken = run.stopped_early["step"] if run.stopped_early else cfg.steps
     # Disjoint phases: the loop's time less its dev evaluations (train_time) holds the checkpoints.
     phases = {**run.phase_s, "steps": train_time - run.phase_s.get("checkpoints", 0.0)}
     summary = {
@@ -310,7 +332,8 @@ def finish(run: Run, started: float, train_time: float, resume: bool) -> dict:
         "forward_passes": stats.forward_passes, "tokens_computed": stats.tokens_computed,
         "padding_tokens_avoided": stats.padding_tokens_avoided, "graph_filler_tokens": stats.graph_filler_tokens,
         "wall_time_s": time.perf_counter() - started, "train_time_s": train_time,
-        "steps_per_s": (cfg.steps - run.first_step) / train_time if train_time > 0 else 0.0,
+        "steps_per_s": (taken - run.first_step) / train_time if train_time > 0 else 0.0,
+        "stopped_early": run.stopped_early,
         "peak_memory_bytes": peak_memory_bytes(device), "device": _device_name(device),
         "metric": metric_names(session.prompt)[0], **scores,
         "cache": session.runner.cache_stats(), "run_dir": str(run.run_dir), "zero_shot": run.zero_shot,
