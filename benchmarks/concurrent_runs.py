@@ -24,8 +24,12 @@ snapshots. The streams mode interleaves runs as `zotune train-together` (togethe
 """
 
 import argparse
+import contextlib
+import cProfile
+import io
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -87,12 +91,25 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def in_process(n: int, mode: str, setting: Setting) -> tuple[int, float]:
+def in_process(n: int, mode: str, setting: Setting, profile: cProfile.Profile | None = None) -> tuple[int, float]:
+    """N runs in this process (`mode` streams or serial); with `profile`, its window is profiled."""
     with tempfile.TemporaryDirectory() as folder:
         steps = [build_run(i, Path(folder), setting) for i in range(n)]
         synchronize()  # the weights, copied in on the default stream, before other streams read them
         streams = [torch.cuda.Stream() if mode == "streams" else None for _ in steps]
-        return in_turn(steps, streams, setting.warmup, setting.seconds)
+        in_turn(steps, streams, setting.warmup, 0.0)
+        with profile or contextlib.nullcontext():
+            return in_turn(steps, streams, 0, setting.seconds)
+
+
+def host_profile(n: int, mode: str, setting: Setting, top: int = 25) -> str:
+    """Where the host's time goes while one process steps N runs: the functions of most own
+    time in the window (cProfile, which slows the host a little), as pstats prints them."""
+    profile = cProfile.Profile()
+    steps, elapsed = in_process(n, mode, setting, profile)
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(top)
+    return f"{n} runs, {mode}, profiled: {steps} steps in {elapsed:.1f} s\n{out.getvalue()}"
 
 
 def processes(n: int, setting: Setting, env: dict[str, str] | None = None) -> tuple[int, float]:
@@ -138,6 +155,8 @@ def main() -> None:
     parser.add_argument("--model", help="default: the shipped zotune-roberta-small")
     parser.add_argument("--trainable", default="full", help="the runs' subset (e.g. lora+head)")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a check of the code (no streams)")
+    parser.add_argument("--profile-host", type=int, metavar="N",
+                        help="also profile the host while one process steps N runs (streams on CUDA, else serial)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -166,6 +185,8 @@ def main() -> None:
     print("| runs | mode | steps/s, all runs | steps/s a run |\n|---|---|---|---|")
     for n, mode, total, each in rows:
         print(f"| {n} | {mode} | {total:.1f} | {each:.1f} |")
+    if args.profile_host:
+        print("\n" + host_profile(args.profile_host, "streams" if args.device == "cuda" else "serial", setting))
 
 
 def device_name(device: str) -> str:

@@ -13,7 +13,10 @@
 #           SST-2- and COPA-shaped batches of 16 (tokens computed and ms per forward, shared / plain)
 #   concurrent  benchmarks/concurrent_runs.py (issue 19's table throughput): 4 and 12 MeZO (full)
 #           runs of the shipped model as processes, as processes under a CUDA MPS server, and as
-#           one process on a stream each (steps/s of all runs together)
+#           one process on a stream each (steps/s of all runs together); then where the host's
+#           time goes while one process steps 12 runs on streams (cProfile)
+#   together  the GPU tests of session 14's code: runs on streams (test_together.py) and the
+#           decoding cache on CUDA's kernels (engine/test_generate.py)
 #   table   tools/fewshot_table.py, the six-task table (issue 19), until TABLE_END (epoch seconds),
 #           its runs sharing the GPU as TABLE_FLAGS says; unset, as the concurrent phase of the same
 #           call measured fastest for 12 runs (processes, MPS or streams), else 12 processes
@@ -34,9 +37,10 @@
 #
 # Next session (issue 19; session 15 measured 12 runs at 946 steps/s as processes and 1,340 as
 # one process's streams, H100): three calls back to back, each about 10 minutes:
-#   1. TABLE_END=$(( $(date +%s) + 560 )) bash benchmarks/gpu_session.sh concurrent table
-#      (concurrent: 4 and 12 runs as processes, under MPS, and as streams, ~2.5 min; MPS is
-#      untried on these machines: its row is left out if it does not start; then the table)
+#   1. TABLE_END=$(( $(date +%s) + 560 )) bash benchmarks/gpu_session.sh together concurrent table
+#      (together: ~1 min; concurrent: 4 and 12 runs as processes, under MPS, and as streams, and
+#      the host profile, ~3 min; MPS is untried on these machines: its row is left out if it does
+#      not start; then the table)
 #   2., 3. TABLE_END=$(( $(date +%s) + 570 )) TABLE_FLAGS="<the flags call 1 printed>" \
 #      bash benchmarks/gpu_session.sh table  (a warm machine keeps runs/; a fresh one unpacks
 #      benchmarks/fewshot-runs.tgz, so copy each call's table.tgz there at once)
@@ -126,8 +130,9 @@ for p in $PHASES; do
         phase prefix_opt1.3b 90 python benchmarks/prefix_sharing.py --device cuda --size opt-1.3b --precision bf16
         phase prefix_opt125m 45 python benchmarks/prefix_sharing.py --device cuda --size opt-125m --precision bf16 ;;
     concurrent)
-        phase concurrent_full 200 python benchmarks/concurrent_runs.py --runs 4 12 --seconds 8 \
-            --modes processes mps streams ;;
+        phase concurrent_full 240 python benchmarks/concurrent_runs.py --runs 4 12 --seconds 8 \
+            --modes processes mps streams --profile-host 12 ;;
+    together) phase together 150 python -m pytest -q -m gpu tests/test_together.py tests/engine/test_generate.py ;;
     table)  # the six-task table (issue 19) until TABLE_END (epoch s); TABLE_FLAGS: how runs share the GPU
         [ -z "${TABLE_FLAGS:-}" ] && [ -f "$OUT/concurrent_full.log" ] && TABLE_FLAGS=$(fastest_sharing "$OUT/concurrent_full.log")
         echo "table: ${TABLE_FLAGS:---runs-per-device 12}" | tee -a "$OUT/summary.txt"
@@ -143,7 +148,7 @@ torch.manual_seed(0); save_hf(build_model(ClmConfig()), Path("out/clm-random"), 
         phase probe 180 python tools/fewshot_table.py --model out/clm-random --device cuda --runs-per-device 12 \
             --ks 512 --methods "MeZO (full),Adam (full)" --mezo-steps 300 --deadline 110 --runs-dir out/probe \
             --output out/probe/table.json ;;
-    *) echo "unknown phase $p (tests, gap, speed, causal, large, prefix, concurrent, table, probe)"; exit 2 ;;
+    *) echo "unknown phase $p (tests, gap, speed, causal, large, prefix, together, concurrent, table, probe)"; exit 2 ;;
     esac
 done
 
@@ -153,7 +158,8 @@ cat "$OUT/summary.txt"
 [ -f "$OUT/gap.log" ] && grep -E "^\||^MeZO projected" "$OUT/gap.log"
 [ -f "$OUT/causal.log" ] && tail -n 15 "$OUT/causal.log" | grep -E "passed|failed|error|FAILED|ERROR"
 [ -f "$OUT/large.log" ] && grep -E "^\|" "$OUT/large.log" | tail -n 6
-[ -f "$OUT/concurrent_full.log" ] && grep -E "^\||^MeZO|Error" "$OUT/concurrent_full.log"
+[ -f "$OUT/concurrent_full.log" ] && grep -E "^\||^MeZO|Error|^mps" "$OUT/concurrent_full.log"
+[ -f "$OUT/together.log" ] && tail -n 15 "$OUT/together.log" | grep -E "passed|failed|error|FAILED|ERROR"
 [ -f "$OUT/table.log" ] && grep -E "^plan: [0-9]|^deadline|error" "$OUT/table.log"
 for f in "$OUT"/prefix_*.log; do [ -f "$f" ] && grep -E "^device|^sst2|^copa" "$f"; done
 [ -d out/probe ] && python3 - out/probe <<'EOF'
