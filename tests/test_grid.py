@@ -223,3 +223,13 @@ def test_process_groups_keep_adam_runs_alone():
     groups = process_groups(jobs, 3)
     assert [[job.cell.seed for job in group] for group in groups] == [[0, 1, 3], [2], [4, 6], [5]]
     assert process_groups(jobs, 1) == [[job] for job in jobs]
+
+
+def test_the_table_counts_runs_that_stopped_early(tmp_path):
+    for (lr, seed), (dev, test) in GRID.items():
+        _finished_run(tmp_path, "full", lr, seed, dev, test)
+    path = tmp_path / "full-lr0.01-seed2" / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "stopped_early": {"step": 8, "why": "diverged"}}))
+    result = aggregate_dir(tmp_path)
+    assert {c["lr"]: c["stopped_early"] for c in result["cells"]} == {1e-3: 0, 1e-2: 1}
+    assert "| 3 (1 stopped early: diverged) |" in result["table"] and result["table"].count("stopped early") == 1

@@ -246,10 +246,11 @@ def aggregate(output_dir: Path, cells: list[Cell]) -> dict:
     runs = {cell: json.loads((output_dir / cell.name / "summary.json").read_text()) for cell in cells}
     rows = {}
     for cell, summary in runs.items():
-        row = rows.setdefault((cell.trainable, cell.lr), {"dev": [], "test": [], "seeds": []})
+        row = rows.setdefault((cell.trainable, cell.lr), {"dev": [], "test": [], "seeds": [], "stopped_early": 0})
         row["dev"].append(summary["dev_accuracy"])
         row["test"].append(summary["test_accuracy"])
         row["seeds"].append(cell.seed)
+        row["stopped_early"] += bool(summary.get("stopped_early"))  # diverged (train.py): counted, not hidden
     best = {}
     for (trainable, lr), row in rows.items():
         if trainable not in best or statistics.mean(row["dev"]) > statistics.mean(rows[(trainable, best[trainable])]["dev"]):
@@ -264,8 +265,9 @@ def aggregate(output_dir: Path, cells: list[Cell]) -> dict:
 
     lines = ["| trainable | lr | dev acc | test acc | seeds | best lr (by mean dev) |", "|---|---|---|---|---|---|"]
     for (trainable, lr), row in rows.items():
+        stopped = f" ({row['stopped_early']} stopped early: diverged)" if row["stopped_early"] else ""
         lines.append(f"| {trainable} | {lr:g} | {mean_std_text(row['dev'])} | {mean_std_text(row['test'])} "
-                     f"| {len(row['dev'])} | {'yes' if best[trainable] == lr else ''} |")
+                     f"| {len(row['dev'])}{stopped} | {'yes' if best[trainable] == lr else ''} |")
     lines += ["", "| trainable | test acc, paper's rule (best-dev run per seed) | lr per seed "
                   "| test acc, zotune's rule (one lr by mean dev) | lr |", "|---|---|---|---|---|"]
     for trainable, both in aggregates.items():
