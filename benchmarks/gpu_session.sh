@@ -130,8 +130,12 @@ for p in $PHASES; do
         phase prefix_opt1.3b 90 python benchmarks/prefix_sharing.py --device cuda --size opt-1.3b --precision bf16
         phase prefix_opt125m 45 python benchmarks/prefix_sharing.py --device cuda --size opt-125m --precision bf16 ;;
     concurrent)
-        phase concurrent_full 240 python benchmarks/concurrent_runs.py --runs 4 12 --seconds 8 \
-            --modes processes mps streams --profile-host 12 ;;
+        mkdir -p out/tmp  # where the MPS daemon's pipe goes, so that one left running can be told to quit
+        phase concurrent_full 240 env TMPDIR="$PWD/out/tmp" python benchmarks/concurrent_runs.py --runs 4 12 \
+            --seconds 8 --modes processes mps streams --profile-host 12
+        for pipe in out/tmp/*/pipe; do
+            [ -d "$pipe" ] && echo quit | CUDA_MPS_PIPE_DIRECTORY="$pipe" timeout 30 nvidia-cuda-mps-control
+        done ;;
     together) phase together 150 python -m pytest -q -m gpu tests/test_together.py tests/engine/test_generate.py ;;
     table)  # the six-task table (issue 19) until TABLE_END (epoch s); TABLE_FLAGS: how runs share the GPU
         [ -z "${TABLE_FLAGS:-}" ] && [ -f "$OUT/concurrent_full.log" ] && TABLE_FLAGS=$(fastest_sharing "$OUT/concurrent_full.log")
