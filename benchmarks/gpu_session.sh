@@ -44,6 +44,10 @@
 #   2., 3. TABLE_END=$(( $(date +%s) + 570 )) TABLE_FLAGS="<the flags call 1 printed>" \
 #      bash benchmarks/gpu_session.sh table  (a warm machine keeps runs/; a fresh one unpacks
 #      benchmarks/fewshot-runs.tgz, so copy each call's table.tgz there at once)
+# If `status` lends a kind of several GPUs (nvidia-h100-x4/x8, not lent in session 15), take it:
+# fewshot_table.py --device cuda spreads its runs over every visible GPU (--runs-per-device each),
+# so the table's 428 runs and then the 100,000-step protocol (`--protocol mezo-paper`, 60 runs,
+# 6M steps: ~15 min on 8 GPUs at session 15's rates) fit one session.
 # The bundle now carries each process's *.log: session 15's streams groups that exited with code
 # 2 left no log; if a group fails again, its log says why.
 # pytest by hand on the device needs PYTHONPATH=src (this script sets it; nothing is installed there).
