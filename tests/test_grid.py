@@ -219,7 +219,7 @@ def test_process_groups_keep_adam_runs_alone():
     from zotune.grid import Job, process_groups
     mezo, adam = ("--optimizer", "mezo"), ("--optimizer", "adam")
     jobs = [Job(Path("g"), Cell("full", 1e-5, seed), args)
-            for seed, args in enumerate([mezo, mezo, adam, mezo, (), adam, mezo])]
+            for seed, args in enumerate([mezo, mezo, adam, mezo, (), ("--optimizer=adam",), mezo])]
     groups = process_groups(jobs, 3)
     assert [[job.cell.seed for job in group] for group in groups] == [[0, 1, 3], [2], [4, 6], [5]]
     assert process_groups(jobs, 1) == [[job] for job in jobs]

@@ -178,8 +178,13 @@ def process_groups(jobs: list[Job], runs_per_process: int) -> list[list[Job]]:
 
 
 def _flag(args: tuple[str, ...], name: str) -> str | None:
-    """The value given to `name` in a run's flags, if any."""
-    return args[args.index(name) + 1] if name in args[:-1] else None
+    """The value given to `name` in a run's flags (`name value` or `name=value`), if any."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 @contextlib.contextmanager
