@@ -30,7 +30,7 @@ class RunRecords:
         for record in kept:  # best-dev selection goes on as if the run had never stopped
             self._better(record.get("dev_accuracy"), record["step"])
         self.window, self.logged_from = window, kept[-1]["step"] if kept else 0
-        self.first_loss = first_loss if first_loss is not None and math.isfinite(first_loss) else None
+        self.first_loss = _finite_or_none(first_loss)
         self.bad_streak = self.worst_streak = 0  # Adam's steps with a non-finite loss, in a row
         path = run_dir / "metrics.jsonl"
         if writes:  # replaced whole (a kill at any instant leaves the old file or the new one), then appended to
@@ -67,8 +67,7 @@ class RunRecords:
                 self.bad_streak = 0 if ok else self.bad_streak + 1
                 self.worst_streak = max(self.worst_streak, self.bad_streak)
         if self.first_loss is None and self.logged_from == 0:  # the window holds the run's first step
-            first = float(self.window[0][0].reshape(()))
-            self.first_loss = first if math.isfinite(first) else None
+            self.first_loss = _finite_or_none(float(self.window[0][0].reshape(())))
         loss, projected_grad = window_means(self.window)
         # JSON has no NaN or Infinity: a non-finite mean is written as null (the log keeps the bits).
         record = {"step": step, "loss": _finite_or_none(loss), "projected_grad": _finite_or_none(projected_grad),
