@@ -30,7 +30,6 @@ import io
 import json
 import os
 import pstats
-import signal
 import subprocess
 import sys
 import tempfile
@@ -148,8 +147,6 @@ def worker(index: int, folder: Path, setting: Setting) -> None:
 
 
 def main() -> None:
-    # A time limit's SIGTERM unwinds like an error, so that an MPS daemon this started is told to quit.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, nargs="+", default=[1, 4, 12])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)

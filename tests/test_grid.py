@@ -190,11 +190,16 @@ def test_mps_server_starts_a_daemon_of_its_own_and_quits_it(tmp_path, monkeypatc
     fake.write_text(f'#!/bin/sh\necho "$* stdin=$(test "$1" = -d || cat) $CUDA_MPS_PIPE_DIRECTORY" >> {calls}\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+    import signal
+    before = signal.getsignal(signal.SIGTERM)
     with mps_server(tmp_path / "mps") as env:
         assert env == {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "mps" / "pipe"),
                        "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / "mps" / "log")}
         assert (tmp_path / "mps" / "pipe").is_dir() and calls.read_text() == f"-d stdin= {tmp_path}/mps/pipe\n"
+        with pytest.raises(SystemExit):  # a SIGTERM unwinds through the quit below
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
     assert calls.read_text().splitlines()[1] == f" stdin=quit {tmp_path}/mps/pipe"
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_mps_server_without_the_control_program_is_a_user_error(tmp_path, monkeypatch):

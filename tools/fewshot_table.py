@@ -43,7 +43,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import statistics
 import sys
 import tarfile
@@ -378,16 +377,12 @@ def choose_protocol(args: argparse.Namespace) -> tuple[str, str | None]:
 
 def main():
     from zotune.errors import UserError
-    # A time limit's SIGTERM unwinds like an error, so that an MPS daemon this started is told to quit.
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = parse_args()
     try:
         run(args, *choose_protocol(args))
     except UserError as exc:  # one line, as the CLI's
         print(f"fewshot_table.py: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:

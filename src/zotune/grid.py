@@ -193,7 +193,8 @@ def mps_server(folder: Path):
     sharing a GPU take turns on it (time slices), so the kernels of one run never overlap
     another's; under it they can. Starts a control daemon of this user's own (its pipe and log
     under `folder`), yields the environment that makes a process its client, and quits it at
-    the end. The card's settings (compute mode and the like) are left as they are."""
+    the end, a SIGTERM meanwhile included (a time limit's: Python's default ends the process
+    without unwinding). The card's settings (compute mode and the like) are left as they are."""
     control = shutil.which("nvidia-cuda-mps-control")
     if control is None:
         raise UserError("--mps needs nvidia-cuda-mps-control (NVIDIA's driver utilities) on PATH; run without --mps")
@@ -205,8 +206,14 @@ def mps_server(folder: Path):
         raise UserError(f"nvidia-cuda-mps-control -d failed ({(started.stderr or started.stdout).strip()}); "
                         f"run without --mps")
     try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    except ValueError:  # not the main thread: signals stay the embedding program's
+        previous = None
+    try:
         yield env
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         subprocess.run([control], input="quit\n", env={**os.environ, **env}, capture_output=True, text=True,
                        timeout=60)
 
