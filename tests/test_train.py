@@ -118,6 +118,17 @@ def test_batches_are_epoch_permutations_sorted_within_a_batch():
     assert batch_indices(10, 4, 0, 3) != seen[0] or batch_indices(10, 4, 0, 4) != seen[1]
 
 
+def test_runs_taking_turns_in_one_process_keep_their_epoch_orders():
+    """Twelve runs stepping in turn (together.py) draw each epoch's permutation once, not at every
+    step: a cache of one order was evicted by the next run's step."""
+    from zotune.train import _epoch_order
+    _epoch_order.cache_clear()
+    for step in range(5):  # 5 steps of one epoch (512 examples, batch 64: 8 a epoch)
+        for seed in range(12):
+            batch_indices(512, 64, seed, step)
+    assert _epoch_order.cache_info().misses == 12
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("batch_size", 0, "--batch-size 0 must be at least 1"),
     ("lr", -1.0, "--lr -1.0 is negative"),

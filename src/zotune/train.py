@@ -361,9 +361,10 @@ def batch_indices(n_examples: int, batch_size: int, run_seed: int, step: int) ->
     return sorted(order[position * batch_size:(position + 1) * batch_size])
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=64)
 def _epoch_order(n_examples: int, run_seed: int, epoch: int) -> tuple[int, ...]:
-    # Kept for the epoch's steps: drawing a permutation at every step costs host time.
+    # Kept for the epoch's steps: drawing a permutation at every step costs host time. One entry
+    # per run: the runs of one process (together.py) take turns, step by step.
     return tuple(np.random.default_rng([run_seed, epoch]).permutation(n_examples).tolist())
 
 
