@@ -35,21 +35,32 @@
 # TESTS_LIMIT=S raises the tests' limit, for a call that shares the GPU with other work.
 # or in two calls if one runs long: "bash benchmarks/gpu_session.sh tests gap", then "... speed".
 #
-# Next session (issue 19; session 15 measured 12 runs at 946 steps/s as processes and 1,340 as
-# one process's streams, H100): three calls back to back, each about 10 minutes:
-#   1. TABLE_END=$(( $(date +%s) + 560 )) bash benchmarks/gpu_session.sh together concurrent table
-#      (together: ~1 min; concurrent: 4 and 12 runs as processes, under MPS, and as streams, and
-#      the host profile, ~3 min; MPS is untried on these machines: its row is left out if it does
-#      not start; then the table)
-#   2., 3. TABLE_END=$(( $(date +%s) + 570 )) TABLE_FLAGS="<the flags call 1 printed>" \
-#      bash benchmarks/gpu_session.sh table  (a warm machine keeps runs/; a fresh one unpacks
-#      benchmarks/fewshot-runs.tgz, so copy each call's table.tgz there at once)
-# If `status` lends a kind of several GPUs (nvidia-h100-x4/x8, not lent in session 15), take it:
-# fewshot_table.py --device cuda spreads its runs over every visible GPU (--runs-per-device each),
-# so the table's 428 runs and then the 100,000-step protocol (`--protocol mezo-paper`, 60 runs,
-# 6M steps: ~15 min on 8 GPUs at session 15's rates) fit one session.
-# The bundle now carries each process's *.log: session 15's streams groups that exited with code
-# 2 left no log; if a group fails again, its log says why.
+# Next session (issue 19; session 16: 12 runs as CUDA MPS clients made 1,266 steps/s, 1.34x plain
+# processes, H100; the table at 587 of 720 runs): three calls back to back, each about 10 minutes.
+#   1. TABLE_END=$(( $(date +%s) + 570 )) TABLE_FLAGS="--runs-per-device 12 --mps" \
+#      bash benchmarks/gpu_session.sh table
+#      (the table's last 133 runs, about 11 minutes at session 16's 0.21 runs/s). Copy the call's
+#      table.tgz to benchmarks/fewshot-runs.tgz at once: it holds the finished runs, and the
+#      trajectory logs of the unfinished ones, which a fresh machine continues (--resume replays).
+#   2. TABLE_END=$(( $(date +%s) + 150 )) PAPER_END=$(( $(date +%s) + 570 )) \
+#      TABLE_FLAGS="--runs-per-device 12 --mps" bash benchmarks/gpu_session.sh table paper
+#   3. PAPER_END=$(( $(date +%s) + 570 )) bash benchmarks/gpu_session.sh paper
+#      The paper phase is the MeZO paper's 100,000-step SST-2 protocol: 60 runs, 6M steps, about
+#      80 minutes at 1,266 steps/s, so three or four sessions. A warm machine keeps runs/ between
+#      calls. After each call: mkdir -p .bundles && cat FILES_AT/paper-runs.tgz.part-* >
+#      .bundles/paper-runs.tgz (ignored). A later session's paper calls carry [".bundles"]: the
+#      phase unpacks it and the unfinished runs continue from their logs (about 25 bytes a step,
+#      compressed; 4 runs in flight, up to 10 MB). A call sends at most 64 MiB: with the tree's 53
+#      MiB, make room for a larger bundle by moving the other tasks' data out for that call
+#      (`mv data/{MNLI,SNLI,RTE,sst-5,trec} ../paper-call/`, 11 MB; back after the call).
+#      When all 60 runs are finished, commit the bundle (finished runs only, about 2 MB) as
+#      benchmarks/paper-runs.tgz, unpack it beside the table's runs, whose Adam grid gives the
+#      picture its Adam line (`tar xzf benchmarks/paper-runs.tgz --strip-components 1 -C
+#      runs/fewshot`), and aggregate: `python tools/fewshot_table.py --protocol mezo-paper
+#      --aggregate-only --plot docs/sst2-k512-dev-100k.png`.
+# If `status` lends a kind of several GPUs (nvidia-h100-x4/x8, not lent in sessions 15-16), take
+# it: fewshot_table.py --device cuda spreads its runs over every visible GPU (--runs-per-device
+# each), and the table and the protocol fit one session.
 # pytest by hand on the device needs PYTHONPATH=src (this script sets it; nothing is installed there).
 #
 # A held machine goes back after 30 s idle, and whatever ran on it in the background with it
@@ -148,6 +159,14 @@ for p in $PHASES; do
         phase table $(( TABLE_END - $(date +%s) + 60 )) python tools/fewshot_table.py --device cuda ${TABLE_FLAGS:---runs-per-device 12} \
             --methods "MeZO (full),MeZO (LoRA+head),MeZO (prefix),Adam (full)" --deadline $(( TABLE_END - $(date +%s) )) \
             --bundle "$OUT/table.tgz" --output "$OUT/table.json" ;;
+    paper)  # the MeZO paper's 100,000-step SST-2 protocol (issue 19) until PAPER_END (epoch s), PAPER_RUNS
+        # at a time under MPS (4 make about the steps/s of 12 and leave fewer runs in flight at the
+        # end); unfinished runs continue from .bundles/paper-runs.tgz (their trajectory logs), carried
+        mkdir -p runs && { [ -d runs/fewshot-paper ] || [ ! -f .bundles/paper-runs.tgz ] || tar xzf .bundles/paper-runs.tgz -C runs; }
+        phase paper $(( PAPER_END - $(date +%s) + 60 )) python tools/fewshot_table.py --protocol mezo-paper --device cuda \
+            --runs-dir runs/fewshot-paper --runs-per-device "${PAPER_RUNS:-4}" --mps --deadline $(( PAPER_END - $(date +%s) )) \
+            --bundle out/paper-runs.tgz --output "$OUT/paper.json"
+        split -b 15m out/paper-runs.tgz "$OUT/paper-runs.tgz.part-" ;;  # a returned file holds at most 16 MiB
     probe)
         rm -rf out/probe out/clm-random
         phase probe_model 45 python -c 'import sys, torch; sys.path.insert(0, "tools")
@@ -156,7 +175,7 @@ torch.manual_seed(0); save_hf(build_model(ClmConfig()), Path("out/clm-random"), 
         phase probe 180 python tools/fewshot_table.py --model out/clm-random --device cuda --runs-per-device 12 \
             --ks 512 --methods "MeZO (full),Adam (full)" --mezo-steps 300 --deadline 110 --runs-dir out/probe \
             --output out/probe/table.json ;;
-    *) echo "unknown phase $p (tests, gap, speed, causal, large, prefix, together, concurrent, table, probe)"; exit 2 ;;
+    *) echo "unknown phase $p (tests, gap, speed, causal, large, prefix, together, concurrent, table, paper, probe)"; exit 2 ;;
     esac
 done
 
@@ -169,6 +188,7 @@ cat "$OUT/summary.txt"
 [ -f "$OUT/concurrent_full.log" ] && grep -E "^\||^MeZO|Error|^mps" "$OUT/concurrent_full.log"
 [ -f "$OUT/together.log" ] && tail -n 15 "$OUT/together.log" | grep -E "passed|failed|error|FAILED|ERROR"
 [ -f "$OUT/table.log" ] && grep -E "^plan: [0-9]|^deadline|error" "$OUT/table.log"
+[ -f "$OUT/paper.log" ] && grep -E "^plan: [0-9]|^deadline|error|^\|" "$OUT/paper.log"
 for f in "$OUT"/prefix_*.log; do [ -f "$f" ] && grep -E "^device|^sst2|^copa" "$f"; done
 [ -d out/probe ] && python3 - out/probe <<'EOF'
 # The probe's runs: steps/s of a run while 12 share the GPU and its seconds outside the steps, per

@@ -152,6 +152,36 @@ def test_a_run_written_before_a_config_field_existed_still_resumes(tmp_path, tin
     assert _same(whole / "final.safetensors", old / "final.safetensors")
 
 
+def test_a_run_resumes_elsewhere_from_its_small_files_alone(tmp_path, tiny_mlm_dir):
+    """What tools/fewshot_table.py's bundle carries of an unfinished run (config.json,
+    metrics.jsonl, zero_shot.json, trajectory.jsonl; no snapshot, no best-dev weights) resumes
+    it on another machine to the same end: the log rebuilds the best-dev weights too."""
+    import shutil
+    from zotune.cli import main
+    from zotune.config import TrainConfig
+    from zotune.train import train
+    options = dict(model=str(tiny_mlm_dir), device="cpu", trainable="lora", steps=12, eval_steps=4, log_steps=2,
+                   lr=1e-2, eps=1e-2, batch_size=8, quiet=True)
+    whole, moved = tmp_path / "whole", tmp_path / "moved"
+    summary = train(TrainConfig(**options, output_dir=str(whole)))
+    assert summary["best_step"] < 12  # so that the best-dev weights are the rebuilt ones
+    killed_at = summary["best_step"] + 3
+    moved.mkdir()
+    for name in ("config.json", "zero_shot.json"):
+        shutil.copy(whole / name, moved / name)
+    header, *records = (whole / LOG_NAME).read_text().splitlines(True)
+    (moved / LOG_NAME).write_text("".join([header, *records[:killed_at]]))
+    metrics = (whole / "metrics.jsonl").read_text().splitlines(True)
+    (moved / "metrics.jsonl").write_text("".join(m for m in metrics if json.loads(m)["step"] <= killed_at))
+    assert main(["train", "--resume", str(moved)]) == 0
+    for name in ("final.safetensors", "best.safetensors"):
+        assert _same(whole / name, moved / name), name
+    resumed = json.loads((moved / "summary.json").read_text())
+    assert resumed["resumed_from_step"] == killed_at
+    assert (resumed["best_step"], resumed["test_accuracy"]) == (summary["best_step"], summary["test_accuracy"])
+    assert (moved / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+
+
 def test_kills_at_many_instants_of_resumes_lose_nothing(tmp_path, tiny_mlm_dir):
     # Issue 21: a resume killed during its start-up (before its first log point) used to leave
     # metrics.jsonl empty. Kill resumes at instants spread over start-up, the log and metrics

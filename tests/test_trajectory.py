@@ -54,6 +54,34 @@ def test_replay_rebuilds_the_final_weights_bit_for_bit(tmp_path, tiny_mlm_dir, c
     assert not _same(final, load_file(run / "best.safetensors")) or summary["best_step"] == 12
 
 
+@pytest.mark.parametrize("snapshot_step", [None, 2, 5])
+def test_restore_rebuilds_the_weights_of_an_earlier_step_on_the_way(tmp_path, snapshot_step):
+    """A resumed run whose best-dev weights stayed on another machine gets them from the log:
+    restore writes the tensors after step 3 and still ends after the last step, with or
+    without a snapshot before the rebuild step, and ignoring one after it."""
+    torch.manual_seed(0)
+    initial = [("w", torch.randn(300)), ("b", torch.randn(7))]
+
+    def fresh():
+        return FlatParameters([(n, torch.nn.Parameter(v.clone())) for n, v in initial], {"b"})
+
+    records = [{"seeds": [11 * s], "grads": trajectory.to_hex(torch.tensor([0.5 - 0.1 * s])), "lr": 1e-2}
+               for s in range(6)]
+    by_step = []
+    for steps in (3, 6):
+        flat = fresh()
+        trajectory.replay(flat, records[:steps], 1e-2, 0.1)
+        by_step.append(flat.state_dict())
+    if snapshot_step is not None:
+        flat = fresh()
+        trajectory.replay(flat, records[:snapshot_step], 1e-2, 0.1)
+        trajectory.write_snapshot(tmp_path, flat, snapshot_step)
+    flat = fresh()
+    trajectory.restore(flat, tmp_path, records, 1e-2, 0.1, rebuild=(3, tmp_path / "best.safetensors"))
+    assert _same(load_file(tmp_path / "best.safetensors"), by_step[0])
+    assert _same(flat.state_dict(), by_step[1]) and not _same(by_step[0], by_step[1])
+
+
 def test_a_torn_last_line_is_ignored(tmp_path, tiny_mlm_dir):
     _, run = _run(tmp_path, tiny_mlm_dir, "run", steps=3, eval_steps=3)
     path = run / trajectory.LOG_NAME

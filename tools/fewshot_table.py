@@ -23,8 +23,9 @@ Chunks: `--deadline S` stops the call S seconds after it started (runs still goi
 SIGTERM and stay resumable), aggregates what is complete and prints the table last. The same
 command again skips finished runs and continues each unfinished MeZO run bit-identically
 (`zotune train --resume`); an Adam run, or one killed before its log began, starts again. To
-continue on a fresh machine, bring back --runs-dir (the --bundle holds its small files: the
-finished runs, which is all the grid needs to skip them; unfinished runs then start again).
+continue on a fresh machine, unpack the --bundle there: it holds the finished runs' small files,
+which is all the grid needs to skip them, and each unfinished MeZO run's trajectory log, which
+continues it (an Adam run starts again).
 
     python tools/fewshot_table.py --plan --runs-per-device 12 --steps-per-s 315 --overhead-s 7
     python tools/fewshot_table.py --device cuda --runs-per-device 12 --deadline 540 \\
@@ -288,14 +289,18 @@ def table(by_row: dict, ks: list[int]) -> str:
 
 def bundle(runs_dir: Path, path: Path) -> None:
     """The small files of every run under runs_dir (summary.json, config.json, metrics.jsonl,
-    zero_shot.json) in one .tgz: what the table and the plot read, and what a
-    later chunk needs to skip finished runs; no weights, snapshots or trajectory logs. The
+    zero_shot.json) in one .tgz: what the table and the plot read, and what a later chunk needs
+    to skip finished runs; no weights or snapshots. An unfinished run's trajectory log comes
+    too (about 25 bytes a step, compressed): with it, a MeZO run continues on another machine,
+    the log rebuilding its weights and best-dev weights (`zotune train --resume`). The
     processes' output (*.log, a few lines a run) comes too: where a run failed, it says why."""
+    from zotune.trajectory import LOG_NAME
     keep = {"summary.json", "config.json", "metrics.jsonl", ZERO_SHOT}
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w:gz") as tar:
         for file in sorted(runs_dir.rglob("*")):
-            if file.is_file() and (file.name in keep or file.suffix == ".log"):
+            unfinished_log = file.name == LOG_NAME and not (file.parent / "summary.json").exists()
+            if file.is_file() and (file.name in keep or file.suffix == ".log" or unfinished_log):
                 tar.add(file, arcname=str(file.relative_to(runs_dir.parent)))
 
 

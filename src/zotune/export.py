@@ -38,6 +38,7 @@ from zotune.model.causal_lm import CausalConfig, CausalLM
 from zotune.model.loading import (config_from_hf, read_hf_config, resolve_model_dir, stack_sizes, to_hf_state,
                                   weight_map)
 from zotune.model.roberta import MaskedLM, ModelConfig
+from zotune.records import BEST_NAME
 from zotune.session import load_trainable
 
 
@@ -54,7 +55,7 @@ class Rebuilt:
 def rebuild(run_dir: str | Path) -> Rebuilt:
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    weights = run_dir / "best.safetensors"
+    weights = run_dir / BEST_NAME
     if not weights.is_file():
         raise UserError(f"{run_dir} has no best.safetensors (the run never reached a dev evaluation); "
                         f"train with --steps at least --eval-steps")

@@ -19,6 +19,9 @@ from zotune.errors import UserError
 from zotune.files import save_tensors_atomic, write_text_atomic
 
 
+BEST_NAME = "best.safetensors"  # the best-dev trainable tensors
+
+
 class RunRecords:
     def __init__(self, run_dir: Path, writes: bool, kept: list[dict], window: list, *, steps: int, first_step: int,
                  progress: str, quiet: bool, tensorboard: bool, resumed: bool, first_loss: float | None = None):
@@ -26,9 +29,7 @@ class RunRecords:
         `window`: the (loss, projected gradients) of the steps since the last of them;
         `first_loss`: a resumed run's loss at its first step (`diverged` compares with it)."""
         self.run_dir, self.writes = run_dir, writes
-        self.best = {"dev_accuracy": -1.0, "step": None}
-        for record in kept:  # best-dev selection goes on as if the run had never stopped
-            self._better(record.get("dev_accuracy"), record["step"])
+        self.best = best_of(kept)  # best-dev selection goes on as if the run had never stopped
         self.window, self.logged_from = window, kept[-1]["step"] if kept else 0
         self.first_loss = _finite_or_none(first_loss)
         self.bad_streak = self.worst_streak = 0  # Adam's steps with a non-finite loss, in a row
@@ -51,10 +52,10 @@ class RunRecords:
         """A dev evaluation; if strictly better than the best so far (MeZO's trainer keeps the
         earliest best), its weights become best.safetensors."""
         if self._better(dev_accuracy, step) and self.writes:
-            save_tensors_atomic(self.run_dir / "best.safetensors", tensors)
+            save_tensors_atomic(self.run_dir / BEST_NAME, tensors)
 
     def _better(self, dev_accuracy: float | None, step: int) -> bool:
-        if dev_accuracy is None or dev_accuracy <= self.best["dev_accuracy"]:
+        if not _improves(dev_accuracy, self.best):
             return False
         self.best.update(dev_accuracy=dev_accuracy, step=step)
         return True
@@ -107,6 +108,20 @@ class RunRecords:
     def write_summary(self, summary: dict) -> None:
         if self.writes:
             write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def best_of(kept: list[dict]) -> dict:
+    """The best dev evaluation among metrics lines `kept`: {"dev_accuracy", "step"}, the earliest
+    of equals (MeZO's trainer keeps the earliest best); step None where none was evaluated."""
+    best = {"dev_accuracy": -1.0, "step": None}
+    for record in kept:
+        if _improves(record.get("dev_accuracy"), best):
+            best = {"dev_accuracy": record["dev_accuracy"], "step": record["step"]}
+    return best
+
+
+def _improves(dev_accuracy: float | None, best: dict) -> bool:
+    return dev_accuracy is not None and dev_accuracy > best["dev_accuracy"]
 
 
 def _finite_or_none(value: float | None) -> float | None:

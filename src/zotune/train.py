@@ -34,7 +34,7 @@ from zotune.optim.schedule import SCHEDULES
 from zotune.distributed import Group
 from zotune.engine.runner import Runner
 from zotune.optim.subsets import no_decay_names
-from zotune.records import RunRecords, kept_metrics
+from zotune.records import BEST_NAME, RunRecords, best_of, kept_metrics
 from zotune.session import Session
 from zotune.tasks.data import default_data_dir
 
@@ -112,7 +112,7 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
         _prepare_run_dir(cfg)
     log, records = None, []
     if cfg.optimizer == "mezo":
-        log, records = _open_trajectory(session, run_dir, logged)
+        log, records = _open_trajectory(session, run_dir, logged, best_of(kept)["step"])
     first_step = len(records)
     step_fn = _mezo_stepper(cfg, session) if cfg.optimizer == "mezo" else _adam_stepper(cfg, session)
     if resume and _finished(run_dir, first_step, cfg.steps):
@@ -166,9 +166,11 @@ def announcement(cfg: TrainConfig, session: Session) -> str:
             f"run directory {cfg.output_dir}")
 
 
-def _open_trajectory(session: Session, run_dir: Path, logged) -> tuple[trajectory.TrajectoryWriter, list[dict]]:
+def _open_trajectory(session: Session, run_dir: Path, logged, best_step: int | None
+                     ) -> tuple[trajectory.TrajectoryWriter, list[dict]]:
     """The trajectory log of a fresh run, or a resumed run's: its header checked against this
-    run, its weights restored from the snapshot and the records, a torn last line dropped."""
+    run, its weights restored from the snapshot and the records, a torn last line dropped, and
+    its best-dev weights (of `best_step`) rebuilt if they are missing."""
     cfg, flat = session.cfg, session.flat
     header = trajectory.make_header(cfg.to_dict(), trajectory.model_sha256(cfg.model), flat)
     path = run_dir / trajectory.LOG_NAME if session.is_main else None
@@ -177,8 +179,10 @@ def _open_trajectory(session: Session, run_dir: Path, logged) -> tuple[trajector
     logged_header, records = logged
     trajectory.check_header(logged_header, header, run_dir)
     records = records[:cfg.steps]
+    best = run_dir / BEST_NAME
+    rebuild = (best_step, best) if best_step is not None and session.is_main and not best.is_file() else None
     with torch.inference_mode():
-        trajectory.restore(flat, run_dir, records, cfg.eps, cfg.weight_decay)
+        trajectory.restore(flat, run_dir, records, cfg.eps, cfg.weight_decay, rebuild)
     if session.is_main:
         trajectory.rewrite_log(run_dir, logged_header, records)
     log = trajectory.TrajectoryWriter(path)
@@ -315,7 +319,7 @@ def finish(run: Run, started: float, train_time: float, resume: bool) -> dict:
             session.group.barrier()  # rank 0's best.safetensors is complete before any rank reads it
         best = run.records.best
         if best["step"] is not None:  # test with the best-dev weights
-            state = load_file(run.run_dir / "best.safetensors")
+            state = load_file(run.run_dir / BEST_NAME)
             with torch.no_grad():
                 for name, param in session.trainable:
                     param.copy_(state[name])
@@ -394,7 +398,7 @@ PHASES = ("setup", "zero_shot", "steps", "dev_evals", "checkpoints", "final")
 
 # What a run directory may hold: what zotune writes there (and its temporary files, NAME.tmp).
 ZERO_SHOT_NAME = "zero_shot.json"
-RUN_FILES = {"config.json", "metrics.jsonl", "summary.json", "best.safetensors", "final.safetensors", "run.png",
+RUN_FILES = {"config.json", "metrics.jsonl", "summary.json", BEST_NAME, "final.safetensors", "run.png",
              "tensorboard", ZERO_SHOT_NAME, trajectory.LOG_NAME, trajectory.SNAPSHOT_NAME}
 
 
@@ -425,7 +429,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
 def _prepare_run_dir(cfg: TrainConfig) -> Path:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "summary.json", "best.safetensors", "final.safetensors", ZERO_SHOT_NAME,
+    for stale in ("metrics.jsonl", "summary.json", BEST_NAME, "final.safetensors", ZERO_SHOT_NAME,
                   trajectory.LOG_NAME, trajectory.SNAPSHOT_NAME):
         (run_dir / stale).unlink(missing_ok=True)
     write_text_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2, allow_nan=False) + "\n")

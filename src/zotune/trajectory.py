@@ -254,14 +254,23 @@ def replay(flat: FlatParameters, records: list[dict], eps: float, weight_decay: 
         replay_step(flat, record["seeds"], from_hex(record["grads"]), eps, record["lr"], weight_decay)
 
 
-def restore(flat: FlatParameters, run_dir: Path, records: list[dict], eps: float, weight_decay: float):
+def restore(flat: FlatParameters, run_dir: Path, records: list[dict], eps: float, weight_decay: float,
+            rebuild: tuple[int, Path] | None = None):
     """Bring `flat` (holding the initial trainable tensors) to the state after the last record:
-    load the latest snapshot not past the log, then replay the records after it."""
+    load the latest snapshot not past the log, then replay the records after it. `rebuild`
+    (step, path): also write the tensors after that step to path, on the way; for a run whose
+    best-dev weights were left behind (its small files brought to another machine), the log
+    rebuilds them as it does the rest."""
+    stop = len(records) if rebuild is None else rebuild[0]
     start = 0
     snapshot = read_snapshot(run_dir)
-    if snapshot is not None and snapshot[0] <= len(records):  # a snapshot past the log is ignored
+    if snapshot is not None and snapshot[0] <= stop:  # a snapshot past the log (or the rebuild) is ignored
         start = snapshot[0]
         flat.load_({n: t.to(flat.buffer.device) for n, t in snapshot[1].items()})
+    if rebuild is not None:
+        replay(flat, records[start:stop], eps, weight_decay)
+        save_tensors_atomic(rebuild[1], flat.state_dict())
+        start = stop
     replay(flat, records[start:], eps, weight_decay)
 
 

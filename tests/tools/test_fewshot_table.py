@@ -92,6 +92,11 @@ def test_picture_and_bundle_from_finished_grids(tmp_path, monkeypatch):
                 _run(runs / "sst2", grid, trainable, lr, seed, dev - (optimizer == "adam") * 0.02, 0.8,
                      optimizer=optimizer, k=512)
     (runs / "sst2" / "MeZO-full-k512" / "full-lr1e-05-seed13+5.log").write_text("zotune: error: why\n")
+    (runs / "sst2" / "MeZO-full-k512" / "full-lr1e-05-seed13" / "trajectory.jsonl").write_text("{}\n")  # finished
+    unfinished = runs / "sst2" / "MeZO-full-k16" / "full-lr1e-05-seed13"  # killed: no summary.json
+    unfinished.mkdir(parents=True)
+    for name in ("config.json", "trajectory.jsonl", "snapshot.safetensors"):
+        (unfinished / name).write_text("{}\n")
     picture, tgz = tmp_path / "dev.png", tmp_path / "out" / "runs.tgz"
     _main(monkeypatch, "--aggregate-only", "--runs-dir", str(runs), "--tasks", "sst2", "--ks", "512",
           "--methods", "MeZO (full),MeZO (LoRA+head),Adam (full)", "--output", str(tmp_path / "t.json"),
@@ -99,8 +104,12 @@ def test_picture_and_bundle_from_finished_grids(tmp_path, monkeypatch):
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with tarfile.open(tgz) as tar:
         names = tar.getnames()
-    assert len(names) == 3 * 2 * 5 * 3 + 1 and not any(n.endswith(".safetensors") for n in names)
+    assert len(names) == 3 * 2 * 5 * 3 + 1 + 2 and not any(n.endswith(".safetensors") for n in names)
     assert "fewshot/sst2/MeZO-full-k512/full-lr1e-05-seed13+5.log" in names  # where a failure says why
+    # An unfinished run brings its trajectory log (its continuation elsewhere), a finished one does not.
+    assert {"fewshot/sst2/MeZO-full-k16/full-lr1e-05-seed13/trajectory.jsonl",
+            "fewshot/sst2/MeZO-full-k16/full-lr1e-05-seed13/config.json"} <= set(names)
+    assert "fewshot/sst2/MeZO-full-k512/full-lr1e-05-seed13/trajectory.jsonl" not in names
     assert "fewshot/sst2/MeZO-full-k512/full-lr1e-05-seed13/metrics.jsonl" in names
 
 
