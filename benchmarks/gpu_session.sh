@@ -161,10 +161,11 @@ for p in $PHASES; do
             --bundle "$OUT/table.tgz" --output "$OUT/table.json" ;;
     paper)  # the MeZO paper's 100,000-step SST-2 protocol (issue 19) until PAPER_END (epoch s), PAPER_RUNS
         # at a time under MPS (4 make about the steps/s of 12 and leave fewer runs in flight at the
-        # end); unfinished runs continue from .bundles/paper-runs.tgz (their trajectory logs), carried
+        # end), k=512 first (the picture's runs); unfinished runs continue from a carried
+        # .bundles/paper-runs.tgz (their trajectory logs)
         mkdir -p runs && { [ -d runs/fewshot-paper ] || [ ! -f .bundles/paper-runs.tgz ] || tar xzf .bundles/paper-runs.tgz -C runs; }
         phase paper $(( PAPER_END - $(date +%s) + 60 )) python tools/fewshot_table.py --protocol mezo-paper --device cuda \
-            --runs-dir runs/fewshot-paper --runs-per-device "${PAPER_RUNS:-4}" --mps --deadline $(( PAPER_END - $(date +%s) )) \
+            --ks 512,16 --runs-dir runs/fewshot-paper --runs-per-device "${PAPER_RUNS:-4}" --mps --deadline $(( PAPER_END - $(date +%s) )) \
             --bundle out/paper-runs.tgz --output "$OUT/paper.json"
         split -b 15m out/paper-runs.tgz "$OUT/paper-runs.tgz.part-" ;;  # a returned file holds at most 16 MiB
     probe)

@@ -182,6 +182,25 @@ def test_a_run_resumes_elsewhere_from_its_small_files_alone(tmp_path, tiny_mlm_d
     assert (moved / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
 
 
+def test_a_run_killed_before_its_first_step_scores_zero_shot_when_resumed(tmp_path, tiny_mlm_dir):
+    """A deadline's SIGTERM can land while a run scores its starting weights: the resume, still at
+    those weights, scores them, and the summary has its zero-shot row as an uninterrupted run's."""
+    from zotune.config import TrainConfig, read_run_config
+    from zotune.train import train
+    options = dict(model=str(tiny_mlm_dir), device="cpu", trainable="lora", steps=4, eval_steps=2, log_steps=2,
+                   lr=1e-2, eps=1e-2, batch_size=8, quiet=True)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for run in (whole, killed):
+        summary = train(TrainConfig(**options, output_dir=str(run)))
+    for name in ("zero_shot.json", "summary.json", "metrics.jsonl", "best.safetensors", "final.safetensors"):
+        (killed / name).unlink()
+    header = (killed / LOG_NAME).read_text().splitlines(True)[0]
+    (killed / LOG_NAME).write_text(header)  # killed after the log's header, before any step
+    resumed = train(read_run_config(killed), resume=True)
+    assert resumed["zero_shot"] == summary["zero_shot"] is not None
+    assert resumed["test_accuracy"] == summary["test_accuracy"]
+
+
 def test_kills_at_many_instants_of_resumes_lose_nothing(tmp_path, tiny_mlm_dir):
     # Issue 21: a resume killed during its start-up (before its first log point) used to leave
     # metrics.jsonl empty. Kill resumes at instants spread over start-up, the log and metrics

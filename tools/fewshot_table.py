@@ -136,12 +136,13 @@ def cell_row(aggregate: dict, lrs, flags: dict) -> dict:
 def plan(protocol: str, tasks: list[str], ks: list[int], methods: list[str], runs_dir: Path,
          model: str) -> list[tuple[str, int, str, Job]]:
     """(task, k, method, job) of every run the selection asks for: task by task, so that a
-    call cut short by --deadline leaves whole tasks finished, and longest first within a task."""
+    call cut short by --deadline leaves whole tasks finished, and longest first within a task,
+    k by k (in the order of `ks`) among runs of equal length."""
     jobs = []
     for task in tasks:
-        for name in methods:
-            trainable, lrs, flags = PROTOCOLS[protocol][1][name]
-            for k in ks:
+        for k in ks:
+            for name in methods:
+                trainable, lrs, flags = PROTOCOLS[protocol][1][name]
                 args = ["--model", model, "--task", task, "--k", str(k)]
                 for flag, value in flags.items():  # False: the --no- switch (e.g. --no-cuda-graphs)
                     switch = flag.replace("_", "-")
@@ -412,6 +413,8 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
         print_plan([j for *_, j in jobs], workers, args.steps_per_s, args.overhead_s)
         for name in names:
             trainable, lrs, flags = methods[name]
+            if args.mezo_steps and flags["optimizer"] == "mezo":
+                flags = {**flags, **_step_settings(args.mezo_steps)}
             print(f"plan: {name}: {trainable}, {settings_text(flags, lrs)}, k {ks}, seeds {SEEDS}", flush=True)
     if args.plan:
         return
@@ -450,13 +453,17 @@ def report(output: Path, protocol: str, rows: dict, ks: list[int], models: set, 
         print(f"\n{task}\n{table(by_row, ks)}")
 
 
+def _step_settings(steps: int) -> dict:
+    """--mezo-steps: another step count for MeZO runs, dev evaluated six times and logged at each."""
+    return {"steps": steps, "eval_steps": max(1, steps // 6), "log_steps": max(1, steps // 6)}
+
+
 def _with_steps(train_args: tuple[str, ...], steps: int) -> tuple[str, ...]:
-    """The MeZO flags with another step count, dev evaluated six times and logged at each."""
     if "mezo" not in train_args:
         return train_args
-    args, eval_steps = list(train_args), max(1, steps // 6)
-    for flag, value in (("--steps", steps), ("--eval-steps", eval_steps), ("--log-steps", eval_steps)):
-        args[args.index(flag) + 1] = str(value)
+    args = list(train_args)
+    for flag, value in _step_settings(steps).items():
+        args[args.index("--" + flag.replace("_", "-")) + 1] = str(value)
     return tuple(args)
 
 

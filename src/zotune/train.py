@@ -147,8 +147,10 @@ def before_training(run: Run, resume: bool) -> dict | None:
     result can say what training added. Stored in the run directory for a resume to report;
     the runner's counters restart afterwards, so the summary counts the run's own work."""
     path = run.run_dir / ZERO_SHOT_NAME
-    if resume:
-        return read_json_object(path, "delete it to resume without zero-shot scores") if path.is_file() else None
+    if resume and path.is_file():
+        return read_json_object(path, "delete it to resume without zero-shot scores")
+    if resume and run.first_step > 0:  # the initial weights are gone; a run writes its scores before step 1
+        return None
     scores = {**split_scores("dev", score(run, "dev")), **split_scores("test", score(run, "test"))}
     run.session.runner.start_counting()
     if run.session.is_main:

@@ -80,6 +80,10 @@ def test_paper_protocol_plans_sst2_only_with_the_papers_settings(tmp_path, monke
     assert "100000 steps, batch 64, eps 0.001" in out and "MeZO (LoRA+head): lora+head" in out
     with pytest.raises(SystemExit):
         _main(monkeypatch, "--plan", "--protocol", "mezo-paper", "--tasks", "rte")
+    # k=512 of both methods first when asked (--ks 512,16): the picture's runs finish first.
+    jobs = fewshot_table.plan("mezo-paper", ["sst2"], [512, 16], list(fewshot_table.PAPER_METHODS), tmp_path, "m")
+    assert [(k, name) for _, k, name, _ in jobs[::15]] == [
+        (512, "MeZO (full)"), (512, "MeZO (LoRA+head)"), (16, "MeZO (full)"), (16, "MeZO (LoRA+head)")]
 
 
 def test_picture_and_bundle_from_finished_grids(tmp_path, monkeypatch):
