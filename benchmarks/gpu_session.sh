@@ -20,6 +20,10 @@
 #   table   tools/fewshot_table.py, the six-task table (issue 19), until TABLE_END (epoch seconds),
 #           its runs sharing the GPU as TABLE_FLAGS says; unset, as the concurrent phase of the same
 #           call measured fastest for 12 runs (processes, MPS or streams), else 12 processes
+#   paper   the MeZO paper's 100,000-step SST-2 protocol (issue 19) until PAPER_END, PAPER_RUNS (4)
+#           at a time under MPS; returns its bundle in 15 MiB parts (see "Next session" below)
+#   profile benchmarks/profile_step.py on the shipped model, SST-2 k=512: kernels by family (eager)
+#           and wall per step (CUDA graphs)
 #   probe   the causal table's speed: a random checkpoint of tools/pretrain_clm.py's default shape
 #           (19M parameters), MeZO (full) at 300 steps and Adam (full) at 1,000, SST-2 k=512, 12
 #           runs sharing the GPU as the table does; prints steps/s, per-run overhead, and the
@@ -38,8 +42,10 @@
 # Next session (issue 19; session 16: 12 runs as CUDA MPS clients made 1,266 steps/s, 1.34x plain
 # processes, H100; the table at 587 of 720 runs): three calls back to back, each about 10 minutes.
 #   1. TABLE_END=$(( $(date +%s) + 570 )) TABLE_FLAGS="--runs-per-device 12 --mps" \
-#      bash benchmarks/gpu_session.sh table
-#      (the table's last 133 runs, about 11 minutes at session 16's 0.21 runs/s). Copy the call's
+#      bash benchmarks/gpu_session.sh profile table
+#      (profile: where the 0.79 ms of a step under MPS go, eager kernels and graphed wall, about 1.5
+#      minutes, to find what would make the protocol's 80 minutes shorter; then the table's last
+#      133 runs, about 11 minutes at session 16's 0.21 runs/s). Copy the call's
 #      table.tgz to benchmarks/fewshot-runs.tgz at once: it holds the finished runs, and the
 #      trajectory logs of the unfinished ones, which a fresh machine continues (--resume replays).
 #   2. TABLE_END=$(( $(date +%s) + 150 )) PAPER_END=$(( $(date +%s) + 570 )) \
@@ -151,6 +157,9 @@ for p in $PHASES; do
         for pipe in out/tmp/*/pipe; do
             [ -d "$pipe" ] && echo quit | CUDA_MPS_PIPE_DIRECTORY="$pipe" timeout 30 nvidia-cuda-mps-control
         done ;;
+    profile)  # where the table's step goes: the shipped model, SST-2 k=512 batch 64, eager (kernels) and graphed
+        phase profile_eager 90 python benchmarks/profile_step.py --model models/zotune-roberta-small --k 512
+        phase profile_graphs 90 python benchmarks/profile_step.py --model models/zotune-roberta-small --k 512 --graphs ;;
     together) phase together 150 python -m pytest -q -m gpu tests/test_together.py tests/engine/test_generate.py ;;
     table)  # the six-task table (issue 19) until TABLE_END (epoch s); TABLE_FLAGS: how runs share the GPU
         [ -z "${TABLE_FLAGS:-}" ] && [ -f "$OUT/concurrent_full.log" ] && TABLE_FLAGS=$(fastest_sharing "$OUT/concurrent_full.log")
@@ -176,7 +185,7 @@ torch.manual_seed(0); save_hf(build_model(ClmConfig()), Path("out/clm-random"), 
         phase probe 180 python tools/fewshot_table.py --model out/clm-random --device cuda --runs-per-device 12 \
             --ks 512 --methods "MeZO (full),Adam (full)" --mezo-steps 300 --deadline 110 --runs-dir out/probe \
             --output out/probe/table.json ;;
-    *) echo "unknown phase $p (tests, gap, speed, causal, large, prefix, together, concurrent, table, paper, probe)"; exit 2 ;;
+    *) echo "unknown phase $p (tests, gap, speed, causal, large, prefix, profile, together, concurrent, table, paper, probe)"; exit 2 ;;
     esac
 done
 
@@ -187,6 +196,7 @@ cat "$OUT/summary.txt"
 [ -f "$OUT/causal.log" ] && tail -n 15 "$OUT/causal.log" | grep -E "passed|failed|error|FAILED|ERROR"
 [ -f "$OUT/large.log" ] && grep -E "^\|" "$OUT/large.log" | tail -n 6
 [ -f "$OUT/concurrent_full.log" ] && grep -E "^\||^MeZO|Error|^mps" "$OUT/concurrent_full.log"
+for f in "$OUT"/profile_*.log; do [ -f "$f" ] && grep -E "^MeZO step|^\| [a-z(]" "$f" | head -n 12; done
 [ -f "$OUT/together.log" ] && tail -n 15 "$OUT/together.log" | grep -E "passed|failed|error|FAILED|ERROR"
 [ -f "$OUT/table.log" ] && grep -E "^plan: [0-9]|^deadline|error" "$OUT/table.log"
 [ -f "$OUT/paper.log" ] && grep -E "^plan: [0-9]|^deadline|error|^\|" "$OUT/paper.log"

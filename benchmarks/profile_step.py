@@ -1,5 +1,6 @@
-"""Where a MeZO step's time goes, RoBERTa-large with random weights on real SST-2 batches (k=16:
-the whole training set, batch 32; --k 512: an epoch of batches of 64, in turn):
+"""Where a MeZO step's time goes, RoBERTa-large with random weights (or --model DIR, a checkpoint)
+on real SST-2 batches (k=16: the whole training set, batch 32; --k 512: an epoch of batches of 64,
+in turn):
 the step's wall time (CUDA events), the host's time to issue it, the GPU kernels by family and
 by name (torch.profiler; with --graphs the profiler may not see inside replayed graphs), and
 the host functions that take longest (cProfile). Optimisation starts from this measurement.
@@ -7,6 +8,7 @@ the host functions that take longest (cProfile). Optimisation starts from this m
     python benchmarks/profile_step.py --precision bf16
     python benchmarks/profile_step.py --trainable top:1 --cache --graphs --k 512
     python benchmarks/profile_step.py --trainable lora --layers 20,21,22,23 --pair --cache --graphs
+    python benchmarks/profile_step.py --model models/zotune-roberta-small --k 512   # the table's step
 """
 
 import argparse
@@ -42,12 +44,13 @@ def main():
     parser.add_argument("--layers", type=lambda s: tuple(map(int, s.split(","))), default=None,
                         help="the layers a lora, prefix or bias subset covers, as in zotune train")
     parser.add_argument("--pair", action="store_true", help="each direction's ± passes as one batch")
+    parser.add_argument("--model", help="a checkpoint folder instead of the random RoBERTa-large")
     args = parser.parse_args()
     prompt = sst2_prompt()
     sequences, labels = sst2_train(prompt, args.k)
     # As zotune train builds it (Session.build): the second buffer where it pays.
-    built = session(args.trainable, layers=args.layers, precision=args.precision, cuda_graphs=args.graphs,
-                    cache=args.cache, pair=args.pair)
+    built = session(args.trainable, model=args.model, layers=args.layers, precision=args.precision,
+                    cuda_graphs=args.graphs, cache=args.cache, pair=args.pair)
     if args.pair and not built.paired:
         parser.error("--pair needs a subset that leaves the embeddings frozen")
     runner, flat = built.runner, built.flat
@@ -92,7 +95,7 @@ def main():
         family = next((f for f, keys in FAMILIES if any(k in name.lower() for k in keys)), "other")
         families[family] += ms
     tokens = sum(b.num_tokens for b, _ in batches) / len(batches)
-    print(f"\nMeZO step, RoBERTa-large, SST-2 k={args.k} batch {size} ({tokens:.0f} tokens), {args.precision}, "
+    print(f"\nMeZO step, {args.model or 'RoBERTa-large'}, SST-2 k={args.k} batch {size} ({tokens:.0f} tokens), {args.precision}, "
           f"trainable {args.trainable}{f' layers {args.layers}' if args.layers else ''}{', pair' if args.pair else ''}, "
           f"{'CUDA graphs' if args.graphs else 'eager'}, cache "
           f"{'on' if args.cache else 'off'}, on {torch.cuda.get_device_name()}: wall {wall_ms:.2f} ms/step, "
