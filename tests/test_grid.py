@@ -184,12 +184,7 @@ def test_mps_server_starts_a_daemon_of_its_own_and_quits_it(tmp_path, monkeypatc
     """A stand-in for NVIDIA's control program records how it is called: started as a daemon
     and told to quit, both with the pipe and log folders the yielded environment names."""
     from zotune.grid import mps_server
-    calls = tmp_path / "calls"
-    fake = tmp_path / "bin" / "nvidia-cuda-mps-control"
-    fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\necho "$* stdin=$(test "$1" = -d || cat) $CUDA_MPS_PIPE_DIRECTORY" >> {calls}\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+    calls = _fake_mps_control(tmp_path, monkeypatch)
     import signal
     before = signal.getsignal(signal.SIGTERM)
     with mps_server(tmp_path / "mps") as env:
@@ -218,6 +213,37 @@ def test_run_jobs_gives_every_process_the_extra_environment(tmp_path, monkeypatc
     with pytest.raises(UserError, match="2 run"):
         grid.run_jobs(jobs, ["cpu"], quiet=True, env={"CUDA_MPS_PIPE_DIRECTORY": "/p"})
     assert len(seen) == 2 and all(env["CUDA_MPS_PIPE_DIRECTORY"] == "/p" and "OMP_NUM_THREADS" in env for env in seen)
+
+
+def _fake_mps_control(tmp_path, monkeypatch):
+    """A stand-in for NVIDIA's control program on PATH; it appends how it was called to the file returned."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$* stdin=$(test "$1" = -d || cat) $CUDA_MPS_PIPE_DIRECTORY" >> {calls}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+    return calls
+
+
+def test_sweep_mps_makes_every_run_a_client_and_quits_the_server(tmp_path, monkeypatch):
+    import zotune.grid as grid
+    calls = _fake_mps_control(tmp_path, monkeypatch)
+    seen = []
+    monkeypatch.setattr(grid, "_call", lambda command, out, env, deadline: seen.append(env) or 1)
+    with pytest.raises(UserError, match="2 run"):
+        grid.run_grid(tmp_path / "grid", [13, 21], [1e-2], ["lora"], ["--steps", "1"], ["0"], quiet=True, mps=True)
+    pipes = {env["CUDA_MPS_PIPE_DIRECTORY"] for env in seen}
+    assert len(seen) == 2 and len(pipes) == 1
+    assert calls.read_text().splitlines() == [f"-d stdin= {pipes.pop()}", f" stdin=quit {seen[0]['CUDA_MPS_PIPE_DIRECTORY']}"]
+
+
+def test_sweep_mps_on_the_cpu_is_refused_before_anything_is_written(tmp_path, capsys):
+    assert main(["sweep", "--output-dir", str(tmp_path / "grid"), "--lrs", "1e-2", "--devices", "cpu", "--mps",
+                 "--steps", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "zotune: error: --mps lets processes share a GPU, and these runs go to the CPU: drop --mps"]
+    assert not (tmp_path / "grid").exists()
 
 
 def test_process_groups_keep_adam_runs_alone():

@@ -47,16 +47,14 @@ import re
 import statistics
 import sys
 import tarfile
-import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 sys.path.insert(0, SRC)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))  # for the run processes
 
-from zotune.grid import (Cell, Job, aggregate_dir, local_devices, mean_std_text as mean_std, mps_server,  # noqa: E402
+from zotune.grid import (Cell, Job, aggregate_dir, local_devices, mean_std_text as mean_std, gpu_sharing,  # noqa: E402
                          run_jobs)
 
 TASKS = ("sst2", "sst5", "trec", "mnli", "snli", "rte")
@@ -419,9 +417,10 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
     if args.plan:
         return
     if not args.aggregate_only:
+        sharing = gpu_sharing(args.mps, devices)  # a bad --mps is refused before anything runs
         zero_shot_rows(model, tasks, ks, args.device, runs_dir)
         deadline = started + args.deadline if args.deadline else None
-        with mps_server(Path(tempfile.mkdtemp(prefix="zotune-mps-"))) if args.mps else nullcontext({}) as env:
+        with sharing as env:
             left = run_jobs([j for *_, j in jobs], devices, quiet=True, runs_per_device=args.runs_per_device,
                             deadline=deadline, keep_weights=args.keep_weights, runs_per_process=args.runs_per_process,
                             env=env)

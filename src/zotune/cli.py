@@ -161,6 +161,9 @@ def _sweep_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--runs-per-process", type=_at_least_1, default=1,
                    help="runs each process trains, a step of each in turn, each on a CUDA stream of its own "
                         "(default 1)")
+    p.add_argument("--mps", action="store_true",
+                   help="run the processes as clients of a CUDA MPS server of your own, so that the kernels of "
+                        "runs sharing a GPU overlap (needs nvidia-cuda-mps-control)")
     return p
 
 
@@ -173,7 +176,7 @@ def _run_sweep(args, train_args: list[str]) -> None:
         raise UserError(f"--seeds {args.seeds!r} / --lrs {args.lrs!r}: give comma-separated numbers") from None
     result = run_grid(Path(args.output_dir), seeds, lrs, args.trainable.split(","), train_args,
                       local_devices(args.devices), runs_per_device=args.runs_per_device,
-                      runs_per_process=args.runs_per_process)
+                      runs_per_process=args.runs_per_process, mps=args.mps)
     print(result["table"])
 
 

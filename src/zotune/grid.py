@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -63,15 +64,19 @@ class Job:
 
 
 def run_grid(output_dir: Path, seeds: list[int], lrs: list[float], subsets: list[str], train_args: list[str],
-             devices: list[str], quiet: bool = False, runs_per_device: int = 1, runs_per_process: int = 1) -> dict:
-    """Run every cell (skipping finished ones) on `devices` ("cpu" or CUDA indices), then
-    write and return the results table."""
+             devices: list[str], quiet: bool = False, runs_per_device: int = 1, runs_per_process: int = 1,
+             mps: bool = False) -> dict:
+    """Run every cell (skipping finished ones) on `devices` ("cpu" or CUDA indices), the
+    processes as clients of an MPS server if `mps` (gpu_sharing), then write and return the
+    results table."""
     if not seeds or not lrs or not subsets:
         raise UserError("--seeds, --lrs and --trainable each need at least one value")
+    sharing = gpu_sharing(mps, devices)  # a bad --mps is refused before anything is written
     output_dir.mkdir(parents=True, exist_ok=True)
     cells = [Cell(t, lr, s) for t, lr, s in itertools.product(subsets, lrs, seeds)]
-    run_jobs([Job(output_dir, cell, tuple(train_args)) for cell in cells], devices, quiet, runs_per_device,
-             runs_per_process=runs_per_process)
+    with sharing as env:
+        run_jobs([Job(output_dir, cell, tuple(train_args)) for cell in cells], devices, quiet, runs_per_device,
+                 runs_per_process=runs_per_process, env=env)
     return write_table(output_dir, cells)
 
 
@@ -216,6 +221,16 @@ def mps_server(folder: Path):
             signal.signal(signal.SIGTERM, previous)
         subprocess.run([control], input="quit\n", env={**os.environ, **env}, capture_output=True, text=True,
                        timeout=60)
+
+
+def gpu_sharing(mps: bool, devices: list[str]):
+    """The environment of run_jobs' processes, as a context: an MPS server's (mps_server, in a
+    fresh temporary folder) if `mps`, else none."""
+    if not mps:
+        return contextlib.nullcontext({})
+    if devices == ["cpu"]:
+        raise UserError("--mps lets processes share a GPU, and these runs go to the CPU: drop --mps")
+    return mps_server(Path(tempfile.mkdtemp(prefix="zotune-mps-")))
 
 
 def _train_arguments(job: Job, device: str) -> list[str]:
