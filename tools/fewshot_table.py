@@ -417,7 +417,7 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
     if args.plan:
         return
     if not args.aggregate_only:
-        sharing = gpu_sharing(args.mps, devices)  # a bad --mps is refused before anything runs
+        sharing = gpu_sharing(args.mps, devices)  # --mps for CPU runs is refused before anything runs
         zero_shot_rows(model, tasks, ks, args.device, runs_dir)
         deadline = started + args.deadline if args.deadline else None
         with sharing as env:

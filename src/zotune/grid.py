@@ -71,7 +71,7 @@ def run_grid(output_dir: Path, seeds: list[int], lrs: list[float], subsets: list
     results table."""
     if not seeds or not lrs or not subsets:
         raise UserError("--seeds, --lrs and --trainable each need at least one value")
-    sharing = gpu_sharing(mps, devices)  # a bad --mps is refused before anything is written
+    sharing = gpu_sharing(mps, devices)  # --mps for CPU runs is refused before anything is written
     output_dir.mkdir(parents=True, exist_ok=True)
     cells = [Cell(t, lr, s) for t, lr, s in itertools.product(subsets, lrs, seeds)]
     with sharing as env:
