@@ -103,8 +103,8 @@ def test_runs_on_their_streams_end_as_each_alone_on_a_gpu(tmp_path, tiny_mlm_dir
 
 
 def test_a_run_stopped_by_a_user_error_ends_alone(tmp_path, tiny_mlm_dir, monkeypatch):
-    """A run that stops on a UserError (here at its third step, as a NaN streak would) leaves
-    its siblings to finish as they would alone; the error names the run that stopped."""
+    """A run that stops on a UserError (here at its third step) leaves its siblings to finish as
+    they would alone; the error names the run that stopped."""
     train(_config(tiny_mlm_dir, tmp_path / "alone0", **RUNS[0]))
     real = train_module._mezo_stepper
 
@@ -113,12 +113,12 @@ def test_a_run_stopped_by_a_user_error_ends_alone(tmp_path, tiny_mlm_dir, monkey
 
         def step(step, *args):
             if cfg.seed == 21 and step == 2:
-                raise UserError("10 bad steps in a row (NaN or Inf loss)")
+                raise UserError("a stand-in for any UserError of a step")
             return step_fn(step, *args)
         return step
     monkeypatch.setattr(train_module, "_mezo_stepper", failing)
     cfgs = [_config(tiny_mlm_dir, tmp_path / f"together{i}", **o) for i, o in enumerate(RUNS[:2])]
-    with pytest.raises(RunsFailed, match=r"1 of 2 runs stopped: .*together1: 10 bad steps") as failed:
+    with pytest.raises(RunsFailed, match=r"1 of 2 runs stopped: .*together1: a stand-in") as failed:
         train_together(cfgs)
     assert failed.value.summaries[1] is None and failed.value.summaries[0]["steps"] == 8
     assert not (tmp_path / "together1" / "summary.json").exists()

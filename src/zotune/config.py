@@ -86,7 +86,7 @@ class TrainConfig:
     log_steps: int = option(10, "a metrics line every N steps")
     log_every: int = option(100, "fsync RUN/trajectory.jsonl every N steps")
     snapshot_every: int = option(1000, "snapshot the trainable tensors every N steps, for --resume")
-    max_bad_steps: int = option(10, "abort after N NaN/Inf-loss steps in a row")
+    max_bad_steps: int = option(10, "end the run early after N NaN/Inf-loss steps in a row")
     max_loss_ratio: float = option(100.0, "end the run early, as diverged, when a metrics line's loss exceeds "
                                           "this multiple of the first one's (or of 1, if that is smaller)")
     eval_batch_size: int = option(64, "sequences per evaluation forward")

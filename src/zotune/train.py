@@ -53,7 +53,7 @@ class Run:
     first_step: int                     # 0, or where a resumed run goes on
     logged: list[dict]                  # a resumed run's trajectory records
     zero_shot: dict | None = None       # dev and test accuracy before the first step
-    stopped_early: dict | None = None   # {"step", "why"}: the loss diverged there (RunRecords.diverged)
+    stopped_early: dict | None = None   # {"step", "why"}: the loss diverged there (_log_point)
     phase_s: dict = field(default_factory=dict)  # this process's seconds by phase (summary's `phase_s`)
 
 
@@ -131,7 +131,7 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
 
 def _finished(run_dir: Path, logged_steps: int, steps: int) -> bool:
     """Whether a run to resume had finished: its summary written, after all its steps or at the
-    step where it stopped early (its loss diverged)."""
+    step where it stopped early (its loss diverged, or was NaN or Inf for too many steps)."""
     path = run_dir / "summary.json"
     if not path.is_file():
         return False
@@ -251,14 +251,12 @@ def _log_point(run: Run, done: int, lr: float) -> None:
             run.records.offer(dev, done, dict(run.session.trainable))
     extra = {} if runner.cache is None else {"cache_hits": f"{runner.cache.stats.report()['hit_rate']:.1%}"}
     record = run.records.log_point(done, lr, dev, extra)
-    streak = (run.log or run.records).worst_streak  # the longest streak at any step, not only at this one
-    if streak >= cfg.max_bad_steps:
-        raise UserError(f"{streak} bad steps in a row (NaN or Inf loss) up to step {done}; "
-                        f"progress is kept in {run.run_dir} (best.safetensors, trajectory.jsonl); "
-                        f"lower --lr or --eps, or raise --max-bad-steps")
     # A diverged run ends as a finished one, with its best-dev weights: in a grid it is a result
-    # (MeZO's rule picks each seed's best dev over the lrs), and its remaining steps would be wasted.
-    why = run.records.diverged(record, cfg.max_loss_ratio)
+    # (MeZO's rule picks each seed's best dev over the lrs; the reference trains on through NaN
+    # losses and keeps its best checkpoint), and its remaining steps would be wasted.
+    streak = (run.log or run.records).worst_streak  # the longest streak at any step, not only at this one
+    why = (f"{streak} steps in a row had a NaN or Inf loss (--max-bad-steps {cfg.max_bad_steps}), up to step {done}"
+           if streak >= cfg.max_bad_steps else run.records.diverged(record, cfg.max_loss_ratio))
     if why is not None:
         run.stopped_early = {"step": done, "why": why}
 
