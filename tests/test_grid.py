@@ -237,6 +237,7 @@ def test_sweep_mps_makes_every_run_a_client_and_quits_the_server(tmp_path, monke
     assert len(seen) == 2 and len(pipes) == 1  # one server for all the runs
     pipe = pipes.pop()
     assert calls.read_text().splitlines() == [f"-d stdin= {pipe}", f" stdin=quit {pipe}"]
+    assert not Path(pipe).parent.exists()  # the server's temporary folder, removed after it quit
 
 
 def test_sweep_mps_on_the_cpu_is_refused_before_anything_is_written(tmp_path, capsys):

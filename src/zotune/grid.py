@@ -225,12 +225,19 @@ def mps_server(folder: Path):
 
 def gpu_sharing(mps: bool, devices: list[str]):
     """The environment of run_jobs' processes, as a context: an MPS server's (mps_server, in a
-    fresh temporary folder) if `mps`, else none."""
+    temporary folder removed afterwards) if `mps`, else none."""
     if not mps:
         return contextlib.nullcontext({})
     if devices == ["cpu"]:
         raise UserError("--mps lets processes share a GPU, and these runs go to the CPU: drop --mps")
-    return mps_server(Path(tempfile.mkdtemp(prefix="zotune-mps-")))
+    return _temporary_mps_server()
+
+
+@contextlib.contextmanager
+def _temporary_mps_server():
+    with tempfile.TemporaryDirectory(prefix="zotune-mps-", ignore_cleanup_errors=True) as folder:
+        with mps_server(Path(folder)) as env:
+            yield env
 
 
 def _train_arguments(job: Job, device: str) -> list[str]:
