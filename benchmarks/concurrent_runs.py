@@ -9,7 +9,7 @@ small kernels, processes on one GPU take turns (their kernels never overlap), an
 stays near one process's kernel-latency limit. Kernels of one process on different streams can
 overlap. Each mode here runs N runs for a fixed window after a warm-up:
   processes  N processes of this script (--worker), started together, each one run
-  mps        the same processes as clients of a CUDA MPS server of their own (grid.mps_server),
+  mps        the same processes as clients of a CUDA MPS server of their own (grid.temporary_mps_server),
              under which their kernels can overlap as streams' do
   streams    one process, N runs, each on a stream of its own, a step of each in turn
   serial     one process, N runs, all on the default stream, a step of each in turn
@@ -42,7 +42,7 @@ import torch
 from common import REPO  # noqa: F401  (puts src/ on the path)
 from zotune.config import TrainConfig  # noqa: E402
 from zotune.errors import UserError  # noqa: E402
-from zotune.grid import mps_server  # noqa: E402
+from zotune.grid import temporary_mps_server  # noqa: E402
 from zotune.together import one_round  # noqa: E402
 from zotune.train import setup, stepper  # noqa: E402
 
@@ -131,7 +131,7 @@ def processes(n: int, setting: Setting, env: dict[str, str] | None = None) -> tu
 
 
 def under_mps(n: int, setting: Setting) -> tuple[int, float]:
-    with tempfile.TemporaryDirectory() as folder, mps_server(Path(folder)) as env:
+    with temporary_mps_server() as env:
         return processes(n, setting, env)
 
 

@@ -98,5 +98,5 @@ def test_the_result_says_when_a_run_stopped_early():
                "test_accuracy": 0.5, "steps": 200, "best_step": 4, "wall_time_s": 1.0, "device": "cpu", "run_dir": "r",
                "stopped_early": {"step": 8, "why": "the loss diverged: 113 at step 8, against 0.805 at the first step"}}
     assert ("8 of 200 steps, stopped early: the loss diverged: 113 at step 8, against 0.805 at the first step "
-            "(lower --lr or --eps, or raise --max-loss-ratio) (best dev at step 4)") in result_lines(summary)
+            "(lower --lr or --eps, or raise --max-loss-ratio or --max-bad-steps) (best dev at step 4)") in result_lines(summary)
     assert "\n200 steps (best dev at step 4)" in result_lines({**summary, "stopped_early": None})

@@ -266,7 +266,7 @@ def collect(runs_dir: Path, protocol: str, tasks: list[str], ks: list[int]) -> t
                 lrs = {c["lr"] for c in result["cells"] if c["trainable"] == trainable}
                 row = cell_row(both, lrs, {**flags, "eval_steps": None})
                 stopped = sum(c["stopped_early"] for c in result["cells"] if c["trainable"] == trainable)
-                if stopped:  # runs whose loss diverged ended early (train.py); the table says how many
+                if stopped:  # runs that diverged (loss or NaN streak) ended early (train.py); the table says how many
                     row["settings"] += f"; {stopped} runs stopped early (diverged)"
                 by_row.setdefault(name, {})[k] = row
                 print(f"{task} {name} k={k}: test {mean_std(row['paper'])} by the paper's rule (lrs "

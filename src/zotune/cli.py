@@ -254,7 +254,7 @@ def steps_text(summary: dict) -> str:
     if not stopped:
         return f"{summary['steps']} steps"
     return (f"{stopped['step']} of {summary['steps']} steps, stopped early: {stopped['why']} "
-            f"(lower --lr or --eps, or raise --max-loss-ratio)")
+            f"(lower --lr or --eps, or raise --max-loss-ratio or --max-bad-steps)")
 
 
 def _run_replay(args) -> None:

@@ -230,11 +230,12 @@ def gpu_sharing(mps: bool, devices: list[str]):
         return contextlib.nullcontext({})
     if devices == ["cpu"]:
         raise UserError("--mps lets processes share a GPU, and these runs go to the CPU: drop --mps")
-    return _temporary_mps_server()
+    return temporary_mps_server()
 
 
 @contextlib.contextmanager
-def _temporary_mps_server():
+def temporary_mps_server():
+    """mps_server in a temporary folder, removed after the daemon quits."""
     with tempfile.TemporaryDirectory(prefix="zotune-mps-", ignore_cleanup_errors=True) as folder:
         with mps_server(Path(folder)) as env:
             yield env

@@ -22,7 +22,7 @@ from zotune.train import Run, begin, close, finish, stepper
 
 def train_together(cfgs: list[TrainConfig], resume: list[bool] | None = None) -> list[dict]:
     """Train every config's run (resume[i]: continue run i, as train(cfg, resume=True)); returns
-    their summaries in order. A run that stops on a UserError (a NaN streak, a bad setting) ends
+    their summaries in order. A run that stops on a UserError (a bad setting, a damaged file) ends
     alone: the others go on and finish, and RunsFailed then names it. Ctrl-C or any other error
     stops them all, each log flushed and closed, so that each run resumes as an interrupted
     `zotune train` does."""
