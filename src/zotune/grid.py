@@ -125,33 +125,16 @@ def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_
                 group = todo.get_nowait()  # not empty() then get(): another worker may take the last
             except Empty:
                 return
-            # The user's OMP_NUM_THREADS wins over ours; env (an MPS server's) is added to theirs.
-            process_env = {"OMP_NUM_THREADS": threads_per_run, **os.environ, **(env or {})}
-            if device != "cpu":
-                process_env["CUDA_VISIBLE_DEVICES"] = device  # the run sees its GPU only
-            commands = [_train_arguments(job, device) for job in group]
-            first = group[0]
-            log = first.output_dir / (f"{first.cell.name}.log" if len(group) == 1 else
-                                      f"{first.cell.name}+{len(group) - 1}.log")
-            if len(group) == 1:
-                command = [sys.executable, "-m", "zotune", "train", *commands[0]]
-            else:
-                jobs_file = log.with_suffix(".json")
-                jobs_file.write_text(json.dumps({"runs": commands}) + "\n")
-                command = [sys.executable, "-m", "zotune", "train-together", str(jobs_file)]
+            command, log = _process_command(group, device)
             with open(log, "a") as out:  # a resumed run's output follows the first attempt's
-                code = _call(command, out, process_env, deadline)
+                code = _call(command, out, _process_env(device, threads_per_run, env), deadline)
             finished = [job for job in group if (job.run_dir / "summary.json").exists()]
             if code is None:
                 stopped.extend(job for job in group if job not in finished)
             elif len(finished) < len(group):  # a group's run that stopped leaves the others finished
                 failures.append(([str(job.run_dir) for job in group if job not in finished], f"exit {code}, see {log}"))
             for job in finished:
-                if not keep_weights:
-                    for weights in job.run_dir.glob("*.safetensors"):
-                        weights.unlink()
-                if not quiet:
-                    print(f"done {job.run_dir} on {device}", flush=True)
+                _finish(job, keep_weights, None if quiet else f"done {job.run_dir} on {device}")
 
     pool = [threading.Thread(target=worker, args=(d,)) for d in devices for _ in range(runs_per_device)]
     for thread in pool:
@@ -162,6 +145,37 @@ def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_
         lines = [f"{', '.join(runs)} ({why})" for runs, why in failures[:3]]
         raise UserError(f"{sum(len(runs) for runs, _ in failures)} run(s) failed: {'; '.join(lines)}")
     return stopped + [job for group in todo.queue for job in group]
+
+
+def _process_command(group: list[Job], device: str) -> tuple[list[str], Path]:
+    """The command of the process that trains `group` on `device` (`zotune train` for one run,
+    `zotune train-together` and a jobs file for several), and the log its output goes to."""
+    commands = [_train_arguments(job, device) for job in group]
+    first = group[0]
+    if len(group) == 1:
+        return [sys.executable, "-m", "zotune", "train", *commands[0]], first.output_dir / f"{first.cell.name}.log"
+    log = first.output_dir / f"{first.cell.name}+{len(group) - 1}.log"
+    jobs_file = log.with_suffix(".json")
+    jobs_file.write_text(json.dumps({"runs": commands}) + "\n")
+    return [sys.executable, "-m", "zotune", "train-together", str(jobs_file)], log
+
+
+def _process_env(device: str, threads: str, env: dict[str, str] | None) -> dict[str, str]:
+    """A run process's environment: the user's OMP_NUM_THREADS wins over `threads`, `env` (an
+    MPS server's) is added to theirs, and a GPU run sees its GPU only."""
+    process_env = {"OMP_NUM_THREADS": threads, **os.environ, **(env or {})}
+    if device != "cpu":
+        process_env["CUDA_VISIBLE_DEVICES"] = device
+    return process_env
+
+
+def _finish(job: Job, keep_weights: bool, message: str | None) -> None:
+    """A finished run's weights deleted unless `keep_weights`; `message` printed, if any."""
+    if not keep_weights:
+        for weights in job.run_dir.glob("*.safetensors"):
+            weights.unlink()
+    if message:
+        print(message, flush=True)
 
 
 def process_groups(jobs: list[Job], runs_per_process: int) -> list[list[Job]]:
