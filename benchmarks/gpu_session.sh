@@ -41,9 +41,9 @@
 #
 # Next session (issue 19; session 16: 12 runs as CUDA MPS clients made 1,266 steps/s, 1.34x plain
 # processes, H100; the table at 587 of 720 runs): three calls back to back, each about 10 minutes.
-# A refused start costs 90-180 s of device time: when
-# starts fail, drop `profile` from call 1 and shorten TABLE_END to what is left, so the table's
-# runs come first; a machine taken back mid-call returns nothing, so keep calls under 10 minutes.
+# A refused start costs 90-180 s of device time: when starts fail, drop `profile` from call 1 and
+# shorten TABLE_END to what is left, so the table's runs come first; a machine taken back mid-call
+# returns nothing, so keep calls under 10 minutes.
 #   1. TABLE_END=$(( $(date +%s) + 570 )) TABLE_FLAGS="--runs-per-device 12 --mps" \
 #      bash benchmarks/gpu_session.sh profile table
 #      (profile: where the 0.79 ms of a step under MPS go, eager kernels and graphed wall, about 1.5
