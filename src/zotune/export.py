@@ -57,7 +57,7 @@ def rebuild(run_dir: str | Path) -> Rebuilt:
     cfg = read_run_config(run_dir)
     weights = run_dir / BEST_NAME
     if not weights.is_file():
-        raise UserError(f"{run_dir} has no best.safetensors (the run never reached a dev evaluation); "
+        raise UserError(f"{run_dir} has no {BEST_NAME} (the run never reached a dev evaluation); "
                         f"train with --steps at least --eval-steps")
     model_dir = resolve_model_dir(cfg.model)
     model, trainable = load_trainable(cfg)  # as the run built it: the same names and shapes

@@ -53,7 +53,7 @@ class Run:
     first_step: int                     # 0, or where a resumed run goes on
     logged: list[dict]                  # a resumed run's trajectory records
     zero_shot: dict | None = None       # dev and test accuracy before the first step
-    stopped_early: dict | None = None   # {"step", "why"}: the loss diverged there (_log_point)
+    stopped_early: dict | None = None   # {"step", "why"}: the loss diverged, or was NaN/Inf too long (_log_point)
     phase_s: dict = field(default_factory=dict)  # this process's seconds by phase (summary's `phase_s`)
 
 
