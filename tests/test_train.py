@@ -156,6 +156,17 @@ def test_tensorboard_logs_the_metrics(tmp_path, tiny_mlm_dir):
     assert [e.step for e in events.Scalars("dev_accuracy")] == [3, 6]
 
 
+def test_overwrite_leaves_nothing_of_the_old_run(tmp_path, tiny_mlm_dir):
+    from zotune.plot import plot_run
+    _, run = _run(tmp_path, tiny_mlm_dir, "old", tensorboard=True, steps=3)
+    plot_run(run)
+    assert (run / "run.png").is_file() and (run / "tensorboard").is_dir()
+    summary, _ = _run(tmp_path, tiny_mlm_dir, "old", overwrite=True, optimizer="adam", steps=2, eval_steps=2)
+    assert sorted(p.name for p in run.iterdir()) == ["best.safetensors", "config.json", "metrics.jsonl",
+                                                    "summary.json", "zero_shot.json"]
+    assert json.loads((run / "config.json").read_text())["optimizer"] == "adam" and summary["steps"] == 2
+
+
 @pytest.mark.parametrize("device", ["cpu", ON_GPU])
 @pytest.mark.parametrize("trainable,layers", [("lora", None), ("prefix", None), ("top:1", None), ("top:2", None),
                                               ("bias", (1,)), ("lora+head", None)])

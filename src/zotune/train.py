@@ -13,6 +13,7 @@ around the work, memory from the CUDA allocator or the OS.
 import json
 import os
 import resource
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -427,11 +428,15 @@ def check_output_dir(cfg: TrainConfig) -> None:
 
 
 def _prepare_run_dir(cfg: TrainConfig) -> Path:
+    """A new run replaces all of an old one (check_output_dir allowed it): no plot, TensorBoard
+    event or checkpoint of the old run may sit beside the new run's records."""
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "summary.json", BEST_NAME, "final.safetensors", ZERO_SHOT_NAME,
-                  trajectory.LOG_NAME, trajectory.SNAPSHOT_NAME):
-        (run_dir / stale).unlink(missing_ok=True)
+    for stale in map(run_dir.joinpath, RUN_FILES - {"config.json"}):  # config.json: rewritten below
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink(missing_ok=True)
     write_text_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2, allow_nan=False) + "\n")
     return run_dir
 
