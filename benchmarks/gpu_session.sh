@@ -39,23 +39,16 @@
 # TESTS_LIMIT=S raises the tests' limit, for a call that shares the GPU with other work.
 # or in two calls if one runs long: "bash benchmarks/gpu_session.sh tests gap", then "... speed".
 #
-# Next session (issue 19; session 16: 12 runs as CUDA MPS clients made 1,266 steps/s, 1.34x plain
-# processes, H100; the table at 587 of 720 runs): three calls back to back, each about 10 minutes.
-# A refused start costs 90-180 s of device time: when starts fail, drop `profile` from call 1 and
-# shorten TABLE_END to what is left, so the table's runs come first; a machine taken back mid-call
-# returns nothing, so keep calls under 10 minutes.
-#   1. TABLE_END=$(( $(date +%s) + 570 )) TABLE_FLAGS="--runs-per-device 12 --mps" \
-#      bash benchmarks/gpu_session.sh profile table
-#      (profile: where the 0.79 ms of a step under MPS go, eager kernels and graphed wall, about 1.5
-#      minutes, to find what would make the protocol's 80 minutes shorter; then the table's last
-#      133 runs, about 11 minutes at session 16's 0.21 runs/s). Copy the call's
-#      table.tgz to benchmarks/fewshot-runs.tgz at once: it holds the finished runs, and the
-#      trajectory logs of the unfinished ones, which a fresh machine continues (--resume replays).
-#   2. TABLE_END=$(( $(date +%s) + 150 )) PAPER_END=$(( $(date +%s) + 570 )) \
-#      TABLE_FLAGS="--runs-per-device 12 --mps" bash benchmarks/gpu_session.sh table paper
-#   3. PAPER_END=$(( $(date +%s) + 570 )) bash benchmarks/gpu_session.sh paper
+# Next session (issue 19; the table is complete, 720 of 720 runs, session 18; the paper's
+# protocol at 608,000 of 6M steps, 1,048 steps/s end to end with 4 runs under MPS on an H100):
+# paper calls back to back, each under 10 minutes (a machine taken back mid-call returns
+# nothing), carrying [".bundles"]. A refused start costs 90-180 s of device time. `profile`
+# (about 1.5 minutes: where a step's 0.8 ms under MPS go) may precede the first call's paper phase
+# if the budget allows: it tells what would make the protocol's remaining 86 minutes shorter.
+#   1. PAPER_END=$(( $(date +%s) + 480 )) bash benchmarks/gpu_session.sh profile paper
+#   2. PAPER_END=$(( $(date +%s) + 570 )) bash benchmarks/gpu_session.sh paper   (each later call)
 #      The paper phase is the MeZO paper's 100,000-step SST-2 protocol: 60 runs, 6M steps, about
-#      80 minutes at 1,266 steps/s, so three or four sessions. A warm machine keeps runs/ between
+#      95 minutes at 1,048 steps/s, so three or four sessions. A warm machine keeps runs/ between
 #      calls. After each call: mkdir -p .bundles && cat FILES_AT/paper-runs.tgz.part-* >
 #      .bundles/paper-runs.tgz (ignored). A later session's paper calls carry [".bundles"]: the
 #      phase unpacks it and the unfinished runs continue from their logs (about 25 bytes a step,

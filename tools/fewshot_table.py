@@ -431,11 +431,13 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
         print(f"picture: {plot(runs_dir, protocol, Path(args.plot))}", flush=True)
     if args.bundle:
         bundle(runs_dir, Path(args.bundle))
-    report(output, protocol, rows, ks, models, devices_seen, time.monotonic() - started)
+    report(output, protocol, rows, ks, models, devices_seen, None if args.aggregate_only else time.monotonic() - started)
 
 
-def report(output: Path, protocol: str, rows: dict, ks: list[int], models: set, devices: set, seconds: float) -> None:
-    """The tables as JSON at `output`, and printed last."""
+def report(output: Path, protocol: str, rows: dict, ks: list[int], models: set, devices: set,
+           seconds: float | None) -> None:
+    """The tables as JSON at `output`, and printed last; `seconds`, this call's wall time, when it ran runs
+    (the runs of a table usually span several calls, each printing its own)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     device_name = ", ".join(sorted(devices))
     output.write_text(json.dumps(
@@ -445,7 +447,7 @@ def report(output: Path, protocol: str, rows: dict, ks: list[int], models: set, 
     lora = ("MeZO (LoRA) trains the LoRA matrices on q and v only, as MeZO's large_models does" if protocol == "causal"
             else "MeZO (LoRA) trains the LoRA matrices only; MeZO (LoRA+head), the paper's, also the LM head")
     print(f"\nTest accuracy, mean (std) over seeds {SEEDS}, protocol {protocol}, model "
-          f"{', '.join(sorted(models))}, on {device_name} ({seconds:.0f} s in all). paper: "
+          f"{', '.join(sorted(models))}, on {device_name}{'' if seconds is None else f' (this call: {seconds:.0f} s)'}. paper: "
           "the best-dev run of each seed over the lr grid (MeZO's gather_result.py); zotune: one lr per cell by "
           f"mean dev. {lora}.")
     for task, by_row in rows.items():
