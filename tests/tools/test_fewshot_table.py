@@ -117,6 +117,34 @@ def test_picture_and_bundle_from_finished_grids(tmp_path, monkeypatch):
     assert "fewshot/sst2/MeZO-full-k512/full-lr1e-05-seed13/metrics.jsonl" in names
 
 
+def test_the_paper_protocol_aggregates_beside_the_tables_runs(tmp_path, monkeypatch, capsys):
+    # As gpu_session.sh's header says to finish it: the protocol's runs unpacked into the table's
+    # folder (sst2-mezo-paper/ beside sst2/), the picture's Adam line from the table's Adam grid.
+    runs = tmp_path / "fewshot"
+    for name, (trainable, lrs, _) in fewshot_table.PAPER_METHODS.items():
+        grid = fewshot_table.grid_dir(runs / "sst2-mezo-paper", name, trainable, 512).name
+        for lr in lrs:
+            for seed in fewshot_table.SEEDS:
+                _run(runs / "sst2-mezo-paper", grid, trainable, lr, seed, 0.7 + lr * 1000, 0.8, steps=100_000, k=512)
+    for seed in fewshot_table.SEEDS:
+        _run(runs / "sst2", "Adam-full-k512", "full", 3e-5, seed, 0.85, 0.84, optimizer="adam", k=512)
+    import zotune.plot
+    drawn, draw = {}, zotune.plot.plot_dev_curves
+    monkeypatch.setattr(zotune.plot, "plot_dev_curves",
+                        lambda curves, lines, *rest: drawn.update(curves=curves, lines=lines) or draw(curves, lines, *rest))
+    picture = tmp_path / "dev-100k.png"
+    _main(monkeypatch, "--protocol", "mezo-paper", "--aggregate-only", "--runs-dir", str(runs), "--ks", "512",
+          "--output", str(tmp_path / "paper.json"), "--plot", str(picture))
+    out = capsys.readouterr().out
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "protocol mezo-paper" in out and "this call" not in out  # aggregating measures no run's time
+    rows = json.loads((tmp_path / "paper.json").read_text())["runs"]["sst2"]
+    assert rows["MeZO (full)"]["512"]["paper_lrs"] == {str(seed): 1e-5 for seed in fewshot_table.SEEDS}
+    assert rows["MeZO (LoRA+head)"]["512"]["zotune_lr"] == 3e-5 and "Adam (full)" not in rows
+    assert sorted(drawn["curves"]) == ["MeZO (LoRA+head), lr 3e-05", "MeZO (full), lr 1e-05"]
+    assert drawn["lines"] == {"zero-shot": 0.6, "Adam (full), lr 3e-05": pytest.approx(0.85)}
+
+
 @pytest.mark.parametrize("tiny_causal_dir", ["llama"], indirect=True)
 def test_a_causal_checkpoint_takes_the_causal_protocol_and_refuses_the_others(tmp_path, tiny_causal_dir, monkeypatch,
                                                                                capsys):
