@@ -54,6 +54,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 sys.path.insert(0, SRC)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))  # for the run processes
 
+from zotune.errors import UserError  # noqa: E402
 from zotune.grid import (Cell, Job, aggregate_dir, local_devices, mean_std_text as mean_std, gpu_sharing,  # noqa: E402
                          run_jobs)
 
@@ -226,16 +227,26 @@ def zero_shot_rows(model: str, tasks: list[str], ks: list[int], device: str, run
     return stored
 
 
-def finished_grids(folder: Path, ks: list[int], names: dict) -> list[tuple[str, int, Path]]:
+def unfinished_runs(grid: Path, method: tuple | None) -> list[str]:
+    """The runs of a grid folder without a summary.json: the folders there, and for one of the
+    protocol's methods, (trainable, lrs, flags), every run of its lrs and SEEDS, started or not
+    (a call's deadline can fall before some of a grid's runs have begun)."""
+    present = {run.name for run in grid.iterdir() if run.is_dir()} if grid.is_dir() else set()
+    planned = {Cell(method[0], lr, seed).name for lr in method[1] for seed in SEEDS} if method else set()
+    return sorted(name for name in present | planned if not (grid / name / "summary.json").is_file())
+
+
+def finished_grids(folder: Path, ks: list[int], names: dict, methods: dict) -> list[tuple[str, int, Path]]:
     """(row name, k, grid folder) of every folder <name>-k<k> under a task's folder whose runs
     are all finished: the methods' names where the folder is one of theirs, else its name."""
     grids = []
     for grid in sorted(folder.iterdir()) if folder.is_dir() else []:
         match = re.fullmatch(r"(.+)-k(\d+)", grid.name)
         if grid.is_dir() and match and int(match.group(2)) in ks and any(grid.glob("*/summary.json")):
-            if any(not (run / "summary.json").exists() for run in grid.iterdir() if run.is_dir()):
+            name = names.get(grid.name, match.group(1))
+            if unfinished_runs(grid, methods.get(name)):
                 continue  # a grid still running: not a table cell yet
-            grids.append((names.get(grid.name, match.group(1)), int(match.group(2)), grid))
+            grids.append((name, int(match.group(2)), grid))
     order = list(METHODS)
     return sorted(grids, key=lambda g: (order.index(g[0]) if g[0] in order else len(order), g[0], g[1]))
 
@@ -257,7 +268,7 @@ def collect(runs_dir: Path, protocol: str, tasks: list[str], ks: list[int]) -> t
             devices.add(stored.get("device", "?"))
         names = {grid_dir(Path(), name, trainable, k).name: name for name, (trainable, _, _) in methods.items()
                  for k in ks}
-        for name, k, folder in finished_grids(task_dir(runs_dir, protocol, task), ks, names):
+        for name, k, folder in finished_grids(task_dir(runs_dir, protocol, task), ks, names, methods):
             result = aggregate_dir(folder)
             flags = result["config"]
             models.add(flags["model"])
@@ -313,17 +324,20 @@ def plot(runs_dir: Path, protocol: str, output: Path) -> Path:
     lora = "MeZO (LoRA+head)" if "MeZO (LoRA+head)" in methods else "MeZO (LoRA)"  # the paper's LoRA for each
     curves = {}
     for name in ("MeZO (full)", lora):  # issue 19's picture: full and the paper's LoRA
-        trainable = PROTOCOLS[protocol][1][name][0]
+        trainable = methods[name][0]
         grid = grid_dir(folder, name, trainable, 512)
+        if missing := unfinished_runs(grid, methods[name]):
+            raise UserError(f"--plot draws finished grids only, and {grid} has {len(missing)} run"
+                            f"{'s' * (len(missing) > 1)} not finished ({', '.join(missing[:2])}); finish the protocol first")
         result = aggregate_dir(grid)
         lr = result["best_lr"][trainable]
         curves[f"{name}, lr {lr:g}"] = [grid / Cell(trainable, lr, seed).name for seed in result["aggregates"][trainable]["zotune"]["seeds"]]
     runs = [run for dirs in curves.values() for run in dirs]
     zero = [json.loads((run / "summary.json").read_text())["zero_shot"]["dev_accuracy"] for run in runs[:len(SEEDS)]]
     lines = {"zero-shot": statistics.mean(zero)}
-    adam = grid_dir(task_dir(runs_dir, protocol if "Adam (full)" in methods else "table", "sst2"),
-                    "Adam (full)", "full", 512)
-    if any(adam.glob("*/summary.json")):
+    adam_protocol = protocol if "Adam (full)" in methods else "table"
+    adam = grid_dir(task_dir(runs_dir, adam_protocol, "sst2"), "Adam (full)", "full", 512)
+    if any(adam.glob("*/summary.json")) and not unfinished_runs(adam, PROTOCOLS[adam_protocol][1]["Adam (full)"]):
         best = aggregate_dir(adam)["aggregates"]["full"]["zotune"]
         lines[f"Adam (full), lr {best['lr']:g}"] = statistics.mean(best["dev"])
     steps = json.loads((runs[0] / "config.json").read_text())["steps"]
@@ -365,7 +379,6 @@ def choose_protocol(args: argparse.Namespace) -> tuple[str, str | None]:
     """The protocol and model of a call: --protocol, or the checkpoint's (a local --model whose
     config.json names a causal LM takes `causal`); a protocol that does not fit the checkpoint is
     refused. The model may be None for --aggregate-only of a causal protocol (none is read)."""
-    from zotune.errors import UserError
     from zotune.model.loading import is_causal_checkpoint
     causal = is_causal_checkpoint(Path(args.model)) if args.model and Path(args.model).is_dir() else None
     protocol = args.protocol or ("causal" if causal else "table")
@@ -380,7 +393,6 @@ def choose_protocol(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 def main():
-    from zotune.errors import UserError
     args = parse_args()
     try:
         run(args, *choose_protocol(args))
@@ -390,7 +402,6 @@ def main():
 
 
 def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
-    from zotune.errors import UserError
     started = time.monotonic()
     protocol_tasks, methods = PROTOCOLS[protocol]
     tasks = args.tasks.split(",") if args.tasks else list(DEFAULT_TASKS.get(protocol, protocol_tasks))

@@ -29,16 +29,27 @@ def _main(monkeypatch, *argv):
     fewshot_table.main()
 
 
+def _plan(monkeypatch, lrs, seeds=fewshot_table.SEEDS):
+    """Every table method's lr grid and the seeds set to these: a grid is a table cell once all
+    of its planned runs are finished."""
+    for name, (trainable, _, flags) in list(fewshot_table.METHODS.items()):
+        monkeypatch.setitem(fewshot_table.METHODS, name, (trainable, lrs, flags))
+    monkeypatch.setattr(fewshot_table, "SEEDS", seeds)
+
+
 def test_aggregate_only_prints_and_stores_both_aggregates(tmp_path, monkeypatch, capsys):
     runs = tmp_path / "fewshot"
+    _plan(monkeypatch, (1e-5, 3e-5), seeds=(13, 21))
     # One lr wins seed 13, the other seed 21; 3e-5 has the better mean dev. A grid of another
-    # name is aggregated too, under its folder's name; an unfinished grid is left out.
+    # name is aggregated too, under its folder's name; unfinished grids are left out: one with a
+    # run still going, one whose other runs have not begun.
     for grid, trainable, lr, seed, dev, test in [
             ("MeZO-full-k16", "full", 1e-5, 13, 0.9, 0.8), ("MeZO-full-k16", "full", 1e-5, 21, 0.5, 0.5),
             ("MeZO-full-k16", "full", 3e-5, 13, 0.8, 0.7), ("MeZO-full-k16", "full", 3e-5, 21, 0.7, 0.9),
-            ("Other-top1-k16", "top:1", 1e-3, 13, 0.6, 0.6), ("MeZO-lora-k16", "lora", 1e-3, 13, 0.6, 0.6)]:
+            ("Other-top1-k16", "top:1", 1e-3, 13, 0.6, 0.6), ("MeZO-lora-k16", "lora", 1e-5, 13, 0.6, 0.6),
+            ("MeZO-prefix-k16", "prefix", 1e-5, 13, 0.6, 0.6), ("MeZO-prefix-k16", "prefix", 1e-5, 21, 0.6, 0.6)]:
         _run(runs / "sst2", grid, trainable, lr, seed, dev, test)
-    (runs / "sst2" / "MeZO-lora-k16" / "lora-lr0.001-seed21").mkdir()  # still running
+    (runs / "sst2" / "MeZO-lora-k16" / "lora-lr1e-05-seed21").mkdir()  # still running
     (runs / "zero_shot.json").write_text(json.dumps(
         {"model": "m", "device": "cpu", "tasks": {"sst2": {"zero-shot": {"16": [0.7, 0.7]}}}}))
     before = sorted(runs.rglob("*"))
@@ -88,6 +99,7 @@ def test_paper_protocol_plans_sst2_only_with_the_papers_settings(tmp_path, monke
 
 def test_picture_and_bundle_from_finished_grids(tmp_path, monkeypatch):
     runs = tmp_path / "fewshot"
+    _plan(monkeypatch, (1e-5, 1e-4))
     for grid, trainable, optimizer in [("MeZO-full-k512", "full", "mezo"), ("MeZO-lora+head-k512", "lora+head", "mezo"),
                                        ("Adam-full-k512", "full", "adam")]:
         for lr in (1e-5, 1e-4):
@@ -126,8 +138,10 @@ def test_the_paper_protocol_aggregates_beside_the_tables_runs(tmp_path, monkeypa
         for lr in lrs:
             for seed in fewshot_table.SEEDS:
                 _run(runs / "sst2-mezo-paper", grid, trainable, lr, seed, 0.7 + lr * 1000, 0.8, steps=100_000, k=512)
-    for seed in fewshot_table.SEEDS:
-        _run(runs / "sst2", "Adam-full-k512", "full", 3e-5, seed, 0.85, 0.84, optimizer="adam", k=512)
+    adam_lrs = fewshot_table.METHODS["Adam (full)"][1]
+    for lr in adam_lrs:
+        for seed in fewshot_table.SEEDS:
+            _run(runs / "sst2", "Adam-full-k512", "full", lr, seed, 0.85 - abs(lr - 3e-5), 0.84, optimizer="adam", k=512)
     import zotune.plot
     drawn, draw = {}, zotune.plot.plot_dev_curves
     monkeypatch.setattr(zotune.plot, "plot_dev_curves",
@@ -143,6 +157,18 @@ def test_the_paper_protocol_aggregates_beside_the_tables_runs(tmp_path, monkeypa
     assert rows["MeZO (LoRA+head)"]["512"]["zotune_lr"] == 3e-5 and "Adam (full)" not in rows
     assert sorted(drawn["curves"]) == ["MeZO (LoRA+head), lr 3e-05", "MeZO (full), lr 1e-05"]
     assert drawn["lines"] == {"zero-shot": 0.6, "Adam (full), lr 3e-05": pytest.approx(0.85)}
+    # An Adam grid not yet complete draws no line; an unfinished MeZO grid, no picture.
+    for summary in (runs / "sst2" / "Adam-full-k512" / f"full-lr{adam_lrs[-1]:g}-seed100").glob("*"):
+        summary.unlink()
+    _main(monkeypatch, "--protocol", "mezo-paper", "--aggregate-only", "--runs-dir", str(runs), "--ks", "512",
+          "--output", str(tmp_path / "paper.json"), "--plot", str(picture))
+    assert drawn["lines"] == {"zero-shot": 0.6}
+    (runs / "sst2-mezo-paper" / "MeZO-full-k512" / "full-lr1e-06-seed13" / "summary.json").unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="2"):
+        _main(monkeypatch, "--protocol", "mezo-paper", "--aggregate-only", "--runs-dir", str(runs), "--ks", "512",
+              "--output", str(tmp_path / "paper.json"), "--plot", str(picture))
+    assert "MeZO-full-k512 has 1 run not finished (full-lr1e-06-seed13)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tiny_causal_dir", ["llama"], indirect=True)
