@@ -3,8 +3,10 @@
 import json
 import subprocess
 import sys
+import types
 
 import pytest
+import torch
 
 from zotune.cli import main
 
@@ -83,6 +85,18 @@ def test_the_recipe_does_not_depend_on_other_flags(monkeypatch, capsys, flags):
     assert main(["train", "--recipe", "mezo-paper", *flags]) == 0
     assert (configs[1].lr, configs[1].eps, configs[1].batch_size, configs[1].steps, configs[1].eval_steps,
             configs[1].trainable) == (1e-6, 1e-3, 64, 100_000, 10_000, "full")
+
+
+def test_the_start_line_names_what_departs_from_the_recipe(monkeypatch):
+    from zotune.config import TrainConfig
+    from zotune.train import announcement
+    session = types.SimpleNamespace(trainable=[("w", torch.zeros(3))], device=torch.device("cpu"))
+    assert "recipe demo: mezo top:1 on sst2 k=16 seed 42, 100 steps" in announcement(
+        TrainConfig.from_recipe("demo", {}), session)
+    paper_like = TrainConfig.from_recipe("demo", {"steps": 100_000, "lr": 1e-6, "trainable": "full", "seed": 42})
+    assert paper_like.changed_from_recipe() == ["trainable", "steps", "lr"]
+    assert "recipe demo (trainable, steps, lr changed): mezo full on sst2" in announcement(paper_like, session)
+    assert TrainConfig(steps=3).changed_from_recipe() == []  # no recipe: nothing to depart from
 
 
 def test_help_shows_defaults_and_recipes(capsys):

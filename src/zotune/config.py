@@ -112,6 +112,11 @@ class TrainConfig:
             raise UserError(f"unknown --recipe {name!r}; choose one of {', '.join(RECIPES)}")
         return cls.from_dict({**RECIPES[name], "recipe": name, **values})
 
+    def changed_from_recipe(self) -> list[str]:
+        """The recipe's fields this run departs from (flags or --config over it): the start line
+        names them, so that `recipe demo` beside 100,000 steps reads as what it is."""
+        return [name for name, value in RECIPES.get(self.recipe, {}).items() if getattr(self, name) != value]
+
     def __post_init__(self):
         for f in fields(self):  # a --config file can hold any JSON value: check each against its declaration
             setattr(self, f.name, _checked(f, getattr(self, f.name)))

@@ -162,7 +162,9 @@ def before_training(run: Run, resume: bool) -> dict | None:
 def announcement(cfg: TrainConfig, session: Session) -> str:
     """The line a run starts with: its recipe and the values that define it."""
     subset = cfg.trainable + (f" (layers {','.join(map(str, cfg.layers))})" if cfg.layers else "")
-    return (f"zotune train: recipe {cfg.recipe or '(none)'}: {cfg.optimizer} {subset} on {cfg.task} k={cfg.k} "
+    changed = cfg.changed_from_recipe()
+    recipe = (cfg.recipe or "(none)") + (f" ({', '.join(changed)} changed)" if changed else "")
+    return (f"zotune train: recipe {recipe}: {cfg.optimizer} {subset} on {cfg.task} k={cfg.k} "
             f"seed {cfg.seed}, {cfg.steps} steps, lr {cfg.lr:g}, eps {cfg.eps:g}, batch {cfg.batch_size}, "
             f"dev every {cfg.eval_steps}; {sum(p.numel() for _, p in session.trainable):,} trainable parameters "
             f"on {session.device} ({cfg.precision if session.device.type == 'cuda' else 'float32'}); "
