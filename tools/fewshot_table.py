@@ -337,7 +337,7 @@ def plot(runs_dir: Path, protocol: str, output: Path) -> Path:
     lines = {"zero-shot": statistics.mean(zero)}
     adam_protocol = protocol if "Adam (full)" in methods else "table"
     adam = grid_dir(task_dir(runs_dir, adam_protocol, "sst2"), "Adam (full)", "full", 512)
-    if any(adam.glob("*/summary.json")) and not unfinished_runs(adam, PROTOCOLS[adam_protocol][1]["Adam (full)"]):
+    if not unfinished_runs(adam, PROTOCOLS[adam_protocol][1]["Adam (full)"]):
         best = aggregate_dir(adam)["aggregates"]["full"]["zotune"]
         lines[f"Adam (full), lr {best['lr']:g}"] = statistics.mean(best["dev"])
     steps = json.loads((runs[0] / "config.json").read_text())["steps"]
