@@ -39,13 +39,17 @@
 # TESTS_LIMIT=S raises the tests' limit, for a call that shares the GPU with other work.
 # or in two calls if one runs long: "bash benchmarks/gpu_session.sh tests gap", then "... speed".
 #
-# Next session (issue 19; the table is complete, 720 of 720 runs, session 18; the paper's
-# protocol at 608,000 of 6M steps, 1,048 steps/s end to end with 4 runs under MPS on an H100):
-# paper calls back to back, each under 10 minutes (a machine taken back mid-call returns
-# nothing), carrying [".bundles"]. A refused start costs 90-180 s of device time. `profile`
-# (about 1.5 minutes: where a step's 0.8 ms under MPS go) may precede the first call's paper phase
-# if the budget allows: it tells what would make the protocol's remaining 86 minutes shorter.
-#   1. PAPER_END=$(( $(date +%s) + 480 )) bash benchmarks/gpu_session.sh profile paper
+# Next session (issue 19). The table's 540 MeZO runs are done; its 180 Adam runs run again (session
+# 18 found they had inherited the demo recipe's constant lr, where the reference decays it
+# linearly; the old grids stay in the bundle as Adam-full-constant): about 16 minutes of an H100
+# as 12 MPS clients (session 18's Adam runs: 20-21 steps/s, 60-66 s each). Then the paper's
+# protocol: 608,000 of 6M steps done, 1,048 steps/s end to end with 4 runs under MPS on an H100.
+# Calls under 10 minutes (a machine taken back mid-call returns nothing); a refused start costs
+# 90-180 s of device time.
+#   1. TABLE_END=$(( $(date +%s) + 560 )) TABLE_FLAGS="--runs-per-device 12 --mps" \
+#      bash benchmarks/gpu_session.sh table     (copy table.tgz to benchmarks/fewshot-runs.tgz at once)
+#   1b. the same again until the plan says 0 to go; then `profile` (about 1.5 minutes: where a
+#      step's 0.8 ms under MPS go, and how many kernels) may precede the first paper call.
 #   2. PAPER_END=$(( $(date +%s) + 570 )) bash benchmarks/gpu_session.sh paper   (each later call)
 #      The paper phase is the MeZO paper's 100,000-step SST-2 protocol: 60 runs, 6M steps, about
 #      95 minutes at 1,048 steps/s, so three or four sessions. A warm machine keeps runs/ between

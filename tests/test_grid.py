@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zotune.cli import main
+from zotune.cli import main, run_settings
 from zotune.errors import UserError
 from zotune.grid import Cell, aggregate, aggregate_dir, paper_aggregate
 
@@ -33,6 +33,13 @@ def test_sweep_runs_the_grid_and_picks_lr_by_dev(tmp_path, tiny_mlm_dir, capsys)
     capsys.readouterr()
     assert main(args) == 0
     assert "done " not in capsys.readouterr().out
+    # The folder asked for other settings: its finished runs are not those runs, so none is skipped
+    # as done and nothing runs.
+    results = (out / "results.json").read_text()
+    assert main([a if a != "16" else "8" for a in args]) == 2  # --batch-size 16 -> 8
+    err = capsys.readouterr().err
+    assert "is a finished run of other settings (batch_size 16, not 8)" in err and len(err.splitlines()) == 1
+    assert (out / "results.json").read_text() == results
 
 
 def _finished_run(grid, trainable, lr, seed, dev, test, **config):
@@ -232,7 +239,8 @@ def test_sweep_mps_makes_every_run_a_client_and_quits_the_server(tmp_path, monke
     seen = []
     monkeypatch.setattr(grid, "_call", lambda command, out, env, deadline: seen.append(env) or 1)
     with pytest.raises(UserError, match="2 run"):
-        grid.run_grid(tmp_path / "grid", [13, 21], [1e-2], ["lora"], ["--steps", "1"], ["0"], quiet=True, mps=True)
+        grid.run_grid(tmp_path / "grid", [13, 21], [1e-2], ["lora"], ["--steps", "1"], ["0"], run_settings, quiet=True,
+                      mps=True)
     pipes = {env["CUDA_MPS_PIPE_DIRECTORY"] for env in seen}
     assert len(seen) == 2 and len(pipes) == 1  # one server for all the runs
     pipe = pipes.pop()

@@ -54,9 +54,11 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 sys.path.insert(0, SRC)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))  # for the run processes
 
+from zotune.cli import run_settings  # noqa: E402
+from zotune.config import RECIPES  # noqa: E402
 from zotune.errors import UserError  # noqa: E402
-from zotune.grid import (Cell, Job, aggregate_dir, local_devices, mean_std_text as mean_std, gpu_sharing,  # noqa: E402
-                         run_jobs)
+from zotune.grid import (Cell, Job, aggregate_dir, check_finished, local_devices, mean_std_text as mean_std,  # noqa: E402
+                         gpu_sharing, run_jobs)
 
 TASKS = ("sst2", "sst5", "trec", "mnli", "snli", "rte")
 TWO_CLASS = ("sst2", "rte")  # where a dev-fitted threshold applies
@@ -71,19 +73,24 @@ KS = (16, 512)
 # not plain LoRA's (the MeZO paper's LoRA grid: 1e-5..1e-4, eps 1e-3); with plain LoRA's grid
 # every k=512 run diverged (RESULTS.md, session 12). Dev every 250
 # MeZO steps; a metrics line every 50 keeps the logs small enough to bring back (--bundle).
-MEZO = dict(optimizer="mezo", steps=5000, eval_steps=250, log_steps=50, batch_size=64)
+# Each run starts from its optimizer's paper recipe, so what the flags leave out is the
+# reference's: a constant lr for MeZO (medium_models/mezo.sh), linear decay to 0 for Adam (the
+# Hugging Face Trainer's default, which MeZO's finetune.sh keeps). Runs of sessions 11-18 started
+# from the demo recipe, which gave Adam a constant lr: their grids are kept as Adam-full-constant.
+MEZO = dict(recipe="mezo-paper", optimizer="mezo", steps=5000, eval_steps=250, log_steps=50, batch_size=64)
 METHODS = {
     "MeZO (full)": ("full", (3e-6, 1e-5, 3e-5), dict(MEZO, eps=1e-3)),
     "MeZO (LoRA)": ("lora", (1e-3, 3e-3, 1e-2), dict(MEZO, eps=1e-2)),
     "MeZO (LoRA+head)": ("lora+head", (1e-5, 3e-5, 1e-4), dict(MEZO, eps=1e-3)),
     "MeZO (prefix)": ("prefix", (1e-3, 1e-2, 3e-2), dict(MEZO, eps=1e-1)),
-    "Adam (full)": ("full", (1e-5, 3e-5, 1e-4), dict(optimizer="adam", steps=1000, eval_steps=100, batch_size=8)),
+    "Adam (full)": ("full", (1e-5, 3e-5, 1e-4),
+                    dict(recipe="ft-paper", optimizer="adam", steps=1000, eval_steps=100, batch_size=8)),
 }
 # The MeZO paper's SST-2 protocol (medium_models/mezo.sh: 100,000 steps, batch 64, eps 1e-3,
 # constant lr; RoBERTa-large's grid 1e-7..1e-5). Scaled to this model: at 5,000 steps its best
 # lrs were 1e-5 (full) and 3e-3 (plain LoRA, eps 1e-2), and 20 times the steps want smaller
 # ones; LoRA+head, as above, those of full-parameter runs.
-PAPER = dict(optimizer="mezo", steps=100_000, eval_steps=1000, log_steps=100, batch_size=64, eps=1e-3)
+PAPER = dict(recipe="mezo-paper", optimizer="mezo", steps=100_000, eval_steps=1000, log_steps=100, batch_size=64, eps=1e-3)
 PAPER_METHODS = {
     "MeZO (full)": ("full", (1e-6, 3e-6, 1e-5), PAPER),
     "MeZO (LoRA+head)": ("lora+head", (3e-6, 1e-5, 3e-5), PAPER),
@@ -98,7 +105,7 @@ PAPER_METHODS = {
 # lr, so both grids reach lower (RESULTS.md, session 14). LoRA is large_models' (q and v only):
 # `lora+head` on a causal LM would untie and train the 12.9M-parameter output embedding, which is
 # no setting of the paper's, so it is not offered here.
-CAUSAL_MEZO = dict(optimizer="mezo", steps=2000, eval_steps=250, log_steps=50, batch_size=16)
+CAUSAL_MEZO = dict(recipe="mezo-paper", optimizer="mezo", steps=2000, eval_steps=250, log_steps=50, batch_size=16)
 CAUSAL_METHODS = {
     "MeZO (full)": ("full", (3e-6, 1e-5, 3e-5), dict(CAUSAL_MEZO, eps=1e-3)),
     "MeZO (LoRA)": ("lora", (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), dict(CAUSAL_MEZO, eps=1e-2)),
@@ -121,6 +128,7 @@ def grid_dir(folder: Path, name: str, trainable: str, k: int) -> Path:
 def settings_text(flags: dict, lrs) -> str:
     return (f"{flags['steps']} steps, batch {flags['batch_size']}"
             + (f", eps {flags['eps']:g}" if flags["optimizer"] == "mezo" else "")
+            + (f", {flags['schedule']} lr schedule" if flags.get("schedule", "constant") != "constant" else "")
             + (f", dev every {flags['eval_steps']}" if flags.get("eval_steps") else "")
             + f", lr grid {{{', '.join(f'{lr:g}' for lr in sorted(lrs))}}}")
 
@@ -419,9 +427,11 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
     if args.mezo_steps:
         jobs = [(t, k, n, Job(j.output_dir, j.cell, _with_steps(j.train_args, args.mezo_steps))) for t, k, n, j in jobs]
     if not args.aggregate_only:
+        check_finished([j for *_, j in jobs], run_settings)  # a finished run of other settings is not this plan's
         print_plan([j for *_, j in jobs], workers, args.steps_per_s, args.overhead_s)
         for name in names:
             trainable, lrs, flags = methods[name]
+            flags = {**RECIPES[flags["recipe"]], **flags}  # what the runs get, the recipe's lr schedule included
             if args.mezo_steps and flags["optimizer"] == "mezo":
                 flags = {**flags, **_step_settings(args.mezo_steps)}
             print(f"plan: {name}: {trainable}, {settings_text(flags, lrs)}, k {ks}, seeds {SEEDS}", flush=True)

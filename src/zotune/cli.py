@@ -175,7 +175,7 @@ def _run_sweep(args, train_args: list[str]) -> None:
     except ValueError:
         raise UserError(f"--seeds {args.seeds!r} / --lrs {args.lrs!r}: give comma-separated numbers") from None
     result = run_grid(Path(args.output_dir), seeds, lrs, args.trainable.split(","), train_args,
-                      local_devices(args.devices), runs_per_device=args.runs_per_device,
+                      local_devices(args.devices), run_settings, runs_per_device=args.runs_per_device,
                       runs_per_process=args.runs_per_process, mps=args.mps)
     print(result["table"])
 
@@ -188,6 +188,14 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     values.update({k: v for k, v in vars(args).items() if k not in ("command", "config", "recipe")})
     return TrainConfig.from_recipe(getattr(args, "recipe", None) or values.pop("recipe", None) or DEFAULT_RECIPE,
                                    values)
+
+
+def run_settings(flags: list[str]) -> dict:
+    """The config `zotune train FLAGS` would run (recipe, --config, flags) as its config.json
+    holds it, without running anything: what grid.check_finished holds a finished run to."""
+    parser = _Parser(prog="zotune")
+    _train_parser(parser.add_subparsers(dest="command"))
+    return _train_config(parser.parse_args(["train", *flags])).to_dict()
 
 
 def _run_train(args) -> None:

@@ -29,6 +29,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, Queue
@@ -48,7 +49,8 @@ class Cell:
 
 
 # The config fields every run of one grid shares (aggregate_dir checks them).
-GRID_SHARED = ("model", "task", "k", "optimizer", "steps", "eps", "batch_size", "schedule", "weight_decay")
+GRID_SHARED = ("model", "task", "k", "optimizer", "steps", "eps", "batch_size", "schedule", "weight_decay",
+               "max_grad_norm")
 
 
 @dataclass(frozen=True)
@@ -64,19 +66,20 @@ class Job:
 
 
 def run_grid(output_dir: Path, seeds: list[int], lrs: list[float], subsets: list[str], train_args: list[str],
-             devices: list[str], quiet: bool = False, runs_per_device: int = 1, runs_per_process: int = 1,
-             mps: bool = False) -> dict:
-    """Run every cell (skipping finished ones) on `devices` ("cpu" or CUDA indices), the
-    processes as clients of an MPS server if `mps` (gpu_sharing), then write and return the
-    results table."""
+             devices: list[str], config_of: Callable[[list[str]], dict], quiet: bool = False, runs_per_device: int = 1,
+             runs_per_process: int = 1, mps: bool = False) -> dict:
+    """Run every cell (skipping finished ones, once check_finished has matched them to
+    `config_of`) on `devices` ("cpu" or CUDA indices), the processes as clients of an MPS
+    server if `mps` (gpu_sharing), then write and return the results table."""
     if not seeds or not lrs or not subsets:
         raise UserError("--seeds, --lrs and --trainable each need at least one value")
     sharing = gpu_sharing(mps, devices)  # --mps for CPU runs is refused before anything is written
     output_dir.mkdir(parents=True, exist_ok=True)
     cells = [Cell(t, lr, s) for t, lr, s in itertools.product(subsets, lrs, seeds)]
+    jobs = [Job(output_dir, cell, tuple(train_args)) for cell in cells]
+    check_finished(jobs, config_of)
     with sharing as env:
-        run_jobs([Job(output_dir, cell, tuple(train_args)) for cell in cells], devices, quiet, runs_per_device,
-                 runs_per_process=runs_per_process, env=env)
+        run_jobs(jobs, devices, quiet, runs_per_device, runs_per_process=runs_per_process, env=env)
     return write_table(output_dir, cells)
 
 
@@ -100,7 +103,8 @@ def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_
     (`zotune train-together`; 1: `zotune train`). `deadline` (time.monotonic()): no process
     starts after it, and those still going at it get SIGTERM. `keep_weights` False: a finished
     run's *.safetensors are deleted (a grid of full-model runs fills a disk). `env`: variables
-    every process gets (mps_server's). Returns the jobs left unfinished by the deadline."""
+    every process gets (mps_server's). Returns the jobs left unfinished by the deadline; the
+    finished ones it skips are the caller's to check first (check_finished)."""
     if runs_per_device < 1 or runs_per_process < 1:
         raise UserError(f"--runs-per-device {runs_per_device} and --runs-per-process {runs_per_process} "
                         f"must be at least 1")
@@ -255,14 +259,37 @@ def temporary_mps_server():
             yield env
 
 
+def job_flags(job: Job) -> list[str]:
+    """The `zotune train` flags that define the job's run: the grid's and the cell's."""
+    cell = job.cell
+    return [*job.train_args, "--trainable", cell.trainable, "--lr", str(cell.lr), "--seed", str(cell.seed)]
+
+
+def check_finished(jobs: list[Job], config_of: Callable[[list[str]], dict]) -> None:
+    """A finished run is skipped as done only if it is the job's run: its config.json must agree
+    with config_of(job_flags(job)), the config those flags make over their recipe, in every
+    field of GRID_SHARED and the cell's. Otherwise (a grid re-planned with other settings: a
+    schedule, a clip) a one-line UserError, before anything runs."""
+    from zotune.config import ADDED_FIELDS
+    for job in jobs:
+        if not (job.run_dir / "summary.json").is_file():
+            continue
+        have = {**ADDED_FIELDS, **json.loads((job.run_dir / "config.json").read_text())}
+        want = config_of(job_flags(job))
+        differ = [f"{k} {have.get(k)!r}, not {want[k]!r}" for k in (*GRID_SHARED, "trainable", "lr", "seed")
+                  if have.get(k) != want[k]]
+        if differ:
+            raise UserError(f"{job.run_dir} is a finished run of other settings ({'; '.join(differ[:3])}); move "
+                            f"{job.output_dir} aside (its runs stay readable there) or write this grid elsewhere")
+
+
 def _train_arguments(job: Job, device: str) -> list[str]:
     """What `zotune train` takes for the job: --resume for a run whose trajectory log has its
     header (its config.json holds every setting, device and --quiet included), else its flags."""
     if resumable(job.run_dir):
         return ["--resume", str(job.run_dir)]
-    cell = job.cell
-    return [*job.train_args, "--trainable", cell.trainable, "--lr", str(cell.lr), "--seed", str(cell.seed),
-            "--output-dir", str(job.run_dir), "--overwrite", "--quiet", "--device", "cpu" if device == "cpu" else "cuda"]
+    return [*job_flags(job), "--output-dir", str(job.run_dir), "--overwrite", "--quiet",
+            "--device", "cpu" if device == "cpu" else "cuda"]
 
 
 def _call(command: list[str], out, env: dict, deadline: float | None) -> int | None:

@@ -69,9 +69,20 @@ def test_aggregate_only_prints_and_stores_both_aggregates(tmp_path, monkeypatch,
     assert "| MeZO (full) | 85.0 (5.0) | 80.0 (10.0) |" in printed and "k=16 paper | k=16 zotune" in printed
 
 
+def _finish_as_planned(job):
+    """A finished run of exactly the job's settings (what its `zotune train` would write)."""
+    from zotune.cli import run_settings
+    from zotune.grid import job_flags
+    job.run_dir.mkdir(parents=True)
+    (job.run_dir / "config.json").write_text(json.dumps(run_settings(job_flags(job))))
+    (job.run_dir / "summary.json").write_text("{}")
+
+
 def test_plan_counts_runs_and_estimates_only_from_a_given_speed(tmp_path, monkeypatch, capsys):
     runs = tmp_path / "fewshot"
-    _run(runs / "sst2", "MeZO-full-k16", "full", 3e-6, 13, 0.9, 0.8, steps=5000)  # finished: not counted
+    model = fewshot_table.MASKED_MODEL
+    planned = fewshot_table.plan("table", ["sst2"], [16], ["MeZO (full)", "Adam (full)"], runs, model)
+    _finish_as_planned(planned[0][3])  # finished: not counted
     args = ["--plan", "--device", "cpu", "--runs-dir", str(runs), "--tasks", "sst2,rte", "--ks", "16",
             "--methods", "MeZO (full),Adam (full)"]
     _main(monkeypatch, *args)
@@ -79,9 +90,28 @@ def test_plan_counts_runs_and_estimates_only_from_a_given_speed(tmp_path, monkey
     # 2 tasks x 1 k x (3 + 3 lrs) x 5 seeds; no speed given, no estimate.
     assert "plan: 60 runs, 1 finished, 59 to go (0 to resume), 175,000 steps to go; 1 at a time" in out
     assert "wall time" not in out and "lr grid {3e-06, 1e-05, 3e-05}" in out
+    assert "Adam (full): full, 1000 steps, batch 8, linear lr schedule" in out  # ft-paper's, as the reference's
     _main(monkeypatch, *args, "--steps-per-s", "100", "--overhead-s", "10", "--runs-per-device", "4")
     # (29 x 5,000 + 30 x 1,000 steps) / 100 + 59 x 10 s, over 4 runs at a time
     assert f"about {(175_000 / 100 + 590) / 4:.0f} s of wall time" in capsys.readouterr().out
+
+
+def test_a_finished_run_of_other_settings_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    # Sessions 11-18's Adam runs started from the demo recipe: a constant lr, not the reference's
+    # linear decay. Counted as finished they would have stood in for the plan's runs.
+    runs = tmp_path / "fewshot"
+    job = fewshot_table.plan("table", ["sst2"], [16], ["Adam (full)"], runs, fewshot_table.MASKED_MODEL)[0][3]
+    _finish_as_planned(job)
+    config = json.loads((job.run_dir / "config.json").read_text())
+    (job.run_dir / "config.json").write_text(json.dumps({**config, "schedule": "constant", "recipe": "demo"}))
+    before = sorted(runs.rglob("*"))
+    with pytest.raises(SystemExit, match="2"):
+        _main(monkeypatch, "--device", "cpu", "--runs-dir", str(runs), "--tasks", "sst2", "--ks", "16",
+              "--methods", "Adam (full)")
+    err = capsys.readouterr().err
+    assert f"{job.run_dir} is a finished run of other settings (schedule 'constant', not 'linear')" in err
+    assert f"move {job.output_dir} aside" in err and len(err.splitlines()) == 1
+    assert sorted(runs.rglob("*")) == before  # nothing ran, nothing written (zero-shot comes after the check)
 
 
 def test_paper_protocol_plans_sst2_only_with_the_papers_settings(tmp_path, monkeypatch, capsys):
