@@ -97,6 +97,9 @@ def test_the_start_line_names_what_departs_from_the_recipe(monkeypatch):
     assert paper_like.changed_from_recipe() == ["trainable", "steps", "lr"]
     assert "recipe demo (trainable, steps, lr changed): mezo full on sst2" in announcement(paper_like, session)
     assert TrainConfig(steps=3).changed_from_recipe() == []  # no recipe: nothing to depart from
+    # What the demo leaves open comes from the optimizer's paper recipe: Adam decays linearly.
+    assert TrainConfig.from_recipe("demo", {"optimizer": "adam"}).schedule == "linear"
+    assert TrainConfig.from_recipe("demo", {}).schedule == "constant"
 
 
 def test_help_shows_defaults_and_recipes(capsys):
