@@ -75,8 +75,7 @@ KS = (16, 512)
 # MeZO steps; a metrics line every 50 keeps the logs small enough to bring back (--bundle).
 # Each run starts from its optimizer's paper recipe, so what the flags leave out is the
 # reference's: a constant lr for MeZO (medium_models/mezo.sh), linear decay to 0 for Adam (the
-# Hugging Face Trainer's default, which MeZO's finetune.sh keeps). Runs of sessions 11-18 started
-# from the demo recipe, which gave Adam a constant lr: their grids are kept as Adam-full-constant.
+# Hugging Face Trainer's default, which MeZO's finetune.sh keeps).
 MEZO = dict(recipe="mezo-paper", optimizer="mezo", steps=5000, eval_steps=250, log_steps=50, batch_size=64)
 METHODS = {
     "MeZO (full)": ("full", (3e-6, 1e-5, 3e-5), dict(MEZO, eps=1e-3)),
