@@ -50,6 +50,11 @@
 #      bash benchmarks/gpu_session.sh table     (copy table.tgz to benchmarks/fewshot-runs.tgz at once)
 #   1b. the same again until the plan says 0 to go; then `profile` (about 1.5 minutes: where a
 #      step's 0.8 ms under MPS go, and how many kernels) may precede the first paper call.
+#   1c. the causal table's 20 Adam runs (out/clm's, about 2 minutes): for that call move
+#      models/zotune-roberta-small (35 MB) out of the tree, carry ["out/clm"] (40 MB), and run
+#      `mkdir -p runs && tar xzf benchmarks/causal-runs.tgz -C runs && PYTHONPATH=src python
+#      tools/fewshot_table.py --model out/clm --device cuda --runs-per-device 12 --mps --methods
+#      "Adam (full)" --deadline 400 --bundle $OUT/causal-runs.tgz`; the model back after it.
 #   2. PAPER_END=$(( $(date +%s) + 570 )) bash benchmarks/gpu_session.sh paper   (each later call)
 #      The paper phase is the MeZO paper's 100,000-step SST-2 protocol: 60 runs, 6M steps, about
 #      95 minutes at 1,048 steps/s, so three or four sessions. A warm machine keeps runs/ between
