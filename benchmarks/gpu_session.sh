@@ -43,7 +43,10 @@
 # 18 found they had inherited the demo recipe's constant lr, where the reference decays it
 # linearly; the old grids stay in the bundle as Adam-full-constant): about 16 minutes of an H100
 # as 12 MPS clients (session 18's Adam runs: 20-21 steps/s, 60-66 s each). Then the paper's
-# protocol: 608,000 of 6M steps done, 1,048 steps/s end to end with 4 runs under MPS on an H100.
+# protocol, from its start: session 18's 608,000 steps chose best-dev weights among evaluations
+# every 1,000 steps, and the protocol now selects every 10,000 as mezo.sh (--select-steps), so
+# those runs (.bundles/paper-runs-session18-select-every-1000.tgz, kept) are not carried; 6M
+# steps at session 18's 1,048 steps/s end to end (4 runs under MPS, H100): about 95 minutes.
 # Calls under 10 minutes (a machine taken back mid-call returns nothing); a refused start costs
 # 90-180 s of device time.
 #   1. TABLE_END=$(( $(date +%s) + 560 )) TABLE_FLAGS="--runs-per-device 12 --mps" \
@@ -57,7 +60,7 @@
 #      "Adam (full)" --deadline 400 --bundle $OUT/causal-runs.tgz`; the model back after it.
 #   2. PAPER_END=$(( $(date +%s) + 570 )) bash benchmarks/gpu_session.sh paper   (each later call)
 #      The paper phase is the MeZO paper's 100,000-step SST-2 protocol: 60 runs, 6M steps, about
-#      95 minutes at 1,048 steps/s, so three or four sessions. A warm machine keeps runs/ between
+#      95 minutes at 1,048 steps/s, so four sessions. A warm machine keeps runs/ between
 #      calls. After each call: mkdir -p .bundles && cat FILES_AT/paper-runs.tgz.part-* >
 #      .bundles/paper-runs.tgz (ignored). A later session's paper calls carry [".bundles"]: the
 #      phase unpacks it and the unfinished runs continue from their logs (about 25 bytes a step,

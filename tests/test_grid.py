@@ -38,8 +38,19 @@ def test_sweep_runs_the_grid_and_picks_lr_by_dev(tmp_path, tiny_mlm_dir, capsys)
     results = (out / "results.json").read_text()
     assert main([a if a != "16" else "8" for a in args]) == 2  # --batch-size 16 -> 8
     err = capsys.readouterr().err
-    assert "is a finished run of other settings (batch_size 16, not 8)" in err and len(err.splitlines()) == 1
+    assert "holds a finished run of other settings (batch_size 16, not 8)" in err and len(err.splitlines()) == 1
     assert (out / "results.json").read_text() == results
+
+
+def test_a_run_to_resume_must_be_the_plans_too(tmp_path, monkeypatch):
+    import zotune.grid as grid
+    job = grid.Job(tmp_path, Cell("full", 1e-3, 13), ("--steps", "10"))
+    job.run_dir.mkdir(parents=True)
+    (job.run_dir / "config.json").write_text(json.dumps({**run_settings(grid.job_flags(job)), "steps": 20}))
+    grid.check_finished([job], run_settings)  # neither finished nor resumable: it starts afresh, from the job's flags
+    monkeypatch.setattr(grid, "resumable", lambda run_dir: True)  # --resume would continue it from its own config
+    with pytest.raises(UserError, match=r"holds an unfinished run of other settings \(steps 20, not 10\)"):
+        grid.check_finished([job], run_settings)
 
 
 def _finished_run(grid, trainable, lr, seed, dev, test, **config):

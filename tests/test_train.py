@@ -134,6 +134,7 @@ def test_runs_taking_turns_in_one_process_keep_their_epoch_orders():
     ("lr", -1.0, "--lr -1.0 is negative"),
     ("eps", -1e-3, "--eps -0.001 must be positive"),
     ("optimizer", "sgd", "unknown --optimizer"),
+    ("select_steps", 15_000, "--select-steps 15000 must be a multiple of --eval-steps 10000"),  # mezo's 10,000
 ])
 def test_bad_config_values_are_user_errors(field, value, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
@@ -154,6 +155,28 @@ def test_tensorboard_logs_the_metrics(tmp_path, tiny_mlm_dir):
     assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in lines]
     assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in lines])
     assert [e.step for e in events.Scalars("dev_accuracy")] == [3, 6]
+
+
+def test_select_steps_picks_the_best_dev_among_its_steps_only():
+    from zotune.records import RunRecords, best_of
+    cfg = TrainConfig(steps=7, eval_steps=1, select_steps=3)  # selects 3, 6 and the last, 7
+    kept = [{"step": s, "dev_accuracy": d} for s, d in [(1, 0.9), (2, 0.5), (3, 0.6), (4, 0.95), (5, 0.6), (6, 0.6)]]
+    assert best_of(kept, cfg.selects) == {"dev_accuracy": 0.6, "step": 3}  # 6 ties with 3: the earliest
+    assert best_of(kept, TrainConfig(steps=7, eval_steps=1).selects)["step"] == 4  # every evaluation
+    records = RunRecords.__new__(RunRecords)
+    records.writes, records.selects, records.best = False, cfg.selects, best_of(kept, cfg.selects)
+    records.offer(0.99, 5, {})  # better, but not a step that selects
+    records.offer(0.7, 7, {})   # the last step selects
+    assert records.best == {"dev_accuracy": 0.7, "step": 7}
+
+
+def test_a_run_with_select_steps_logs_every_evaluation_and_selects_among_its_steps(tmp_path, tiny_mlm_dir):
+    summary, run = _run(tmp_path, tiny_mlm_dir, "select", eval_steps=1, select_steps=3)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    dev = {r["step"]: r["dev_accuracy"] for r in lines if "dev_accuracy" in r}
+    assert list(dev) == [1, 2, 3, 4, 5, 6]  # the curve keeps every evaluation
+    assert summary["best_step"] == max((3, 6), key=lambda step: (dev[step], -step))
+    assert summary["dev_accuracy"] == dev[summary["best_step"]]
 
 
 def test_overwrite_leaves_nothing_of_the_old_run(tmp_path, tiny_mlm_dir):

@@ -84,6 +84,9 @@ class TrainConfig:
     sync_check: int = option(100, "under torchrun: compare weight checksums every N steps")
     dist_timeout: float = option(120.0, "under torchrun: seconds a collective waits for a dead rank")
     eval_steps: int | None = option(None, "dev evaluation every N steps")
+    select_steps: int | None = option(None, "best-dev selection among the evaluations at multiples of N steps (and "
+                                            "the last) only, as MeZO's mezo.sh selects every 10,000 while dev is "
+                                            "still logged every --eval-steps (default: every evaluation)")
     log_steps: int = option(10, "a metrics line every N steps")
     log_every: int = option(100, "fsync RUN/trajectory.jsonl every N steps")
     snapshot_every: int = option(1000, "snapshot the trainable tensors every N steps, for --resume")
@@ -113,6 +116,10 @@ class TrainConfig:
             raise UserError(f"unknown --recipe {name!r}; choose one of {', '.join(RECIPES)}")
         return cls.from_dict({**RECIPES[name], "recipe": name, **values})
 
+    def selects(self, step: int) -> bool:
+        """Whether the dev evaluation at `step` takes part in best-dev selection (--select-steps)."""
+        return self.select_steps is None or step % self.select_steps == 0 or step == self.steps
+
     def changed_from_recipe(self) -> list[str]:
         """The recipe's fields this run departs from (flags or --config over it): the start line
         names them, so that `recipe demo` beside 100,000 steps reads as what it is."""
@@ -140,6 +147,8 @@ class TrainConfig:
             (self.sync_check >= 1, f"--sync-check {self.sync_check} must be at least 1"),
             (self.dist_timeout > 0, f"--dist-timeout {self.dist_timeout} must be positive"),
             (self.eval_steps >= 1, f"--eval-steps {self.eval_steps} must be at least 1"),
+            (self.select_steps is None or (self.select_steps >= 1 and self.select_steps % self.eval_steps == 0),
+             f"--select-steps {self.select_steps} must be a multiple of --eval-steps {self.eval_steps}"),
             (self.log_steps >= 1, f"--log-steps {self.log_steps} must be at least 1"),
             (self.log_every >= 1, f"--log-every {self.log_every} must be at least 1"),
             (self.snapshot_every >= 1, f"--snapshot-every {self.snapshot_every} must be at least 1"),
@@ -240,7 +249,7 @@ def parse_bytes(text: str) -> int:
 
 # Fields added after runs were already being written, with the value that reproduces a run
 # written before each existed (its config.json and trajectory log lack the field).
-ADDED_FIELDS = {"pair": False, "recipe": None, "max_grad_norm": 0.0}
+ADDED_FIELDS = {"pair": False, "recipe": None, "max_grad_norm": 0.0, "select_steps": None}
 
 
 def read_run_config(run_dir: str | Path) -> TrainConfig:

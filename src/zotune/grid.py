@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, Queue
 
+from zotune.config import ADDED_FIELDS
 from zotune.errors import UserError
 
 
@@ -50,7 +51,7 @@ class Cell:
 
 # The config fields every run of one grid shares (aggregate_dir checks them).
 GRID_SHARED = ("model", "task", "k", "optimizer", "steps", "eps", "batch_size", "schedule", "weight_decay",
-               "max_grad_norm")
+               "max_grad_norm", "select_steps")
 
 
 @dataclass(frozen=True)
@@ -266,21 +267,23 @@ def job_flags(job: Job) -> list[str]:
 
 
 def check_finished(jobs: list[Job], config_of: Callable[[list[str]], dict]) -> None:
-    """A finished run is skipped as done only if it is the job's run: its config.json must agree
-    with config_of(job_flags(job)), the config those flags make over their recipe, in every
-    field of GRID_SHARED and the cell's. Otherwise (a grid re-planned with other settings: a
-    schedule, a clip) a one-line UserError, before anything runs."""
-    from zotune.config import ADDED_FIELDS
+    """A finished run is skipped as done, and an unfinished MeZO run resumed from its own
+    config.json, only if it is the job's run: its config.json must agree with
+    config_of(job_flags(job)), the config those flags make over their recipe, in every field of
+    GRID_SHARED and the cell's. Otherwise (a grid re-planned with other settings: a schedule, a
+    clip, a selection rule) a one-line UserError, before anything runs."""
     for job in jobs:
-        if not (job.run_dir / "summary.json").is_file():
-            continue
+        finished = (job.run_dir / "summary.json").is_file()
+        if not (finished or resumable(job.run_dir)):
+            continue  # a run that starts afresh takes the job's flags
         have = {**ADDED_FIELDS, **json.loads((job.run_dir / "config.json").read_text())}
         want = config_of(job_flags(job))
         differ = [f"{k} {have.get(k)!r}, not {want[k]!r}" for k in (*GRID_SHARED, "trainable", "lr", "seed")
                   if have.get(k) != want[k]]
         if differ:
-            raise UserError(f"{job.run_dir} is a finished run of other settings ({'; '.join(differ[:3])}); move "
-                            f"{job.output_dir} aside (its runs stay readable there) or write this grid elsewhere")
+            raise UserError(f"{job.run_dir} holds {'a finished' if finished else 'an unfinished'} run of other "
+                            f"settings ({'; '.join(differ[:3])}); move {job.output_dir} aside (its runs stay "
+                            f"readable there) or write this grid elsewhere")
 
 
 def _train_arguments(job: Job, device: str) -> list[str]:
@@ -379,7 +382,7 @@ def aggregate_dir(grid_dir: Path) -> dict:
     grid_dir = Path(grid_dir)
     cells, shared = [], None
     for summary in sorted(grid_dir.glob("*/summary.json")):
-        config = json.loads((summary.parent / "config.json").read_text())
+        config = {**ADDED_FIELDS, **json.loads((summary.parent / "config.json").read_text())}  # older runs' too
         cell = Cell(config["trainable"], float(config["lr"]), int(config["seed"]))
         if cell.name != summary.parent.name:
             raise UserError(f"{summary.parent} holds the run {cell.name} (its config.json); "

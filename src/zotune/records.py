@@ -9,6 +9,7 @@ ranks keep the same bookkeeping in memory.
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,14 @@ BEST_NAME = "best.safetensors"  # the best-dev trainable tensors
 
 class RunRecords:
     def __init__(self, run_dir: Path, writes: bool, kept: list[dict], window: list, *, steps: int, first_step: int,
-                 progress: str, quiet: bool, tensorboard: bool, resumed: bool, first_loss: float | None = None):
+                 progress: str, quiet: bool, tensorboard: bool, resumed: bool, first_loss: float | None = None,
+                 selects: Callable[[int], bool]):
         """`kept`: the metrics lines already written (a resumed run's, up to its first step);
         `window`: the (loss, projected gradients) of the steps since the last of them;
-        `first_loss`: a resumed run's loss at its first step (`diverged` compares with it)."""
-        self.run_dir, self.writes = run_dir, writes
-        self.best = best_of(kept)  # best-dev selection goes on as if the run had never stopped
+        `first_loss`: a resumed run's loss at its first step (`diverged` compares with it);
+        `selects`: whether a step's dev evaluation takes part in selection (TrainConfig.selects)."""
+        self.run_dir, self.writes, self.selects = run_dir, writes, selects
+        self.best = best_of(kept, selects)  # best-dev selection goes on as if the run had never stopped
         self.window, self.logged_from = window, kept[-1]["step"] if kept else 0
         self.first_loss = _finite_or_none(first_loss)
         self.bad_streak = self.worst_streak = 0  # Adam's steps with a non-finite loss, in a row
@@ -55,7 +58,7 @@ class RunRecords:
             save_tensors_atomic(self.run_dir / BEST_NAME, tensors)
 
     def _better(self, dev_accuracy: float | None, step: int) -> bool:
-        if not _improves(dev_accuracy, self.best):
+        if not (self.selects(step) and _improves(dev_accuracy, self.best)):
             return False
         self.best.update(dev_accuracy=dev_accuracy, step=step)
         return True
@@ -110,12 +113,13 @@ class RunRecords:
             write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
-def best_of(kept: list[dict]) -> dict:
-    """The best dev evaluation among metrics lines `kept`: {"dev_accuracy", "step"}, the earliest
-    of equals (MeZO's trainer keeps the earliest best); step None where none was evaluated."""
+def best_of(kept: list[dict], selects: Callable[[int], bool]) -> dict:
+    """The best dev evaluation among metrics lines `kept` whose step `selects` admits:
+    {"dev_accuracy", "step"}, the earliest of equals (MeZO's trainer keeps the earliest best);
+    step None where none was evaluated."""
     best = {"dev_accuracy": -1.0, "step": None}
     for record in kept:
-        if _improves(record.get("dev_accuracy"), best):
+        if selects(record["step"]) and _improves(record.get("dev_accuracy"), best):
             best = {"dev_accuracy": record["dev_accuracy"], "step": record["step"]}
     return best
 

@@ -113,7 +113,7 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
         _prepare_run_dir(cfg)
     log, records = None, []
     if cfg.optimizer == "mezo":
-        log, records = _open_trajectory(session, run_dir, logged, best_of(kept)["step"])
+        log, records = _open_trajectory(session, run_dir, logged, best_of(kept, cfg.selects)["step"])
     first_step = len(records)
     step_fn = _mezo_stepper(cfg, session) if cfg.optimizer == "mezo" else _adam_stepper(cfg, session)
     if resume and _finished(run_dir, first_step, cfg.steps):
@@ -126,7 +126,7 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
     first_loss = float(trajectory.from_hex([records[0]["loss"]])[0]) if records else None
     run_records = RunRecords(run_dir, session.is_main, kept, window, steps=cfg.steps, first_step=first_step,
                              progress=f"{cfg.optimizer} {cfg.task}", quiet=cfg.quiet, tensorboard=cfg.tensorboard,
-                             resumed=resume, first_loss=first_loss)
+                             resumed=resume, first_loss=first_loss, selects=cfg.selects)
     return Run(cfg, session, run_dir, splits, sequences, step_fn, log, run_records, first_step, records)
 
 

@@ -109,7 +109,7 @@ def test_a_finished_run_of_other_settings_is_refused_before_anything_runs(tmp_pa
         _main(monkeypatch, "--device", "cpu", "--runs-dir", str(runs), "--tasks", "sst2", "--ks", "16",
               "--methods", "Adam (full)")
     err = capsys.readouterr().err
-    assert f"{job.run_dir} is a finished run of other settings (schedule 'constant', not 'linear')" in err
+    assert f"{job.run_dir} holds a finished run of other settings (schedule 'constant', not 'linear')" in err
     assert f"move {job.output_dir} aside" in err and len(err.splitlines()) == 1
     assert sorted(runs.rglob("*")) == before  # nothing ran, nothing written (zero-shot comes after the check)
 
@@ -119,6 +119,7 @@ def test_paper_protocol_plans_sst2_only_with_the_papers_settings(tmp_path, monke
     out = capsys.readouterr().out
     assert "plan: 60 runs, 0 finished, 60 to go (0 to resume), 6,000,000 steps to go" in out
     assert "100000 steps, batch 64, eps 0.001" in out and "MeZO (LoRA+head): lora+head" in out
+    assert "dev every 1000, best dev of every 10000" in out  # mezo.sh selects every 10,000
     with pytest.raises(SystemExit):
         _main(monkeypatch, "--plan", "--protocol", "mezo-paper", "--tasks", "rte")
     # k=512 of both methods first when asked (--ks 512,16): the picture's runs finish first.
