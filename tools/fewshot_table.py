@@ -436,7 +436,7 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
             trainable, lrs, flags = methods[name]
             flags = {**RECIPES[flags["recipe"]], **flags}  # what the runs get, the recipe's lr schedule included
             if args.mezo_steps and flags["optimizer"] == "mezo":
-                flags = {**flags, **_step_settings(args.mezo_steps)}
+                flags = {**flags, **_step_settings(args.mezo_steps, flags)}
             print(f"plan: {name}: {trainable}, {settings_text(flags, lrs)}, k {ks}, seeds {SEEDS}", flush=True)
     if args.plan:
         return
@@ -478,16 +478,21 @@ def report(output: Path, protocol: str, rows: dict, ks: list[int], models: set, 
         print(f"\n{task}\n{table(by_row, ks)}")
 
 
-def _step_settings(steps: int) -> dict:
-    """--mezo-steps: another step count for MeZO runs, dev evaluated six times and logged at each."""
-    return {"steps": steps, "eval_steps": max(1, steps // 6), "log_steps": max(1, steps // 6)}
+def _step_settings(steps: int, fields) -> dict:
+    """--mezo-steps: another step count for MeZO runs, dev evaluated six times, logged and (where
+    the method selects among fewer evaluations, the paper protocol) selected at each; only the
+    settings among `fields`, the config fields a method sets."""
+    every = max(1, steps // 6)
+    settings = {"steps": steps, "eval_steps": every, "log_steps": every, "select_steps": every}
+    return {k: v for k, v in settings.items() if k in fields}
 
 
 def _with_steps(train_args: tuple[str, ...], steps: int) -> tuple[str, ...]:
     if "mezo" not in train_args:
         return train_args
     args = list(train_args)
-    for flag, value in _step_settings(steps).items():
+    fields = {arg[2:].replace("-", "_") for arg in args if arg.startswith("--")}
+    for flag, value in _step_settings(steps, fields).items():
         args[args.index("--" + flag.replace("_", "-")) + 1] = str(value)
     return tuple(args)
 

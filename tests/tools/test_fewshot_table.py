@@ -120,6 +120,10 @@ def test_paper_protocol_plans_sst2_only_with_the_papers_settings(tmp_path, monke
     assert "plan: 60 runs, 0 finished, 60 to go (0 to resume), 6,000,000 steps to go" in out
     assert "100000 steps, batch 64, eps 0.001" in out and "MeZO (LoRA+head): lora+head" in out
     assert "dev every 1000, best dev of every 10000" in out  # mezo.sh selects every 10,000
+    # Shortened (--mezo-steps), it evaluates six times and selects at each: a valid --select-steps.
+    args = fewshot_table._with_steps(fewshot_table.plan("mezo-paper", ["sst2"], [512], ["MeZO (full)"], tmp_path,
+                                                        "m")[0][3].train_args, 70)
+    assert [args[args.index(flag) + 1] for flag in ("--steps", "--eval-steps", "--select-steps")] == ["70", "11", "11"]
     with pytest.raises(SystemExit):
         _main(monkeypatch, "--plan", "--protocol", "mezo-paper", "--tasks", "rte")
     # k=512 of both methods first when asked (--ks 512,16): the picture's runs finish first.
