@@ -45,7 +45,7 @@
 # as 12 MPS clients (session 18's Adam runs: 20-21 steps/s, 60-66 s each). Then the paper's
 # protocol, from its start: session 18's 608,000 steps chose best-dev weights among evaluations
 # every 1,000 steps, and the protocol now selects every 10,000 as mezo.sh (--select-steps), so
-# those runs (.bundles/paper-runs-session18-select-every-1000.tgz, kept) are not carried; 6M
+# those runs (runs/paper-runs-session18-select-every-1000.tgz, kept) are not carried; 6M
 # steps at session 18's 1,048 steps/s end to end (4 runs under MPS, H100): about 95 minutes.
 # Calls under 10 minutes (a machine taken back mid-call returns nothing); a refused start costs
 # 90-180 s of device time.
