@@ -10,8 +10,9 @@ Every run is a `zotune train` process; all the runs of a call share one pool
 (zotune.grid.run_jobs), longest first, several to a GPU since a small model leaves a run
 host-bound. Three protocols:
   table       the six tasks, the methods and grids of METHODS (5,000 MeZO steps)
-  mezo-paper  SST-2 only, the MeZO paper's: 100,000 steps, eps 1e-3, batch 64, MeZO (full) and
-              MeZO (LoRA+head), three lrs each scaled to this model (PAPER_METHODS)
+  mezo-paper  SST-2 only, the MeZO paper's: 100,000 steps, eps 1e-3, batch 64, best dev of every
+              10,000 steps, MeZO (full) and MeZO (LoRA+head), three lrs each scaled to this
+              model (PAPER_METHODS)
   causal      a causal LM (OPT, Llama family; issue 22): SST-2 by default, any of the six tasks
               with --tasks; MeZO (full), MeZO (LoRA) and Adam (full) in MeZO's large_models
               settings scaled to a small model (CAUSAL_METHODS)
