@@ -56,10 +56,9 @@ sys.path.insert(0, SRC)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))  # for the run processes
 
 from zotune.cli import run_settings  # noqa: E402
-from zotune.config import RECIPES  # noqa: E402
 from zotune.errors import UserError  # noqa: E402
-from zotune.grid import (Cell, Job, aggregate_dir, check_finished, local_devices, mean_std_text as mean_std,  # noqa: E402
-                         gpu_sharing, run_jobs)
+from zotune.grid import (Cell, Job, aggregate_dir, check_finished, job_flags, local_devices,  # noqa: E402
+                         mean_std_text as mean_std, gpu_sharing, run_jobs)
 
 TASKS = ("sst2", "sst5", "trec", "mnli", "snli", "rte")
 TWO_CLASS = ("sst2", "rte")  # where a dev-fitted threshold applies
@@ -434,11 +433,10 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
         check_finished([j for *_, j in jobs], run_settings)  # a finished run of other settings is not this plan's
         print_plan([j for *_, j in jobs], workers, args.steps_per_s, args.overhead_s)
         for name in names:
-            trainable, lrs, flags = methods[name]
-            flags = {**RECIPES[flags["recipe"]], **flags}  # what the runs get, the recipe's lr schedule included
-            if args.mezo_steps and flags["optimizer"] == "mezo":
-                flags = {**flags, **_step_settings(args.mezo_steps, flags)}
-            print(f"plan: {name}: {trainable}, {settings_text(flags, lrs)}, k {ks}, seeds {SEEDS}", flush=True)
+            trainable, lrs, _ = methods[name]
+            first = next(job for *_, method, job in jobs if method == name)
+            settings = run_settings(job_flags(first))  # what its runs get: flags over the recipe, --mezo-steps
+            print(f"plan: {name}: {trainable}, {settings_text(settings, lrs)}, k {ks}, seeds {SEEDS}", flush=True)
     if args.plan:
         return
     if not args.aggregate_only:
@@ -479,22 +477,15 @@ def report(output: Path, protocol: str, rows: dict, ks: list[int], models: set, 
         print(f"\n{task}\n{table(by_row, ks)}")
 
 
-def _step_settings(steps: int, fields) -> dict:
-    """--mezo-steps: another step count for MeZO runs, dev evaluated six times, logged and (where
-    the method selects among fewer evaluations, the paper protocol) selected at each; only the
-    settings among `fields`, the config fields a method sets."""
-    every = max(1, steps // 6)
-    settings = {"steps": steps, "eval_steps": every, "log_steps": every, "select_steps": every}
-    return {k: v for k, v in settings.items() if k in fields}
-
-
 def _with_steps(train_args: tuple[str, ...], steps: int) -> tuple[str, ...]:
+    """--mezo-steps: another step count for MeZO runs, dev evaluated six times, logged and (where
+    the method selects among fewer evaluations, the paper protocol) selected at each."""
     if "mezo" not in train_args:
         return train_args
-    args = list(train_args)
-    fields = {arg[2:].replace("-", "_") for arg in args if arg.startswith("--")}
-    for flag, value in _step_settings(steps, fields).items():
-        args[args.index("--" + flag.replace("_", "-")) + 1] = str(value)
+    args, every = list(train_args), max(1, steps // 6)
+    for flag, value in {"--steps": steps, "--eval-steps": every, "--log-steps": every, "--select-steps": every}.items():
+        if flag in args:
+            args[args.index(flag) + 1] = str(value)
     return tuple(args)
 
 

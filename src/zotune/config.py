@@ -252,13 +252,18 @@ def parse_bytes(text: str) -> int:
 ADDED_FIELDS = {"pair": False, "recipe": None, "max_grad_norm": 0.0, "select_steps": None}
 
 
-def read_run_config(run_dir: str | Path) -> TrainConfig:
-    """The TrainConfig a run directory was started with (its config.json)."""
-    path = Path(run_dir) / "config.json"
+def read_run_values(run_dir: str | Path) -> dict:
+    """A run directory's config.json as written, with ADDED_FIELDS' values where an older run
+    lacks them."""
     if not Path(run_dir).is_dir():
         raise UserError(f"cannot read run directory {run_dir}: it does not exist; "
                         "pass the --output-dir of a zotune train run")
-    return TrainConfig.from_dict({**ADDED_FIELDS, **read_json_object(path, "pass the --output-dir of a zotune train run")})
+    return {**ADDED_FIELDS, **read_json_object(Path(run_dir) / "config.json", "pass the --output-dir of a zotune train run")}
+
+
+def read_run_config(run_dir: str | Path) -> TrainConfig:
+    """The TrainConfig a run directory was started with (its config.json)."""
+    return TrainConfig.from_dict(read_run_values(run_dir))
 
 
 def read_json_object(path: str | Path, fix: str) -> dict:

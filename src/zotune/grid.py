@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, Queue
 
-from zotune.config import ADDED_FIELDS
+from zotune.config import read_run_values
 from zotune.errors import UserError
 
 
@@ -276,7 +276,7 @@ def check_finished(jobs: list[Job], config_of: Callable[[list[str]], dict]) -> N
         finished = (job.run_dir / "summary.json").is_file()
         if not (finished or resumable(job.run_dir)):
             continue  # a run that starts afresh takes the job's flags
-        have = {**ADDED_FIELDS, **json.loads((job.run_dir / "config.json").read_text())}
+        have = read_run_values(job.run_dir)
         want = config_of(job_flags(job))
         differ = [f"{k} {have.get(k)!r}, not {want[k]!r}" for k in (*GRID_SHARED, "trainable", "lr", "seed")
                   if have.get(k) != want[k]]
@@ -382,7 +382,7 @@ def aggregate_dir(grid_dir: Path) -> dict:
     grid_dir = Path(grid_dir)
     cells, shared = [], None
     for summary in sorted(grid_dir.glob("*/summary.json")):
-        config = {**ADDED_FIELDS, **json.loads((summary.parent / "config.json").read_text())}  # older runs' too
+        config = read_run_values(summary.parent)  # older runs' too
         cell = Cell(config["trainable"], float(config["lr"]), int(config["seed"]))
         if cell.name != summary.parent.name:
             raise UserError(f"{summary.parent} holds the run {cell.name} (its config.json); "
