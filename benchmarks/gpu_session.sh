@@ -41,15 +41,16 @@
 #
 # Next session (issue 19). The table's 540 MeZO runs are done; its 180 Adam runs run again (session
 # 18 found they had inherited the demo recipe's constant lr, where the reference decays it
-# linearly; the old grids stay in the bundle as Adam-full-constant): about 16 minutes of an H100
-# as 12 MPS clients (session 18's Adam runs: 20-21 steps/s, 60-66 s each). Then the paper's
-# protocol, from its start: session 18's 608,000 steps chose best-dev weights among evaluations
-# every 1,000 steps, and the protocol now selects every 10,000 as mezo.sh (--select-steps), so
-# those runs (runs/paper-runs-session18-select-every-1000.tgz, kept) are not carried; 6M
-# steps at session 18's 1,048 steps/s end to end (4 runs under MPS, H100): about 95 minutes.
-# Calls under 10 minutes (a machine taken back mid-call returns nothing); a refused start costs
-# 90-180 s of device time.
-#   1. TABLE_END=$(( $(date +%s) + 560 )) TABLE_FLAGS="--runs-per-device 12 --mps" \
+# linearly; the old grids stay in the bundle as Adam-full-constant). Session 19 finished 56 (SST-2
+# and most of SST-5): 124 to go, about 11 minutes of an H100 as 14 MPS clients (17-19 steps/s,
+# 66-77 s a run; a deadline cuts the runs in flight, so fewer, longer calls waste less). Then the
+# paper's protocol, from its start: session 18's 608,000 steps chose best-dev weights among
+# evaluations every 1,000 steps, and the protocol now selects every 10,000 as mezo.sh
+# (--select-steps), so those runs (runs/paper-runs-session18-select-every-1000.tgz, kept) are not
+# carried; 6M steps at session 18's 1,048 steps/s end to end (4 runs under MPS, H100): about 95
+# minutes. Calls under 10 minutes (a machine taken back mid-call returns nothing: session 19 lost
+# a 587 s call so); a refused start costs 90-180 s of device time.
+#   1. TABLE_END=$(( $(date +%s) + 560 )) TABLE_FLAGS="--runs-per-device 14 --mps" \
 #      bash benchmarks/gpu_session.sh table     (copy table.tgz to benchmarks/fewshot-runs.tgz at once)
 #   1b. the same again until the plan says 0 to go; then `profile` (about 1.5 minutes: where a
 #      step's 0.8 ms under MPS go, and how many kernels) may precede the first paper call.
