@@ -178,3 +178,29 @@ def test_cli_export_and_one_line_errors(tmp_path, runs, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "new").exists()
+
+
+def test_a_moved_run_exports_with_model_saying_where_its_base_lies(tmp_path, runs, tiny_mlm_dir, capsys):
+    """A run copied from another machine names a base checkpoint that is not here: export says
+    so in one line; --model gives the folder, checked against the run's logged sha256."""
+    import shutil
+    from tests.conftest import save_tiny_roberta
+    moved = tmp_path / "moved"
+    shutil.copytree(runs["bias"][0], moved)
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "model": "/the/first/machine/model"}))
+    save_tiny_roberta(tmp_path / "other", vocab_size=50265, hidden=32, layers=2, heads=4,
+                      max_position_embeddings=514, seed=1)
+    capsys.readouterr()  # transformers' progress bar
+    for flags, message in [([], "which is not on this machine; give that checkpoint's folder with --model DIR"),
+                           (["--model", str(tmp_path / "other")], "is not the run's")]:
+        assert main(["export", str(moved), "--output", str(tmp_path / "refused"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "refused").exists()
+    assert main(["export", str(moved), "--output", str(tmp_path / "hf"), "--model", str(tiny_mlm_dir)]) == 0
+    assert main(["export", str(runs["bias"][0]), "--output", str(tmp_path / "original")]) == 0
+    assert load_file(tmp_path / "hf" / "model.safetensors").keys() == load_file(
+        tmp_path / "original" / "model.safetensors").keys()
+    moved_weights, original = (load_file(tmp_path / d / "model.safetensors") for d in ("hf", "original"))
+    assert all(torch.equal(moved_weights[n], original[n]) for n in original)

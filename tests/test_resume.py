@@ -152,10 +152,11 @@ def test_a_run_written_before_a_config_field_existed_still_resumes(tmp_path, tin
     assert _same(whole / "final.safetensors", old / "final.safetensors")
 
 
-def test_a_run_resumes_elsewhere_from_its_small_files_alone(tmp_path, tiny_mlm_dir):
+def test_a_run_resumes_elsewhere_from_its_small_files_alone(tmp_path, tiny_mlm_dir, capsys):
     """What tools/fewshot_table.py's bundle carries of an unfinished run (config.json,
     metrics.jsonl, zero_shot.json, trajectory.jsonl; no snapshot, no best-dev weights) resumes
-    it on another machine to the same end: the log rebuilds the best-dev weights too."""
+    it on another machine to the same end: the log rebuilds the best-dev weights too. Its base
+    checkpoint lies elsewhere there: --model says where, and the log's sha256 checks it."""
     import shutil
     from zotune.cli import main
     from zotune.config import TrainConfig
@@ -173,7 +174,20 @@ def test_a_run_resumes_elsewhere_from_its_small_files_alone(tmp_path, tiny_mlm_d
     (moved / LOG_NAME).write_text("".join([header, *records[:killed_at]]))
     metrics = (whole / "metrics.jsonl").read_text().splitlines(True)
     (moved / "metrics.jsonl").write_text("".join(m for m in metrics if json.loads(m)["step"] <= killed_at))
-    assert main(["train", "--resume", str(moved)]) == 0
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "model": "/the/first/machine/model"}))
+    from tests.conftest import save_tiny_roberta
+    save_tiny_roberta(tmp_path / "other", vocab_size=50265, hidden=32, layers=2, heads=4,
+                      max_position_embeddings=514, seed=1)
+    capsys.readouterr()  # transformers' progress bar
+    for flags, message in [([], "/the/first/machine/model, which is not on this machine; give that checkpoint's "
+                                "folder with --model DIR"),
+                           (["--model", str(tmp_path / "other")], "is not the run's")]:
+        assert main(["train", "--resume", str(moved), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (moved / "summary.json").exists()
+    assert main(["train", "--resume", str(moved), "--model", str(tiny_mlm_dir)]) == 0
     for name in ("final.safetensors", "best.safetensors"):
         assert _same(whole / name, moved / name), name
     resumed = json.loads((moved / "summary.json").read_text())

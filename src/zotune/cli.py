@@ -11,7 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import zotune
-from zotune.config import DEFAULT_RECIPE, RECIPES, TrainConfig, read_json_object, read_run_config
+from zotune.config import DEFAULT_RECIPE, RECIPES, TrainConfig, read_json_object
 from zotune.errors import UserError
 
 class _Parser(argparse.ArgumentParser):
@@ -50,7 +50,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=list(RECIPES),
                    help=f"the named preset the run starts from (default: {DEFAULT_RECIPE}, whatever else is given)")
     p.add_argument("--config", help="JSON file of TrainConfig fields over the recipe; flags override it")
-    p.add_argument("--resume", metavar="RUN", help="continue the MeZO run in RUN (its config.json); no other flags")
+    p.add_argument("--resume", metavar="RUN", help="continue the MeZO run in RUN (its config.json); no other flags "
+                                                   "but --model, where the run's base checkpoint lies now (a run "
+                                                   "moved from another machine; its weights must be the logged ones)")
     for f in fields(TrainConfig):
         if f.name == "recipe":
             continue
@@ -123,6 +125,8 @@ def _export_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="new directory to write")
     p.add_argument("--merge-lora", action="store_true",
                    help="LoRA runs: fold the update into the weights and write a full checkpoint, not an adapter")
+    p.add_argument("--model", help="where the run's base checkpoint lies now, for a run moved from another machine "
+                                   "(default: the one its config.json names)")
     return p
 
 
@@ -209,11 +213,13 @@ def _train_request(args) -> tuple[TrainConfig, bool]:
     if "resume" not in vars(args):
         return _train_config(args), False
     # The run's own config.json is the whole configuration: a flag could only diverge from it.
-    extra = sorted(set(vars(args)) - {"command", "resume"})
+    # --model says only where the base checkpoint lies; the trajectory log's sha256 pins which.
+    extra = sorted(set(vars(args)) - {"command", "resume", "model"})
     if extra:
         raise UserError(f"--resume takes the config from {args.resume}/config.json; drop --"
                         f"{', --'.join(e.replace('_', '-') for e in extra)}")
-    cfg = read_run_config(args.resume)
+    from zotune.trajectory import run_config_here
+    cfg = run_config_here(args.resume, getattr(args, "model", None))
     cfg.output_dir = args.resume
     return cfg, True
 
@@ -324,7 +330,7 @@ def _candidate_scores(runner, examples, batch_size: int):
 
 def _run_export(args) -> None:
     from zotune.export import export
-    kind = export(args.run, args.output, merge_lora=args.merge_lora)
+    kind = export(args.run, args.output, merge_lora=args.merge_lora, model=args.model)
     print(f"wrote a {'PEFT adapter' if kind == 'peft' else 'Hugging Face checkpoint'} to {args.output}")
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from zotune.config import TrainConfig, read_run_config
+from zotune.config import TrainConfig
 from zotune.errors import UserError, require
 from zotune.layers.rope import apply_rotary, inverse_frequencies, rotary_tables
 from zotune.model.causal_lm import CausalConfig, CausalLM
@@ -40,6 +40,7 @@ from zotune.model.loading import (config_from_hf, read_hf_config, resolve_model_
 from zotune.model.roberta import MaskedLM, ModelConfig
 from zotune.records import BEST_NAME
 from zotune.session import load_trainable
+from zotune.trajectory import run_config_here
 
 
 @dataclass
@@ -52,9 +53,11 @@ class Rebuilt:
     model: MaskedLM | CausalLM      # base + subset + best.safetensors, eval mode, float32, CPU
 
 
-def rebuild(run_dir: str | Path) -> Rebuilt:
+def rebuild(run_dir: str | Path, cfg: TrainConfig | None = None) -> Rebuilt:
+    """The run's fine-tuned model; `cfg`: its config as run_config_here reads it (default: with
+    the base checkpoint its config.json names)."""
     run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
+    cfg = cfg or run_config_here(run_dir)
     weights = run_dir / BEST_NAME
     if not weights.is_file():
         raise UserError(f"{run_dir} has no {BEST_NAME} (the run never reached a dev evaluation); "
@@ -208,10 +211,11 @@ def write_peft(model: MaskedLM | CausalLM, architecture: str, base_model: str | 
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
-def export(run_dir: str | Path, output: str | Path, merge_lora: bool = False) -> str:
+def export(run_dir: str | Path, output: str | Path, merge_lora: bool = False, model: str | None = None) -> str:
     """Write the run's fine-tuned model to `output` (which must not hold files yet); returns
-    the format written: "huggingface" or "peft"."""
-    cfg = read_run_config(run_dir)
+    the format written: "huggingface" or "peft". `model`: where the run's base checkpoint lies
+    now, for a run moved from another machine (run_config_here)."""
+    cfg = run_config_here(run_dir, model)
     peft = cfg.trainable == "prefix" or (cfg.trainable == "lora" and not merge_lora)
     if cfg.trainable == "prefix":
         model_dir = resolve_model_dir(cfg.model)
@@ -227,7 +231,7 @@ def export(run_dir: str | Path, output: str | Path, merge_lora: bool = False) ->
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"export output {output} already exists and is not empty; pass a new directory")
-    rebuilt = rebuild(run_dir)
+    rebuilt = rebuild(run_dir, cfg)
     output.parent.mkdir(parents=True, exist_ok=True)
     # Write into a sibling temporary directory and rename at the end: a failed export leaves nothing
     # under the final name that looks complete.

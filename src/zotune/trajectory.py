@@ -212,9 +212,10 @@ def rewrite_log(run_dir: Path, header: dict, records: list[dict]):
 
 
 def check_header(header: dict, expected: dict, run_dir: Path):
-    """A resume must continue the same run: same config (where the run lives aside), same base
-    weights, same trainable layout. Each difference is a one-line UserError."""
-    skip = {"output_dir", "overwrite", "quiet", "recipe"}
+    """A resume must continue the same run: same config (where the run and its base checkpoint
+    live aside), same base weights, same trainable layout. Each difference is a one-line
+    UserError."""
+    skip = {"output_dir", "overwrite", "quiet", "recipe", "model"}  # the model's identity: its sha256, below
     logged = {k: v for k, v in {**ADDED_FIELDS, **header["config"]}.items() if k not in skip}
     now = {k: v for k, v in expected["config"].items() if k not in skip}
     if logged != now:
@@ -222,9 +223,9 @@ def check_header(header: dict, expected: dict, run_dir: Path):
         raise UserError(f"{run_dir}/config.json differs from the trajectory log in {', '.join(changed)}; "
                         f"restore the run's config or start a new run")
     if header["model_sha256"] != expected["model_sha256"]:
-        raise UserError(f"base model {header['config']['model']} has changed since the run started (sha256 "
+        raise UserError(f"base model {expected['config']['model']} has changed since the run started (sha256 "
                         f"{expected['model_sha256'][:12]} != logged {header['model_sha256'][:12]}); "
-                        f"restore the original checkpoint")
+                        f"restore the original checkpoint, or give its folder with --model")
     if header["layout"] != expected["layout"]:
         raise UserError(f"the trainable tensors differ from the logged layout in {run_dir}; "
                         f"this zotune selects a different subset, use the version that wrote the run")
@@ -274,6 +275,34 @@ def restore(flat: FlatParameters, run_dir: Path, records: list[dict], eps: float
     replay(flat, records[start:], eps, weight_decay)
 
 
+def check_base_model(header: dict, model: str) -> str:
+    """`model`'s sha256, which must be the one the run's log `header` pinned."""
+    model_hash = model_sha256(model)
+    if model_hash != header["model_sha256"]:
+        raise UserError(f"base model {model} is not the run's (sha256 {model_hash[:12]} != logged "
+                        f"{header['model_sha256'][:12]}); pass --model with the original checkpoint")
+    return model_hash
+
+
+def run_config_here(run_dir: str | Path, model: str | None = None):
+    """The run's config.json, its base checkpoint where it lies on this machine: `model` (--model,
+    for a run moved from another machine; a MeZO run's log pins its weights by sha256), else the
+    recorded one, which must be here."""
+    from zotune.config import read_run_config
+    cfg = read_run_config(run_dir)
+    if model is not None:
+        if (Path(run_dir) / LOG_NAME).is_file():
+            check_base_model(read_header(run_dir), model)
+        cfg.model = model
+        return cfg
+    try:
+        resolve_model_dir(cfg.model)
+    except UserError:
+        raise UserError(f"{run_dir} was trained from {cfg.model}, which is not on this machine; give that "
+                        f"checkpoint's folder with --model DIR") from None
+    return cfg
+
+
 def replay_run(run_dir: Path, output_dir: Path, model: str | None = None) -> dict:
     """`zotune replay`: the fine-tuned trainable tensors from the base model and the log alone
     (no data, no forward passes), on the CPU, written to output_dir/trainable.safetensors."""
@@ -283,10 +312,7 @@ def replay_run(run_dir: Path, output_dir: Path, model: str | None = None) -> dic
     run_dir = Path(run_dir)
     header, records = read_log(run_dir)
     cfg = TrainConfig.from_dict({**header["config"], "model": model or header["config"]["model"]})
-    model_hash = model_sha256(cfg.model)
-    if model_hash != header["model_sha256"]:
-        raise UserError(f"base model {cfg.model} is not the run's (sha256 {model_hash[:12]} != logged "
-                        f"{header['model_sha256'][:12]}); pass --model with the original checkpoint")
+    model_hash = check_base_model(header, cfg.model)
     _, trainable = load_trainable(cfg)  # the run's subset: LoRA's A and the prefix come from cfg.seed
     flat = flatten(trainable, cfg.decay_all)
     expected = make_header(header["config"], model_hash, flat)
