@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from zotune.errors import UserError
+from zotune.shipped import DEFAULT_MODEL_NAME, SHIPPED_MODELS
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = REPO_ROOT / "models" / "zotune-roberta-small"
+DEFAULT_MODEL = SHIPPED_MODELS[DEFAULT_MODEL_NAME]
 
 RECIPES = {
     "demo": dict(optimizer="mezo", task="sst2", k=16, seed=42, trainable="top:1", steps=100, lr=1e-4, eps=1e-3,
@@ -51,7 +51,8 @@ def option(default, help: str, choices: tuple | None = None, flag: str | None = 
 class TrainConfig:
     recipe: str | None = option(None, "the named recipe the values started from (printed, not used)",
                                 tuple(RECIPES))
-    model: str = option(str(DEFAULT_MODEL), "checkpoint directory or Hub id")
+    model: str = option(DEFAULT_MODEL_NAME, f"checkpoint directory, Hub id, or {DEFAULT_MODEL_NAME} (this "
+                                            f"repository's models/{DEFAULT_MODEL_NAME})")
     tokenizer: str | None = option(None, "tokenizer directory (default: the model's)")
     task: str = option("sst2", "sst2, sst5, trec, mnli, snli or rte; a causal LM (OPT, Llama) also cb, copa, "
                                "wic, wsc, multirc, boolq")

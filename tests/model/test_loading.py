@@ -1,6 +1,7 @@
 """Checkpoint loading: strict name map, sharded files, and one-line errors for bad checkpoints."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +87,21 @@ def test_missing_directory(tmp_path):
     from zotune.model.loading import resolve_model_dir
     with pytest.raises(UserError, match="does not exist"):
         resolve_model_dir(tmp_path / "nope")
+
+
+def test_the_default_model_is_recorded_by_name_and_found_here(tmp_path, monkeypatch, tiny_roberta_dir):
+    """A default run's config.json names the shipped model, not this machine's path to it, so that
+    another checkout resumes, sweeps or exports it; a folder of that name in the working
+    directory still comes first, as any local path does."""
+    import shutil
+    from zotune.cli import run_settings
+    from zotune.config import DEFAULT_MODEL
+    from zotune.model.loading import resolve_model_dir
+    assert run_settings([])["model"] == "zotune-roberta-small"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_dir("zotune-roberta-small") == DEFAULT_MODEL and DEFAULT_MODEL.is_dir()
+    shutil.copytree(tiny_roberta_dir, tmp_path / "zotune-roberta-small")
+    assert resolve_model_dir("zotune-roberta-small") == Path("zotune-roberta-small")
 
 
 def test_hf_names_round_trip(tiny_roberta_dir):

@@ -17,6 +17,7 @@ from zotune.errors import UserError
 from zotune.layers.rope import ROPE_TYPES
 from zotune.model.causal_lm import CausalConfig, CausalLM
 from zotune.model.roberta import MaskedLM, ModelConfig
+from zotune.shipped import SHIPPED_MODELS
 
 # architecture -> (prefix of the encoder's tensors, head layout)
 ARCHITECTURES = {
@@ -265,8 +266,11 @@ def _rope_from_hf(hf: dict, source: str) -> tuple[float, dict | None]:
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """A local directory, or a Hub id downloaded through huggingface_hub where a network exists."""
+    """A local directory, a model shipped in this repository by name (zotune.shipped), or a Hub
+    id downloaded through huggingface_hub where a network exists."""
     path = Path(name_or_path)
+    if not path.exists() and str(name_or_path) in SHIPPED_MODELS:
+        path = SHIPPED_MODELS[str(name_or_path)]
     if path.is_dir():
         if any((path / name).is_file() for name in ("trajectory.jsonl", "metrics.jsonl", "summary.json")):
             raise UserError(f"{name_or_path} is a zotune run directory, not a checkpoint; write one with "
