@@ -23,7 +23,7 @@
 #   paper   the MeZO paper's 100,000-step SST-2 protocol (issue 19) until PAPER_END, PAPER_RUNS (4)
 #           at a time under MPS; returns its bundle in 15 MiB parts (see "Next session" below)
 #   profile benchmarks/profile_step.py on the shipped model, SST-2 k=512: kernels by family (eager)
-#           and wall per step (CUDA graphs)
+#           and wall per step (CUDA graphs); then the Adam baseline's step (where its ~50 ms go)
 #   probe   the causal table's speed: a random checkpoint of tools/pretrain_clm.py's default shape
 #           (19M parameters), MeZO (full) at 300 steps and Adam (full) at 1,000, SST-2 k=512, 12
 #           runs sharing the GPU as the table does; prints steps/s, per-run overhead, and the
@@ -52,8 +52,9 @@
 # a 587 s call so); a refused start costs 90-180 s of device time.
 #   1. TABLE_END=$(( $(date +%s) + 560 )) TABLE_FLAGS="--runs-per-device 14 --mps" \
 #      bash benchmarks/gpu_session.sh table     (copy table.tgz to benchmarks/fewshot-runs.tgz at once)
-#   1b. the same again until the plan says 0 to go; then `profile` (about 1.5 minutes: where a
-#      step's 0.8 ms under MPS go, and how many kernels) may precede the first paper call.
+#   1b. the same again until the plan says 0 to go; then `profile` (about 2 minutes: where a
+#      step's 0.8 ms under MPS go, and how many kernels; where an Adam step's ~50 ms go) may
+#      precede the first paper call.
 #   1c. the causal table's 20 Adam runs (out/clm's, about 2 minutes): for that call move
 #      models/zotune-roberta-small (35 MB) out of the tree, carry ["out/clm"] (40 MB), and run
 #      `mkdir -p runs && tar xzf benchmarks/causal-runs.tgz -C runs && PYTHONPATH=src python
@@ -168,7 +169,8 @@ for p in $PHASES; do
         done ;;
     profile)  # where the table's step goes: the shipped model, SST-2 k=512 batch 64, eager (kernels) and graphed
         phase profile_eager 90 python benchmarks/profile_step.py --model models/zotune-roberta-small --k 512
-        phase profile_graphs 90 python benchmarks/profile_step.py --model models/zotune-roberta-small --k 512 --graphs ;;
+        phase profile_graphs 90 python benchmarks/profile_step.py --model models/zotune-roberta-small --k 512 --graphs
+        phase profile_adam 90 python benchmarks/profile_step.py --model models/zotune-roberta-small --k 512 --optimizer adam ;;
     together) phase together 150 python -m pytest -q -m gpu tests/test_together.py tests/engine/test_generate.py ;;
     table)  # the six-task table (issue 19) until TABLE_END (epoch s); TABLE_FLAGS: how runs share the GPU
         [ -z "${TABLE_FLAGS:-}" ] && [ -f "$OUT/concurrent_full.log" ] && TABLE_FLAGS=$(fastest_sharing "$OUT/concurrent_full.log")
@@ -205,7 +207,7 @@ cat "$OUT/summary.txt"
 [ -f "$OUT/causal.log" ] && tail -n 15 "$OUT/causal.log" | grep -E "passed|failed|error|FAILED|ERROR"
 [ -f "$OUT/large.log" ] && grep -E "^\|" "$OUT/large.log" | tail -n 6
 [ -f "$OUT/concurrent_full.log" ] && grep -E "^\||^MeZO|Error|^mps" "$OUT/concurrent_full.log"
-for f in "$OUT"/profile_*.log; do [ -f "$f" ] && grep -E "^MeZO step|^\| [a-z(]" "$f" | head -n 12; done
+for f in "$OUT"/profile_*.log; do [ -f "$f" ] && grep -E "^(MeZO|Adam) step|^\| [a-z(]" "$f" | head -n 12; done
 [ -f "$OUT/together.log" ] && tail -n 15 "$OUT/together.log" | grep -E "passed|failed|error|FAILED|ERROR"
 [ -f "$OUT/table.log" ] && grep -E "^plan: [0-9]|^deadline|error" "$OUT/table.log"
 [ -f "$OUT/paper.log" ] && grep -E "^plan: [0-9]|^deadline|error|^\|" "$OUT/paper.log"

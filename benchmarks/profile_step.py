@@ -1,4 +1,4 @@
-"""Where a MeZO step's time goes, RoBERTa-large with random weights (or --model DIR, a checkpoint)
+"""Where a MeZO step's time goes (or, with --optimizer adam, the backprop baseline's), RoBERTa-large with random weights (or --model DIR, a checkpoint)
 on real SST-2 batches (k=16: the whole training set, batch 32; --k 512: an epoch of batches of 64,
 in turn):
 the step's wall time (CUDA events), the host's time to issue it, the GPU kernels by family and
@@ -9,11 +9,13 @@ the host functions that take longest (cProfile). Optimisation starts from this m
     python benchmarks/profile_step.py --trainable top:1 --cache --graphs --k 512
     python benchmarks/profile_step.py --trainable lora --layers 20,21,22,23 --pair --cache --graphs
     python benchmarks/profile_step.py --model models/zotune-roberta-small --k 512   # the table's step
+    python benchmarks/profile_step.py --model models/zotune-roberta-small --k 512 --optimizer adam   # its Adam step
 """
 
 import argparse
 import cProfile
 import io
+import itertools
 import pstats
 import time
 from collections import defaultdict
@@ -24,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from common import median_ms, session, sst2_prompt, sst2_train
 
 from zotune.optim.mezo import MezoStepper, direction_seed
+from zotune.train import _adam_stepper
 
 FAMILIES = (("sweep (Philox)", ("_perturb_kernel", "_perturb_apart_kernel", "_restore_and_update_kernel")),
             ("few-rows matmul", ("_split_k_kernel",)),
@@ -45,27 +48,21 @@ def main():
                         help="the layers a lora, prefix or bias subset covers, as in zotune train")
     parser.add_argument("--pair", action="store_true", help="each direction's ± passes as one batch")
     parser.add_argument("--model", help="a checkpoint folder instead of the random RoBERTa-large")
+    parser.add_argument("--optimizer", choices=("mezo", "adam"), default="mezo",
+                        help="adam: the backprop baseline's step (ft-paper: batch 8, dropout on, clipped at 1.0)")
     args = parser.parse_args()
     prompt = sst2_prompt()
     sequences, labels = sst2_train(prompt, args.k)
     # As zotune train builds it (Session.build): the second buffer where it pays.
     built = session(args.trainable, model=args.model, layers=args.layers, precision=args.precision,
-                    cuda_graphs=args.graphs, cache=args.cache, pair=args.pair)
+                    cuda_graphs=args.graphs, cache=args.cache, pair=args.pair, optimizer=args.optimizer,
+                    max_grad_norm=1.0 if args.optimizer == "adam" else 0.0)
     if args.pair and not built.paired:
         parser.error("--pair needs a subset that leaves the embeddings frozen")
-    runner, flat = built.runner, built.flat
-    size = 32 if args.k == 16 else 64
+    size = 8 if args.optimizer == "adam" else 32 if args.k == 16 else 64
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(0)).tolist()
     chunks = [sorted(order[s:s + size]) for s in range(0, len(order), size)]
-    # labels on the host, as zotune train passes them
-    batches = [(runner.pack([sequences[i] for i in chunk]), labels[chunk]) for chunk in chunks]
-    stepper = MezoStepper(runner, flat, 1e-3, 0.0, args.pair)  # as zotune train steps
-    counter = {"step": 0}
-
-    def step():
-        counter["step"] += 1
-        with torch.inference_mode():
-            stepper(*batches[counter["step"] % len(batches)], [direction_seed(0, counter["step"], 0)], 1e-6)
+    step, batches = _stepper(args, built, [([sequences[i] for i in chunk], labels[chunk]) for chunk in chunks])
     for _ in batches:  # every batch once: fills the cache and captures each shape
         step()
     wall_ms = median_ms(step, 20)
@@ -94,8 +91,8 @@ def main():
     for name, (ms, _) in per_name.items():
         family = next((f for f, keys in FAMILIES if any(k in name.lower() for k in keys)), "other")
         families[family] += ms
-    tokens = sum(b.num_tokens for b, _ in batches) / len(batches)
-    print(f"\nMeZO step, {args.model or 'RoBERTa-large'}, SST-2 k={args.k} batch {size} ({tokens:.0f} tokens), {args.precision}, "
+    tokens = sum(map(len, itertools.chain.from_iterable(examples for examples, _ in batches))) / len(batches)
+    print(f"\n{'MeZO' if args.optimizer == 'mezo' else 'Adam'} step, {args.model or 'RoBERTa-large'}, SST-2 k={args.k} batch {size} ({tokens:.0f} tokens), {args.precision}, "
           f"trainable {args.trainable}{f' layers {args.layers}' if args.layers else ''}{', pair' if args.pair else ''}, "
           f"{'CUDA graphs' if args.graphs else 'eager'}, cache "
           f"{'on' if args.cache else 'off'}, on {torch.cuda.get_device_name()}: wall {wall_ms:.2f} ms/step, "
@@ -110,6 +107,28 @@ def main():
     text = io.StringIO()
     pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(15)
     print("host functions over 20 steps (cProfile, by own time):\n" + text.getvalue()[-4000:])
+
+
+def _stepper(args, built, batches: list):
+    """A step of the run `built`, on the (examples, labels) batches in turn, as zotune train
+    steps: MeZO's inference-mode step on packed batches, or the Adam baseline's step."""
+    counter = {"step": 0}
+    if args.optimizer == "adam":
+        adam_step = _adam_stepper(built.cfg, built)
+
+        def step():
+            counter["step"] += 1
+            adam_step(counter["step"], *batches[counter["step"] % len(batches)], 1e-5)
+        return step, batches
+    runner = built.runner
+    packed = [(runner.pack(examples), labels) for examples, labels in batches]  # labels on the host, as train's
+    stepper = MezoStepper(runner, built.flat, 1e-3, 0.0, args.pair)
+
+    def step():
+        counter["step"] += 1
+        with torch.inference_mode():
+            stepper(*packed[counter["step"] % len(packed)], [direction_seed(0, counter["step"], 0)], 1e-6)
+    return step, batches
 
 
 if __name__ == "__main__":
