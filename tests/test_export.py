@@ -193,7 +193,7 @@ def test_a_moved_run_exports_with_model_saying_where_its_base_lies(tmp_path, run
                       max_position_embeddings=514, seed=1)
     capsys.readouterr()  # transformers' progress bar
     for flags, message in [([], "which is not on this machine; give that checkpoint's folder with --model DIR"),
-                           (["--model", str(tmp_path / "other")], "is not the run's")]:
+                           (["--model", str(tmp_path / "other")], "is not the one the run started from")]:
         assert main(["export", str(moved), "--output", str(tmp_path / "refused"), *flags]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err

@@ -104,7 +104,7 @@ def test_a_resume_that_differs_from_the_log_is_a_user_error(tmp_path, tiny_mlm_d
     save_tiny_roberta(tmp_path / "other", vocab_size=50265, hidden=32, layers=2, heads=4,
                       max_position_embeddings=514, seed=1)
     shutil.copy(tmp_path / "other" / "model.safetensors", model / "model.safetensors")
-    _one_line_error(_zotune("train", "--resume", str(run)), "has changed since the run started")
+    _one_line_error(_zotune("train", "--resume", str(run)), "is not the one the run started from")
     _one_line_error(_zotune("train", "--resume", str(run), "--lr", "1"), "drop --lr")
     _one_line_error(_zotune("train", "--resume", str(tmp_path / "nothing")), "cannot read")
     assert not (run / "summary.json").exists()
@@ -182,7 +182,7 @@ def test_a_run_resumes_elsewhere_from_its_small_files_alone(tmp_path, tiny_mlm_d
     capsys.readouterr()  # transformers' progress bar
     for flags, message in [([], "/the/first/machine/model, which is not on this machine; give that checkpoint's "
                                 "folder with --model DIR"),
-                           (["--model", str(tmp_path / "other")], "is not the run's")]:
+                           (["--model", str(tmp_path / "other")], "is not the one the run started from")]:
         assert main(["train", "--resume", str(moved), *flags]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err

@@ -94,7 +94,7 @@ def test_replay_refuses_a_different_base_model(tmp_path, tiny_mlm_dir):
     _, run = _run(tmp_path, tiny_mlm_dir, "run", steps=2, eval_steps=2)
     other = tmp_path / "other"
     save_tiny_roberta(other, vocab_size=50265, hidden=32, layers=2, heads=4, max_position_embeddings=514, seed=1)
-    with pytest.raises(UserError, match="is not the run's"):
+    with pytest.raises(UserError, match="is not the one the run started from"):
         trajectory.replay_run(run, tmp_path / "out", model=str(other))
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from zotune.config import ADDED_FIELDS
+from zotune.config import ADDED_FIELDS, TrainConfig, read_run_config
 from zotune.errors import UserError
 from zotune.files import save_tensors_atomic, write_text_atomic
 from zotune.model.loading import _weight_files, resolve_model_dir
@@ -223,9 +223,7 @@ def check_header(header: dict, expected: dict, run_dir: Path):
         raise UserError(f"{run_dir}/config.json differs from the trajectory log in {', '.join(changed)}; "
                         f"restore the run's config or start a new run")
     if header["model_sha256"] != expected["model_sha256"]:
-        raise UserError(f"base model {expected['config']['model']} has changed since the run started (sha256 "
-                        f"{expected['model_sha256'][:12]} != logged {header['model_sha256'][:12]}); "
-                        f"restore the original checkpoint, or give its folder with --model")
+        raise _not_the_runs_model(expected["config"]["model"], expected["model_sha256"], header["model_sha256"])
     if header["layout"] != expected["layout"]:
         raise UserError(f"the trainable tensors differ from the logged layout in {run_dir}; "
                         f"this zotune selects a different subset, use the version that wrote the run")
@@ -279,16 +277,20 @@ def check_base_model(header: dict, model: str) -> str:
     """`model`'s sha256, which must be the one the run's log `header` pinned."""
     model_hash = model_sha256(model)
     if model_hash != header["model_sha256"]:
-        raise UserError(f"base model {model} is not the run's (sha256 {model_hash[:12]} != logged "
-                        f"{header['model_sha256'][:12]}); pass --model with the original checkpoint")
+        raise _not_the_runs_model(model, model_hash, header["model_sha256"])
     return model_hash
 
 
-def run_config_here(run_dir: str | Path, model: str | None = None):
+def _not_the_runs_model(model: str, model_hash: str, logged_hash: str) -> UserError:
+    return UserError(f"base model {model} is not the one the run started from (sha256 {model_hash[:12]} != "
+                     f"logged {logged_hash[:12]}); give the original checkpoint's folder with --model")
+
+
+def run_config_here(run_dir: str | Path, model: str | None = None) -> TrainConfig:
     """The run's config.json, its base checkpoint where it lies on this machine: `model` (--model,
-    for a run moved from another machine; a MeZO run's log pins its weights by sha256), else the
-    recorded one, which must be here."""
-    from zotune.config import read_run_config
+    for a run moved from another machine; a MeZO run's log pins its weights by sha256, checked
+    here, before anything reads the checkpoint's tokenizer or tensors), else the recorded one,
+    which must be here."""
     cfg = read_run_config(run_dir)
     if model is not None:
         if (Path(run_dir) / LOG_NAME).is_file():
@@ -306,7 +308,6 @@ def run_config_here(run_dir: str | Path, model: str | None = None):
 def replay_run(run_dir: Path, output_dir: Path, model: str | None = None) -> dict:
     """`zotune replay`: the fine-tuned trainable tensors from the base model and the log alone
     (no data, no forward passes), on the CPU, written to output_dir/trainable.safetensors."""
-    from zotune.config import TrainConfig
     from zotune.session import flatten, load_trainable
 
     run_dir = Path(run_dir)
