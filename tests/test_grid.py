@@ -121,15 +121,21 @@ def _job(tmp_path, model_dir, steps):
 
 
 def test_run_jobs_resumes_an_unfinished_mezo_run(tmp_path, tiny_mlm_dir):
+    """Killed mid-run, then continued with its checkpoint moved to another folder, as a grid
+    moved to another machine is: the run is matched to the job by the sha256 its log pinned and
+    resumes with --model; another checkpoint there is a run of other settings."""
     import os
+    import shutil
     import signal
     import subprocess
     import sys
     import time
 
-    from zotune.grid import resumable, run_jobs
+    from tests.conftest import save_tiny_roberta
+    from zotune.grid import check_finished, resumable, run_jobs
     from zotune.trajectory import LOG_NAME
-    job = _job(tmp_path, tiny_mlm_dir, 40)
+    shutil.copytree(tiny_mlm_dir, tmp_path / "model_here")
+    job = _job(tmp_path, tmp_path / "model_here", 40)
     command = [sys.executable, "-m", "zotune", "train", *job.train_args, "--trainable", "lora", "--lr", "0.01",
                "--seed", "13", "--output-dir", str(job.run_dir), "--quiet", "--device", "cpu"]
     victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -142,6 +148,13 @@ def test_run_jobs_resumes_an_unfinished_mezo_run(tmp_path, tiny_mlm_dir):
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert resumable(job.run_dir) and not (job.run_dir / "summary.json").exists()
+    (tmp_path / "model_here").rename(tmp_path / "model_there")
+    save_tiny_roberta(tmp_path / "other", vocab_size=50265, hidden=32, layers=2, heads=4,
+                      max_position_embeddings=514, seed=1)
+    with pytest.raises(UserError, match="holds an unfinished run of other settings \\(model "):
+        check_finished([_job(tmp_path, tmp_path / "other", 40)], run_settings)
+    job = _job(tmp_path, tmp_path / "model_there", 40)
+    check_finished([job], run_settings)
     assert run_jobs([job], ["cpu"], quiet=True, keep_weights=False) == []
     summary = json.loads((job.run_dir / "summary.json").read_text())
     assert summary["resumed_from_step"] >= 11 and summary["steps"] == 40
@@ -285,3 +298,11 @@ def test_the_table_counts_runs_that_stopped_early(tmp_path):
     result = aggregate_dir(tmp_path)
     assert {c["lr"]: c["stopped_early"] for c in result["cells"]} == {1e-3: 0, 1e-2: 1}
     assert "| 3 (1 stopped early: diverged) |" in result["table"] and result["table"].count("stopped early") == 1
+
+
+def test_a_jobs_flag_value_is_read_as_argparse_reads_it():
+    from zotune.grid import _flag_value
+    assert _flag_value(("--steps", "3", "--model", "a"), "--model") == "a"
+    assert _flag_value(("--model=a", "--model", "b"), "--model") == "b"  # the last one given wins
+    assert _flag_value(("--model", "b", "--model=a"), "--model") == "a"
+    assert _flag_value(("--models", "a", "--model-x=b"), "--model") is None

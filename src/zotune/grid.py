@@ -270,8 +270,10 @@ def check_finished(jobs: list[Job], config_of: Callable[[list[str]], dict]) -> N
     """A finished run is skipped as done, and an unfinished MeZO run resumed from its own
     config.json, only if it is the job's run: its config.json must agree with
     config_of(job_flags(job)), the config those flags make over their recipe, in every field of
-    GRID_SHARED and the cell's. Otherwise (a grid re-planned with other settings: a schedule, a
-    clip, a selection rule) a one-line UserError, before anything runs."""
+    GRID_SHARED and the cell's, the model by path or, for a MeZO run moved where its checkpoint
+    lies elsewhere, by the sha256 its log pinned. Otherwise (a grid re-planned with other
+    settings: a schedule, a clip, a selection rule) a one-line UserError, before anything runs."""
+    hashes = {}
     for job in jobs:
         finished = (job.run_dir / "summary.json").is_file()
         if not (finished or resumable(job.run_dir)):
@@ -279,20 +281,48 @@ def check_finished(jobs: list[Job], config_of: Callable[[list[str]], dict]) -> N
         have = read_run_values(job.run_dir)
         want = config_of(job_flags(job))
         differ = [f"{k} {have.get(k)!r}, not {want[k]!r}" for k in (*GRID_SHARED, "trainable", "lr", "seed")
-                  if have.get(k) != want[k]]
+                  if have.get(k) != want[k] and not (k == "model" and _logged_model(job.run_dir, want[k], hashes))]
         if differ:
             raise UserError(f"{job.run_dir} holds {'a finished' if finished else 'an unfinished'} run of other "
                             f"settings ({'; '.join(differ[:3])}); move {job.output_dir} aside (its runs stay "
                             f"readable there) or write this grid elsewhere")
 
 
+def _logged_model(run_dir: Path, model: str, hashes: dict[str, str]) -> bool:
+    """Whether `model` holds the base weights that the run's trajectory log pinned (False for a
+    run without one: an Adam run's checkpoint is known by its path only)."""
+    from zotune.trajectory import model_sha256, read_header
+    try:
+        logged = read_header(run_dir)["model_sha256"]
+    except UserError:
+        return False
+    if model not in hashes:
+        hashes[model] = model_sha256(model)
+    return hashes[model] == logged
+
+
 def _train_arguments(job: Job, device: str) -> list[str]:
     """What `zotune train` takes for the job: --resume for a run whose trajectory log has its
-    header (its config.json holds every setting, device and --quiet included), else its flags."""
+    header (its config.json holds every setting, device and --quiet included; --model where the
+    job's flags put its checkpoint elsewhere: check_finished matched it by sha256), else its
+    flags."""
     if resumable(job.run_dir):
-        return ["--resume", str(job.run_dir)]
+        model = _flag_value(job.train_args, "--model")
+        moved = model is not None and model != read_run_values(job.run_dir)["model"]
+        return ["--resume", str(job.run_dir), *(["--model", model] if moved else [])]
     return [*job_flags(job), "--output-dir", str(job.run_dir), "--overwrite", "--quiet",
             "--device", "cpu" if device == "cpu" else "cuda"]
+
+
+def _flag_value(flags: tuple[str, ...], name: str) -> str | None:
+    """The value that `flags` give option `name` (the last, as argparse takes it), or None."""
+    value = None
+    for i, flag in enumerate(flags):
+        if flag == name and i + 1 < len(flags):
+            value = flags[i + 1]
+        elif flag.startswith(name + "="):
+            value = flag[len(name) + 1:]
+    return value
 
 
 def _call(command: list[str], out, env: dict, deadline: float | None) -> int | None:
