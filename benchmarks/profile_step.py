@@ -1,6 +1,6 @@
-"""Where a MeZO step's time goes (or, with --optimizer adam, the backprop baseline's), RoBERTa-large with random weights (or --model DIR, a checkpoint)
-on real SST-2 batches (k=16: the whole training set, batch 32; --k 512: an epoch of batches of 64,
-in turn):
+"""Where a MeZO step's time goes (or, with --optimizer adam, the backprop baseline's: batch 8),
+RoBERTa-large with random weights (or --model DIR, a checkpoint) on real SST-2 batches (k=16:
+the whole training set, batch 32; --k 512: an epoch of batches of 64, in turn):
 the step's wall time (CUDA events), the host's time to issue it, the GPU kernels by family and
 by name (torch.profiler; with --graphs the profiler may not see inside replayed graphs), and
 the host functions that take longest (cProfile). Optimisation starts from this measurement.
@@ -62,7 +62,8 @@ def main():
     size = 8 if args.optimizer == "adam" else 32 if args.k == 16 else 64
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(0)).tolist()
     chunks = [sorted(order[s:s + size]) for s in range(0, len(order), size)]
-    step, batches = _stepper(args, built, [([sequences[i] for i in chunk], labels[chunk]) for chunk in chunks])
+    batches = [([sequences[i] for i in chunk], labels[chunk]) for chunk in chunks]
+    step = _stepper(args, built, batches)
     for _ in batches:  # every batch once: fills the cache and captures each shape
         step()
     wall_ms = median_ms(step, 20)
@@ -119,7 +120,7 @@ def _stepper(args, built, batches: list):
         def step():
             counter["step"] += 1
             adam_step(counter["step"], *batches[counter["step"] % len(batches)], 1e-5)
-        return step, batches
+        return step
     runner = built.runner
     packed = [(runner.pack(examples), labels) for examples, labels in batches]  # labels on the host, as train's
     stepper = MezoStepper(runner, built.flat, 1e-3, 0.0, args.pair)
@@ -128,7 +129,7 @@ def _stepper(args, built, batches: list):
         counter["step"] += 1
         with torch.inference_mode():
             stepper(*packed[counter["step"] % len(packed)], [direction_seed(0, counter["step"], 0)], 1e-6)
-    return step, batches
+    return step
 
 
 if __name__ == "__main__":

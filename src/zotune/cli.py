@@ -277,10 +277,10 @@ def _run_replay(args) -> None:
 
 
 def _run_eval(args) -> None:
-    from zotune.config import DEFAULT_MODEL
+    from zotune.shipped import DEFAULT_MODEL_NAME
     from zotune.evaluate import CausalPrompt, accuracy, build, encode, predict, write_predictions
     from zotune.tasks.data import default_data_dir, load_file, load_split
-    prompted = build(args.model or str(DEFAULT_MODEL), args.task, tokenizer=args.tokenizer,
+    prompted = build(args.model or DEFAULT_MODEL_NAME, args.task, tokenizer=args.tokenizer,
                      template=args.template, label_words=args.label_words, max_length=args.max_length,
                      device=args.device)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
@@ -335,9 +335,9 @@ def _run_export(args) -> None:
 
 
 def _run_predict(args) -> None:
-    from zotune.config import DEFAULT_MODEL
+    from zotune.shipped import DEFAULT_MODEL_NAME
     from zotune.evaluate import CausalPrompt, build, generate_answers
-    prompted = build(args.model or str(DEFAULT_MODEL), args.task, tokenizer=args.tokenizer,
+    prompted = build(args.model or DEFAULT_MODEL_NAME, args.task, tokenizer=args.tokenizer,
                      template=args.template, label_words=args.label_words, max_length=args.max_length,
                      device=args.device)
     causal = isinstance(prompted.prompt, CausalPrompt)
