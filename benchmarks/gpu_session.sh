@@ -39,30 +39,19 @@
 # TESTS_LIMIT=S raises the tests' limit, for a call that shares the GPU with other work.
 # or in two calls if one runs long: "bash benchmarks/gpu_session.sh tests gap", then "... speed".
 #
-# Next session (issue 19). The table's 540 MeZO runs are done; its 180 Adam runs run again (session
-# 18 found they had inherited the demo recipe's constant lr, where the reference decays it
-# linearly; the old grids stay in the bundle as Adam-full-constant). Session 19 finished 56 (SST-2
-# and most of SST-5): 124 to go, about 11 minutes of an H100 as 14 MPS clients (17-19 steps/s,
-# 66-77 s a run; a deadline cuts the runs in flight, so fewer, longer calls waste less). Then the
-# paper's protocol, from its start: session 18's 608,000 steps chose best-dev weights among
-# evaluations every 1,000 steps, and the protocol now selects every 10,000 as mezo.sh
-# (--select-steps), so those runs (runs/paper-runs-session18-select-every-1000.tgz, kept) are not
-# carried; 6M steps at session 18's 1,048 steps/s end to end (4 runs under MPS, H100): about 95
-# minutes. Calls under 10 minutes (a machine taken back mid-call returns nothing: session 19 lost
-# a 587 s call so); a refused start costs 90-180 s of device time.
-#   1. TABLE_END=$(( $(date +%s) + 560 )) TABLE_FLAGS="--runs-per-device 14 --mps" \
-#      bash benchmarks/gpu_session.sh table     (copy table.tgz to benchmarks/fewshot-runs.tgz at once)
-#   1b. the same again until the plan says 0 to go; then `profile` (about 2 minutes: where a
-#      step's 0.8 ms under MPS go, and how many kernels; where an Adam step's ~50 ms go) may
-#      precede the first paper call.
-#   1c. the causal table's 20 Adam runs (out/clm's, about 2 minutes): for that call move
-#      models/zotune-roberta-small (35 MB) out of the tree, carry ["out/clm"] (40 MB), and run
-#      `mkdir -p runs && tar xzf benchmarks/causal-runs.tgz -C runs && PYTHONPATH=src python
-#      tools/fewshot_table.py --model out/clm --device cuda --runs-per-device 12 --mps --methods
-#      "Adam (full)" --deadline 400 --bundle $OUT/causal-runs.tgz`; the model back after it.
+# Next session (issue 19). The six-task table is complete (720 runs, the 180 Adam runs at the
+# reference's linear decay since session 20). What is left is the paper's protocol: 60 runs, 6M
+# steps, of which session 20 did 1,009,900 (8 runs finished, 4 in flight at 51,500-55,000 steps)
+# at about 1,110 steps/s end to end (4 runs under MPS, H100): 4,990,100 steps, about 75 minutes.
+# Its bundle is .bundles/paper-runs.tgz (ignored; a copy in /work/notes/paper-bundle/). Calls
+# under 10 minutes (a machine taken back mid-call returns nothing: session 19 lost a 587 s call
+# so); a refused start costs 90-180 s of device time.
+#   1. The causal table's 20 Adam runs (its Adam column ran at a constant lr) need out/clm, the
+#      causal checkpoint, which session 20's machine no longer had (it was never committed, 40
+#      MB): pretraining it again is call B of issue 22 below (10 minutes). Not planned.
 #   2. PAPER_END=$(( $(date +%s) + 570 )) bash benchmarks/gpu_session.sh paper   (each later call)
 #      The paper phase is the MeZO paper's 100,000-step SST-2 protocol: 60 runs, 6M steps, about
-#      95 minutes at 1,048 steps/s, so four sessions. A warm machine keeps runs/ between
+#      90 minutes at 1,110 steps/s (75 of them left), so three sessions. A warm machine keeps runs/ between
 #      calls. After each call: mkdir -p .bundles && cat FILES_AT/paper-runs.tgz.part-* >
 #      .bundles/paper-runs.tgz (ignored). A later session's paper calls carry [".bundles"]: the
 #      phase unpacks it and the unfinished runs continue from their logs (about 25 bytes a step,
