@@ -34,14 +34,14 @@ def sst2_train(prompt: PromptTemplate, k: int, seed: int = 42) -> tuple[list[lis
     return [prompt.encode(e.sentences) for e in examples], torch.tensor([e.label for e in examples])
 
 
-def session(trainable: str, base=None, model: str | None = None, **options):
+def session(trainable: str, base=None, model: str | None = None, device: str = "cuda", **options):
     """A zotune.session.Session as zotune train builds it (SST-2's prompt, the real RoBERTa
     tokenizer), over `base` (default: a random RoBERTa-large on the GPU), or over the checkpoint
-    in folder `model`."""
+    in folder `model` (on `device`)."""
     from zotune.config import TrainConfig
     from zotune.session import Session
     if model is not None:
-        return Session.build(TrainConfig(model=model, task="sst2", trainable=trainable, device="cuda", **options))
+        return Session.build(TrainConfig(model=model, task="sst2", trainable=trainable, device=device, **options))
     cfg = TrainConfig(model="random-roberta-large", tokenizer=str(REPO / "models/zotune-roberta-small"), task="sst2",
                       trainable=trainable, device="cuda", **options)
     return Session.build(cfg, random_roberta_large() if base is None else base)

@@ -22,6 +22,12 @@
 #           call measured fastest for 12 runs (processes, MPS or streams), else 12 processes
 #   paper   the MeZO paper's 100,000-step SST-2 protocol (issue 19) until PAPER_END, PAPER_RUNS (4)
 #           at a time under MPS; returns its bundle in 15 MiB parts (see "Next session" below)
+#   adam    the Adam baseline's step (benchmarks/profile_step.py --optimizer adam) of 94caf51, whose
+#           attention dropout took an SDPA call per sequence, against this tree's one call, in the
+#           same call; then the GPU tests of attention and training. The baseline travels as an
+#           ignored folder: rm -rf .baseline-adam && mkdir .baseline-adam && git archive 94caf51 src
+#           benchmarks/{profile_step.py,common.py,roberta-large-config.json} | tar -x -C .baseline-adam;
+#           carry it
 #   profile benchmarks/profile_step.py on the shipped model, SST-2 k=512: kernels by family (eager)
 #           and wall per step (CUDA graphs); then the Adam baseline's step (where its ~50 ms go)
 #   probe   the causal table's speed: a random checkpoint of tools/pretrain_clm.py's default shape
@@ -46,6 +52,9 @@
 # Its bundle is .bundles/paper-runs.tgz (ignored; a copy in /work/notes/paper-bundle/). Calls
 # under 10 minutes (a machine taken back mid-call returns nothing: session 19 lost a 587 s call
 # so); a refused start costs 90-180 s of device time.
+#   0. First, before a paper call in the same command (about 3 minutes): `bash
+#      benchmarks/gpu_session.sh adam paper` with carry [".bundles", ".baseline-adam"] (prepared as
+#      the adam phase says): the Adam step with one attention call for the batch, against 94caf51's.
 #   1. The causal table's 20 Adam runs (its Adam column ran at a constant lr) need out/clm, the
 #      causal checkpoint, which session 20's machine no longer had (it was never committed, 40
 #      MB): pretraining it again is call B of issue 22 below (10 minutes). Not planned.
@@ -107,6 +116,7 @@ set -u
 PHASES=${*:-tests gap speed}
 OUT=${OUT:-out}
 BASELINE=${BASELINE:-.baseline}
+ADAM_BASELINE=${ADAM_BASELINE:-.baseline-adam}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src ZOTUNE_DATA_DIR=$PWD/data
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/summary.txt"
@@ -156,6 +166,13 @@ for p in $PHASES; do
         for pipe in out/tmp/*/pipe; do
             [ -d "$pipe" ] && echo quit | CUDA_MPS_PIPE_DIRECTORY="$pipe" timeout 30 nvidia-cuda-mps-control
         done ;;
+    adam)  # the backprop baseline's step before (attention dropout a call per sequence) and after (one call)
+        [ -d "$ADAM_BASELINE/src/zotune" ] || { echo "no baseline tree at $ADAM_BASELINE: see this script's header"; exit 2; }
+        ln -sfn "$PWD/models" "$ADAM_BASELINE/models"
+        phase profile_adam_before 90 env PYTHONPATH="$PWD/$ADAM_BASELINE/src" python "$ADAM_BASELINE/benchmarks/profile_step.py" \
+            --model models/zotune-roberta-small --k 512 --optimizer adam
+        phase profile_adam_after 90 python benchmarks/profile_step.py --model models/zotune-roberta-small --k 512 --optimizer adam
+        phase adam_tests 120 python -m pytest -q -m gpu tests/layers/test_attention.py tests/test_train.py ;;
     profile)  # where the table's step goes: the shipped model, SST-2 k=512 batch 64, eager (kernels) and graphed
         phase profile_eager 90 python benchmarks/profile_step.py --model models/zotune-roberta-small --k 512
         phase profile_graphs 90 python benchmarks/profile_step.py --model models/zotune-roberta-small --k 512 --graphs
@@ -185,7 +202,7 @@ torch.manual_seed(0); save_hf(build_model(ClmConfig()), Path("out/clm-random"), 
         phase probe 180 python tools/fewshot_table.py --model out/clm-random --device cuda --runs-per-device 12 \
             --ks 512 --methods "MeZO (full),Adam (full)" --mezo-steps 300 --deadline 110 --runs-dir out/probe \
             --output out/probe/table.json ;;
-    *) echo "unknown phase $p (tests, gap, speed, causal, large, prefix, profile, together, concurrent, table, paper, probe)"; exit 2 ;;
+    *) echo "unknown phase $p (tests, gap, speed, causal, large, prefix, adam, profile, together, concurrent, table, paper, probe)"; exit 2 ;;
     esac
 done
 
@@ -194,6 +211,7 @@ cat "$OUT/summary.txt"
 [ -f "$OUT/tests.log" ] && tail -n 15 "$OUT/tests.log" | grep -E "passed|failed|error|FAILED|ERROR"
 [ -f "$OUT/gap.log" ] && grep -E "^\||^MeZO projected" "$OUT/gap.log"
 [ -f "$OUT/causal.log" ] && tail -n 15 "$OUT/causal.log" | grep -E "passed|failed|error|FAILED|ERROR"
+[ -f "$OUT/adam_tests.log" ] && tail -n 15 "$OUT/adam_tests.log" | grep -E "passed|failed|error|FAILED|ERROR"
 [ -f "$OUT/large.log" ] && grep -E "^\|" "$OUT/large.log" | tail -n 6
 [ -f "$OUT/concurrent_full.log" ] && grep -E "^\||^MeZO|Error|^mps" "$OUT/concurrent_full.log"
 for f in "$OUT"/profile_*.log; do [ -f "$f" ] && grep -E "^(MeZO|Adam) step|^\| [a-z(]" "$f" | head -n 12; done

@@ -10,6 +10,9 @@ the host functions that take longest (cProfile). Optimisation starts from this m
     python benchmarks/profile_step.py --trainable lora --layers 20,21,22,23 --pair --cache --graphs
     python benchmarks/profile_step.py --model models/zotune-roberta-small --k 512   # the table's step
     python benchmarks/profile_step.py --model models/zotune-roberta-small --k 512 --optimizer adam   # its Adam step
+
+With --device cpu (a checkpoint only) it prints the step's wall time and the aten operators it
+calls (top-level, and with those they call), where a small model's GPU step is bound by the count.
 """
 
 import argparse
@@ -18,7 +21,7 @@ import io
 import itertools
 import pstats
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -50,13 +53,17 @@ def main():
     parser.add_argument("--model", help="a checkpoint folder instead of the random RoBERTa-large")
     parser.add_argument("--optimizer", choices=("mezo", "adam"), default="mezo",
                         help="adam: the backprop baseline's step (ft-paper: batch 8, dropout on, clipped at 1.0)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: wall time and aten operators per step (with --model)")
     args = parser.parse_args()
+    if args.device == "cpu" and (args.model is None or args.graphs):
+        parser.error("--device cpu needs --model (a small checkpoint) and no --graphs")
     prompt = sst2_prompt()
     sequences, labels = sst2_train(prompt, args.k)
     # As zotune train builds it (Session.build): the second buffer where it pays.
     built = session(args.trainable, model=args.model, layers=args.layers, precision=args.precision,
                     cuda_graphs=args.graphs, cache=args.cache, pair=args.pair, optimizer=args.optimizer,
-                    max_grad_norm=1.0 if args.optimizer == "adam" else 0.0)
+                    max_grad_norm=1.0 if args.optimizer == "adam" else 0.0, device=args.device)
     if args.pair and not built.paired:
         parser.error("--pair needs a subset that leaves the embeddings frozen")
     size = 8 if args.optimizer == "adam" else 32 if args.k == 16 else 64
@@ -66,6 +73,8 @@ def main():
     step = _stepper(args, built, batches)
     for _ in batches:  # every batch once: fills the cache and captures each shape
         step()
+    if args.device == "cpu":
+        return _cpu_report(args, step, size)
     wall_ms = median_ms(step, 20)
     torch.cuda.synchronize()
     issue = time.perf_counter()
@@ -108,6 +117,27 @@ def main():
     text = io.StringIO()
     pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(15)
     print("host functions over 20 steps (cProfile, by own time):\n" + text.getvalue()[-4000:])
+
+
+def _cpu_report(args, step, size: int):
+    """Wall ms per step (median of 10) and the aten operators a step calls."""
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+    ops = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    print(f"\n{'MeZO' if args.optimizer == 'mezo' else 'Adam'} step, {args.model}, SST-2 k={args.k} batch {size}, "
+          f"trainable {args.trainable}, on the CPU ({torch.get_num_threads()} threads): wall "
+          f"{sorted(times)[len(times) // 2]:.1f} ms/step, {len(top) / args.steps:.0f} top-level aten operators/step "
+          f"({len(ops) / args.steps:.0f} with those they call)")
+    print("| operator | calls/step |\n|---|---|")
+    for name, count in Counter(e.name for e in top).most_common(10):
+        print(f"| {name} | {count / args.steps:.0f} |")
 
 
 def _stepper(args, built, batches: list):

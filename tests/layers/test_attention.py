@@ -27,9 +27,10 @@ def _dense_reference(q, k, v, seq_lens, prefix_k, prefix_v):
     return torch.einsum("nts,snd->tnd", scores.softmax(-1), v.double())
 
 
-# varlen_attention as the CPU runs it, and the exact-float32 CUDA path's logic (a mask from
-# cu_seqlens, the prefix rows) run on the CPU.
-@pytest.mark.parametrize("path", [varlen_attention, attention._dense_float32])
+# varlen_attention as the CPU runs it, and the block-diagonal paths' logic (a mask from
+# cu_seqlens, the prefix rows: exact float32 on CUDA, and attention dropout's, here at p = 0)
+# run on the CPU.
+@pytest.mark.parametrize("path", [varlen_attention, attention._dense_float32, attention._block_diagonal])
 @pytest.mark.parametrize("num_prefix", [0, 3])
 def test_varlen_matches_block_diagonal_dense(num_prefix, path):
     torch.manual_seed(0)
@@ -66,7 +67,7 @@ def _causal_reference(q, k, v, seq_lens, prefix_k, prefix_v):
 CAUSAL_CASES = [(4, 0), (4, 3), (2, 0), (2, 3), (1, 2)]
 
 
-@pytest.mark.parametrize("path", [varlen_attention, attention._dense_float32])
+@pytest.mark.parametrize("path", [varlen_attention, attention._dense_float32, attention._block_diagonal])
 @pytest.mark.parametrize("kv_heads,num_prefix", CAUSAL_CASES)
 def test_causal_grouped_attention_matches_the_reference(path, kv_heads, num_prefix):
     torch.manual_seed(4)
@@ -119,7 +120,7 @@ def _shared_case(kv_heads, num_prefix, device="cpu", head_dim=8):
     return (*map(move, (q, k, v)), half.to(device), *map(move, prefix), torch.cat(want))
 
 
-@pytest.mark.parametrize("path", [varlen_attention, attention._dense_float32])
+@pytest.mark.parametrize("path", [varlen_attention, attention._dense_float32, attention._block_diagonal])
 @pytest.mark.parametrize("kv_heads,num_prefix", CAUSAL_CASES)
 def test_shared_context_is_attention_over_context_and_sequence(path, kv_heads, num_prefix):
     q, k, v, batch, prefix_k, prefix_v, want = _shared_case(kv_heads, num_prefix)
@@ -205,7 +206,9 @@ def test_each_precision_picks_its_attention_kernel(precision, kernel):
         exact = not torch.backends.cuda.matmul.allow_tf32
         assert attention.attention_kernel("cuda", False, 0.0, exact) == kernel
         assert attention.attention_kernel("cuda", True, 0.0, exact) == "mask-queries"  # float32 in every mode
-        assert attention.attention_kernel("cuda", False, 0.1, exact) == "per-sequence"
+        assert attention.attention_kernel("cuda", False, 0.1, exact) == "dense-dropout"
+        assert attention.attention_kernel("cuda", True, 0.1, exact) == "dense-dropout"
+        assert attention.attention_kernel("cpu", False, 0.1, exact) == "dense-dropout"
         assert attention.attention_kernel("cpu", False, 0.0, exact) == "per-sequence"
 
 
@@ -302,6 +305,61 @@ def test_masks_only_gives_the_mask_rows_of_full_attention(device, case):
     torch.testing.assert_close(masks, full[batch.mask_index], rtol=0, atol=1e-6 if device == "cpu" else 1e-2)
 
 
+@pytest.mark.parametrize("case", ["plain", "prefix", "pair with prefixes"])
+def test_dropout_path_at_the_masks_is_the_reference(case):
+    # The backprop baseline's last layer: the <mask> queries alone, through the block-diagonal
+    # path (at p = 0 here), equal the per-sequence reference's.
+    if case == "pair with prefixes":
+        q, k, v, batch, prefix_k, prefix_v, _ = _paired_case()
+    else:
+        torch.manual_seed(2)
+        batch = pack([[1] * p + [5] + [1] * (n - p - 1) for n, p in zip([3, 9, 1, 20], [1, 4, 0, 19])], 5, 2)
+        q, k, v = (torch.randn(33, 4, 8) for _ in range(3))
+        prefix_k, prefix_v = (torch.randn(3, 4, 8) for _ in range(2)) if case == "prefix" else (None, None)
+    queries = q[batch.mask_index]
+    want = attention._per_sequence(queries, k, v, batch, prefix_k, prefix_v, masks_only=True)
+    got = attention._block_diagonal(queries, k, v, batch, prefix_k, prefix_v, masks_only=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _dropout_case(device):
+    torch.manual_seed(3)
+    seq_lens = [4, 9, 2, 7]
+    batch = pack([[5] + [1] * (n - 1) for n in seq_lens], 5, 2).to(device)
+    q, k, v = (torch.randn(sum(seq_lens), 2, 8, device=device) for _ in range(3))
+    return q, k, v, batch, seq_lens
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
+def test_attention_dropout_keeps_each_sequence_to_itself(device):
+    # Under dropout a sequence still sees only its own keys: with the same random draws, other
+    # values in sequence 1 change its rows and no other sequence's.
+    q, k, v, batch, seq_lens = _dropout_case(device)
+    first, rows = sum(seq_lens[:1]), slice(sum(seq_lens[:1]), sum(seq_lens[:2]))
+    torch.manual_seed(11)
+    out = varlen_attention(q, k, v, batch, dropout_p=0.5)
+    k2, v2 = k.clone(), v.clone()
+    k2[rows], v2[rows] = torch.randn_like(k[rows]), torch.randn_like(v[rows])
+    torch.manual_seed(11)
+    out2 = varlen_attention(q, k2, v2, batch, dropout_p=0.5)
+    others = torch.ones(len(q), dtype=torch.bool, device=device)
+    others[rows] = False
+    assert torch.equal(out[others], out2[others]) and first > 0
+    assert not torch.allclose(out[rows], out2[rows])
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
+def test_attention_dropout_is_unbiased(device):
+    # Dropout zeroes probabilities and scales the rest by 1 / (1 - p): one draw differs from the
+    # plain attention, the mean of many draws is it.
+    q, k, v, batch, _ = _dropout_case(device)
+    plain = varlen_attention(q, k, v, batch)
+    torch.manual_seed(12)
+    draws = torch.stack([varlen_attention(q, k, v, batch, dropout_p=0.3) for _ in range(4000)])
+    assert (draws[0] - plain).abs().max() > 0.1
+    torch.testing.assert_close(draws.mean(0), plain, rtol=0, atol=0.06)
+
+
 # (a MeZO pair, prefix rows, a CUDA graph's filler sequence, dtype of q, k, v): a pair's two
 # halves read prefix[0] and prefix[1]; the filler sequence, last, has no query; bf16 is q, k, v
 # under autocast, with the prefix parameters in float32.
@@ -324,7 +382,7 @@ def check_mask_query_kernel(device: torch.device):
             shape = (2, n_prefix, 4, 16) if paired else (n_prefix, 4, 16)
             prefix_k, prefix_v = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
         expected = attention._per_sequence(qkv[:num_queries, 0].float(), qkv[:, 1].float(), qkv[:, 2].float(), batch,
-                                           prefix_k, prefix_v, 0.0, masks_only=True)
+                                           prefix_k, prefix_v, masks_only=True)
         qkv = qkv.to(device)
         got = attention._mask_queries_triton(qkv[:num_queries, 0], qkv[:, 1], qkv[:, 2], batch.to(device),
                                              *(None if t is None else t.to(device) for t in (prefix_k, prefix_v)))

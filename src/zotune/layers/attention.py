@@ -63,27 +63,33 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: P
         return _flash_varlen(q, k, v, batch, prefix_k, prefix_v, causal)
     if kernel == "dense-float32":
         return _dense_float32(q, k, v, batch, prefix_k, prefix_v, causal)
-    return _per_sequence(q, k, v, batch, prefix_k, prefix_v, dropout_p, masks_only, causal)
+    if kernel == "dense-dropout":
+        return _block_diagonal(q, k, v, batch, prefix_k, prefix_v, causal, dropout_p, masks_only)
+    return _per_sequence(q, k, v, batch, prefix_k, prefix_v, masks_only, causal)
 
 
 def attention_kernel(device_type: str, masks_only: bool, dropout_p: float, exact_float32: bool) -> str:
     """The kernel that computes attention:
-      "per-sequence"   the CPU, and attention dropout anywhere: one float32 SDPA call a sequence
+      "dense-dropout"  attention dropout (the backprop baseline's training forward), anywhere:
+                       one SDPA call for the whole batch under a block-diagonal mask, in q's dtype
+      "per-sequence"   the CPU otherwise: one SDPA call a sequence, float32
       "mask-queries"   CUDA, the last layer's <mask> queries: the Triton kernel, float32
       "flash-bf16"     CUDA, queries over all tokens, TF32 allowed: FlashAttention varlen, bf16
       "dense-float32"  CUDA, queries over all tokens, exact float32 (--precision float32): one
                        SDPA call (the math kernel) under a block-diagonal mask, float32
     `exact_float32`: TF32 is off (the "float32" precision)."""
-    if device_type != "cuda" or dropout_p != 0.0:
+    if dropout_p != 0.0:
+        return "dense-dropout"
+    if device_type != "cuda":
         return "per-sequence"
     if masks_only:
         return "mask-queries"
     return "dense-float32" if exact_float32 else "flash-bf16"
 
 
-def _per_sequence(q, k, v, batch, prefix_k, prefix_v, dropout_p, masks_only, causal=False):
-    # The reference path (CPU, and training with attention dropout): one SDPA call per
-    # sequence. Exact and padding-free; the Python loop costs microseconds per sequence.
+def _per_sequence(q, k, v, batch, prefix_k, prefix_v, masks_only, causal=False):
+    # The reference path (the CPU without dropout): one SDPA call per sequence. Exact and
+    # padding-free; the Python loop costs microseconds per sequence.
     outputs = []
     queries = q.split(1) if masks_only else q.split(batch.seq_lens)
     if batch.context is None:
@@ -101,7 +107,7 @@ def _per_sequence(q, k, v, batch, prefix_k, prefix_v, dropout_p, masks_only, cau
         # SDPA's is_causal aligns top-left; after a prefix or context the queries sit at the bottom right.
         mask = _causal_mask(len(qb), n_before, q.device) if causal and n_before else None
         out = F.scaled_dot_product_attention(                           # [N, L, D]
-            qb.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1), attn_mask=mask, dropout_p=dropout_p,
+            qb.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1), attn_mask=mask,
             is_causal=causal and not n_before, enable_gqa=kb.shape[1] != qb.shape[1])
         outputs.append(out.transpose(0, 1))                             # [L, N, D]
     return torch.cat(outputs)                                           # [T, N, D]
@@ -143,25 +149,34 @@ def _varlen_takes_gqa() -> bool:
 def _dense_float32(q, k, v, batch, prefix_k, prefix_v, causal=False):
     # Exact float32 on CUDA (issue 19): FlashAttention has no float32 kernel, and the reference
     # path's per-sequence split reads the host's sequence lengths, which a CUDA graph replaying
-    # other batches of its bucket does not have. This reads only cu_seqlens, on the device:
-    # all T queries against all keys, masked to each query's own sequence (and its prefix).
-    # The math kernel's matmuls follow allow_tf32, off here, so they run in IEEE float32; its
-    # [N, T, T + B*P] scores cost memory that the bf16 kernel avoids.
+    # other batches of its bucket does not have. The math kernel's matmuls follow allow_tf32,
+    # off here, so they run in IEEE float32; its [N, T, T + B*P] scores cost memory that the
+    # bf16 kernel avoids.
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    with sdpa_kernel(SDPBackend.MATH):
+        return _block_diagonal(q.float(), k.float(), v.float(), batch, prefix_k, prefix_v, causal).to(q.dtype)
+
+
+def _block_diagonal(q, k, v, batch, prefix_k, prefix_v, causal=False, dropout_p=0.0, masks_only=False):
+    # All queries against all keys in one SDPA call, masked to each query's own sequence (its
+    # prefix and context rows too); it reads only cu_seqlens, on the device. Under attention
+    # dropout this replaces a call per sequence, whose autograd nodes and launches made the
+    # backprop baseline's step host-bound (RESULTS.md, session 20): the masked scores cost B
+    # times a sequence's, and dropout keeps its meaning, since a masked probability is 0.
     k, v, cu_k, _ = _keys_of_sequences(k, v, batch, prefix_k, prefix_v)
-    seq_q, seq_k = _sequence_of_rows(batch.cu_seqlens, q.shape[0]), _sequence_of_rows(cu_k, k.shape[0])
+    seq_k = _sequence_of_rows(cu_k, k.shape[0])
+    seq_q = torch.arange(q.shape[0], device=q.device) if masks_only else _sequence_of_rows(batch.cu_seqlens, q.shape[0])
     allowed = seq_q[:, None] == seq_k[None, :]                          # [T, T_k]
     if causal:  # key j of a sequence (prefix and context rows first) is seen by its queries i with j <= i + before
         before = torch.diff(cu_k) - torch.diff(batch.cu_seqlens)        # [B] keys before each sequence's own
         local_q = torch.arange(q.shape[0], device=q.device) - batch.cu_seqlens[seq_q]
         local_k = torch.arange(k.shape[0], device=k.device) - cu_k[seq_k]
         allowed &= local_k[None, :] <= (local_q + before[seq_q])[:, None]
-    with sdpa_kernel(SDPBackend.MATH):
-        out = F.scaled_dot_product_attention(                            # [N, T, D]
-            q.float().transpose(0, 1), k.float().transpose(0, 1), v.float().transpose(0, 1), attn_mask=allowed,
-            enable_gqa=k.shape[1] != q.shape[1])
-    return out.transpose(0, 1).to(q.dtype)                              # [T, N, D]
+    out = F.scaled_dot_product_attention(                                # [N, T, D]
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=allowed, dropout_p=dropout_p,
+        enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(0, 1)                                          # [T, N, D]
 
 
 def _sequence_of_rows(cu_seqlens: torch.Tensor, rows: int) -> torch.Tensor:
