@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from common import median_ms, session, sst2_prompt, sst2_train
 
 from zotune.optim.mezo import MezoStepper, direction_seed
-from zotune.train import _adam_stepper
+from zotune.train import adam_stepper
 
 FAMILIES = (("sweep (Philox)", ("_perturb_kernel", "_perturb_apart_kernel", "_restore_and_update_kernel")),
             ("few-rows matmul", ("_split_k_kernel",)),
@@ -145,7 +145,7 @@ def _stepper(args, built, batches: list):
     steps: MeZO's inference-mode step on packed batches, or the Adam baseline's step."""
     counter = {"step": 0}
     if args.optimizer == "adam":
-        adam_step = _adam_stepper(built.cfg, built)
+        adam_step = adam_stepper(built.cfg, built)
 
         def step():
             counter["step"] += 1

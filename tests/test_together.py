@@ -57,7 +57,7 @@ def test_an_interruption_leaves_every_run_resumable(tmp_path, tiny_mlm_dir, monk
     runs = RUNS[:2]
     for i, o in enumerate(runs):
         train(_config(tiny_mlm_dir, tmp_path / f"alone{i}", **o))
-    real = train_module._mezo_stepper
+    real = train_module.mezo_stepper
 
     def interrupting(cfg, session):
         step_fn = real(cfg, session)
@@ -67,12 +67,12 @@ def test_an_interruption_leaves_every_run_resumable(tmp_path, tiny_mlm_dir, monk
                 raise KeyboardInterrupt
             return step_fn(step, *args)
         return step
-    monkeypatch.setattr(train_module, "_mezo_stepper", interrupting)
+    monkeypatch.setattr(train_module, "mezo_stepper", interrupting)
     cfgs = [_config(tiny_mlm_dir, tmp_path / f"together{i}", **o) for i, o in enumerate(runs)]
     with pytest.raises(KeyboardInterrupt):
         train_together(cfgs)
     assert not any((tmp_path / f"together{i}" / "summary.json").exists() for i in range(2))
-    monkeypatch.setattr(train_module, "_mezo_stepper", real)
+    monkeypatch.setattr(train_module, "mezo_stepper", real)
     summaries = train_together(cfgs, resume=[True, True])
     assert [s["resumed_from_step"] for s in summaries] == [4, 3]  # the first run had taken its fourth step
     for i in range(2):
@@ -106,7 +106,7 @@ def test_a_run_stopped_by_a_user_error_ends_alone(tmp_path, tiny_mlm_dir, monkey
     """A run that stops on a UserError (here at its third step) leaves its siblings to finish as
     they would alone; the error names the run that stopped."""
     train(_config(tiny_mlm_dir, tmp_path / "alone0", **RUNS[0]))
-    real = train_module._mezo_stepper
+    real = train_module.mezo_stepper
 
     def failing(cfg, session):
         step_fn = real(cfg, session)
@@ -116,7 +116,7 @@ def test_a_run_stopped_by_a_user_error_ends_alone(tmp_path, tiny_mlm_dir, monkey
                 raise UserError("a stand-in for any UserError of a step")
             return step_fn(step, *args)
         return step
-    monkeypatch.setattr(train_module, "_mezo_stepper", failing)
+    monkeypatch.setattr(train_module, "mezo_stepper", failing)
     cfgs = [_config(tiny_mlm_dir, tmp_path / f"together{i}", **o) for i, o in enumerate(RUNS[:2])]
     with pytest.raises(RunsFailed, match=r"1 of 2 runs stopped: .*together1: a stand-in") as failed:
         train_together(cfgs)

@@ -86,7 +86,7 @@ def test_adam_baseline_trains_with_backprop(tmp_path, tiny_mlm_dir):
 @pytest.mark.parametrize("max_grad_norm", [0.0, 1e-3])
 def test_adam_clips_the_gradient_norm_before_each_step(tiny_mlm_dir, monkeypatch, max_grad_norm):
     from zotune.session import Session
-    from zotune.train import _adam_stepper
+    from zotune.train import adam_stepper
 
     norms = []  # the trainable tensors' total gradient norm as AdamW sees it
     adam_step = torch.optim.AdamW.step
@@ -100,7 +100,7 @@ def test_adam_clips_the_gradient_norm_before_each_step(tiny_mlm_dir, monkeypatch
     cfg = TrainConfig(model=str(tiny_mlm_dir), optimizer="adam", trainable="full", device="cpu", lr=1e-3,
                       max_grad_norm=max_grad_norm)
     session = Session.build(cfg)
-    step_fn = _adam_stepper(cfg, session)
+    step_fn = adam_stepper(cfg, session)
     sequences = [session.prompt.encode(("a fine film ",)), session.prompt.encode(("dull ",))]
     for i in range(2):
         step_fn(i, sequences, torch.tensor([1, 0]), cfg.lr)

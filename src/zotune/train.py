@@ -115,7 +115,7 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
     if cfg.optimizer == "mezo":
         log, records = _open_trajectory(session, run_dir, logged, best_of(kept, cfg.selects)["step"])
     first_step = len(records)
-    step_fn = _mezo_stepper(cfg, session) if cfg.optimizer == "mezo" else _adam_stepper(cfg, session)
+    step_fn = mezo_stepper(cfg, session) if cfg.optimizer == "mezo" else adam_stepper(cfg, session)
     if resume and _finished(run_dir, first_step, cfg.steps):
         log.close()
         return Run(cfg, session, run_dir, splits, sequences, step_fn, log, None, first_step, records)
@@ -443,7 +443,7 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
-def _mezo_stepper(cfg: TrainConfig, session: Session):
+def mezo_stepper(cfg: TrainConfig, session: Session):
     """Single process: n-SPSA over cfg.n_spsa directions. Data parallel (torchrun): each rank
     takes its shard of the batch (shard_step_batch) and the losses are summed. Multi-direction
     (--directions-per-rank d): rank r measures directions r*d .. r*d+d-1 on the whole batch.
@@ -478,7 +478,9 @@ def shard_step_batch(group: Group, runner: Runner, examples: list, labels: torch
     return mine, my_labels, runner.loss_weight(mine, my_labels) / runner.loss_weight(examples, labels)
 
 
-def _adam_stepper(cfg: TrainConfig, session: Session):
+def adam_stepper(cfg: TrainConfig, session: Session):
+    """The backprop baseline's step: AdamW over the trained tensors, dropout on, the gradient
+    clipped at cfg.max_grad_norm; the dropout draws seeded from the run's seed and the step."""
     trainable, runner = session.trainable, session.runner
     exempt = no_decay_names(trainable, cfg.decay_all)
     groups = [{"params": [p for n, p in trainable if n not in exempt], "weight_decay": cfg.weight_decay},
