@@ -113,17 +113,25 @@ def test_aggregate_dir_refuses_a_mixed_folder(tmp_path):
         aggregate_dir(tmp_path / "full-lr0.001-seed1")
 
 
-def _job(tmp_path, model_dir, steps):
+def _job(tmp_path, model_dir, steps, model_in="flag"):
+    """A job over `model_dir`, named by the --model flag or (model_in "config") by a --config file."""
     from zotune.grid import Job
-    args = ("--model", str(model_dir), "--steps", str(steps), "--eval-steps", "10", "--log-steps", "5",
+    model = ("--model", str(model_dir))
+    if model_in == "config":
+        config = tmp_path / f"config-{Path(model_dir).name}.json"
+        config.write_text(json.dumps({"model": str(model_dir)}))
+        model = ("--config", str(config))
+    args = (*model, "--steps", str(steps), "--eval-steps", "10", "--log-steps", "5",
             "--snapshot-every", "10", "--log-every", "5", "--batch-size", "8", "--eps", "1e-2")
     return Job(tmp_path / "grid", Cell("lora", 1e-2, 13), args)
 
 
-def test_run_jobs_resumes_an_unfinished_mezo_run(tmp_path, tiny_mlm_dir):
+@pytest.mark.parametrize("model_in", ["flag", "config"])
+def test_run_jobs_resumes_an_unfinished_mezo_run(tmp_path, tiny_mlm_dir, model_in):
     """Killed mid-run, then continued with its checkpoint moved to another folder, as a grid
-    moved to another machine is: the run is matched to the job by the sha256 its log pinned and
-    resumes with --model; another checkpoint there is a run of other settings."""
+    moved to another machine is, the new folder named by a flag or a --config file: the run is
+    matched to the job by the sha256 its log pinned and resumes with --model; another
+    checkpoint there is a run of other settings."""
     import os
     import shutil
     import signal
@@ -152,10 +160,10 @@ def test_run_jobs_resumes_an_unfinished_mezo_run(tmp_path, tiny_mlm_dir):
     save_tiny_roberta(tmp_path / "other", vocab_size=50265, hidden=32, layers=2, heads=4,
                       max_position_embeddings=514, seed=1)
     with pytest.raises(UserError, match="holds an unfinished run of other settings \\(model "):
-        check_finished([_job(tmp_path, tmp_path / "other", 40)], run_settings)
-    job = _job(tmp_path, tmp_path / "model_there", 40)
+        check_finished([_job(tmp_path, tmp_path / "other", 40, model_in)], run_settings)
+    job = _job(tmp_path, tmp_path / "model_there", 40, model_in)
     check_finished([job], run_settings)
-    assert run_jobs([job], ["cpu"], quiet=True, keep_weights=False) == []
+    assert run_jobs([job], ["cpu"], run_settings, quiet=True, keep_weights=False) == []
     summary = json.loads((job.run_dir / "summary.json").read_text())
     assert summary["resumed_from_step"] >= 11 and summary["steps"] == 40
     assert not list(job.run_dir.glob("*.safetensors"))  # keep_weights=False
@@ -167,9 +175,9 @@ def test_run_jobs_stops_at_the_deadline(tmp_path, tiny_mlm_dir):
     from zotune.grid import run_jobs
     job = _job(tmp_path, tiny_mlm_dir, 10_000_000)
     started = time.monotonic()
-    assert run_jobs([job], ["cpu"], quiet=True, deadline=started + 2) == [job]
+    assert run_jobs([job], ["cpu"], run_settings, quiet=True, deadline=started + 2) == [job]
     assert time.monotonic() - started < 60 and not (job.run_dir / "summary.json").exists()
-    assert run_jobs([job], ["cpu"], quiet=True, deadline=time.monotonic()) == [job]  # nothing starts past it
+    assert run_jobs([job], ["cpu"], run_settings, quiet=True, deadline=time.monotonic()) == [job]  # nothing starts past it
 
 
 def test_runs_per_process_trains_runs_in_turn_to_the_same_results(tmp_path, tiny_mlm_dir):
@@ -182,8 +190,8 @@ def test_runs_per_process_trains_runs_in_turn_to_the_same_results(tmp_path, tiny
     cells = [Cell("lora", 1e-2, 13), Cell("lora", 1e-2, 21), Cell("top:1", 1e-2, 42)]
     apart = [Job(tmp_path / "apart", cell, base.train_args) for cell in cells]
     together = [Job(tmp_path / "together", cell, base.train_args) for cell in cells]
-    assert run_jobs(apart, ["cpu"], quiet=True) == []
-    assert run_jobs(together, ["cpu"], quiet=True, runs_per_process=2) == []
+    assert run_jobs(apart, ["cpu"], run_settings, quiet=True) == []
+    assert run_jobs(together, ["cpu"], run_settings, quiet=True, runs_per_process=2) == []
     for a, b in zip(apart, together):
         sa, sb = (json.loads((job.run_dir / "summary.json").read_text()) for job in (a, b))
         assert (sa["dev_accuracy"], sa["test_accuracy"], sa["best_step"]) == \
@@ -193,7 +201,7 @@ def test_runs_per_process_trains_runs_in_turn_to_the_same_results(tmp_path, tiny
 
     long = [Job(tmp_path / "long", cell, _job(tmp_path, tiny_mlm_dir, 10_000_000).train_args) for cell in cells[:2]]
     started = time.monotonic()
-    assert run_jobs(long, ["cpu"], quiet=True, runs_per_process=2, deadline=started + 3) == long
+    assert run_jobs(long, ["cpu"], run_settings, quiet=True, runs_per_process=2, deadline=started + 3) == long
     assert time.monotonic() - started < 60 and not any((job.run_dir / "summary.json").exists() for job in long)
 
 
@@ -206,7 +214,7 @@ def test_a_failed_run_of_a_process_leaves_the_others_finished(tmp_path, tiny_mlm
     jobs[1].run_dir.mkdir(parents=True)
     (jobs[1].run_dir / "notes.txt").write_text("mine\n")
     with pytest.raises(UserError, match=r"^1 run\(s\) failed: \S+seed21 \(exit 2, see \S+seed13\+1\.log\)$"):
-        run_jobs(jobs, ["cpu"], quiet=True, runs_per_process=2)
+        run_jobs(jobs, ["cpu"], run_settings, quiet=True, runs_per_process=2)
     assert (jobs[0].run_dir / "summary.json").exists() and not (jobs[1].run_dir / "summary.json").exists()
     assert "is not one" in (tmp_path / "grid" / "lora-lr0.01-seed13+1.log").read_text()
 
@@ -242,7 +250,7 @@ def test_run_jobs_gives_every_process_the_extra_environment(tmp_path, monkeypatc
     monkeypatch.setattr(grid, "_call", lambda command, out, env, deadline: seen.append(env) or 1)
     jobs = [grid.Job(tmp_path / "grid", Cell("lora", 1e-2, seed), ("--steps", "1")) for seed in (13, 21)]
     with pytest.raises(UserError, match="2 run"):
-        grid.run_jobs(jobs, ["cpu"], quiet=True, env={"CUDA_MPS_PIPE_DIRECTORY": "/p"})
+        grid.run_jobs(jobs, ["cpu"], run_settings, quiet=True, env={"CUDA_MPS_PIPE_DIRECTORY": "/p"})
     assert len(seen) == 2 and all(env["CUDA_MPS_PIPE_DIRECTORY"] == "/p" and "OMP_NUM_THREADS" in env for env in seen)
 
 
@@ -298,11 +306,3 @@ def test_the_table_counts_runs_that_stopped_early(tmp_path):
     result = aggregate_dir(tmp_path)
     assert {c["lr"]: c["stopped_early"] for c in result["cells"]} == {1e-3: 0, 1e-2: 1}
     assert "| 3 (1 stopped early: diverged) |" in result["table"] and result["table"].count("stopped early") == 1
-
-
-def test_a_jobs_flag_value_is_read_as_argparse_reads_it():
-    from zotune.grid import _flag_value
-    assert _flag_value(("--steps", "3", "--model", "a"), "--model") == "a"
-    assert _flag_value(("--model=a", "--model", "b"), "--model") == "b"  # the last one given wins
-    assert _flag_value(("--model", "b", "--model=a"), "--model") == "a"
-    assert _flag_value(("--models", "a", "--model-x=b"), "--model") is None

@@ -444,7 +444,7 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
         zero_shot_rows(model, tasks, ks, args.device, runs_dir)
         deadline = started + args.deadline if args.deadline else None
         with sharing as env:
-            left = run_jobs([j for *_, j in jobs], devices, quiet=True, runs_per_device=args.runs_per_device,
+            left = run_jobs([j for *_, j in jobs], devices, run_settings, quiet=True, runs_per_device=args.runs_per_device,
                             deadline=deadline, keep_weights=args.keep_weights, runs_per_process=args.runs_per_process,
                             env=env)
         if left:

@@ -80,7 +80,7 @@ def run_grid(output_dir: Path, seeds: list[int], lrs: list[float], subsets: list
     jobs = [Job(output_dir, cell, tuple(train_args)) for cell in cells]
     check_finished(jobs, config_of)
     with sharing as env:
-        run_jobs(jobs, devices, quiet, runs_per_device, runs_per_process=runs_per_process, env=env)
+        run_jobs(jobs, devices, config_of, quiet, runs_per_device, runs_per_process=runs_per_process, env=env)
     return write_table(output_dir, cells)
 
 
@@ -96,12 +96,13 @@ def resumable(run_dir: Path) -> bool:
     return isinstance(config, dict) and config.get("optimizer") == "mezo"
 
 
-def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_device: int = 1,
-             deadline: float | None = None, keep_weights: bool = True, runs_per_process: int = 1,
-             env: dict[str, str] | None = None) -> list[Job]:
+def run_jobs(jobs: list[Job], devices: list[str], config_of: Callable[[list[str]], dict], quiet: bool = False,
+             runs_per_device: int = 1, deadline: float | None = None, keep_weights: bool = True,
+             runs_per_process: int = 1, env: dict[str, str] | None = None) -> list[Job]:
     """Run the unfinished `jobs`, in the order given, `runs_per_device` processes at a time on
     each of `devices`, each process training `runs_per_process` of them a step of each in turn
-    (`zotune train-together`; 1: `zotune train`). `deadline` (time.monotonic()): no process
+    (`zotune train-together`; 1: `zotune train`). `config_of` (check_finished's): the config a
+    job's flags make, whose model a resumed run is given. `deadline` (time.monotonic()): no process
     starts after it, and those still going at it get SIGTERM. `keep_weights` False: a finished
     run's *.safetensors are deleted (a grid of full-model runs fills a disk). `env`: variables
     every process gets (mps_server's). Returns the jobs left unfinished by the deadline; the
@@ -130,7 +131,7 @@ def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_
                 group = todo.get_nowait()  # not empty() then get(): another worker may take the last
             except Empty:
                 return
-            command, log = _process_command(group, device)
+            command, log = _process_command(group, device, config_of)
             with open(log, "a") as out:  # a resumed run's output follows the first attempt's
                 code = _call(command, out, _process_env(device, threads_per_run, env), deadline)
             finished = [job for job in group if (job.run_dir / "summary.json").exists()]
@@ -152,10 +153,11 @@ def run_jobs(jobs: list[Job], devices: list[str], quiet: bool = False, runs_per_
     return stopped + [job for group in todo.queue for job in group]
 
 
-def _process_command(group: list[Job], device: str) -> tuple[list[str], Path]:
+def _process_command(group: list[Job], device: str, config_of: Callable[[list[str]], dict]
+                     ) -> tuple[list[str], Path]:
     """The command of the process that trains `group` on `device` (`zotune train` for one run,
     `zotune train-together` and a jobs file for several), and the log its output goes to."""
-    commands = [_train_arguments(job, device) for job in group]
+    commands = [_train_arguments(job, device, config_of) for job in group]
     first = group[0]
     if len(group) == 1:
         return [sys.executable, "-m", "zotune", "train", *commands[0]], first.output_dir / f"{first.cell.name}.log"
@@ -301,28 +303,17 @@ def _logged_model(run_dir: Path, model: str, hashes: dict[str, str]) -> bool:
     return hashes[model] == logged
 
 
-def _train_arguments(job: Job, device: str) -> list[str]:
+def _train_arguments(job: Job, device: str, config_of: Callable[[list[str]], dict]) -> list[str]:
     """What `zotune train` takes for the job: --resume for a run whose trajectory log has its
     header (its config.json holds every setting, device and --quiet included; --model where the
-    job's flags put its checkpoint elsewhere: check_finished matched it by sha256), else its
-    flags."""
+    config of the job's flags, a --config file's included, puts its checkpoint elsewhere:
+    check_finished matched it by sha256), else its flags."""
     if resumable(job.run_dir):
-        model = _flag_value(job.train_args, "--model")
-        moved = model is not None and model != read_run_values(job.run_dir)["model"]
+        model = config_of(job_flags(job))["model"]
+        moved = model != read_run_values(job.run_dir)["model"]
         return ["--resume", str(job.run_dir), *(["--model", model] if moved else [])]
     return [*job_flags(job), "--output-dir", str(job.run_dir), "--overwrite", "--quiet",
             "--device", "cpu" if device == "cpu" else "cuda"]
-
-
-def _flag_value(flags: tuple[str, ...], name: str) -> str | None:
-    """The value that `flags` give option `name` (the last, as argparse takes it), or None."""
-    value = None
-    for i, flag in enumerate(flags):
-        if flag == name and i + 1 < len(flags):
-            value = flags[i + 1]
-        elif flag.startswith(name + "="):
-            value = flag[len(name) + 1:]
-    return value
 
 
 def _call(command: list[str], out, env: dict, deadline: float | None) -> int | None:
