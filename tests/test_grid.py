@@ -169,6 +169,38 @@ def test_run_jobs_resumes_an_unfinished_mezo_run(tmp_path, tiny_mlm_dir, model_i
     assert not list(job.run_dir.glob("*.safetensors"))  # keep_weights=False
 
 
+def test_a_finished_adam_run_moved_elsewhere_is_matched_by_its_summarys_sha256(tmp_path, tiny_mlm_dir):
+    """An Adam run keeps no trajectory log; its summary.json pins the base weights, so a grid
+    continued where the checkpoint lies in another folder counts it as done, and another
+    checkpoint there is a run of other settings."""
+    import shutil
+
+    from tests.conftest import save_tiny_roberta
+    from zotune.grid import Job, check_finished
+    from zotune.trajectory import model_sha256
+
+    def adam_job(model_dir):
+        return Job(tmp_path / "grid", Cell("full", 1e-3, 13),
+                   ("--model", str(model_dir), "--optimizer", "adam", "--steps", "2", "--eval-steps", "2",
+                    "--batch-size", "4"))
+    shutil.copytree(tiny_mlm_dir, tmp_path / "model_here")
+    job = adam_job(tmp_path / "model_here")
+    assert _run_on_the_cpu([job]) == []
+    summary = json.loads((job.run_dir / "summary.json").read_text())
+    assert summary["model_sha256"] == model_sha256(str(tmp_path / "model_here"))
+    (tmp_path / "model_here").rename(tmp_path / "model_there")
+    check_finished([adam_job(tmp_path / "model_there")], run_settings)  # done: nothing to run
+    save_tiny_roberta(tmp_path / "other", vocab_size=50265, hidden=32, layers=2, heads=4,
+                      max_position_embeddings=514, seed=1)
+    with pytest.raises(UserError, match="holds a finished run of other settings \\(model "):
+        check_finished([adam_job(tmp_path / "other")], run_settings)
+
+
+def _run_on_the_cpu(jobs):
+    from zotune.grid import run_jobs
+    return run_jobs(jobs, ["cpu"], run_settings, quiet=True, keep_weights=False)
+
+
 def test_run_jobs_stops_at_the_deadline(tmp_path, tiny_mlm_dir):
     import time
 

@@ -272,8 +272,8 @@ def check_finished(jobs: list[Job], config_of: Callable[[list[str]], dict]) -> N
     """A finished run is skipped as done, and an unfinished MeZO run resumed from its own
     config.json, only if it is the job's run: its config.json must agree with
     config_of(job_flags(job)), the config those flags make over their recipe, in every field of
-    GRID_SHARED and the cell's, the model by path or, for a MeZO run moved where its checkpoint
-    lies elsewhere, by the sha256 its log pinned. Otherwise (a grid re-planned with other
+    GRID_SHARED and the cell's, the model by path or, for a run moved where its checkpoint lies
+    elsewhere, by the sha256 it pinned (_logged_model). Otherwise (a grid re-planned with other
     settings: a schedule, a clip, a selection rule) a one-line UserError, before anything runs."""
     hashes = {}
     for job in jobs:
@@ -291,13 +291,17 @@ def check_finished(jobs: list[Job], config_of: Callable[[list[str]], dict]) -> N
 
 
 def _logged_model(run_dir: Path, model: str, hashes: dict[str, str]) -> bool:
-    """Whether `model` holds the base weights that the run's trajectory log pinned (False for a
-    run without one: an Adam run's checkpoint is known by its path only)."""
+    """Whether `model` holds the base weights that the run pinned: its trajectory log's header
+    (a MeZO run), else its summary.json (a finished Adam run). False for a run with neither
+    (an Adam run finished before summaries held the sha256: known by its path only)."""
     from zotune.trajectory import model_sha256, read_header
     try:
         logged = read_header(run_dir)["model_sha256"]
     except UserError:
-        return False
+        try:
+            logged = json.loads((run_dir / "summary.json").read_text())["model_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
     if model not in hashes:
         hashes[model] = model_sha256(model)
     return hashes[model] == logged

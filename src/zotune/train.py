@@ -346,6 +346,8 @@ def finish(run: Run, started: float, train_time: float, resume: bool) -> dict:
         "cache": session.runner.cache_stats(), "run_dir": str(run.run_dir), "zero_shot": run.zero_shot,
         "phase_s": {name: phases.get(name, 0.0) for name in PHASES},
     }
+    if run.log is None:  # a MeZO run's log header pins its base weights; a run without one pins them here
+        summary["model_sha256"] = trajectory.model_sha256(cfg.model)
     if session.flat is not None:
         summary["sweeps_per_direction"] = 2 if session.flat.plus is not None else 3  # see session.add_second_buffer
     if session.group is not None:
