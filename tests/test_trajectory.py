@@ -36,6 +36,22 @@ def test_float32_hex_round_trips_every_value():
     assert torch.isnan(nan).all()
 
 
+def test_model_sha256_reads_the_files_once_and_again_when_they_change(tmp_path, tiny_mlm_dir):
+    import hashlib
+    import shutil
+
+    from zotune.model.loading import weight_files
+    shutil.copytree(tiny_mlm_dir, tmp_path / "model")
+    weights = weight_files(tmp_path / "model")
+    want = hashlib.sha256(b"".join(f.name.encode() + b"\0" + f.read_bytes() for f in weights)).hexdigest()
+    misses = trajectory._files_sha256.cache_info().misses
+    assert trajectory.model_sha256(str(tmp_path / "model")) == want
+    assert trajectory.model_sha256(str(tmp_path / "model")) == want
+    assert trajectory._files_sha256.cache_info().misses == misses + 1  # the second call read nothing
+    weights[-1].write_bytes(weights[-1].read_bytes() + b"\0")  # other bytes: another size and time
+    assert trajectory.model_sha256(str(tmp_path / "model")) != want
+
+
 @pytest.mark.parametrize("overrides", [{}, {"trainable": "top:1", "n_spsa": 2, "weight_decay": 0.1,
                                             "schedule": "linear"}])
 def test_replay_rebuilds_the_final_weights_bit_for_bit(tmp_path, tiny_mlm_dir, capsys, overrides):

@@ -275,7 +275,6 @@ def check_finished(jobs: list[Job], config_of: Callable[[list[str]], dict]) -> N
     GRID_SHARED and the cell's, the model by path or, for a run moved where its checkpoint lies
     elsewhere, by the sha256 it pinned (_logged_model). Otherwise (a grid re-planned with other
     settings: a schedule, a clip, a selection rule) a one-line UserError, before anything runs."""
-    hashes = {}
     for job in jobs:
         finished = (job.run_dir / "summary.json").is_file()
         if not (finished or resumable(job.run_dir)):
@@ -283,14 +282,14 @@ def check_finished(jobs: list[Job], config_of: Callable[[list[str]], dict]) -> N
         have = read_run_values(job.run_dir)
         want = config_of(job_flags(job))
         differ = [f"{k} {have.get(k)!r}, not {want[k]!r}" for k in (*GRID_SHARED, "trainable", "lr", "seed")
-                  if have.get(k) != want[k] and not (k == "model" and _logged_model(job.run_dir, want[k], hashes))]
+                  if have.get(k) != want[k] and not (k == "model" and _logged_model(job.run_dir, want[k]))]
         if differ:
             raise UserError(f"{job.run_dir} holds {'a finished' if finished else 'an unfinished'} run of other "
                             f"settings ({'; '.join(differ[:3])}); move {job.output_dir} aside (its runs stay "
                             f"readable there) or write this grid elsewhere")
 
 
-def _logged_model(run_dir: Path, model: str, hashes: dict[str, str]) -> bool:
+def _logged_model(run_dir: Path, model: str) -> bool:
     """Whether `model` holds the base weights that the run pinned: its trajectory log's header
     (a MeZO run), else its summary.json (a finished Adam run). False for a run with neither
     (an Adam run finished before summaries held the sha256: known by its path only)."""
@@ -302,9 +301,7 @@ def _logged_model(run_dir: Path, model: str, hashes: dict[str, str]) -> bool:
             logged = json.loads((run_dir / "summary.json").read_text())["model_sha256"]
         except (OSError, ValueError, KeyError, TypeError):
             return False
-    if model not in hashes:
-        hashes[model] = model_sha256(model)
-    return hashes[model] == logged
+    return model_sha256(model) == logged
 
 
 def _train_arguments(job: Job, device: str, config_of: Callable[[list[str]], dict]) -> list[str]:

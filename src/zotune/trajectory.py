@@ -19,6 +19,7 @@ A last line without its newline is a write cut short by a kill and is ignored; a
 damaged line is an error (read_log checks every field of every record).
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ from safetensors import safe_open
 from zotune.config import ADDED_FIELDS, TrainConfig, read_run_config
 from zotune.errors import UserError
 from zotune.files import save_tensors_atomic, write_text_atomic
-from zotune.model.loading import _weight_files, resolve_model_dir
+from zotune.model.loading import resolve_model_dir, weight_files
 from zotune.optim.flat import FlatParameters
 from zotune.optim.mezo import direction_seed, replay_step
 
@@ -42,11 +43,19 @@ LOG_NAME, SNAPSHOT_NAME = "trajectory.jsonl", "snapshot.safetensors"
 
 
 def model_sha256(model: str) -> str:
-    """sha256 over the checkpoint's weight files (names and bytes), read in 1 MiB blocks."""
+    """sha256 over the checkpoint's weight files (names and bytes), read in 1 MiB blocks; read
+    once in a process while the files keep their size and modification time (a resumed run
+    checks --model's, then pins the run's header, on the same files)."""
+    files = weight_files(resolve_model_dir(model))
+    return _files_sha256(tuple((f.name, str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=16)
+def _files_sha256(files: tuple[tuple[str, str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for file in _weight_files(resolve_model_dir(model)):
-        digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as f:
+    for name, path, _, _ in files:
+        digest.update(name.encode() + b"\0")
+        with open(path, "rb") as f:
             while block := f.read(1 << 20):
                 digest.update(block)
     return digest.hexdigest()

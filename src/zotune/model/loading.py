@@ -296,7 +296,7 @@ def read_checkpoint(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not config_path.is_file():
         raise UserError(f"{model_dir} has no config.json; pass a Hugging Face checkpoint directory")
     hf_config = read_hf_config(model_dir)
-    files = _weight_files(model_dir)
+    files = weight_files(model_dir)
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         try:
@@ -332,7 +332,8 @@ def is_causal_checkpoint(model_dir: Path) -> bool:
     return isinstance(cfg, CausalConfig)
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
+def weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's weight files: its one file, or the shards its index names, sorted."""
     for name in WEIGHT_FILES:
         path = model_dir / name
         if not path.is_file():
