@@ -46,8 +46,8 @@ def model_sha256(model: str) -> str:
     """sha256 over the checkpoint's weight files (names and bytes), read in 1 MiB blocks; read
     once in a process while the files keep their size and modification time (a resumed run
     checks --model's, then pins the run's header, on the same files)."""
-    files = weight_files(resolve_model_dir(model))
-    return _files_sha256(tuple((f.name, str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    files = [(f.name, str(f.resolve()), f.stat()) for f in weight_files(resolve_model_dir(model))]
+    return _files_sha256(tuple((name, path, st.st_size, st.st_mtime_ns) for name, path, st in files))
 
 
 @functools.lru_cache(maxsize=16)
