@@ -45,32 +45,27 @@
 # TESTS_LIMIT=S raises the tests' limit, for a call that shares the GPU with other work.
 # or in two calls if one runs long: "bash benchmarks/gpu_session.sh tests gap", then "... speed".
 #
-# Next session (issue 19). The six-task table is complete (720 runs, the 180 Adam runs at the
-# reference's linear decay since session 20). What is left is the paper's protocol: 60 runs, 6M
-# steps, of which session 20 did 1,009,900 (8 runs finished, 4 in flight at 51,500-55,000 steps)
-# at about 1,110 steps/s end to end (4 runs under MPS, H100): 4,990,100 steps, about 75 minutes.
-# Its bundle is .bundles/paper-runs.tgz (ignored; a copy in /work/notes/paper-bundle/). Calls
-# under 10 minutes (a machine taken back mid-call returns nothing: session 19 lost a 587 s call
-# so); a refused start costs 90-180 s of device time.
-#   0. First, before a paper call in the same command (about 3 minutes): `bash
-#      benchmarks/gpu_session.sh adam paper` with carry [".bundles", ".baseline-adam"] (prepared as
-#      the adam phase says): the Adam step with one attention call for the batch, against 94caf51's.
-#   1. The causal table's 20 Adam runs (its Adam column ran at a constant lr) need out/clm, the
-#      causal checkpoint, which session 20's machine no longer had (it was never committed, 40
-#      MB): pretraining it again is call B of issue 22 below (10 minutes). Not planned.
-#   2. PAPER_END=$(( $(date +%s) + 570 )) bash benchmarks/gpu_session.sh paper   (each later call)
-#      The paper phase is the MeZO paper's 100,000-step SST-2 protocol: 60 runs, 6M steps, about
-#      90 minutes at 1,110 steps/s (75 of them left), so three sessions. A warm machine keeps runs/ between
-#      calls. After each call: mkdir -p .bundles && cat FILES_AT/paper-runs.tgz.part-* >
-#      .bundles/paper-runs.tgz (ignored). A later session's paper calls carry [".bundles"]: the
-#      phase unpacks it and the unfinished runs continue from their logs (about 25 bytes a step,
-#      compressed; 4 runs in flight, up to 10 MB). A call sends at most 64 MiB: with the tree's 53
-#      MiB, make room for a larger bundle by moving the other tasks' data out for that call
+# Next session (issue 19). The six-task table is complete (720 runs). What is left is the paper's
+# protocol: 60 runs, 6M steps, of which sessions 20-21 did 2,739,000 (24 runs finished, their
+# small files in benchmarks/paper-runs.tgz; 4 MeZO (LoRA+head) k=512 runs in flight at
+# 71,400-92,300 steps; 2 of that cell and all 30 k=16 runs not begun) at about 1,080 steps/s end
+# to end (4 runs under MPS, H100): 3,261,000 steps, about 50 minutes, so two sessions of 30.
+# The in-flight runs' logs are in .bundles/paper-runs.tgz (ignored; a copy in
+# /work/notes/paper-bundle/). Calls under 10 minutes (a machine taken back mid-call returns
+# nothing: session 19 lost a 587 s call so); a refused start costs 90-180 s of device time.
+#   1. PAPER_END=$(( $(date +%s) + 570 )) bash benchmarks/gpu_session.sh paper   (every call)
+#      with carry [".bundles"]; the last call of a session, whose budget may be short, sets
+#      PAPER_END to fit it (+555 when 634 s were left). A warm machine keeps runs/ between calls.
+#      After each call: cat FILES_AT/paper-runs.tgz.part-* > .bundles/paper-runs.tgz; the phase
+#      unpacks it and the unfinished runs continue from their logs (about 25 bytes a step,
+#      compressed; 4 runs in flight, up to 10 MB). A call sends at most 64 MiB: with the tree's 56
+#      MB, make room for a larger bundle by moving the other tasks' data out for that call
 #      (`mv data/{MNLI,SNLI,RTE,sst-5,trec} ../paper-call/`, 11 MB; back after the call).
-#      When all 60 runs are finished, commit the bundle (finished runs only, about 2 MB) as
-#      benchmarks/paper-runs.tgz, unpack it beside the table's runs, whose Adam grid gives the
-#      picture its Adam line (`tar xzf benchmarks/paper-runs.tgz --strip-components 1 -C
-#      runs/fewshot`), and aggregate: `python tools/fewshot_table.py --protocol mezo-paper
+#   2. At a session's end, refresh benchmarks/paper-runs.tgz with the finished runs only (the run
+#      folders holding summary.json, their .log files and fewshot-paper/zero_shot.json; tar
+#      --sort=name). When all 60 are finished, unpack it beside the table's runs, whose Adam grid
+#      gives the picture its Adam line (`tar xzf benchmarks/paper-runs.tgz --strip-components 1
+#      -C runs/fewshot`), and aggregate: `python tools/fewshot_table.py --protocol mezo-paper
 #      --aggregate-only --plot docs/sst2-k512-dev-100k.png`.
 # If `status` lends a kind of several GPUs (nvidia-h100-x4/x8, not lent in sessions 15-16), take
 # it: fewshot_table.py --device cuda spreads its runs over every visible GPU (--runs-per-device

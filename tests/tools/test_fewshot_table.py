@@ -4,6 +4,7 @@ aggregates, the picture, the bundle), nothing run or written under the runs fold
 import json
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -253,3 +254,21 @@ def test_a_tiny_causal_table_runs_then_aggregates(tmp_path, tiny_causal_dir, mon
     assert rows["zero-shot"]["16"]["paper"] == [zero_shot["test_accuracy"]]
     assert 0 <= rows["zero-shot, threshold fitted on the seed's dev set"]["16"]["paper"][0] <= 1
     assert "| MeZO (full) |" in capsys.readouterr().out
+
+
+def test_the_shipped_paper_runs_give_the_figures_the_readme_states(tmp_path, monkeypatch):
+    # benchmarks/paper-runs.tgz holds the finished runs of the paper's protocol; every cell whose
+    # seeds are all in is aggregated, and README.md must state both of its aggregates as measured.
+    repo = Path(__file__).resolve().parents[2]
+    with tarfile.open(repo / "benchmarks" / "paper-runs.tgz") as archive:
+        archive.extractall(tmp_path, filter="data")
+    output = tmp_path / "paper.json"
+    _main(monkeypatch, "--protocol", "mezo-paper", "--aggregate-only", "--runs-dir", str(tmp_path / "fewshot-paper"),
+          "--output", str(output))
+    from zotune.grid import mean_std_text
+    readme = (repo / "README.md").read_text()
+    cells = [(name, k, cell) for name, by_k in json.loads(output.read_text())["runs"]["sst2"].items()
+             if not name.startswith("zero-shot") for k, cell in by_k.items()]
+    assert ("MeZO (full)", "512") in {(name, k) for name, k, _ in cells}
+    for name, k, cell in cells:
+        assert mean_std_text(cell["paper"]) in readme and mean_std_text(cell["zotune"]) in readme, (name, k)
