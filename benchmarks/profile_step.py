@@ -20,6 +20,7 @@ import cProfile
 import io
 import itertools
 import pstats
+import sys
 import time
 from collections import Counter, defaultdict
 
@@ -39,7 +40,7 @@ FAMILIES = (("sweep (Philox)", ("_perturb_kernel", "_perturb_apart_kernel", "_re
             ("cast", ("copy_", "to_copy", "convert")))
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--precision", default="tf32")
     parser.add_argument("--steps", type=int, default=5)
@@ -58,23 +59,41 @@ def main():
     args = parser.parse_args()
     if args.device == "cpu" and (args.model is None or args.graphs):
         parser.error("--device cpu needs --model (a small checkpoint) and no --graphs")
-    prompt = sst2_prompt()
-    sequences, labels = sst2_train(prompt, args.k)
+    return args
+
+
+def main():
+    args = parse_args()
     # As zotune train builds it (Session.build): the second buffer where it pays.
     built = session(args.trainable, model=args.model, layers=args.layers, precision=args.precision,
                     cuda_graphs=args.graphs, cache=args.cache, pair=args.pair, optimizer=args.optimizer,
                     max_grad_norm=1.0 if args.optimizer == "adam" else 0.0, device=args.device)
     if args.pair and not built.paired:
-        parser.error("--pair needs a subset that leaves the embeddings frozen")
+        print("profile_step.py: error: --pair needs a subset that leaves the embeddings frozen", file=sys.stderr)
+        raise SystemExit(2)
     size = 8 if args.optimizer == "adam" else 32 if args.k == 16 else 64
-    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(0)).tolist()
-    chunks = [sorted(order[s:s + size]) for s in range(0, len(order), size)]
-    batches = [([sequences[i] for i in chunk], labels[chunk]) for chunk in chunks]
+    batches = sst2_batches(args.k, size)
     step = _stepper(args, built, batches)
     for _ in batches:  # every batch once: fills the cache and captures each shape
         step()
     if args.device == "cpu":
         return _cpu_report(args, step, size)
+    tokens = sum(map(len, itertools.chain.from_iterable(examples for examples, _ in batches))) / len(batches)
+    _gpu_report(args, step, size, tokens)
+
+
+def sst2_batches(k: int, size: int) -> list:
+    """An epoch of SST-2 k-shot training batches of `size` (examples, labels), as zotune train
+    draws them: a fixed permutation, each batch sorted."""
+    sequences, labels = sst2_train(sst2_prompt(), k)
+    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(0)).tolist()
+    chunks = [sorted(order[s:s + size]) for s in range(0, len(order), size)]
+    return [([sequences[i] for i in chunk], labels[chunk]) for chunk in chunks]
+
+
+def _gpu_report(args, step, size: int, tokens: float):
+    """Wall ms per step, the host's issue time, the kernels by family and name, the host's
+    functions by own time."""
     wall_ms = median_ms(step, 20)
     torch.cuda.synchronize()
     issue = time.perf_counter()
@@ -88,6 +107,27 @@ def main():
         step()
     host.disable()
     torch.cuda.synchronize()
+    per_name, families, launches = _kernels(args, step)
+    print(f"\n{'MeZO' if args.optimizer == 'mezo' else 'Adam'} step, {args.model or 'RoBERTa-large'}, SST-2 k={args.k} batch {size} ({tokens:.0f} tokens), {args.precision}, "
+          f"trainable {args.trainable}{f' layers {args.layers}' if args.layers else ''}{', pair' if args.pair else ''}, "
+          f"{'CUDA graphs' if args.graphs else 'eager'}, cache "
+          f"{'on' if args.cache else 'off'}, on {torch.cuda.get_device_name()}: wall {wall_ms:.2f} ms/step, "
+          f"host issue {issue_ms:.2f} ms/step, GPU kernels seen {sum(families.values()):.2f} ms/step "
+          f"in {launches:.0f} kernels/step")  # a small model's step may be bound by the count
+    print("| family | ms/step |\n|---|---|")
+    for family, ms in sorted(families.items(), key=lambda kv: -kv[1]):
+        print(f"| {family} | {ms:.3f} |")
+    print("| kernel | ms/step | launches/step |\n|---|---|---|")
+    for name, (ms, count) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:20]:
+        print(f"| {name[:90]} | {ms:.3f} | {count / args.steps:.0f} |")
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(15)
+    print("host functions over 20 steps (cProfile, by own time):\n" + text.getvalue()[-4000:])
+
+
+def _kernels(args, step) -> tuple[dict, dict, float]:
+    """GPU time per step by kernel name ([ms, launches]) and by family (ms), and launches per
+    step, over args.steps steps (torch.profiler)."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step()
@@ -101,22 +141,7 @@ def main():
     for name, (ms, _) in per_name.items():
         family = next((f for f, keys in FAMILIES if any(k in name.lower() for k in keys)), "other")
         families[family] += ms
-    tokens = sum(map(len, itertools.chain.from_iterable(examples for examples, _ in batches))) / len(batches)
-    print(f"\n{'MeZO' if args.optimizer == 'mezo' else 'Adam'} step, {args.model or 'RoBERTa-large'}, SST-2 k={args.k} batch {size} ({tokens:.0f} tokens), {args.precision}, "
-          f"trainable {args.trainable}{f' layers {args.layers}' if args.layers else ''}{', pair' if args.pair else ''}, "
-          f"{'CUDA graphs' if args.graphs else 'eager'}, cache "
-          f"{'on' if args.cache else 'off'}, on {torch.cuda.get_device_name()}: wall {wall_ms:.2f} ms/step, "
-          f"host issue {issue_ms:.2f} ms/step, GPU kernels seen {sum(families.values()):.2f} ms/step "
-          f"in {len(kernels) / args.steps:.0f} kernels/step")  # a small model's step may be bound by the count
-    print("| family | ms/step |\n|---|---|")
-    for family, ms in sorted(families.items(), key=lambda kv: -kv[1]):
-        print(f"| {family} | {ms:.3f} |")
-    print("| kernel | ms/step | launches/step |\n|---|---|---|")
-    for name, (ms, count) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:20]:
-        print(f"| {name[:90]} | {ms:.3f} | {count / args.steps:.0f} |")
-    text = io.StringIO()
-    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(15)
-    print("host functions over 20 steps (cProfile, by own time):\n" + text.getvalue()[-4000:])
+    return per_name, families, len(kernels) / args.steps
 
 
 def _cpu_report(args, step, size: int):
