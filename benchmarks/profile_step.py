@@ -83,8 +83,8 @@ def main():
 
 
 def sst2_batches(k: int, size: int) -> list:
-    """An epoch of SST-2 k-shot training batches of `size` (examples, labels), as zotune train
-    draws them: a fixed permutation, each batch sorted."""
+    """An epoch of SST-2 k-shot training batches of `size` (examples, labels): one fixed
+    permutation cut into batches, each sorted as zotune train sorts its batches."""
     sequences, labels = sst2_train(sst2_prompt(), k)
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(0)).tolist()
     chunks = [sorted(order[s:s + size]) for s in range(0, len(order), size)]
