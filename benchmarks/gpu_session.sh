@@ -58,9 +58,12 @@
 #      PAPER_END to fit it (+555 when 634 s were left). A warm machine keeps runs/ between calls.
 #      After each call: cat FILES_AT/paper-runs.tgz.part-* > .bundles/paper-runs.tgz; the phase
 #      unpacks it and the unfinished runs continue from their logs (about 25 bytes a step,
-#      compressed; 4 runs in flight, up to 10 MB). A call sends at most 64 MiB: with the tree's 56
-#      MB, make room for a larger bundle by moving the other tasks' data out for that call
-#      (`mv data/{MNLI,SNLI,RTE,sst-5,trec} ../paper-call/`, 11 MB; back after the call).
+#      compressed; 4 runs in flight, up to 10 MB). A call sends at most 64 MiB (67,108,864 bytes):
+#      the tracked tree is 56.7 MB and session 21's last bundle 9.4 MB, 1 MB short of the limit.
+#      Before each paper call, count: `echo $(( $(git ls-files -z | xargs -0 du -cb | tail -1 |
+#      cut -f1) + $(du -cb .bundles | tail -1 | cut -f1) ))`; above 66,000,000, move the other
+#      tasks' data out for the call (`mkdir -p ../paper-call && mv data/{MNLI,SNLI,RTE,sst-5,trec}
+#      ../paper-call/`, 11 MB; the paper phase reads SST-2 only) and back after it.
 #   2. At a session's end, refresh benchmarks/paper-runs.tgz with the finished runs only (the run
 #      folders holding summary.json, their .log files and fewshot-paper/zero_shot.json; tar
 #      --sort=name). When all 60 are finished, unpack it beside the table's runs, whose Adam grid
