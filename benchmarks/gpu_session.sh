@@ -22,6 +22,10 @@
 #           call measured fastest for 12 runs (processes, MPS or streams), else 12 processes
 #   paper   the MeZO paper's 100,000-step SST-2 protocol (issue 19) until PAPER_END, PAPER_RUNS (4)
 #           at a time under MPS; returns its bundle in 15 MiB parts (see "Next session" below)
+#   edge    past a grid's edge (issue 19): the paper protocol's MeZO (LoRA+head) at k=512 and lr
+#           EDGE_LRS (default 1e-4), its five seeds at once under MPS, until EDGE_END, in a runs folder of
+#           its own (runs/paper-edge; the protocol's cell keeps its grid); returns $OUT/paper-edge.tgz,
+#           which a later call carries as .bundles/paper-edge.tgz to continue it
 #   adam    the Adam baseline's step (benchmarks/profile_step.py --optimizer adam) of 94caf51, whose
 #           attention dropout took an SDPA call per sequence, against this tree's one call, in the
 #           same call; then the GPU tests of attention and training. The baseline travels as an
@@ -46,10 +50,11 @@
 # or in two calls if one runs long: "bash benchmarks/gpu_session.sh tests gap", then "... speed".
 #
 # Next session (issue 19). The six-task table is complete (720 runs). What is left is the paper's
-# protocol: 60 runs, 6M steps, of which sessions 20-21 did 2,739,000 (24 runs finished, their
-# small files in benchmarks/paper-runs.tgz; 4 MeZO (LoRA+head) k=512 runs in flight at
-# 71,400-92,300 steps; 2 of that cell and all 30 k=16 runs not begun) at about 1,080 steps/s end
-# to end (4 runs under MPS, H100): 3,261,000 steps, about 50 minutes, so two sessions of 30.
+# protocol: 60 runs, 6M steps, of which sessions 20-22 did 4,868,200 (48 runs finished, their
+# small files in benchmarks/paper-runs.tgz; three cells of four complete). Left: MeZO
+# (LoRA+head) at k=16, 3 runs in flight and 9 not begun, 1,131,800 steps at about 1,350 steps/s
+# end to end (4 runs under MPS, H100, session 22): about 14 minutes, so one session's two calls.
+# Name kind nvidia-h100-x1 (session 22's unnamed request went to nvidia-h200 and was refused).
 # The in-flight runs' logs are in .bundles/paper-runs.tgz (ignored; a copy in
 # /work/notes/paper-bundle/). Calls under 10 minutes (a machine taken back mid-call returns
 # nothing: session 19 lost a 587 s call so); a refused start costs 90-180 s of device time.
@@ -59,17 +64,23 @@
 #      After each call: cat FILES_AT/paper-runs.tgz.part-* > .bundles/paper-runs.tgz; the phase
 #      unpacks it and the unfinished runs continue from their logs (about 25 bytes a step,
 #      compressed; 4 runs in flight, up to 10 MB). A call sends at most 64 MiB (67,108,864 bytes):
-#      the tracked tree is 56.7 MB and session 21's last bundle 9.4 MB, 1 MB short of the limit.
+#      the tracked tree is 57.4 MB and session 22's bundles 6.5-9.4 MB, at or past the limit.
 #      Before each paper call, count: `echo $(( $(git ls-files -z | xargs -0 du -cb | tail -1 |
 #      cut -f1) + $(du -cb .bundles | tail -1 | cut -f1) ))`; above 66,000,000, move the other
 #      tasks' data out for the call (`mkdir -p ../paper-call && mv data/{MNLI,SNLI,RTE,sst-5,trec}
 #      ../paper-call/`, 11 MB; the paper phase reads SST-2 only) and back after it.
 #   2. At a session's end, refresh benchmarks/paper-runs.tgz with the finished runs only (the run
 #      folders holding summary.json, their .log files and fewshot-paper/zero_shot.json; tar
-#      --sort=name). When all 60 are finished, unpack it beside the table's runs, whose Adam grid
-#      gives the picture its Adam line (`tar xzf benchmarks/paper-runs.tgz --strip-components 1
-#      -C runs/fewshot`), and aggregate: `python tools/fewshot_table.py --protocol mezo-paper
-#      --aggregate-only --plot docs/sst2-k512-dev-100k.png`.
+#      --sort=name --owner=0 --group=0). When all 60 are finished, aggregate (`python
+#      tools/fewshot_table.py --aggregate-only --protocol mezo-paper --runs-dir DIR/fewshot-paper`),
+#      put the k=16 MeZO (LoRA+head) cell into the README's and the card's tables (a test requires
+#      every complete cell's aggregates in the README). docs/sst2-k512-dev-100k.png is drawn
+#      already (both k=512 grids are finished; RESULTS.md, session 22, has the command).
+#   3. With device time left: every MeZO (LoRA+head) k=512 seed chose the grid's top lr (3e-5);
+#      its runs at 1e-4 (5 runs, 500,000 steps; 5 at once at about 250-300 steps/s each, about
+#      6-7 minutes) say whether the grid limits that cell: `EDGE_END=$(( $(date +%s) + 570 )) bash
+#      benchmarks/gpu_session.sh edge`. Then aggregate the four lrs here: copy the 1e-4 runs of
+#      paper-edge.tgz beside the cell's runs in a scratch folder and --aggregate-only it.
 # If `status` lends a kind of several GPUs (nvidia-h100-x4/x8, not lent in sessions 15-16), take
 # it: fewshot_table.py --device cuda spreads its runs over every visible GPU (--runs-per-device
 # each), and the table and the protocol fit one session.
@@ -192,6 +203,11 @@ for p in $PHASES; do
             --ks 512,16 --runs-dir runs/fewshot-paper --runs-per-device "${PAPER_RUNS:-4}" --mps --deadline $(( PAPER_END - $(date +%s) )) \
             --bundle out/paper-runs.tgz --output "$OUT/paper.json"
         split -b 15m out/paper-runs.tgz "$OUT/paper-runs.tgz.part-" ;;  # a returned file holds at most 16 MiB
+    edge)  # MeZO (LoRA+head) k=512 past its grid's top lr (3e-5, every seed's choice) until EDGE_END
+        mkdir -p runs && { [ -d runs/paper-edge ] || [ ! -f .bundles/paper-edge.tgz ] || tar xzf .bundles/paper-edge.tgz -C runs; }
+        phase edge $(( EDGE_END - $(date +%s) + 60 )) python tools/fewshot_table.py --protocol mezo-paper --device cuda \
+            --ks 512 --methods "MeZO (LoRA+head)" --lrs "${EDGE_LRS:-1e-4}" --runs-dir runs/paper-edge --runs-per-device 5 \
+            --mps --deadline $(( EDGE_END - $(date +%s) )) --bundle "$OUT/paper-edge.tgz" --output "$OUT/edge.json" ;;
     probe)
         rm -rf out/probe out/clm-random
         phase probe_model 45 python -c 'import sys, torch; sys.path.insert(0, "tools")
@@ -200,7 +216,7 @@ torch.manual_seed(0); save_hf(build_model(ClmConfig()), Path("out/clm-random"), 
         phase probe 180 python tools/fewshot_table.py --model out/clm-random --device cuda --runs-per-device 12 \
             --ks 512 --methods "MeZO (full),Adam (full)" --mezo-steps 300 --deadline 110 --runs-dir out/probe \
             --output out/probe/table.json ;;
-    *) echo "unknown phase $p (tests, gap, speed, causal, large, prefix, adam, profile, together, concurrent, table, paper, probe)"; exit 2 ;;
+    *) echo "unknown phase $p (tests, gap, speed, causal, large, prefix, adam, profile, together, concurrent, table, paper, edge, probe)"; exit 2 ;;
     esac
 done
 
@@ -215,7 +231,7 @@ cat "$OUT/summary.txt"
 for f in "$OUT"/profile_*.log; do [ -f "$f" ] && grep -E "^(MeZO|Adam) step|^\| [a-z(]" "$f" | head -n 12; done
 [ -f "$OUT/together.log" ] && tail -n 15 "$OUT/together.log" | grep -E "passed|failed|error|FAILED|ERROR"
 [ -f "$OUT/table.log" ] && grep -E "^plan: [0-9]|^deadline|error" "$OUT/table.log"
-[ -f "$OUT/paper.log" ] && grep -E "^plan: [0-9]|^deadline|error|^\|" "$OUT/paper.log"
+for f in "$OUT"/paper.log "$OUT"/edge.log; do [ -f "$f" ] && grep -E "^plan: [0-9]|^deadline|error|^sst2|^\|" "$f"; done
 for f in "$OUT"/prefix_*.log; do [ -f "$f" ] && grep -E "^device|^sst2|^copa" "$f"; done
 [ -d out/probe ] && python3 - out/probe <<'EOF'
 # The probe's runs: steps/s of a run while 12 share the GPU and its seconds outside the steps, per

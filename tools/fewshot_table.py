@@ -32,6 +32,8 @@ continues it (an Adam run starts again).
     python tools/fewshot_table.py --device cuda --runs-per-device 12 --deadline 540 \\
         --bundle $OUT/runs.tgz --output $OUT/fewshot_table.json
     python tools/fewshot_table.py --aggregate-only --plot sst2.png   # finished runs only
+    python tools/fewshot_table.py --protocol mezo-paper --ks 512 --methods "MeZO (LoRA+head)" \
+        --lrs 1e-4 --runs-dir runs/paper-edge --device cuda   # past a grid's top lr, in a folder of its own
     python tools/fewshot_table.py --model out/clm --device cuda --runs-per-device 12 --deadline 540 \
         --bundle $OUT/causal-runs.tgz --output $OUT/fewshot_causal_table.json   # runs/fewshot-causal
 
@@ -144,22 +146,23 @@ def cell_row(aggregate: dict, lrs, flags: dict) -> dict:
 
 
 def plan(protocol: str, tasks: list[str], ks: list[int], methods: list[str], runs_dir: Path,
-         model: str) -> list[tuple[str, int, str, Job]]:
-    """(task, k, method, job) of every run the selection asks for: task by task, so that a
-    call cut short by --deadline leaves whole tasks finished, and longest first within a task,
-    k by k (in the order of `ks`) among runs of equal length."""
+         model: str, lrs: tuple[float, ...] | None = None) -> list[tuple[str, int, str, Job]]:
+    """(task, k, method, job) of every run the selection asks for, at the methods' lr grids or
+    at `lrs` (--lrs): task by task, so that a call cut short by --deadline leaves whole tasks
+    finished, and longest first within a task, k by k (in the order of `ks`) among runs of equal
+    length."""
     jobs = []
     for task in tasks:
         for k in ks:
             for name in methods:
-                trainable, lrs, flags = PROTOCOLS[protocol][1][name]
+                trainable, grid, flags = PROTOCOLS[protocol][1][name]
                 args = ["--model", model, "--task", task, "--k", str(k)]
                 for flag, value in flags.items():  # False: the --no- switch (e.g. --no-cuda-graphs)
                     switch = flag.replace("_", "-")
                     args += [f"--no-{switch}"] if value is False else [f"--{switch}", str(value)]
                 folder = grid_dir(task_dir(runs_dir, protocol, task), name, trainable, k)
                 jobs += [(task, k, name, Job(folder, Cell(trainable, lr, seed), tuple(args)))
-                         for lr in lrs for seed in SEEDS]
+                         for lr in lrs or grid for seed in SEEDS]
     return sorted(jobs, key=lambda j: (tasks.index(j[0]), -_steps(j[3])))  # stable: the table's order among equals
 
 
@@ -372,6 +375,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tasks", help=f"comma-separated subset of {', '.join(TASKS)} (default: the protocol's)")
     parser.add_argument("--ks", default=",".join(map(str, KS)))
     parser.add_argument("--methods", help="comma-separated subset of the protocol's methods (default: all)")
+    parser.add_argument("--lrs", help="comma-separated lrs to run instead of the methods' grids, e.g. to try past "
+                             "a grid's edge; a grid's aggregate takes every finished run in its folder, so give "
+                             "such runs a --runs-dir of their own unless they are to join the cell")
     parser.add_argument("--mezo-steps", type=int, help="override the MeZO step count (e.g. a short CPU run)")
     parser.add_argument("--deadline", type=float, help="stop after this many seconds (runs stay resumable)")
     parser.add_argument("--plan", action="store_true", help="print the run count (and --steps-per-s estimate) only")
@@ -384,6 +390,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--plot", help="write the SST-2 k=512 dev-accuracy picture to this PNG")
     parser.add_argument("--aggregate-only", action="store_true", help="run nothing: aggregate finished grids")
     return parser.parse_args()
+
+
+def parse_lrs(text: str) -> tuple[float, ...]:
+    try:
+        lrs = tuple(float(lr) for lr in text.split(","))
+    except ValueError:
+        lrs = ()
+    if not lrs or not all(0 < lr < float("inf") for lr in lrs):
+        raise UserError(f"--lrs {text!r} is not a list of learning rates; pass positive numbers joined by commas, "
+                        "e.g. --lrs 1e-4,3e-4")
+    return lrs
 
 
 def choose_protocol(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -418,6 +435,7 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
     tasks = args.tasks.split(",") if args.tasks else list(DEFAULT_TASKS.get(protocol, protocol_tasks))
     names = args.methods.split(",") if args.methods else list(methods)
     ks = [int(k) for k in args.ks.split(",")]
+    lrs = None if args.lrs is None else parse_lrs(args.lrs)
     for value, known, what in [(tasks, protocol_tasks, "--tasks"), (names, methods, "--methods")]:
         if set(value) - set(known):
             raise UserError(f"{what} {sorted(set(value) - set(known))} not in protocol {protocol}: {', '.join(known)}")
@@ -426,17 +444,17 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
     output = Path(args.output or ("runs/fewshot_causal_table.json" if causal else "runs/fewshot_table.json"))
     devices = local_devices("cpu" if args.device == "cpu" else "auto")
     workers = len(devices) * args.runs_per_device * args.runs_per_process
-    jobs = plan(protocol, tasks, ks, names, runs_dir, model or "")
+    jobs = plan(protocol, tasks, ks, names, runs_dir, model or "", lrs)
     if args.mezo_steps:
         jobs = [(t, k, n, Job(j.output_dir, j.cell, _with_steps(j.train_args, args.mezo_steps))) for t, k, n, j in jobs]
     if not args.aggregate_only:
         check_finished([j for *_, j in jobs], run_settings)  # a finished run of other settings is not this plan's
         print_plan([j for *_, j in jobs], workers, args.steps_per_s, args.overhead_s)
         for name in names:
-            trainable, lrs, _ = methods[name]
+            trainable, grid, _ = methods[name]
             first = next(job for *_, method, job in jobs if method == name)
             settings = run_settings(job_flags(first))  # what its runs get: flags over the recipe, --mezo-steps
-            print(f"plan: {name}: {trainable}, {settings_text(settings, lrs)}, k {ks}, seeds {SEEDS}", flush=True)
+            print(f"plan: {name}: {trainable}, {settings_text(settings, lrs or grid)}, k {ks}, seeds {SEEDS}", flush=True)
     if args.plan:
         return
     if not args.aggregate_only:

@@ -133,6 +133,25 @@ def test_paper_protocol_plans_sst2_only_with_the_papers_settings(tmp_path, monke
         (512, "MeZO (full)"), (512, "MeZO (LoRA+head)"), (16, "MeZO (full)"), (16, "MeZO (LoRA+head)")]
 
 
+def test_lrs_past_a_grids_edge_plan_only_those_and_bad_ones_are_refused(tmp_path, monkeypatch, capsys):
+    # Session 22: every seed of MeZO (LoRA+head) k=512 chose the grid's top lr; --lrs runs past it.
+    args = ["--plan", "--device", "cpu", "--protocol", "mezo-paper", "--ks", "512", "--methods", "MeZO (LoRA+head)",
+            "--runs-dir", str(tmp_path / "edge")]
+    _main(monkeypatch, *args, "--lrs", "1e-4")
+    out = capsys.readouterr().out
+    assert "plan: 5 runs, 0 finished, 5 to go (0 to resume), 500,000 steps to go" in out
+    assert "lr grid {0.0001}" in out
+    jobs = fewshot_table.plan("mezo-paper", ["sst2"], [512], ["MeZO (LoRA+head)"], tmp_path, "m", (1e-4, 3e-4))
+    assert sorted({job.cell.lr for *_, job in jobs}) == [1e-4, 3e-4] and len(jobs) == 10
+    for bad in ("", "1e-4,x", "-1e-4", "nan", "0"):
+        with pytest.raises(SystemExit, match="2"):
+            _main(monkeypatch, *args, f"--lrs={bad}")
+        err = capsys.readouterr().err
+        assert err.startswith(f"fewshot_table.py: error: --lrs {bad!r} is not a list of learning rates") and \
+            len(err.splitlines()) == 1
+    assert not (tmp_path / "edge").exists()
+
+
 def test_picture_and_bundle_from_finished_grids(tmp_path, monkeypatch):
     runs = tmp_path / "fewshot"
     _plan(monkeypatch, (1e-5, 1e-4))
