@@ -24,8 +24,8 @@
 #           at a time under MPS; returns its bundle in 15 MiB parts (see "Next session" below)
 #   edge    past a grid's edge (issue 19): the paper protocol's MeZO (LoRA+head) at k=512 and lr
 #           EDGE_LRS (default 1e-4), its five seeds at once under MPS, until EDGE_END, in a runs folder of
-#           its own (runs/paper-edge; the protocol's cell keeps its grid); returns $OUT/paper-edge.tgz,
-#           which a later call carries as .bundles/paper-edge.tgz to continue it
+#           its own (runs/paper-edge; the protocol's cell keeps its grid); returns $OUT/paper-edge.tar.xz,
+#           which a later call carries as .bundles/paper-edge.tar.xz to continue it
 #   adam    the Adam baseline's step (benchmarks/profile_step.py --optimizer adam) of 94caf51, whose
 #           attention dropout took an SDPA call per sequence, against this tree's one call, in the
 #           same call; then the GPU tests of attention and training. The baseline travels as an
@@ -51,25 +51,26 @@
 #
 # Next session (issue 19). The six-task table is complete (720 runs). What is left is the paper's
 # protocol: 60 runs, 6M steps, of which sessions 20-22 did 4,868,200 (48 runs finished, their
-# small files in benchmarks/paper-runs.tgz; three cells of four complete). Left: MeZO
+# small files in benchmarks/paper-runs.tar.xz; three cells of four complete). Left: MeZO
 # (LoRA+head) at k=16, 3 runs in flight and 9 not begun, 1,131,800 steps at about 1,350 steps/s
 # end to end (4 runs under MPS, H100, session 22): about 14 minutes, so one session's two calls.
 # Name kind nvidia-h100-x1 (session 22's unnamed request went to nvidia-h200 and was refused).
-# The in-flight runs' logs are in .bundles/paper-runs.tgz (ignored; a copy in
+# The in-flight runs' logs are in .bundles/paper-runs.tar.xz (ignored; a copy in
 # /work/notes/paper-bundle/). Calls under 10 minutes (a machine taken back mid-call returns
 # nothing: session 19 lost a 587 s call so); a refused start costs 90-180 s of device time.
 #   1. PAPER_END=$(( $(date +%s) + 570 )) bash benchmarks/gpu_session.sh paper   (every call)
 #      with carry [".bundles"]; the last call of a session, whose budget may be short, sets
 #      PAPER_END to fit it (+555 when 634 s were left). A warm machine keeps runs/ between calls.
-#      After each call: cat FILES_AT/paper-runs.tgz.part-* > .bundles/paper-runs.tgz; the phase
-#      unpacks it and the unfinished runs continue from their logs (about 25 bytes a step,
-#      compressed; 4 runs in flight, up to 10 MB). A call sends at most 64 MiB (67,108,864 bytes):
-#      the tracked tree is 57.4 MB and session 22's bundles 6.5-9.4 MB, at or past the limit.
-#      Before each paper call, count: `echo $(( $(git ls-files -z | xargs -0 du -cb | tail -1 |
-#      cut -f1) + $(du -cb .bundles | tail -1 | cut -f1) ))`; above 66,000,000, move the other
-#      tasks' data out for the call (`mkdir -p ../paper-call && mv data/{MNLI,SNLI,RTE,sst-5,trec}
-#      ../paper-call/`, 11 MB; the paper phase reads SST-2 only) and back after it.
-#   2. At a session's end, refresh benchmarks/paper-runs.tgz with the finished runs only (the run
+#      After each call: cat FILES_AT/paper-runs.tar.xz.part-* > .bundles/paper-runs.tar.xz; the phase
+#      unpacks it and the unfinished runs continue from their logs. A call sends at most 64 MiB
+#      (67,108,864 bytes): the tracked tree is 56 MB, and session 22's bundles, 2.9-8.4 MB in
+#      gzip, forced the other tasks' data out of the tree for each call; xz (since session 22)
+#      makes them about a quarter smaller (8.4 MB: 6.3). Before each paper call, count: `echo $(( $(git ls-files -z |
+#      xargs -0 du -cb | tail -1 | cut -f1) + $(du -cb .bundles | tail -1 | cut -f1) ))`; above
+#      66,000,000, move the other tasks' data out for the call (`mkdir -p ../paper-call && mv
+#      data/{MNLI,SNLI,RTE,sst-5,trec} ../paper-call/`, 11 MB; the paper phase reads SST-2 only)
+#      and back after it.
+#   2. At a session's end, refresh benchmarks/paper-runs.tar.xz with the finished runs only (the run
 #      folders holding summary.json, their .log files and fewshot-paper/zero_shot.json; tar
 #      --sort=name --owner=0 --group=0). When all 60 are finished, aggregate (`python
 #      tools/fewshot_table.py --aggregate-only --protocol mezo-paper --runs-dir DIR/fewshot-paper`),
@@ -80,7 +81,7 @@
 #      its runs at 1e-4 (5 runs, 500,000 steps; 5 at once at about 250-300 steps/s each, about
 #      6-7 minutes) say whether the grid limits that cell: `EDGE_END=$(( $(date +%s) + 570 )) bash
 #      benchmarks/gpu_session.sh edge`. Then aggregate the four lrs here: copy the 1e-4 runs of
-#      paper-edge.tgz beside the cell's runs in a scratch folder and --aggregate-only it.
+#      paper-edge.tar.xz beside the cell's runs in a scratch folder and --aggregate-only it.
 # If `status` lends a kind of several GPUs (nvidia-h100-x4/x8, not lent in sessions 15-16), take
 # it: fewshot_table.py --device cuda spreads its runs over every visible GPU (--runs-per-device
 # each), and the table and the protocol fit one session.
@@ -115,10 +116,10 @@
 #     N is the --mezo-steps that A's probe printed (the protocol's 2,000 where that fits):
 #       set -o pipefail; export PYTHONUNBUFFERED=1; python tools/fewshot_table.py --model out/clm \
 #         --device cuda --runs-per-device 12 --deadline 500 --mezo-steps N \
-#         --bundle $OUT/causal-runs.tgz --output $OUT/fewshot_causal_table.json 2>&1 | tee $OUT/causal-table.log
+#         --bundle $OUT/causal-runs.tar.xz --output $OUT/fewshot_causal_table.json 2>&1 | tee $OUT/causal-table.log
 #     A line "deadline: R of 60 runs unfinished" means: the same command again, at once (the runs
 #     folder stays on a warm machine; finished runs are skipped, MeZO runs resume). Here:
-#     `mkdir -p runs && tar xzf <files_at>/causal-runs.tgz -C runs`, then `python
+#     `mkdir -p runs && tar xJf <files_at>/causal-runs.tar.xz -C runs`, then `python
 #     tools/fewshot_table.py --model out/clm --aggregate-only --plot sst2-causal.png` (the table
 #     again, and the dev curves) and `python tools/pretrain_clm.py --card out/clm --results MD`.
 set -u
@@ -135,6 +136,10 @@ phase() {  # phase NAME LIMIT_S COMMAND...: run it under a time limit, log to $O
     local start=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     echo "$name: exit $? in $((SECONDS - start)) s (limit $limit)" | tee -a "$OUT/summary.txt"
+}
+
+unpack() {  # unpack ARCHIVE DIR: Python's tarfile, since the image may lack an xz binary for tar
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' "$1" "$2"
 }
 
 fastest_sharing() {  # fewshot_table flags for the mode of 12 runs that concurrent_runs.py measured fastest
@@ -190,24 +195,24 @@ for p in $PHASES; do
     table)  # the six-task table (issue 19) until TABLE_END (epoch s); TABLE_FLAGS: how runs share the GPU
         [ -z "${TABLE_FLAGS:-}" ] && [ -f "$OUT/concurrent_full.log" ] && TABLE_FLAGS=$(fastest_sharing "$OUT/concurrent_full.log")
         echo "table: ${TABLE_FLAGS:---runs-per-device 12}" | tee -a "$OUT/summary.txt"
-        mkdir -p runs && { [ -d runs/fewshot ] || tar xzf benchmarks/fewshot-runs.tgz -C runs; }
+        mkdir -p runs && { [ -d runs/fewshot ] || unpack benchmarks/fewshot-runs.tar.xz runs; }
         phase table $(( TABLE_END - $(date +%s) + 60 )) python tools/fewshot_table.py --device cuda ${TABLE_FLAGS:---runs-per-device 12} \
             --methods "MeZO (full),MeZO (LoRA+head),MeZO (prefix),Adam (full)" --deadline $(( TABLE_END - $(date +%s) )) \
-            --bundle "$OUT/table.tgz" --output "$OUT/table.json" ;;
+            --bundle "$OUT/table.tar.xz" --output "$OUT/table.json" ;;
     paper)  # the MeZO paper's 100,000-step SST-2 protocol (issue 19) until PAPER_END (epoch s), PAPER_RUNS
         # at a time under MPS (4 make about the steps/s of 12 and leave fewer runs in flight at the
         # end), k=512 first (the picture's runs); unfinished runs continue from a carried
-        # .bundles/paper-runs.tgz (their trajectory logs)
-        mkdir -p runs && { [ -d runs/fewshot-paper ] || [ ! -f .bundles/paper-runs.tgz ] || tar xzf .bundles/paper-runs.tgz -C runs; }
+        # .bundles/paper-runs.tar.xz (their trajectory logs)
+        mkdir -p runs && { [ -d runs/fewshot-paper ] || [ ! -f .bundles/paper-runs.tar.xz ] || unpack .bundles/paper-runs.tar.xz runs; }
         phase paper $(( PAPER_END - $(date +%s) + 60 )) python tools/fewshot_table.py --protocol mezo-paper --device cuda \
             --ks 512,16 --runs-dir runs/fewshot-paper --runs-per-device "${PAPER_RUNS:-4}" --mps --deadline $(( PAPER_END - $(date +%s) )) \
-            --bundle out/paper-runs.tgz --output "$OUT/paper.json"
-        split -b 15m out/paper-runs.tgz "$OUT/paper-runs.tgz.part-" ;;  # a returned file holds at most 16 MiB
+            --bundle out/paper-runs.tar.xz --output "$OUT/paper.json"
+        split -b 15m out/paper-runs.tar.xz "$OUT/paper-runs.tar.xz.part-" ;;  # a returned file holds at most 16 MiB
     edge)  # MeZO (LoRA+head) k=512 past its grid's top lr (3e-5, every seed's choice) until EDGE_END
-        mkdir -p runs && { [ -d runs/paper-edge ] || [ ! -f .bundles/paper-edge.tgz ] || tar xzf .bundles/paper-edge.tgz -C runs; }
+        mkdir -p runs && { [ -d runs/paper-edge ] || [ ! -f .bundles/paper-edge.tar.xz ] || unpack .bundles/paper-edge.tar.xz runs; }
         phase edge $(( EDGE_END - $(date +%s) + 60 )) python tools/fewshot_table.py --protocol mezo-paper --device cuda \
             --ks 512 --methods "MeZO (LoRA+head)" --lrs "${EDGE_LRS:-1e-4}" --runs-dir runs/paper-edge --runs-per-device 5 \
-            --mps --deadline $(( EDGE_END - $(date +%s) )) --bundle "$OUT/paper-edge.tgz" --output "$OUT/edge.json" ;;
+            --mps --deadline $(( EDGE_END - $(date +%s) )) --bundle "$OUT/paper-edge.tar.xz" --output "$OUT/edge.json" ;;
     probe)
         rm -rf out/probe out/clm-random
         phase probe_model 45 python -c 'import sys, torch; sys.path.insert(0, "tools")

@@ -152,7 +152,8 @@ def test_lrs_past_a_grids_edge_plan_only_those_and_bad_ones_are_refused(tmp_path
     assert not (tmp_path / "edge").exists()
 
 
-def test_picture_and_bundle_from_finished_grids(tmp_path, monkeypatch):
+@pytest.mark.parametrize("archive, magic", [("runs.tar.xz", b"\xfd7zXZ\x00"), ("runs.tgz", b"\x1f\x8b")])
+def test_picture_and_bundle_from_finished_grids(tmp_path, monkeypatch, archive, magic):
     runs = tmp_path / "fewshot"
     _plan(monkeypatch, (1e-5, 1e-4))
     for grid, trainable, optimizer in [("MeZO-full-k512", "full", "mezo"), ("MeZO-lora+head-k512", "lora+head", "mezo"),
@@ -168,11 +169,12 @@ def test_picture_and_bundle_from_finished_grids(tmp_path, monkeypatch):
     unfinished.mkdir(parents=True)
     for name in ("config.json", "trajectory.jsonl", "snapshot.safetensors"):
         (unfinished / name).write_text("{}\n")
-    picture, tgz = tmp_path / "dev.png", tmp_path / "out" / "runs.tgz"
+    picture, tgz = tmp_path / "dev.png", tmp_path / "out" / archive
     _main(monkeypatch, "--aggregate-only", "--runs-dir", str(runs), "--tasks", "sst2", "--ks", "512",
           "--methods", "MeZO (full),MeZO (LoRA+head),Adam (full)", "--output", str(tmp_path / "t.json"),
           "--plot", str(picture), "--bundle", str(tgz))
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert tgz.read_bytes().startswith(magic)  # xz where the name says so, else gzip
     with tarfile.open(tgz) as tar:
         names = tar.getnames()
     assert len(names) == 3 * 2 * 5 * 3 + 1 + 2 and not any(n.endswith(".safetensors") for n in names)
@@ -276,10 +278,10 @@ def test_a_tiny_causal_table_runs_then_aggregates(tmp_path, tiny_causal_dir, mon
 
 
 def test_the_shipped_paper_runs_give_the_figures_the_readme_states(tmp_path, monkeypatch):
-    # benchmarks/paper-runs.tgz holds the finished runs of the paper's protocol; every cell whose
+    # benchmarks/paper-runs.tar.xz holds the finished runs of the paper's protocol; every cell whose
     # seeds are all in is aggregated, and README.md must state both of its aggregates as measured.
     repo = Path(__file__).resolve().parents[2]
-    with tarfile.open(repo / "benchmarks" / "paper-runs.tgz") as archive:
+    with tarfile.open(repo / "benchmarks" / "paper-runs.tar.xz") as archive:
         archive.extractall(tmp_path, filter="data")
     output = tmp_path / "paper.json"
     _main(monkeypatch, "--protocol", "mezo-paper", "--aggregate-only", "--runs-dir", str(tmp_path / "fewshot-paper"),
