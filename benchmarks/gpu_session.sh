@@ -24,8 +24,8 @@
 #           at a time under MPS; returns its bundle in 15 MiB parts (see "Next session" below)
 #   edge    past a grid's edge (issue 19): the paper protocol's MeZO (LoRA+head) at k=512 and lr
 #           EDGE_LRS (default 1e-4), its five seeds at once under MPS, until EDGE_END, in a runs folder of
-#           its own (runs/paper-edge; the protocol's cell keeps its grid); returns $OUT/paper-edge.tar.xz,
-#           which a later call carries as .bundles/paper-edge.tar.xz to continue it
+#           its own (runs/paper-edge; the protocol's cell keeps its grid); returns its bundle in
+#           parts as the paper phase does, which a later call carries as .bundles/paper-edge.tar.xz
 #   adam    the Adam baseline's step (benchmarks/profile_step.py --optimizer adam) of 94caf51, whose
 #           attention dropout took an SDPA call per sequence, against this tree's one call, in the
 #           same call; then the GPU tests of attention and training. The baseline travels as an
@@ -78,10 +78,13 @@
 #      every complete cell's aggregates in the README). docs/sst2-k512-dev-100k.png is drawn
 #      already (both k=512 grids are finished; RESULTS.md, session 22, has the command).
 #   3. With device time left: every MeZO (LoRA+head) k=512 seed chose the grid's top lr (3e-5);
-#      its runs at 1e-4 (5 runs, 500,000 steps; 5 at once at about 250-300 steps/s each, about
-#      6-7 minutes) say whether the grid limits that cell: `EDGE_END=$(( $(date +%s) + 570 )) bash
-#      benchmarks/gpu_session.sh edge`. Then aggregate the four lrs here: copy the 1e-4 runs of
-#      paper-edge.tar.xz beside the cell's runs in a scratch folder and --aggregate-only it.
+#      its runs at 1e-4 (5 runs, 500,000 steps; 4 at once made 281-315 steps/s each, 5 at once
+#      not measured: about 6-7 minutes) say whether the grid limits that cell. The protocol's 1,131,800 steps take
+#      about 820 s, so the second call can go on to them: `E=$(( $(date +%s) + 570 )) &&
+#      PAPER_END=$E EDGE_END=$E bash benchmarks/gpu_session.sh paper edge` (the paper phase ends when
+#      its runs do, the edge phase takes the rest of the call), carry [".bundles"]; a third call
+#      continues the edge from .bundles/paper-edge.tar.xz. Then aggregate the four lrs here: copy
+#      the 1e-4 runs beside the cell's runs in a scratch folder and --aggregate-only it.
 # If `status` lends a kind of several GPUs (nvidia-h100-x4/x8, not lent in sessions 15-16), take
 # it: fewshot_table.py --device cuda spreads its runs over every visible GPU (--runs-per-device
 # each), and the table and the protocol fit one session.
@@ -209,10 +212,12 @@ for p in $PHASES; do
             --bundle out/paper-runs.tar.xz --output "$OUT/paper.json"
         split -b 15m out/paper-runs.tar.xz "$OUT/paper-runs.tar.xz.part-" ;;  # a returned file holds at most 16 MiB
     edge)  # MeZO (LoRA+head) k=512 past its grid's top lr (3e-5, every seed's choice) until EDGE_END
+        if (( EDGE_END - $(date +%s) < 60 )); then echo "edge: skipped, under 60 s before EDGE_END" | tee -a "$OUT/summary.txt"; continue; fi
         mkdir -p runs && { [ -d runs/paper-edge ] || [ ! -f .bundles/paper-edge.tar.xz ] || unpack .bundles/paper-edge.tar.xz runs; }
         phase edge $(( EDGE_END - $(date +%s) + 60 )) python tools/fewshot_table.py --protocol mezo-paper --device cuda \
             --ks 512 --methods "MeZO (LoRA+head)" --lrs "${EDGE_LRS:-1e-4}" --runs-dir runs/paper-edge --runs-per-device 5 \
-            --mps --deadline $(( EDGE_END - $(date +%s) )) --bundle "$OUT/paper-edge.tar.xz" --output "$OUT/edge.json" ;;
+            --mps --deadline $(( EDGE_END - $(date +%s) )) --bundle out/paper-edge.tar.xz --output out/edge.json
+        split -b 15m out/paper-edge.tar.xz "$OUT/paper-edge.tar.xz.part-" ;;  # the log holds the table; 8 files come back
     probe)
         rm -rf out/probe out/clm-random
         phase probe_model 45 python -c 'import sys, torch; sys.path.insert(0, "tools")
