@@ -25,7 +25,7 @@
 #   edge    past a grid's edge (issue 19): the paper protocol's MeZO (LoRA+head) at k=512 and lr
 #           EDGE_LRS (default 1e-4), its five seeds at once under MPS, until EDGE_END, in a runs folder of
 #           its own (runs/paper-edge; the protocol's cell keeps its grid); returns its bundle in
-#           parts as the paper phase does, which a later call carries as .bundles/paper-edge.tar.xz
+#           parts as the paper phase does, which a later call carries as .bundles/paper-edge.tgz
 #   adam    the Adam baseline's step (benchmarks/profile_step.py --optimizer adam) of 94caf51, whose
 #           attention dropout took an SDPA call per sequence, against this tree's one call, in the
 #           same call; then the GPU tests of attention and training. The baseline travels as an
@@ -55,17 +55,17 @@
 # (LoRA+head) at k=16, 3 runs in flight and 9 not begun, 1,131,800 steps at about 1,350 steps/s
 # end to end (4 runs under MPS, H100, session 22): about 14 minutes, so one session's two calls.
 # Name kind nvidia-h100-x1 (session 22's unnamed request went to nvidia-h200 and was refused).
-# The in-flight runs' logs are in .bundles/paper-runs.tar.xz (ignored; a copy in
+# The in-flight runs' logs are in .bundles/paper-runs.tgz (ignored; a copy in
 # /work/notes/paper-bundle/). Calls under 10 minutes (a machine taken back mid-call returns
 # nothing: session 19 lost a 587 s call so); a refused start costs 90-180 s of device time.
 #   1. PAPER_END=$(( $(date +%s) + 570 )) bash benchmarks/gpu_session.sh paper   (every call)
 #      with carry [".bundles"]; the last call of a session, whose budget may be short, sets
 #      PAPER_END to fit it (+555 when 634 s were left). A warm machine keeps runs/ between calls.
-#      After each call: cat FILES_AT/paper-runs.tar.xz.part-* > .bundles/paper-runs.tar.xz; the phase
+#      After each call: cat FILES_AT/paper-runs.tgz.part-* > .bundles/paper-runs.tgz; the phase
 #      unpacks it and the unfinished runs continue from their logs. A call sends at most 64 MiB
-#      (67,108,864 bytes): the tracked tree is 56 MB, and session 22's bundles, 2.9-8.4 MB in
-#      gzip, forced the other tasks' data out of the tree for each call; xz (since session 22)
-#      makes them about a quarter smaller (8.4 MB: 6.3). Before each paper call, count: `echo $(( $(git ls-files -z |
+#      (67,108,864 bytes): the tracked tree is 56.2 MB since its archives are xz (session 22),
+#      and session 22's bundles were 2.9-8.4 MB (gzip: xz would save a quarter of their bytes
+#      but take 24 s of a call's end to pack 40 MB). Before each paper call, count: `echo $(( $(git ls-files -z |
 #      xargs -0 du -cb | tail -1 | cut -f1) + $(du -cb .bundles | tail -1 | cut -f1) ))`; above
 #      66,000,000, move the other tasks' data out for the call (`mkdir -p ../paper-call && mv
 #      data/{MNLI,SNLI,RTE,sst-5,trec} ../paper-call/`, 11 MB; the paper phase reads SST-2 only)
@@ -83,7 +83,7 @@
 #      about 820 s, so the second call can go on to them: `E=$(( $(date +%s) + 570 )) &&
 #      PAPER_END=$E EDGE_END=$E bash benchmarks/gpu_session.sh paper edge` (the paper phase ends when
 #      its runs do, the edge phase takes the rest of the call), carry [".bundles"]; a third call
-#      continues the edge from .bundles/paper-edge.tar.xz. Then aggregate the four lrs here: copy
+#      continues the edge from .bundles/paper-edge.tgz. Then aggregate the four lrs here: copy
 #      the 1e-4 runs beside the cell's runs in a scratch folder and --aggregate-only it.
 # If `status` lends a kind of several GPUs (nvidia-h100-x4/x8, not lent in sessions 15-16), take
 # it: fewshot_table.py --device cuda spreads its runs over every visible GPU (--runs-per-device
@@ -119,10 +119,10 @@
 #     N is the --mezo-steps that A's probe printed (the protocol's 2,000 where that fits):
 #       set -o pipefail; export PYTHONUNBUFFERED=1; python tools/fewshot_table.py --model out/clm \
 #         --device cuda --runs-per-device 12 --deadline 500 --mezo-steps N \
-#         --bundle $OUT/causal-runs.tar.xz --output $OUT/fewshot_causal_table.json 2>&1 | tee $OUT/causal-table.log
+#         --bundle $OUT/causal-runs.tgz --output $OUT/fewshot_causal_table.json 2>&1 | tee $OUT/causal-table.log
 #     A line "deadline: R of 60 runs unfinished" means: the same command again, at once (the runs
 #     folder stays on a warm machine; finished runs are skipped, MeZO runs resume). Here:
-#     `mkdir -p runs && tar xJf <files_at>/causal-runs.tar.xz -C runs`, then `python
+#     `mkdir -p runs && tar xzf <files_at>/causal-runs.tgz -C runs`, then `python
 #     tools/fewshot_table.py --model out/clm --aggregate-only --plot sst2-causal.png` (the table
 #     again, and the dev curves) and `python tools/pretrain_clm.py --card out/clm --results MD`.
 set -u
@@ -201,23 +201,23 @@ for p in $PHASES; do
         mkdir -p runs && { [ -d runs/fewshot ] || unpack benchmarks/fewshot-runs.tar.xz runs; }
         phase table $(( TABLE_END - $(date +%s) + 60 )) python tools/fewshot_table.py --device cuda ${TABLE_FLAGS:---runs-per-device 12} \
             --methods "MeZO (full),MeZO (LoRA+head),MeZO (prefix),Adam (full)" --deadline $(( TABLE_END - $(date +%s) )) \
-            --bundle "$OUT/table.tar.xz" --output "$OUT/table.json" ;;
+            --bundle "$OUT/table.tgz" --output "$OUT/table.json" ;;
     paper)  # the MeZO paper's 100,000-step SST-2 protocol (issue 19) until PAPER_END (epoch s), PAPER_RUNS
         # at a time under MPS (4 make about the steps/s of 12 and leave fewer runs in flight at the
         # end), k=512 first (the picture's runs); unfinished runs continue from a carried
-        # .bundles/paper-runs.tar.xz (their trajectory logs)
-        mkdir -p runs && { [ -d runs/fewshot-paper ] || [ ! -f .bundles/paper-runs.tar.xz ] || unpack .bundles/paper-runs.tar.xz runs; }
+        # .bundles/paper-runs.tgz (their trajectory logs)
+        mkdir -p runs && { [ -d runs/fewshot-paper ] || [ ! -f .bundles/paper-runs.tgz ] || unpack .bundles/paper-runs.tgz runs; }
         phase paper $(( PAPER_END - $(date +%s) + 60 )) python tools/fewshot_table.py --protocol mezo-paper --device cuda \
             --ks 512,16 --runs-dir runs/fewshot-paper --runs-per-device "${PAPER_RUNS:-4}" --mps --deadline $(( PAPER_END - $(date +%s) )) \
-            --bundle out/paper-runs.tar.xz --output "$OUT/paper.json"
-        split -b 15m out/paper-runs.tar.xz "$OUT/paper-runs.tar.xz.part-" ;;  # a returned file holds at most 16 MiB
+            --bundle out/paper-runs.tgz --output "$OUT/paper.json"
+        split -b 15m out/paper-runs.tgz "$OUT/paper-runs.tgz.part-" ;;  # a returned file holds at most 16 MiB
     edge)  # MeZO (LoRA+head) k=512 past its grid's top lr (3e-5, every seed's choice) until EDGE_END
         if (( EDGE_END - $(date +%s) < 60 )); then echo "edge: skipped, under 60 s before EDGE_END" | tee -a "$OUT/summary.txt"; continue; fi
-        mkdir -p runs && { [ -d runs/paper-edge ] || [ ! -f .bundles/paper-edge.tar.xz ] || unpack .bundles/paper-edge.tar.xz runs; }
+        mkdir -p runs && { [ -d runs/paper-edge ] || [ ! -f .bundles/paper-edge.tgz ] || unpack .bundles/paper-edge.tgz runs; }
         phase edge $(( EDGE_END - $(date +%s) + 60 )) python tools/fewshot_table.py --protocol mezo-paper --device cuda \
             --ks 512 --methods "MeZO (LoRA+head)" --lrs "${EDGE_LRS:-1e-4}" --runs-dir runs/paper-edge --runs-per-device 5 \
-            --mps --deadline $(( EDGE_END - $(date +%s) )) --bundle out/paper-edge.tar.xz --output out/edge.json
-        split -b 15m out/paper-edge.tar.xz "$OUT/paper-edge.tar.xz.part-" ;;  # the log holds the table; 8 files come back
+            --mps --deadline $(( EDGE_END - $(date +%s) )) --bundle out/paper-edge.tgz --output out/edge.json
+        split -b 15m out/paper-edge.tgz "$OUT/paper-edge.tgz.part-" ;;  # the log holds the table; 8 files come back
     probe)
         rm -rf out/probe out/clm-random
         phase probe_model 45 python -c 'import sys, torch; sys.path.insert(0, "tools")

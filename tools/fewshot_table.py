@@ -30,12 +30,12 @@ continues it (an Adam run starts again).
 
     python tools/fewshot_table.py --plan --runs-per-device 12 --steps-per-s 315 --overhead-s 7
     python tools/fewshot_table.py --device cuda --runs-per-device 12 --deadline 540 \\
-        --bundle $OUT/runs.tar.xz --output $OUT/fewshot_table.json
+        --bundle $OUT/runs.tgz --output $OUT/fewshot_table.json
     python tools/fewshot_table.py --aggregate-only --plot sst2.png   # finished runs only
     python tools/fewshot_table.py --protocol mezo-paper --ks 512 --methods "MeZO (LoRA+head)" \
         --lrs 1e-4 --runs-dir runs/paper-edge --device cuda   # past a grid's top lr, in a folder of its own
     python tools/fewshot_table.py --model out/clm --device cuda --runs-per-device 12 --deadline 540 \
-        --bundle $OUT/causal-runs.tar.xz --output $OUT/fewshot_causal_table.json   # runs/fewshot-causal
+        --bundle $OUT/causal-runs.tgz --output $OUT/fewshot_causal_table.json   # runs/fewshot-causal
 
 --aggregate-only runs nothing and writes nothing under --runs-dir: it aggregates every grid
 found there (<task>/<name>-k<k>/<run>/summary.json and config.json, e.g. sst2/MeZO-full-k16,
@@ -317,9 +317,9 @@ def bundle(runs_dir: Path, path: Path) -> None:
     table and the plot read, and what a later chunk needs to skip finished runs; no weights or
     snapshots. An unfinished run's trajectory log comes too: with it, a MeZO run continues on
     another machine, the log rebuilding its weights and best-dev weights (`zotune train
-    --resume`); in xz they take about a quarter fewer bytes than in gzip, which a device call's
-    size limit felt. The processes' output (*.log, a few lines a run) comes too: where a run
-    failed, it says why."""
+    --resume`). The processes' output (*.log, a few lines a run) comes too: where a run failed,
+    it says why. xz packs the logs into a quarter fewer bytes than gzip but takes ten times as
+    long (RESULTS.md, session 22), so a call that packs at its end names a .tgz."""
     from zotune.trajectory import LOG_NAME
     keep = {"summary.json", "config.json", "metrics.jsonl", ZERO_SHOT}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -388,7 +388,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep-weights", action="store_true", help="keep finished runs' *.safetensors")
     parser.add_argument("--output", help="default: runs/fewshot_table.json (causal: runs/fewshot_causal_table.json)")
     parser.add_argument("--runs-dir", help="default: runs/fewshot (causal: runs/fewshot-causal)")
-    parser.add_argument("--bundle", help="also write the runs' small files to this .tar.xz (or .tgz)")
+    parser.add_argument("--bundle", help="also write the runs' small files to this .tgz (xz if it ends in .xz)")
     parser.add_argument("--plot", help="write the SST-2 k=512 dev-accuracy picture to this PNG")
     parser.add_argument("--aggregate-only", action="store_true", help="run nothing: aggregate finished grids")
     return parser.parse_args()

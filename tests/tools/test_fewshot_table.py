@@ -174,7 +174,7 @@ def test_picture_and_bundle_from_finished_grids(tmp_path, monkeypatch, archive, 
           "--methods", "MeZO (full),MeZO (LoRA+head),Adam (full)", "--output", str(tmp_path / "t.json"),
           "--plot", str(picture), "--bundle", str(tgz))
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert tgz.read_bytes().startswith(magic)  # xz where the name says so, else gzip
+    assert tgz.read_bytes().startswith(magic)  # xz where the name ends in .xz, else gzip
     with tarfile.open(tgz) as tar:
         names = tar.getnames()
     assert len(names) == 3 * 2 * 5 * 3 + 1 + 2 and not any(n.endswith(".safetensors") for n in names)
