@@ -34,7 +34,6 @@ are merely in range). Batch 16 examples, as MeZO's scripts.
 """
 
 import argparse
-import gc
 import statistics
 import tempfile
 import time
@@ -42,7 +41,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import REPO, reference_mezo_step, step_sweeps_ms  # noqa: F401  (REPO: puts src/ on the path)
+from common import REPO, Peak, reference_mezo_step, release, step_sweeps_ms  # noqa: F401  (REPO: puts src/ on the path)
 from zotune.config import TrainConfig  # noqa: E402
 from zotune.evaluate import load_causal_prompt, split_inputs  # noqa: E402
 from zotune.optim.mezo import MezoStepper, direction_seed  # noqa: E402
@@ -91,33 +90,6 @@ def timed_ms(fn, steps: int, device: torch.device, warmup: int = 2) -> float:
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-class Peak:
-    """The largest allocated CUDA memory while the block ran (None elsewhere)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda, self.bytes = device.type == "cuda", None
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated()
-        return False
-
-
-def release(device: torch.device) -> None:
-    """Free what earlier rows left, so that the next row's peak is its own: a graphed session
-    holds its graphs' memory pools through reference cycles, which only the collector breaks."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def train_examples(model_dir: str, batch_size: int) -> list:

@@ -1,9 +1,11 @@
 """What the GPU benchmarks share: real SST-2 batches, a RoBERTa-large-sized zotune model with
 random weights (no download), and event-based timing."""
 
+import gc
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,14 +45,15 @@ def session(trainable: str, base=None, model: str | None = None, device: str = "
     if model is not None:
         return Session.build(TrainConfig(model=model, task="sst2", trainable=trainable, device=device, **options))
     cfg = TrainConfig(model="random-roberta-large", tokenizer=str(REPO / "models/zotune-roberta-small"), task="sst2",
-                      trainable=trainable, device="cuda", **options)
-    return Session.build(cfg, random_roberta_large() if base is None else base)
+                      trainable=trainable, device=device, **options)
+    return Session.build(cfg, random_roberta_large(device) if base is None else base)
 
 
-def random_roberta_large(device="cuda"):
-    """zotune's MaskedLM with RoBERTa-large's config and BERT-style N(0, 0.02) weights."""
+def random_roberta_large(device="cuda", config: dict = ROBERTA_LARGE):
+    """zotune's MaskedLM with RoBERTa-large's config (or `config`, a Hugging Face config.json's
+    values) and BERT-style N(0, 0.02) weights."""
     from zotune.model.roberta import MaskedLM
-    cfg, _ = config_from_hf(ROBERTA_LARGE)
+    cfg, _ = config_from_hf(config)
     torch.manual_seed(0)
     with torch.device(device):
         model = MaskedLM(cfg)
@@ -92,10 +95,13 @@ def reference_mezo_step(params: list[torch.Tensor], loss, eps: float, lr: float,
     return step
 
 
-def median_ms(fn, steps: int, warmup: int = 3) -> float:
-    """Median wall time of fn() on the GPU, from CUDA events around each call."""
+def median_ms(fn, steps: int, warmup: int = 3, device: torch.device | str = "cuda") -> float:
+    """Median wall time of fn(): on a GPU from CUDA events around each call, elsewhere from the
+    host's clock (for a check on the CPU; its figures are no GPU's)."""
     for _ in range(warmup):
         fn()
+    if torch.device(device).type != "cuda":
+        return statistics.median(_host_ms(fn) for _ in range(steps))
     torch.cuda.synchronize()
     times = []
     for _ in range(steps):
@@ -106,6 +112,39 @@ def median_ms(fn, steps: int, warmup: int = 3) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def _host_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+class Peak:
+    """The largest allocated CUDA memory while the block ran (None elsewhere)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.bytes = torch.device(device).type == "cuda", None
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated()
+        return False
+
+
+def release(device: torch.device) -> None:
+    """Free what earlier rows left, so that the next row's peak is its own: a graphed session
+    holds its graphs' memory pools through reference cycles, which only the collector breaks."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def back_to_back_ms(fn, steps: int, repeats: int = 5) -> float:
