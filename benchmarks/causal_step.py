@@ -41,7 +41,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import REPO, Peak, reference_mezo_step, release, step_sweeps_ms  # noqa: F401  (REPO: puts src/ on the path)
+from common import REPO, Peak, figure, gib, ratio, reference_mezo_step, release, step_sweeps_ms  # noqa: F401  (REPO: puts src/ on the path)
 from zotune.config import TrainConfig  # noqa: E402
 from zotune.evaluate import load_causal_prompt, split_inputs  # noqa: E402
 from zotune.optim.mezo import MezoStepper, direction_seed  # noqa: E402
@@ -205,16 +205,6 @@ def measure(name: str, config: dict, device: torch.device, precisions, batch_siz
 
 
 def table(rows: list[dict], device_name: str, batch_size: int) -> str:
-    gib = 1 << 30
-
-    def size(b):
-        return "-" if b is None else f"{b / gib:.2f}"
-
-    def ratio(a, b):
-        return "-" if a is None or b is None else f"{a / b:.2f}"
-
-    def ms(t):
-        return "-" if t is None else f"{t:.1f}"
     lines = [f"MeZO step, random weights from real configs, SST-2 k=16 seed-42 batch of {batch_size}, on {device_name}",
              "| model | parameters | (a) reference ms | (a) peak GiB | (b) zotune precision | (b) ms | speed-up "
              "| (b) peak GiB | (b) sweeps ms | (c) forward ms | (c) peak GiB | memory (b)/(c) | 100k steps (a) h "
@@ -222,10 +212,10 @@ def table(rows: list[dict], device_name: str, batch_size: int) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['parameters'] / 1e6:,.0f}M | {r['reference_ms']:.1f} | "
-                     f"{size(r['reference_peak'])} | {r['precision']} | {r['step_ms']:.1f} | "
-                     f"{r['reference_ms'] / r['step_ms']:.1f}x | {size(r['step_peak'])} | {ms(r['sweeps_ms'])} | "
+                     f"{gib(r['reference_peak'])} | {r['precision']} | {r['step_ms']:.1f} | "
+                     f"{r['reference_ms'] / r['step_ms']:.1f}x | {gib(r['step_peak'])} | {figure(r['sweeps_ms'], '.1f')} | "
                      f"{r['forward_ms']:.1f} | "
-                     f"{size(r['forward_peak'])} | {ratio(r['step_peak'], r['forward_peak'])} | "
+                     f"{gib(r['forward_peak'])} | {ratio(r['step_peak'], r['forward_peak'])} | "
                      f"{r['reference_ms'] * 1e5 / 3.6e6:.2f} | {r['step_ms'] * 1e5 / 3.6e6:.2f} "
                      f"| {r['reference_loss']:.4f} / {r['loss']:.4f} |")
     return "\n".join(lines)

@@ -147,6 +147,20 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def figure(value: float | None, form: str = ".2f", unit: str = "") -> str:
+    """A measured number as a table cell; "-" where nothing was measured (None: no CUDA memory
+    figure on the CPU, no TF32 run)."""
+    return "-" if value is None else f"{format(value, form)}{unit}"
+
+
+def gib(nbytes: int | None) -> str:
+    return figure(None if nbytes is None else nbytes / (1 << 30))
+
+
+def ratio(a: float | None, b: float | None, form: str = ".2f", unit: str = "") -> str:
+    return figure(None if a is None or b is None else a / b, form, unit)
+
+
 def back_to_back_ms(fn, steps: int, repeats: int = 5) -> float:
     """Time per call of fn() called `steps` times back to back, as a training loop calls its
     step: the host may issue the next call while the GPU runs this one, and nothing waits in

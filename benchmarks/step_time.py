@@ -29,8 +29,8 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from common import (ROBERTA_LARGE, Peak, median_ms, random_roberta_large, reference_mezo_step, release, session,
-                    sst2_prompt, sst2_train)
+from common import (ROBERTA_LARGE, Peak, figure, gib, median_ms, random_roberta_large, ratio, reference_mezo_step,
+                    release, session, sst2_prompt, sst2_train)
 
 from zotune.model.loading import config_from_hf, to_hf_state
 from zotune.optim.mezo import MezoStepper, direction_seed, mezo_step
@@ -153,13 +153,6 @@ def measure(config: dict, k: int, batch_size: int, modes, steps: int, device: to
 
 
 def table(rows: list[dict], device_name: str, model: str = "RoBERTa-large") -> str:
-    gib = 1 << 30
-
-    def size(b):
-        return "-" if b is None else f"{b / gib:.2f}"
-
-    def ms(t):
-        return "-" if t is None else f"{t:.1f}"
     lines = [f"MeZO step, {model} (random weights), SST-2 seed-42 batches, on {device_name}",
              "| setting | batch | tokens (packed) | (a) reference ms | (a) +TF32 ms | (b) zotune mode | (b) ms "
              "| speed-up vs (a) | vs (a)+TF32 | (b) peak GiB | (c) forward ms | (c) peak GiB | memory (b)/(c) "
@@ -169,10 +162,9 @@ def table(rows: list[dict], device_name: str, model: str = "RoBERTa-large") -> s
         (ref_ms, ref_peak), tf32_ms = r["reference"][False], r["reference"].get(True, (None,))[0]
         ms_, peak, forward_peak = r["step_ms"], r["step_peak"], r["forward_peak"]
         lines.append(
-            f"| {r['setting']} | {r['batch_size']} | {r['tokens']:.0f} | {ref_ms:.1f} | {ms(tf32_ms)} | {r['precision']} "
-            f"| {ms_:.2f} | {ref_ms / ms_:.1f}x | {'-' if tf32_ms is None else f'{tf32_ms / ms_:.1f}x'} | {size(peak)} "
-            f"| {r['forward_ms']:.2f} | {size(forward_peak)} "
-            f"| {'-' if peak is None else f'{peak / forward_peak:.2f}'} | {size(ref_peak)} "
+            f"| {r['setting']} | {r['batch_size']} | {r['tokens']:.0f} | {ref_ms:.1f} | {figure(tf32_ms, '.1f')} "
+            f"| {r['precision']} | {ms_:.2f} | {ref_ms / ms_:.1f}x | {ratio(tf32_ms, ms_, '.1f', 'x')} | {gib(peak)} "
+            f"| {r['forward_ms']:.2f} | {gib(forward_peak)} | {ratio(peak, forward_peak)} | {gib(ref_peak)} "
             f"| {ref_ms * 1e5 / 3.6e6:.2f} | {ms_ * 1e5 / 3.6e6:.2f} | {r['reference_loss']:.4f} / {r['loss']:.4f} |")
     return "\n".join(lines)
 
