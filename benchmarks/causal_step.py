@@ -41,7 +41,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import REPO, Peak, figure, gib, ratio, reference_mezo_step, release, step_sweeps_ms  # noqa: F401  (REPO: puts src/ on the path)
+from common import (REPO, Peak, figure, gib, ratio, reference_mezo_step, release,  # noqa: F401  (REPO: src/)
+                    step_sweeps_ms)
 from zotune.config import TrainConfig  # noqa: E402
 from zotune.evaluate import load_causal_prompt, split_inputs  # noqa: E402
 from zotune.optim.mezo import MezoStepper, direction_seed  # noqa: E402
@@ -213,7 +214,8 @@ def table(rows: list[dict], device_name: str, batch_size: int) -> str:
     for r in rows:
         lines.append(f"| {r['model']} | {r['parameters'] / 1e6:,.0f}M | {r['reference_ms']:.1f} | "
                      f"{gib(r['reference_peak'])} | {r['precision']} | {r['step_ms']:.1f} | "
-                     f"{r['reference_ms'] / r['step_ms']:.1f}x | {gib(r['step_peak'])} | {figure(r['sweeps_ms'], '.1f')} | "
+                     f"{r['reference_ms'] / r['step_ms']:.1f}x | {gib(r['step_peak'])} | "
+                     f"{figure(r['sweeps_ms'], '.1f')} | "
                      f"{r['forward_ms']:.1f} | "
                      f"{gib(r['forward_peak'])} | {ratio(r['step_peak'], r['forward_peak'])} | "
                      f"{r['reference_ms'] * 1e5 / 3.6e6:.2f} | {r['step_ms'] * 1e5 / 3.6e6:.2f} "

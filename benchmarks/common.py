@@ -1,5 +1,6 @@
 """What the GPU benchmarks share: real SST-2 batches, a RoBERTa-large-sized zotune model with
-random weights (no download), and event-based timing."""
+random weights (no download), the reference MeZO step, event-based timing (the host's clock for
+a check on the CPU), peak memory around a block, and the tables' cells."""
 
 import gc
 import json

@@ -456,7 +456,8 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
             trainable, grid, _ = methods[name]
             first = next(job for *_, method, job in jobs if method == name)
             settings = run_settings(job_flags(first))  # what its runs get: flags over the recipe, --mezo-steps
-            print(f"plan: {name}: {trainable}, {settings_text(settings, lrs or grid)}, k {ks}, seeds {SEEDS}", flush=True)
+            print(f"plan: {name}: {trainable}, {settings_text(settings, lrs or grid)}, k {ks}, seeds {SEEDS}",
+                  flush=True)
     if args.plan:
         return
     if not args.aggregate_only:
