@@ -85,6 +85,8 @@
 #      its runs do, the edge phase takes the rest of the call), carry [".bundles"]; a third call
 #      continues the edge from .bundles/paper-edge.tgz. Then aggregate the four lrs here: copy
 #      the 1e-4 runs beside the cell's runs in a scratch folder and --aggregate-only it.
+#   4. Later, with device time to spare: benchmarks/step_time.py was split into functions in
+#      session 22 (checked on the CPU only); the `speed` phase runs it against 6b3081a's.
 # If `status` lends a kind of several GPUs (nvidia-h100-x4/x8, not lent in sessions 15-16), take
 # it: fewshot_table.py --device cuda spreads its runs over every visible GPU (--runs-per-device
 # each), and the table and the protocol fit one session.
