@@ -405,6 +405,44 @@ def parse_lrs(text: str) -> tuple[float, ...]:
     return lrs
 
 
+def parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",")]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1 or len(set(ks)) < len(ks):
+        raise UserError(f"--ks {text!r} is not a list of shot counts; pass distinct positive whole numbers joined "
+                        "by commas, e.g. --ks 16,512")
+    return ks
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """The numbers that size the pool, the runs and the estimate: one line where none could work."""
+    for flag, value in [("--runs-per-device", args.runs_per_device), ("--runs-per-process", args.runs_per_process),
+                        ("--mezo-steps", args.mezo_steps)]:
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value} leaves nothing to run; pass 1 or more")
+    for flag, value, unit, zero in [("--deadline", args.deadline, "seconds", False),
+                                    ("--steps-per-s", args.steps_per_s, "steps a second", False),
+                                    ("--overhead-s", args.overhead_s, "seconds", True)]:
+        if value is not None and not (value > 0 or zero and value == 0):
+            raise UserError(f"{flag} takes {'0 or more' if zero else 'a positive number of'} {unit}, not {value:g}")
+
+
+def check_splits(tasks: list[str], ks: list[int]) -> None:
+    """Every task's k-shot folder for every k and seed, before anything runs: a missing one would
+    fail each of its runs alone, after the others had taken their time."""
+    from zotune.tasks.data import default_data_dir
+    from zotune.tasks.tasks import TASKS as TASK_TABLE
+    for task in tasks:
+        folder = default_data_dir() / TASK_TABLE[task].data_dir / "k-shot-1k-test"
+        missing = [f"{k}-{seed}" for k in ks for seed in SEEDS if not (folder / f"{k}-{seed}").is_dir()]
+        if missing:
+            have = sorted({int(p.name.split("-")[0]) for p in folder.glob("*-*") if p.is_dir()})
+            raise UserError(f"{folder} has no {missing[0]} split ({len(missing)} of the plan's k-seed folders "
+                            f"missing); pass --ks among the k there: {', '.join(map(str, have)) or 'none'}")
+
+
 def choose_protocol(args: argparse.Namespace) -> tuple[str, str | None]:
     """The protocol and model of a call: --protocol, or the checkpoint's (a local --model whose
     config.json names a causal LM takes `causal`); a protocol that does not fit the checkpoint is
@@ -436,18 +474,21 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
     protocol_tasks, methods = PROTOCOLS[protocol]
     tasks = args.tasks.split(",") if args.tasks else list(DEFAULT_TASKS.get(protocol, protocol_tasks))
     names = args.methods.split(",") if args.methods else list(methods)
-    ks = [int(k) for k in args.ks.split(",")]
+    ks = parse_ks(args.ks)
     lrs = None if args.lrs is None else parse_lrs(args.lrs)
     for value, known, what in [(tasks, protocol_tasks, "--tasks"), (names, methods, "--methods")]:
         if set(value) - set(known):
             raise UserError(f"{what} {sorted(set(value) - set(known))} not in protocol {protocol}: {', '.join(known)}")
+    check_numbers(args)
+    if not args.aggregate_only:
+        check_splits(tasks, ks)
     causal = protocol == "causal"
     runs_dir = Path(args.runs_dir or ("runs/fewshot-causal" if causal else "runs/fewshot"))
     output = Path(args.output or ("runs/fewshot_causal_table.json" if causal else "runs/fewshot_table.json"))
     devices = local_devices("cpu" if args.device == "cpu" else "auto")
     workers = len(devices) * args.runs_per_device * args.runs_per_process
     jobs = plan(protocol, tasks, ks, names, runs_dir, model or "", lrs)
-    if args.mezo_steps:
+    if args.mezo_steps is not None:
         jobs = [(t, k, n, Job(j.output_dir, j.cell, _with_steps(j.train_args, args.mezo_steps))) for t, k, n, j in jobs]
     if not args.aggregate_only:
         check_finished([j for *_, j in jobs], run_settings)  # a finished run of other settings is not this plan's

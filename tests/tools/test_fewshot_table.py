@@ -152,6 +152,23 @@ def test_lrs_past_a_grids_edge_plan_only_those_and_bad_ones_are_refused(tmp_path
     assert not (tmp_path / "edge").exists()
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--ks", "x"], "--ks 'x' is not a list of shot counts"), (["--ks", "16,16"], "--ks '16,16' is not a list"),
+    (["--ks", "7"], "k-shot-1k-test has no 7-13 split (5 of the plan's k-seed folders missing); pass --ks among "
+                    "the k there: 16, 512"),
+    (["--runs-per-device", "0"], "--runs-per-device 0 leaves nothing to run"),
+    (["--mezo-steps", "0"], "--mezo-steps 0 leaves nothing to run"),
+    (["--deadline", "0"], "--deadline takes a positive number of seconds, not 0"),
+    (["--steps-per-s", "nan"], "--steps-per-s takes a positive number of steps a second, not nan"),
+    (["--overhead-s=-1"], "--overhead-s takes 0 or more seconds, not -1")])
+def test_numbers_and_shots_that_no_run_could_use_are_refused_first(tmp_path, monkeypatch, capsys, flags, says):
+    with pytest.raises(SystemExit, match="2"):
+        _main(monkeypatch, "--device", "cpu", "--tasks", "sst2", "--runs-dir", str(tmp_path / "runs"), *flags)
+    err = capsys.readouterr().err
+    assert err.startswith("fewshot_table.py: error: ") and says in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()  # refused before the zero-shot rows or any run
+
+
 @pytest.mark.parametrize("archive, magic", [("runs.tar.xz", b"\xfd7zXZ\x00"), ("runs.tgz", b"\x1f\x8b")])
 def test_picture_and_bundle_from_finished_grids(tmp_path, monkeypatch, archive, magic):
     runs = tmp_path / "fewshot"
