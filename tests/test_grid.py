@@ -320,6 +320,24 @@ def test_sweep_mps_on_the_cpu_is_refused_before_anything_is_written(tmp_path, ca
     assert not (tmp_path / "grid").exists()
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--seeds", "13,13"], "--seeds, --lrs or --trainable names a value twice (run full-lr0.01-seed13 would be "
+                           "started twice); give each once"),
+    (["--lrs", "1e-2,0.01"], "names a value twice (run full-lr0.01-seed13 and 4 more would be started twice)"),
+    (["--eps", "-1"], "--eps -1.0 must be positive"),  # each run would have refused it, one by one
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag")])
+def test_a_grid_no_run_could_start_is_refused_before_anything_is_written(tmp_path, capsys, flags, says):
+    args = ["sweep", "--output-dir", str(tmp_path / "grid"), "--lrs", "1e-2", "--devices", "cpu", "--steps", "1"]
+    try:
+        code = main(args + flags)
+    except SystemExit as exit_:  # a flag the train parser does not know exits from it, as `zotune train` would
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("zotune: error: ") and says in err[0]
+    assert not (tmp_path / "grid").exists()
+
+
 def test_process_groups_keep_adam_runs_alone():
     from zotune.grid import Job, process_groups
     mezo, adam = ("--optimizer", "mezo"), ("--optimizer", "adam")

@@ -399,9 +399,9 @@ def parse_lrs(text: str) -> tuple[float, ...]:
         lrs = tuple(float(lr) for lr in text.split(","))
     except ValueError:
         lrs = ()
-    if not lrs or not all(0 < lr < float("inf") for lr in lrs):
-        raise UserError(f"--lrs {text!r} is not a list of learning rates; pass positive numbers joined by commas, "
-                        "e.g. --lrs 1e-4,3e-4")
+    if not lrs or not all(0 < lr < float("inf") for lr in lrs) or len(set(lrs)) < len(lrs):
+        raise UserError(f"--lrs {text!r} is not a list of learning rates; pass distinct positive numbers joined by "
+                        "commas, e.g. --lrs 1e-4,3e-4")
     return lrs
 
 

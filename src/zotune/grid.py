@@ -75,13 +75,24 @@ def run_grid(output_dir: Path, seeds: list[int], lrs: list[float], subsets: list
     if not seeds or not lrs or not subsets:
         raise UserError("--seeds, --lrs and --trainable each need at least one value")
     sharing = gpu_sharing(mps, devices)  # --mps for CPU runs is refused before anything is written
-    output_dir.mkdir(parents=True, exist_ok=True)
     cells = [Cell(t, lr, s) for t, lr, s in itertools.product(subsets, lrs, seeds)]
+    if len({cell.name for cell in cells}) < len(cells):  # two runs would share one folder
+        twice = _repeated(cells)
+        raise UserError(f"--seeds, --lrs or --trainable names a value twice (run {twice[0]}"
+                        f"{f' and {len(twice) - 1} more' if len(twice) > 1 else ''} would be started twice); give each once")
     jobs = [Job(output_dir, cell, tuple(train_args)) for cell in cells]
+    for job in jobs:  # a config `zotune train` would refuse stops the grid here, not in every run
+        config_of(job_flags(job))
+    output_dir.mkdir(parents=True, exist_ok=True)
     check_finished(jobs, config_of)
     with sharing as env:
         run_jobs(jobs, devices, config_of, quiet, runs_per_device, runs_per_process=runs_per_process, env=env)
     return write_table(output_dir, cells)
+
+
+def _repeated(cells: list[Cell]) -> list[str]:
+    names = [cell.name for cell in cells]
+    return list(dict.fromkeys(name for name in names if names.count(name) > 1))  # in the grid's order
 
 
 def resumable(run_dir: Path) -> bool:

@@ -143,7 +143,7 @@ def test_lrs_past_a_grids_edge_plan_only_those_and_bad_ones_are_refused(tmp_path
     assert "lr grid {0.0001}" in out
     jobs = fewshot_table.plan("mezo-paper", ["sst2"], [512], ["MeZO (LoRA+head)"], tmp_path, "m", (1e-4, 3e-4))
     assert sorted({job.cell.lr for *_, job in jobs}) == [1e-4, 3e-4] and len(jobs) == 10
-    for bad in ("", "1e-4,x", "-1e-4", "nan", "0"):
+    for bad in ("", "1e-4,x", "-1e-4", "nan", "0", "1e-4,0.0001"):
         with pytest.raises(SystemExit, match="2"):
             _main(monkeypatch, *args, f"--lrs={bad}")
         err = capsys.readouterr().err
