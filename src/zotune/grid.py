@@ -78,8 +78,9 @@ def run_grid(output_dir: Path, seeds: list[int], lrs: list[float], subsets: list
     cells = [Cell(t, lr, s) for t, lr, s in itertools.product(subsets, lrs, seeds)]
     if len({cell.name for cell in cells}) < len(cells):  # two runs would share one folder
         twice = _repeated(cells)
-        raise UserError(f"--seeds, --lrs or --trainable names a value twice (run {twice[0]}"
-                        f"{f' and {len(twice) - 1} more' if len(twice) > 1 else ''} would be started twice); give each once")
+        more = f" and {len(twice) - 1} more" if len(twice) > 1 else ""
+        raise UserError(f"--seeds, --lrs or --trainable names a value twice (run {twice[0]}{more} would be "
+                        "started twice); give each once")
     jobs = [Job(output_dir, cell, tuple(train_args)) for cell in cells]
     for job in jobs:  # a config `zotune train` would refuse stops the grid here, not in every run
         config_of(job_flags(job))
