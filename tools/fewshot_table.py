@@ -395,25 +395,24 @@ def parse_args() -> argparse.Namespace:
 
 
 def parse_lrs(text: str) -> tuple[float, ...]:
-    try:
-        lrs = tuple(float(lr) for lr in text.split(","))
-    except ValueError:
-        lrs = ()
-    if not lrs or not all(0 < lr < float("inf") for lr in lrs) or len(set(lrs)) < len(lrs):
-        raise UserError(f"--lrs {text!r} is not a list of learning rates; pass distinct positive numbers joined by "
-                        "commas, e.g. --lrs 1e-4,3e-4")
-    return lrs
+    return tuple(parse_list("--lrs", text, float, lambda lr: 0 < lr < float("inf"), "learning rates",
+                            "distinct positive numbers", "1e-4,3e-4"))
 
 
 def parse_ks(text: str) -> list[int]:
+    return parse_list("--ks", text, int, lambda k: k >= 1, "shot counts", "distinct positive whole numbers", "16,512")
+
+
+def parse_list(flag: str, text: str, convert, valid, what: str, give: str, example: str) -> list:
+    """A comma-separated flag's values, each converted and valid and none repeated (a repeat would
+    plan its runs twice), else one line that says what to pass."""
     try:
-        ks = [int(k) for k in text.split(",")]
+        values = [convert(value) for value in text.split(",")]
     except ValueError:
-        ks = []
-    if not ks or min(ks) < 1 or len(set(ks)) < len(ks):
-        raise UserError(f"--ks {text!r} is not a list of shot counts; pass distinct positive whole numbers joined "
-                        "by commas, e.g. --ks 16,512")
-    return ks
+        values = []
+    if not values or not all(map(valid, values)) or len(set(values)) < len(values):
+        raise UserError(f"{flag} {text!r} is not a list of {what}; pass {give} joined by commas, e.g. {flag} {example}")
+    return values
 
 
 def check_numbers(args: argparse.Namespace) -> None:
