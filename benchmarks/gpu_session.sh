@@ -147,6 +147,17 @@ unpack() {  # unpack ARCHIVE DIR: Python's tarfile, since the image may lack an 
     python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' "$1" "$2"
 }
 
+protocol_phase() {  # protocol_phase NAME RUNS BUNDLE END FLAGS...: fewshot_table's mezo-paper runs in runs/RUNS
+    # under MPS until END (epoch s); unfinished runs continue from a carried .bundles/BUNDLE.tgz
+    # (their trajectory logs), and the new bundle comes back in 15 MiB parts (a returned file holds
+    # at most 16 MiB)
+    local name=$1 runs=$2 bundle=$3 end=$4; shift 4
+    mkdir -p runs && { [ -d "runs/$runs" ] || [ ! -f ".bundles/$bundle.tgz" ] || unpack ".bundles/$bundle.tgz" runs; }
+    phase "$name" $(( end - $(date +%s) + 60 )) python tools/fewshot_table.py --protocol mezo-paper --device cuda \
+        --runs-dir "runs/$runs" --mps --deadline $(( end - $(date +%s) )) --bundle "out/$bundle.tgz" "$@"
+    split -b 15m "out/$bundle.tgz" "$OUT/$bundle.tgz.part-"
+}
+
 fastest_sharing() {  # fewshot_table flags for the mode of 12 runs that concurrent_runs.py measured fastest
     python3 - "$1" <<'EOF'
 import re, sys
@@ -206,20 +217,13 @@ for p in $PHASES; do
             --bundle "$OUT/table.tgz" --output "$OUT/table.json" ;;
     paper)  # the MeZO paper's 100,000-step SST-2 protocol (issue 19) until PAPER_END (epoch s), PAPER_RUNS
         # at a time under MPS (4 make about the steps/s of 12 and leave fewer runs in flight at the
-        # end), k=512 first (the picture's runs); unfinished runs continue from a carried
-        # .bundles/paper-runs.tgz (their trajectory logs)
-        mkdir -p runs && { [ -d runs/fewshot-paper ] || [ ! -f .bundles/paper-runs.tgz ] || unpack .bundles/paper-runs.tgz runs; }
-        phase paper $(( PAPER_END - $(date +%s) + 60 )) python tools/fewshot_table.py --protocol mezo-paper --device cuda \
-            --ks 512,16 --runs-dir runs/fewshot-paper --runs-per-device "${PAPER_RUNS:-4}" --mps --deadline $(( PAPER_END - $(date +%s) )) \
-            --bundle out/paper-runs.tgz --output "$OUT/paper.json"
-        split -b 15m out/paper-runs.tgz "$OUT/paper-runs.tgz.part-" ;;  # a returned file holds at most 16 MiB
+        # end), k=512 first (the picture's runs)
+        protocol_phase paper fewshot-paper paper-runs "$PAPER_END" --ks 512,16 --runs-per-device "${PAPER_RUNS:-4}" \
+            --output "$OUT/paper.json" ;;
     edge)  # MeZO (LoRA+head) k=512 past its grid's top lr (3e-5, every seed's choice) until EDGE_END
         if (( EDGE_END - $(date +%s) < 60 )); then echo "edge: skipped, under 60 s before EDGE_END" | tee -a "$OUT/summary.txt"; continue; fi
-        mkdir -p runs && { [ -d runs/paper-edge ] || [ ! -f .bundles/paper-edge.tgz ] || unpack .bundles/paper-edge.tgz runs; }
-        phase edge $(( EDGE_END - $(date +%s) + 60 )) python tools/fewshot_table.py --protocol mezo-paper --device cuda \
-            --ks 512 --methods "MeZO (LoRA+head)" --lrs "${EDGE_LRS:-1e-4}" --runs-dir runs/paper-edge --runs-per-device 5 \
-            --mps --deadline $(( EDGE_END - $(date +%s) )) --bundle out/paper-edge.tgz --output out/edge.json
-        split -b 15m out/paper-edge.tgz "$OUT/paper-edge.tgz.part-" ;;  # the log holds the table; 8 files come back
+        protocol_phase edge paper-edge paper-edge "$EDGE_END" --ks 512 --methods "MeZO (LoRA+head)" \
+            --lrs "${EDGE_LRS:-1e-4}" --runs-per-device 5 --output out/edge.json ;;  # the log holds the table; 8 files come back
     probe)
         rm -rf out/probe out/clm-random
         phase probe_model 45 python -c 'import sys, torch; sys.path.insert(0, "tools")
