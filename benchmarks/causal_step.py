@@ -34,14 +34,12 @@ are merely in range). Batch 16 examples, as MeZO's scripts.
 """
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
 
-from common import (REPO, Peak, figure, gib, ratio, reference_mezo_step, release,  # noqa: F401  (REPO: src/)
+from common import (REPO, Peak, figure, gib, median_ms, ratio, reference_mezo_step, release,  # noqa: F401  (REPO: src/)
                     step_sweeps_ms)
 from zotune.config import TrainConfig  # noqa: E402
 from zotune.evaluate import load_causal_prompt, split_inputs  # noqa: E402
@@ -76,21 +74,6 @@ def hf_model(config: dict, device: str):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float16)
     return model.eval()
-
-
-def timed_ms(fn, steps: int, device: torch.device, warmup: int = 2) -> float:
-    """Median wall time of fn() (the device synchronised around each call)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def train_examples(model_dir: str, batch_size: int) -> list:
@@ -166,7 +149,7 @@ def zotune_row(model_dir: str, device: torch.device, precision: str, batch_size:
         start_loss = runner.loss(batch, labels.to(device)).item()
     with Peak(device) as forward_peak:
         with torch.inference_mode():
-            forward_ms = timed_ms(lambda: runner.loss(batch, labels.to(device)), steps, device)
+            forward_ms = median_ms(lambda: runner.loss(batch, labels.to(device)), steps, device=device)
     stepper = MezoStepper(runner, session.flat, EPS, 0.0, session.paired)
     counter = {"step": 0}
 
@@ -175,7 +158,7 @@ def zotune_row(model_dir: str, device: torch.device, precision: str, batch_size:
         with torch.inference_mode():
             stepper(batch, labels, [direction_seed(0, counter["step"], 0)], LR)
     with Peak(device) as step_peak:
-        step_ms = timed_ms(step, steps, device)
+        step_ms = median_ms(step, steps, device=device)
     sweeps_ms = step_sweeps_ms(session.flat, EPS, steps) if device.type == "cuda" else None
     return label, step_ms, step_peak.bytes, forward_ms, forward_peak.bytes, start_loss, sweeps_ms
 
@@ -194,7 +177,7 @@ def measure(name: str, config: dict, device: torch.device, precisions, batch_siz
         reference_start = reference_loss(hf, batch, n_options).item()  # the same batch as zotune's, scored alike
         step = reference_step_fn(hf, batch, n_options)
         with Peak(device) as reference_peak:
-            reference_ms = timed_ms(step, max(3, steps // 2), device)
+            reference_ms = median_ms(step, max(3, steps // 2), device=device)
         tokens_padded = batch["ids"].numel()
         del hf, step, batch
         release(device)

@@ -12,16 +12,14 @@ seed 0) has two multi-token continuations of a short prompt; its sample is not s
     python benchmarks/prefix_sharing.py --device cuda --size opt-1.3b --precision bf16
 
 It prints the device, then per task: tokens computed shared / plain, and ms per forward
-(median of --repeats, after warm-up; a GPU is synchronised before each clock read).
+(median of --repeats after warm-up, common.median_ms).
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from common import REPO  # noqa: F401  (puts src/ on the path)
+from common import REPO, median_ms  # noqa: F401  (REPO: puts src/ on the path)
 from zotune.engine.candidates import CausalRunner  # noqa: E402
 from zotune.errors import UserError  # noqa: E402
 from zotune.model.causal_lm import CausalConfig, CausalLM  # noqa: E402
@@ -55,20 +53,9 @@ def batches(batch_size: int) -> dict:
     return out
 
 
-def ms_per_forward(runner: CausalRunner, batch, repeats: int) -> float:
-    device = runner.device
-    for _ in range(3):
-        runner.candidate_logprobs(batch)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        runner.candidate_logprobs(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def forward_ms(runner: CausalRunner, examples, repeats: int) -> float:
+    batch = runner.pack(examples)
+    return median_ms(lambda: runner.candidate_logprobs(batch), repeats, device=runner.device)
 
 
 def main() -> None:
@@ -89,7 +76,7 @@ def main() -> None:
         for task, examples in batches(args.batch_size).items():
             shared, plain = (runners[s].pack(examples) for s in (True, False))
             assert shared.plain_tokens == plain.batch.num_tokens  # the packer's count is the plain batch
-            times = {s: ms_per_forward(runners[s], runners[s].pack(examples), args.repeats) for s in (True, False)}
+            times = {s: forward_ms(runners[s], examples, args.repeats) for s in (True, False)}
             print(f"{task}: tokens computed {shared.batch.num_tokens} shared / {plain.batch.num_tokens} plain "
                   f"({shared.batch.num_tokens / plain.batch.num_tokens:.2f}); ms per forward "
                   f"{times[True]:.2f} shared / {times[False]:.2f} plain ({times[False] / times[True]:.2f}x)")
