@@ -82,10 +82,8 @@ def run_grid(output_dir: Path, seeds: list[int], lrs: list[float], subsets: list
         raise UserError(f"--seeds, --lrs or --trainable names a value twice (run {twice[0]}{more} would be "
                         "started twice); give each once")
     jobs = [Job(output_dir, cell, tuple(train_args)) for cell in cells]
-    for job in jobs:  # a config `zotune train` would refuse stops the grid here, not in every run
-        config_of(job_flags(job))
-    output_dir.mkdir(parents=True, exist_ok=True)
     check_finished(jobs, config_of)
+    output_dir.mkdir(parents=True, exist_ok=True)
     with sharing as env:
         run_jobs(jobs, devices, config_of, quiet, runs_per_device, runs_per_process=runs_per_process, env=env)
     return write_table(output_dir, cells)
@@ -286,13 +284,15 @@ def check_finished(jobs: list[Job], config_of: Callable[[list[str]], dict]) -> N
     config_of(job_flags(job)), the config those flags make over their recipe, in every field of
     GRID_SHARED and the cell's, the model by path or, for a run moved where its checkpoint lies
     elsewhere, by the sha256 it pinned (_logged_model). Otherwise (a grid re-planned with other
-    settings: a schedule, a clip, a selection rule) a one-line UserError, before anything runs."""
+    settings: a schedule, a clip, a selection rule) a one-line UserError, before anything runs.
+    Every job's config is made, so a config `zotune train` would refuse stops the grid here, not
+    in each of its runs."""
     for job in jobs:
+        want = config_of(job_flags(job))
         finished = (job.run_dir / "summary.json").is_file()
         if not (finished or resumable(job.run_dir)):
             continue  # a run that starts afresh takes the job's flags
         have = read_run_values(job.run_dir)
-        want = config_of(job_flags(job))
         differ = [f"{k} {have.get(k)!r}, not {want[k]!r}" for k in (*GRID_SHARED, "trainable", "lr", "seed")
                   if have.get(k) != want[k] and not (k == "model" and _logged_model(job.run_dir, want[k]))]
         if differ:
