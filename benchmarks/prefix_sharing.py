@@ -53,8 +53,7 @@ def batches(batch_size: int) -> dict:
     return out
 
 
-def forward_ms(runner: CausalRunner, examples, repeats: int) -> float:
-    batch = runner.pack(examples)
+def forward_ms(runner: CausalRunner, batch, repeats: int) -> float:
     return median_ms(lambda: runner.candidate_logprobs(batch), repeats, device=runner.device)
 
 
@@ -74,9 +73,10 @@ def main() -> None:
     runners = {share: CausalRunner(model, device, args.precision, share_prompts=share) for share in (True, False)}
     with torch.inference_mode():
         for task, examples in batches(args.batch_size).items():
-            shared, plain = (runners[s].pack(examples) for s in (True, False))
+            packed = {s: runners[s].pack(examples) for s in (True, False)}
+            shared, plain = packed[True], packed[False]
             assert shared.plain_tokens == plain.batch.num_tokens  # the packer's count is the plain batch
-            times = {s: forward_ms(runners[s], examples, args.repeats) for s in (True, False)}
+            times = {s: forward_ms(runners[s], packed[s], args.repeats) for s in (True, False)}
             print(f"{task}: tokens computed {shared.batch.num_tokens} shared / {plain.batch.num_tokens} plain "
                   f"({shared.batch.num_tokens / plain.batch.num_tokens:.2f}); ms per forward "
                   f"{times[True]:.2f} shared / {times[False]:.2f} plain ({times[False] / times[True]:.2f}x)")
