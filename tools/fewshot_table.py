@@ -431,12 +431,14 @@ def check_numbers(args: argparse.Namespace) -> None:
 def check_splits(tasks: list[str], ks: list[int]) -> None:
     """Every task's k-shot folder for every k and seed, before anything runs: a missing one would
     fail each of its runs alone, after the others had taken their time."""
-    from zotune.tasks.data import default_data_dir
+    from zotune.tasks.data import default_data_dir, kshot_folder, kshot_root
     from zotune.tasks.tasks import TASKS as TASK_TABLE
-    for task in tasks:
-        folder = default_data_dir() / TASK_TABLE[task].data_dir / "k-shot-1k-test"
-        missing = [f"{k}-{seed}" for k in ks for seed in SEEDS if not (folder / f"{k}-{seed}").is_dir()]
+    for name in tasks:
+        task, data_dir = TASK_TABLE[name], default_data_dir()
+        folders = [kshot_folder(task, data_dir, k, seed) for k in ks for seed in SEEDS]
+        missing = [f.name for f in folders if not f.is_dir()]
         if missing:
+            folder = kshot_root(task, data_dir)
             have = sorted({int(p.name.split("-")[0]) for p in folder.glob("*-*") if p.is_dir()})
             raise UserError(f"{folder} has no {missing[0]} split ({len(missing)} of the plan's k-seed folders "
                             f"missing); pass --ks among the k there: {', '.join(map(str, have)) or 'none'}")

@@ -116,12 +116,20 @@ def load_file(task: Task, path: Path | str, hint: str = "check the path") -> lis
     return examples
 
 
+def kshot_root(task: Task, data_dir: Path | str) -> Path:
+    """<data_dir>/<Task>/k-shot-1k-test: LM-BFF's folder of a task's <k>-<seed>/ splits."""
+    return Path(data_dir) / task.data_dir / "k-shot-1k-test"
+
+
+def kshot_folder(task: Task, data_dir: Path | str, k: int, seed: int) -> Path:
+    return kshot_root(task, data_dir) / f"{k}-{seed}"
+
+
 def load_split(task: Task, data_dir: Path | str, k: int, seed: int, split: str) -> list[Example]:
     """One split (train, dev, test) of the LM-BFF folder <data_dir>/<Task>/k-shot-1k-test/<k>-<seed>/."""
     if split not in task.splits:
         raise UserError(f"unknown split {split!r}; choose one of {', '.join(task.splits)}")
-    root = Path(data_dir) / task.data_dir / "k-shot-1k-test"
-    folder = root / f"{k}-{seed}"
+    root, folder = kshot_root(task, data_dir), kshot_folder(task, data_dir, k, seed)
     hint = f"check --data-dir ({data_dir}), --k ({k}) and --seed ({seed})"
     if root.is_dir() and not folder.is_dir():  # name the k-seed folders that do exist
         have = sorted(p.name for p in root.iterdir() if p.is_dir())
