@@ -145,24 +145,30 @@ def cell_row(aggregate: dict, lrs, flags: dict) -> dict:
             "zotune_lr": zotune["lr"], "zotune_dev": zotune["dev"], "settings": settings_text(flags, lrs)}
 
 
+def planned_methods(protocol: str, lrs: tuple[float, ...] | None) -> dict:
+    """The protocol's methods, (trainable, lrs, flags), each at `lrs` (--lrs) where given: the runs
+    a grid folder is complete with (a folder of runs past a grid's edge has none of the grid's lrs)."""
+    return {name: (trainable, lrs or grid, flags) for name, (trainable, grid, flags) in PROTOCOLS[protocol][1].items()}
+
+
 def plan(protocol: str, tasks: list[str], ks: list[int], methods: list[str], runs_dir: Path,
          model: str, lrs: tuple[float, ...] | None = None) -> list[tuple[str, int, str, Job]]:
     """(task, k, method, job) of every run the selection asks for, at the methods' lr grids or
     at `lrs` (--lrs): task by task, so that a call cut short by --deadline leaves whole tasks
     finished, and longest first within a task, k by k (in the order of `ks`) among runs of equal
     length."""
-    jobs = []
+    jobs, planned = [], planned_methods(protocol, lrs)
     for task in tasks:
         for k in ks:
             for name in methods:
-                trainable, grid, flags = PROTOCOLS[protocol][1][name]
+                trainable, planned_lrs, flags = planned[name]
                 args = ["--model", model, "--task", task, "--k", str(k)]
                 for flag, value in flags.items():  # False: the --no- switch (e.g. --no-cuda-graphs)
                     switch = flag.replace("_", "-")
                     args += [f"--no-{switch}"] if value is False else [f"--{switch}", str(value)]
                 folder = grid_dir(task_dir(runs_dir, protocol, task), name, trainable, k)
                 jobs += [(task, k, name, Job(folder, Cell(trainable, lr, seed), tuple(args)))
-                         for lr in lrs or grid for seed in SEEDS]
+                         for lr in planned_lrs for seed in SEEDS]
     return sorted(jobs, key=lambda j: (tasks.index(j[0]), -_steps(j[3])))  # stable: the table's order among equals
 
 
@@ -265,11 +271,12 @@ def finished_grids(folder: Path, ks: list[int], names: dict, methods: dict) -> l
     return sorted(grids, key=lambda g: (order.index(g[0]) if g[0] in order else len(order), g[0], g[1]))
 
 
-def collect(runs_dir: Path, protocol: str, tasks: list[str], ks: list[int]) -> tuple[dict, set, set]:
+def collect(runs_dir: Path, protocol: str, tasks: list[str], ks: list[int],
+            lrs: tuple[float, ...] | None = None) -> tuple[dict, set, set]:
     """task -> row -> k -> cell, from the complete grids and the stored zero-shot rows; and the
     models and devices the runs recorded."""
     stored = json.loads((runs_dir / ZERO_SHOT).read_text()) if (runs_dir / ZERO_SHOT).exists() else {}
-    methods = PROTOCOLS[protocol][1]
+    methods = planned_methods(protocol, lrs)
     rows, models, devices = {}, set(), set()
     for task in tasks:
         by_row = rows.setdefault(task, {})
@@ -330,13 +337,13 @@ def bundle(runs_dir: Path, path: Path) -> None:
                 tar.add(file, arcname=str(file.relative_to(runs_dir.parent)))
 
 
-def plot(runs_dir: Path, protocol: str, output: Path) -> Path:
+def plot(runs_dir: Path, protocol: str, output: Path, lrs: tuple[float, ...] | None = None) -> Path:
     """SST-2 dev accuracy against steps at k=512 for MeZO (full) and the protocol's LoRA, each at
     zotune's chosen lr, with zero-shot (the runs' own dev scores before step 1) and Adam's final
     dev accuracy (the protocol's own grid, else the table protocol's) as lines."""
     from zotune.plot import plot_dev_curves
     folder = task_dir(runs_dir, protocol, "sst2")
-    methods = PROTOCOLS[protocol][1]
+    methods = planned_methods(protocol, lrs)
     lora = "MeZO (LoRA+head)" if "MeZO (LoRA+head)" in methods else "MeZO (LoRA)"  # the paper's LoRA for each
     curves = {}
     for name in ("MeZO (full)", lora):  # issue 19's picture: full and the paper's LoRA
@@ -495,10 +502,10 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
         check_finished([j for *_, j in jobs], run_settings)  # a finished run of other settings is not this plan's
         print_plan([j for *_, j in jobs], workers, args.steps_per_s, args.overhead_s)
         for name in names:
-            trainable, grid, _ = methods[name]
+            trainable, planned_lrs, _ = planned_methods(protocol, lrs)[name]
             first = next(job for *_, method, job in jobs if method == name)
             settings = run_settings(job_flags(first))  # what its runs get: flags over the recipe, --mezo-steps
-            print(f"plan: {name}: {trainable}, {settings_text(settings, lrs or grid)}, k {ks}, seeds {SEEDS}",
+            print(f"plan: {name}: {trainable}, {settings_text(settings, planned_lrs)}, k {ks}, seeds {SEEDS}",
                   flush=True)
     if args.plan:
         return
@@ -512,9 +519,9 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
                             env=env)
         if left:
             print(f"deadline: {len(left)} of {len(jobs)} runs unfinished; the same command continues them", flush=True)
-    rows, models, devices_seen = collect(runs_dir, protocol, tasks, ks)
+    rows, models, devices_seen = collect(runs_dir, protocol, tasks, ks, lrs)
     if args.plot:
-        print(f"picture: {plot(runs_dir, protocol, Path(args.plot))}", flush=True)
+        print(f"picture: {plot(runs_dir, protocol, Path(args.plot), lrs)}", flush=True)
     if args.bundle:
         bundle(runs_dir, Path(args.bundle))
     report(output, protocol, rows, ks, models, devices_seen, None if args.aggregate_only else time.monotonic() - started)

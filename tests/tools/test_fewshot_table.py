@@ -152,6 +152,27 @@ def test_lrs_past_a_grids_edge_plan_only_those_and_bad_ones_are_refused(tmp_path
     assert not (tmp_path / "edge").exists()
 
 
+def test_a_folder_of_runs_past_a_grids_edge_is_a_cell_at_its_own_lrs(tmp_path, monkeypatch, capsys):
+    # Session 24: the edge folder's five runs at 1e-4 were all finished, yet the table had no row
+    # for them: the folder was checked against the grid's lrs, whose runs it never has.
+    runs, grid = tmp_path / "edge", fewshot_table.grid_dir(Path(), "MeZO (LoRA+head)", "lora+head", 512).name
+    for seed in fewshot_table.SEEDS:
+        _run(runs / "sst2-mezo-paper", grid, "lora+head", 1e-4, seed, 0.78, 0.8 + seed / 10_000, k=512)
+    args = ["--aggregate-only", "--protocol", "mezo-paper", "--runs-dir", str(runs), "--ks", "512",
+            "--methods", "MeZO (LoRA+head)", "--output", str(tmp_path / "edge.json")]
+    _main(monkeypatch, *args)
+    assert "MeZO (LoRA+head)" not in json.loads((tmp_path / "edge.json").read_text())["runs"]["sst2"]
+    _main(monkeypatch, *args, "--lrs", "1e-4")
+    cell = json.loads((tmp_path / "edge.json").read_text())["runs"]["sst2"]["MeZO (LoRA+head)"]["512"]
+    assert cell["zotune_lr"] == 1e-4 and sorted(cell["zotune"]) == [0.8 + seed / 10_000 for seed in fewshot_table.SEEDS]
+    assert "lr grid {0.0001}" in cell["settings"]
+    # One run of the edge unfinished: no cell yet.
+    (runs / "sst2-mezo-paper" / grid / "lora+head-lr0.0001-seed42" / "summary.json").unlink()
+    _main(monkeypatch, *args, "--lrs", "1e-4")
+    assert "MeZO (LoRA+head)" not in json.loads((tmp_path / "edge.json").read_text())["runs"]["sst2"]
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--ks", "x"], "--ks 'x' is not a list of shot counts"), (["--ks", "16,16"], "--ks '16,16' is not a list"),
     (["--ks", "7"], "k-shot-1k-test has no 7-13 split (5 of the plan's k-seed folders missing); pass --ks among "
