@@ -49,44 +49,20 @@
 # TESTS_LIMIT=S raises the tests' limit, for a call that shares the GPU with other work.
 # or in two calls if one runs long: "bash benchmarks/gpu_session.sh tests gap", then "... speed".
 #
-# Next session (issue 19). The six-task table is complete (720 runs). What is left is the paper's
-# protocol: 60 runs, 6M steps, of which sessions 20-22 did 4,868,200 (48 runs finished, their
-# small files in benchmarks/paper-runs.tar.xz; three cells of four complete). Left: MeZO
-# (LoRA+head) at k=16, 3 runs in flight and 9 not begun, 1,131,800 steps at about 1,350 steps/s
-# end to end (4 runs under MPS, H100, session 22): about 14 minutes, so one session's two calls.
-# Name kind nvidia-h100-x1 (session 22's unnamed request went to nvidia-h200 and was refused).
-# The in-flight runs' logs are in .bundles/paper-runs.tgz (ignored; a copy in
-# /work/notes/paper-bundle/). Calls under 10 minutes (a machine taken back mid-call returns
-# nothing: session 19 lost a 587 s call so); a refused start costs 90-180 s of device time.
-#   1. PAPER_END=$(( $(date +%s) + 570 )) bash benchmarks/gpu_session.sh paper   (every call)
-#      with carry [".bundles"]; the last call of a session, whose budget may be short, sets
-#      PAPER_END to fit it (+555 when 634 s were left). A warm machine keeps runs/ between calls.
-#      After each call: cat FILES_AT/paper-runs.tgz.part-* > .bundles/paper-runs.tgz; the phase
-#      unpacks it and the unfinished runs continue from their logs. A call sends at most 64 MiB
-#      (67,108,864 bytes): the tracked tree is 56.2 MB since its archives are xz (session 22),
-#      and session 22's bundles were 2.9-8.4 MB (gzip: xz would save a quarter of their bytes
-#      but take 24 s of a call's end to pack 40 MB). Before each paper call, count: `echo $(( $(git ls-files -z |
-#      xargs -0 du -cb | tail -1 | cut -f1) + $(du -cb .bundles | tail -1 | cut -f1) ))`; above
-#      66,000,000, move the other tasks' data out for the call (`mkdir -p ../paper-call && mv
-#      data/{MNLI,SNLI,RTE,sst-5,trec} ../paper-call/`, 11 MB; the paper phase reads SST-2 only)
-#      and back after it.
-#   2. At a session's end, refresh benchmarks/paper-runs.tar.xz with the finished runs only (the run
-#      folders holding summary.json, their .log files and fewshot-paper/zero_shot.json; tar
-#      --sort=name --owner=0 --group=0). When all 60 are finished, aggregate (`python
-#      tools/fewshot_table.py --aggregate-only --protocol mezo-paper --runs-dir DIR/fewshot-paper`),
-#      put the k=16 MeZO (LoRA+head) cell into the README's and the card's tables (a test requires
-#      every complete cell's aggregates in the README). docs/sst2-k512-dev-100k.png is drawn
-#      already (both k=512 grids are finished; RESULTS.md, session 22, has the command).
-#   3. With device time left: every MeZO (LoRA+head) k=512 seed chose the grid's top lr (3e-5);
-#      its runs at 1e-4 (5 runs, 500,000 steps; 4 at once made 281-315 steps/s each, 5 at once
-#      not measured: about 6-7 minutes) say whether the grid limits that cell. The protocol's 1,131,800 steps take
-#      about 820 s, so the second call can go on to them: `E=$(( $(date +%s) + 570 )) &&
-#      PAPER_END=$E EDGE_END=$E bash benchmarks/gpu_session.sh paper edge` (the paper phase ends when
-#      its runs do, the edge phase takes the rest of the call), carry [".bundles"]; a third call
-#      continues the edge from .bundles/paper-edge.tgz. Then aggregate the four lrs here: copy
-#      the 1e-4 runs beside the cell's runs in a scratch folder and --aggregate-only it.
-#   4. Later, with device time to spare: benchmarks/step_time.py was split into functions in
-#      session 22 (checked on the CPU only); the `speed` phase runs it against 6b3081a's.
+# Issue 19's GPU work is done: the six-task table (720 runs), the paper's protocol (60 runs, 6M
+# steps, sessions 20-22 and 24) and its LoRA+head k=512 grid one lr past its edge (5 runs at 1e-4,
+# session 24); their small files are in benchmarks/paper-runs.tar.xz (fewshot-paper/, paper-edge/).
+# To run the protocol again in calls under 10 minutes (a machine taken back mid-call returns
+# nothing; a refused start costs 90-180 s of device time):
+#   PAPER_END=$(( $(date +%s) + 570 )) bash benchmarks/gpu_session.sh paper, with carry [".bundles"];
+#   after each call: cat FILES_AT/paper-runs.tgz.part-* > .bundles/paper-runs.tgz (the phase unpacks
+#   it and the unfinished runs continue from their logs). A call sends at most 64 MiB: the tracked
+#   tree is about 56.5 MB, the bundle up to 8.8 MB (gzip); above that, move data/{MNLI,SNLI,RTE,
+#   sst-5,trec} out for the call (11 MB; the paper phase reads SST-2 only). The edge phase does the
+#   same with EDGE_END and .bundles/paper-edge.tgz; `PAPER_END=$E EDGE_END=$E ... paper edge` gives
+#   the edge what the protocol leaves of a call.
+# Left for a call with device time to spare: benchmarks/step_time.py was split into functions in
+# session 22 (checked on the CPU only); the `speed` phase runs it against 6b3081a's.
 # If `status` lends a kind of several GPUs (nvidia-h100-x4/x8, not lent in sessions 15-16), take
 # it: fewshot_table.py --device cuda spreads its runs over every visible GPU (--runs-per-device
 # each), and the table and the protocol fit one session.

@@ -331,3 +331,19 @@ def test_the_shipped_paper_runs_give_the_figures_the_readme_states(tmp_path, mon
     assert ("MeZO (full)", "512") in {(name, k) for name, k, _ in cells}
     for name, k, cell in cells:
         assert mean_std_text(cell["paper"]) in readme and mean_std_text(cell["zotune"]) in readme, (name, k)
+    # Past the LoRA+head k=512 grid's edge (lr 1e-4, runs of their own): the README's figures for
+    # it, and, its runs beside the cell's, the four-lr grid still choosing 3e-5 for every seed.
+    edge = ["--protocol", "mezo-paper", "--aggregate-only", "--ks", "512", "--methods", "MeZO (LoRA+head)",
+            "--output", str(output)]
+    _main(monkeypatch, *edge, "--runs-dir", str(tmp_path / "paper-edge"), "--lrs", "1e-4")
+    cell = json.loads(output.read_text())["runs"]["sst2"]["MeZO (LoRA+head)"]["512"]
+    prose = " ".join(readme.split())  # line breaks aside
+    assert f"1e-4 alone tests {mean_std_text(cell['zotune'])}" in prose
+    assert f"the mean dev is {mean_std_text(cell['zotune_dev'])}" in prose
+    grid = Path("sst2-mezo-paper", "MeZO-lora+head-k512")
+    for run in (tmp_path / "paper-edge" / grid).iterdir():
+        run.rename(tmp_path / "fewshot-paper" / grid / run.name)
+    _main(monkeypatch, *edge, "--runs-dir", str(tmp_path / "fewshot-paper"), "--lrs", "3e-6,1e-5,3e-5,1e-4")
+    cell = json.loads(output.read_text())["runs"]["sst2"]["MeZO (LoRA+head)"]["512"]
+    assert cell["zotune_lr"] == 3e-5 and set(cell["paper_lrs"].values()) == {3e-5}
+    assert f"3e-5's {mean_std_text(cell['zotune_dev'])}" in prose
