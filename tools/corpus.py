@@ -34,10 +34,15 @@ import gzip
 import io
 import lzma
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # zotune, installed or not
+from zotune.tasks.data import kshot_root  # noqa: E402
+from zotune.tasks.tasks import TASKS  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -46,7 +51,7 @@ PTB_ESCAPES = {
     "-LRB-": "(", "-RRB-": ")", "-LSB-": "[", "-RSB-": "]", "-LCB-": "{", "-RCB-": "}",
     "\\/": "/", "\\*": "*",
 }
-NLI_TASKS = ("MNLI", "SNLI", "RTE")
+NLI_TASKS = ("MNLI", "SNLI", "RTE")  # their data folders' names
 _LEAF = re.compile(r"\((?:\d+) ([^()\s]+)\)")  # "(2 word)": a leaf of an SST PTB tree
 _SPACES = re.compile(r"\s+")
 _NOT_ALNUM = re.compile(r"[^a-z0-9]+")
@@ -92,9 +97,11 @@ def _csv_text(path: Path) -> list[str]:
         return [row[1] for row in csv.reader(io.StringIO(f.read())) if len(row) >= 2]
 
 
-def _kshot_files(task: str, pattern: str) -> list[Path]:
-    """Matching files under every k-shot seed folder; symlinked copies of one test file kept once."""
-    files = sorted((DATA / task / "k-shot-1k-test").glob(f"*/{pattern}"))
+def _kshot_files(folder: str, pattern: str) -> list[Path]:
+    """Matching files under every k-shot seed folder of the task whose data folder is `folder`;
+    symlinked copies of one test file kept once."""
+    task = next(t for t in TASKS.values() if t.data_dir == folder)
+    files = sorted(kshot_root(task, DATA).glob(f"*/{pattern}"))
     seen, out = set(), []
     for f in files:
         real = f.resolve()

@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "src"))  # zotune, installed or not
 import corpus as corpus_mod  # noqa: E402  (tools/ is not a package)
 from zotune.evaluate import fit_threshold  # noqa: E402
+from zotune.tasks.data import kshot_folder  # noqa: E402
+from zotune.tasks.tasks import TASKS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # The repository's one copy of the RoBERTa BPE files (provenance in data/SOURCES.md): the
@@ -101,7 +103,7 @@ def read_sst2(path: Path) -> tuple[list[str], list[int]]:
 
 def eval_sets(small: bool) -> dict[str, tuple[list[str], list[int]]]:
     sets = {
-        SELECTION: read_sst2(DATA / "SST-2/k-shot-1k-test/512-42/dev.tsv.gz"),
+        SELECTION: read_sst2(kshot_folder(TASKS["sst2"], DATA, 512, 42) / "dev.tsv.gz"),
         TEST: read_sst2(DATA / "SST-2/glue/dev.tsv.gz"),
     }
     if small:  # smoke runs: 64 sentences a set
