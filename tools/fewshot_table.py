@@ -501,8 +501,9 @@ def run(args: argparse.Namespace, protocol: str, model: str | None) -> None:
     if not args.aggregate_only:
         check_finished([j for *_, j in jobs], run_settings)  # a finished run of other settings is not this plan's
         print_plan([j for *_, j in jobs], workers, args.steps_per_s, args.overhead_s)
+        planned = planned_methods(protocol, lrs)
         for name in names:
-            trainable, planned_lrs, _ = planned_methods(protocol, lrs)[name]
+            trainable, planned_lrs, _ = planned[name]
             first = next(job for *_, method, job in jobs if method == name)
             settings = run_settings(job_flags(first))  # what its runs get: flags over the recipe, --mezo-steps
             print(f"plan: {name}: {trainable}, {settings_text(settings, planned_lrs)}, k {ks}, seeds {SEEDS}",
