@@ -51,7 +51,7 @@ PTB_ESCAPES = {
     "-LRB-": "(", "-RRB-": ")", "-LSB-": "[", "-RSB-": "]", "-LCB-": "{", "-RCB-": "}",
     "\\/": "/", "\\*": "*",
 }
-NLI_TASKS = ("MNLI", "SNLI", "RTE")  # their data folders' names
+NLI_TASKS = ("mnli", "snli", "rte")  # zotune.tasks names; sources are named by their data folders
 _LEAF = re.compile(r"\((?:\d+) ([^()\s]+)\)")  # "(2 word)": a leaf of an SST PTB tree
 _SPACES = re.compile(r"\s+")
 _NOT_ALNUM = re.compile(r"[^a-z0-9]+")
@@ -97,11 +97,10 @@ def _csv_text(path: Path) -> list[str]:
         return [row[1] for row in csv.reader(io.StringIO(f.read())) if len(row) >= 2]
 
 
-def _kshot_files(folder: str, pattern: str) -> list[Path]:
-    """Matching files under every k-shot seed folder of the task whose data folder is `folder`;
-    symlinked copies of one test file kept once."""
-    task = next(t for t in TASKS.values() if t.data_dir == folder)
-    files = sorted(kshot_root(task, DATA).glob(f"*/{pattern}"))
+def _kshot_files(task: str, pattern: str) -> list[Path]:
+    """Matching files under every k-shot seed folder of a task (zotune.tasks name); symlinked
+    copies of one test file kept once."""
+    files = sorted(kshot_root(TASKS[task], DATA).glob(f"*/{pattern}"))
     seen, out = set(), []
     for f in files:
         real = f.resolve()
@@ -122,7 +121,7 @@ def training_sources() -> dict[str, list[str]]:
     """Source name -> raw training-split sentences (not yet cleaned, deduplicated or filtered)."""
     nli = {}
     for task in NLI_TASKS:
-        nli[f"{task} k-shot train"] = [
+        nli[f"{TASKS[task].data_dir} k-shot train"] = [
             s for f in _kshot_files(task, "train.tsv.gz") for s in _tsv_columns(f, ("sentence1", "sentence2"))
         ]
     return {
@@ -140,12 +139,12 @@ def heldout_sources() -> dict[str, list[str]]:
     """Task -> every dev or test sentence it has (k-shot dev/test files and original dev/test)."""
     sst2 = _tsv_columns(DATA / "SST-2/glue/dev.tsv.gz", ("sentence",))
     sst2 += _tsv_columns(DATA / "SST-2/glue/test.tsv.gz", ("sentence",))  # GLUE's unlabelled test
-    for f in _kshot_files("SST-2", "dev.tsv.gz") + _kshot_files("SST-2", "test.tsv.gz"):
+    for f in _kshot_files("sst2", "dev.tsv.gz") + _kshot_files("sst2", "test.tsv.gz"):
         sst2 += _tsv_columns(f, ("sentence",))
 
     sst5 = [l.split("\t", 1)[1] for n in ("dev", "test") for l in _lines(DATA / f"sst-5/original/sst_{n}.txt.gz")]
     sst5 += [s for n in ("dev", "test") for s in tree_sentences(DATA / f"SST/trees/{n}.txt.gz")]
-    for f in _kshot_files("sst-5", "dev.csv.gz") + _kshot_files("sst-5", "test.csv.gz"):
+    for f in _kshot_files("sst5", "dev.csv.gz") + _kshot_files("sst5", "test.csv.gz"):
         sst5 += _csv_text(f)
 
     trec = [l.split(" ", 1)[1] for l in _lines(DATA / "trec/original/TREC.test.gz")]
@@ -155,7 +154,7 @@ def heldout_sources() -> dict[str, list[str]]:
     out = {"SST-2": sst2, "sst-5": sst5, "TREC": trec}
     for task in NLI_TASKS:
         files = [f for p in ("dev*.tsv.gz", "test*.tsv.gz") for f in _kshot_files(task, p)]
-        out[task] = [s for f in files for s in _tsv_columns(f, ("sentence1", "sentence2"))]
+        out[TASKS[task].data_dir] = [s for f in files for s in _tsv_columns(f, ("sentence1", "sentence2"))]
     return out
 
 
